@@ -1,0 +1,41 @@
+# make demo   extract features from the bundled clips (local Ray, local storage, CPU)
+# make test   the test suite (starts its own Ray and a moto S3 server on loopback)
+# Each target creates its virtual environment on first use.
+
+PYTHON ?= python3
+VENV := .venv
+MOTO_VENV := .venv-moto
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test test-slow bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+# moto lives in its own environment: its botocore clashes with the one s3fs's aiobotocore pins.
+$(MOTO_VENV)/.installed:
+	$(PYTHON) -m venv $(MOTO_VENV)
+	$(MOTO_VENV)/bin/pip install --quiet 'moto[server]>=5,<6'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python jobs/extract.py --config configs/demo.yaml --filelist examples/demo.list --save_dir data/demo
+
+test: $(VENV)/.installed $(MOTO_VENV)/.installed
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests
+
+test-slow: $(VENV)/.installed $(MOTO_VENV)/.installed
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m slow
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/extract.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet ruff
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(MOTO_VENV) data/demo

@@ -1,0 +1,99 @@
+"""Shared fixtures: one local Ray for the session, a moto S3 server on loopback, real clips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "videos"
+DATA = Path(__file__).resolve().parent / "data"
+GOLDEN = DATA / "golden"
+SEED = DATA / "videotag"
+
+# Fake credentials for moto: distinctive, so tests can prove they never leak into logs or outputs.
+FAKE_KEY_ID = "AKIAVTPTESTKEYID0001"
+FAKE_SECRET = "vtp-test-secret-Zq8xW2nB5mK7pL4r"
+
+
+def pytest_configure(config) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["AWS_ACCESS_KEY_ID"] = FAKE_KEY_ID
+    os.environ["AWS_SECRET_ACCESS_KEY"] = FAKE_SECRET
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session; its GCS address lets job subprocesses join it."""
+    import ray
+
+    # 2 real cores; 6 logical CPUs so that train workers, TSN actors and decode tasks never starve each other.
+    ctx = ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    """A real S3 protocol server (moto) on loopback, started for this session."""
+    server = os.environ.get("VTP_MOTO_SERVER") or shutil.which("moto_server") or str(ROOT / ".venv-moto" / "bin" / "moto_server")
+    if not Path(server).exists():
+        pytest.fail(f"moto_server not found at {server}; run the tests with `make test`, which installs it")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"moto_server did not start on {endpoint}")
+            time.sleep(0.2)
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, request):
+    """A fresh bucket per test; returns its name."""
+    import pyarrow.fs as pafs
+
+    name = "vtp-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.time_ns() % 10**6}"
+    fs = pafs.S3FileSystem(endpoint_override=moto_endpoint.split("://")[1], scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir(name)
+    return name
+
+
+def run_job(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Runs ``python jobs/<script>`` as a user would, returning the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,297 @@
+"""Configuration: YAML -> typed, frozen dataclasses, validated on load.
+
+The seed's four YAML files load as they are (upper-case MODEL / TRAIN / VALID / TEST / INFER
+sections); our configs add lower-case sections for storage, resources, output and the jobs.
+Section names are case-insensitive. Command-line overrides look like ``-o INFER.seg_num=8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and what is allowed."""
+
+
+def _choice(section: str, key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(section: str, obj: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """MODEL: the keys of the seed's TSN and AttentionLSTM configs (each model reads its own)."""
+
+    name: str = "TSN"
+    format: str = "video"
+    num_classes: int = 400
+    seglen: int = 1
+    image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    num_layers: int = 101
+    topk: int = 5
+    dataset: str | None = None
+    bone_nework: str | None = None  # sic, the seed's spelling; unused
+    drop_rate: float = 0.5
+    feature_names: tuple[str, ...] = ("rgb",)
+    feature_dims: tuple[int, ...] = (2048,)
+    embedding_size: int = 1024
+    lstm_size: int = 512
+    fc1_size: int = 8192
+    fc2_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _choice("MODEL", "name", self.name, ("TSN", "AttentionLSTM"))
+        _choice("MODEL", "format", self.format, ("video", "frames"))
+        _choice("MODEL", "num_layers", self.num_layers, (18, 34, 50, 101, 152))
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ConfigError("MODEL.image_mean and MODEL.image_std need 3 values (RGB)")
+        _positive("MODEL", self, "num_classes", "seglen", "topk", "embedding_size", "lstm_size", "fc1_size", "fc2_size")
+
+
+@dataclass(frozen=True)
+class PhaseSection:
+    """TRAIN / VALID / TEST / INFER: the union of the seed's TSN and AttentionLSTM phase keys."""
+
+    seg_num: int = 300
+    short_size: int = 256
+    target_size: int = 224
+    batch_size: int = 1
+    filelist: str | None = None
+    epoch: int = 1
+    learning_rate: float = 0.001
+    use_gpu: bool = True
+    num_gpus: int = 1
+    num_reader_threads: int = 1
+    buf_size: int = 1024
+    learning_rate_decay: float = 0.1
+    l2_weight_decay: float = 1e-4
+    momentum: float = 0.9
+    total_videos: int | None = None
+    decay_epochs: tuple[int, ...] = ()
+    decay_gamma: float = 0.1
+    weight_decay: float = 8e-4
+    num_samples: int | None = None
+    pretrain_base: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("PHASE", self, "seg_num", "short_size", "target_size", "batch_size", "epoch")
+        if self.target_size > self.short_size:
+            raise ConfigError(f"target_size ({self.target_size}) cannot exceed short_size ({self.short_size})")
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """S3 access. Credentials are never configured here: they come from the standard AWS
+    environment (variables, profile, instance role)."""
+
+    endpoint_url: str | None = None  # S3-compatible stores; AWS_ENDPOINT_URL is used when unset
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class ResourcesSection:
+    """Stage sizes and batch sizes of the Ray Data pipelines."""
+
+    use_gpu: str = "auto"  # auto | true | false
+    decode_cpus: float = 1.0  # CPUs per decode task
+    decode_concurrency: int | None = None  # max decode tasks at once (None: as many as CPUs allow)
+    decode_batch_size: int = 1  # videos per decode task
+    decode_max_retries: int = 3  # retries of a decode task whose worker died (Ray Data's default is forever)
+    tsn_actors: int = 1  # TSN actors (1 GPU each when GPUs are used)
+    tsn_cpus: float = 1.0  # CPUs Ray reserves per TSN actor
+    tsn_threads: int | None = None  # Paddle math threads per TSN actor on CPU (None: max(1, tsn_cpus))
+    tsn_gpus: float = 1.0  # GPUs per TSN actor when GPUs are used
+    tsn_batch_size: int = 1  # videos per TSN call
+    tsn_frames_per_forward: int = 32  # frames per forward pass
+    writer_concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("resources", "use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
+        _positive("resources", self, "decode_cpus", "decode_batch_size", "tsn_actors", "tsn_cpus", "tsn_batch_size")
+        _positive("resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads")
+
+
+@dataclass(frozen=True)
+class ExtractSection:
+    decoder: str = "auto"  # auto (decord, then PyAV) | decord | pyav
+    decode_threads: int = 1
+    chunk_frames: int = 8  # full-size frames held at once while decoding
+    precision: str = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16
+    seed: int = 0  # random-init seed when no weights are given
+
+    def __post_init__(self) -> None:
+        _choice("extract", "decoder", self.decoder, ("auto", "decord", "pyav"))
+        _choice("extract", "precision", self.precision, ("auto", "float32", "float16"))
+        _positive("extract", self, "decode_threads", "chunk_frames")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dtype: str = "float16"  # feature dtype in the table
+    format: str = "parquet"  # parquet | npy (the table plus the seed's per-video .npy files)
+    rows_per_file: int = 64
+
+    def __post_init__(self) -> None:
+        _choice("output", "dtype", self.dtype, ("float16", "float32"))
+        _choice("output", "format", self.format, ("parquet", "npy"))
+        _positive("output", self, "rows_per_file")
+
+
+PHASE_DEFAULTS = {
+    "train": {"seg_num": 3, "batch_size": 32},
+    "valid": {"seg_num": 3, "batch_size": 32},
+    "test": {"seg_num": 7, "batch_size": 16},
+    "infer": {"seg_num": 300, "batch_size": 1},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    train: PhaseSection = field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["train"]))
+    valid: PhaseSection = field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["valid"]))
+    test: PhaseSection = field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["test"]))
+    infer: PhaseSection = field(default_factory=lambda: PhaseSection(**PHASE_DEFAULTS["infer"]))
+    storage: StorageSection = field(default_factory=StorageSection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML file (or none, for the defaults) and applies ``SECTION.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    sections = _normalise_sections(raw)
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        sections.setdefault(section, {})[key] = value
+    return build_config(sections)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``"INFER.seg_num=8"`` -> ("infer", "seg_num", 8); the value is parsed as YAML."""
+    target, sep, value = item.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"override {item!r} must look like SECTION.key=value, e.g. INFER.seg_num=8")
+    section = section.lower()
+    _check_section(section)
+    return section, key, yaml.safe_load(value) if value.strip() else None
+
+
+def build_config(sections: dict[str, dict[str, Any]]) -> Config:
+    kwargs = {}
+    for name, values in sections.items():
+        _check_section(name)
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {name} must be a mapping, got {type(values).__name__}")
+        cls = _section_type(name)
+        defaults = PHASE_DEFAULTS.get(name, {})
+        kwargs[name] = _build_section(cls, {**defaults, **values}, name)
+    return Config(**kwargs)
+
+
+def _normalise_sections(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {}
+    for name, values in raw.items():
+        key = str(name).lower()
+        _check_section(key)
+        if key in sections:
+            raise ConfigError(f"section {name} appears twice (section names are case-insensitive)")
+        sections[key] = dict(values or {})
+    return sections
+
+
+def _check_section(name: str) -> None:
+    allowed = [f.name for f in dataclasses.fields(Config)]
+    if name not in allowed:
+        raise ConfigError(f"unknown config section {name!r}; allowed: {allowed}")
+
+
+def _section_type(name: str) -> type:
+    return typing.get_type_hints(Config)[name]
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str):
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section {section}; allowed: {sorted(hints)}")
+    coerced = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**coerced)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("PHASE.", f"{section.upper()}.")) from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Checks and converts a YAML value to the field's type ('1e-4' -> 1e-4, 'None' -> None)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if type(None) in options and (value is None or value == "None"):
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, where) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if hint in (int, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if hint is float else _to_int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a{'n integer' if hint is int else ' number'}, got {value!r}") from None
+        return number
+    raise TypeError(f"unsupported config type {hint} for {where}")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return int(value)

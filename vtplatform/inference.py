@@ -1,0 +1,91 @@
+"""Running a frame model fast: Paddle Inference (oneDNN, N threads) on CPU, dygraph on GPU.
+
+Paddle's dygraph runs CPU ops on one thread unless told otherwise; exporting the graph with
+``paddle.jit.save`` and running it through ``paddle.inference`` with oneDNN is several times
+faster. On GPU the dygraph model runs directly, optionally under float16 autocast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FrameFn = Callable[[np.ndarray], np.ndarray]
+
+
+def export_model(layer, input_spec: list, directory: str, name: str = "model") -> str:
+    """``paddle.jit.save`` of ``layer``; returns the path prefix (``directory/name``)."""
+    import paddle
+
+    static = paddle.jit.to_static(layer, input_spec=input_spec, full_graph=True)
+    prefix = os.path.join(directory, name)
+    paddle.jit.save(static, prefix)
+    return prefix
+
+
+def program_file(prefix: str) -> str:
+    """The saved program: ``.json`` (PIR, Paddle 3) or ``.pdmodel`` (legacy)."""
+    for suffix in (".json", ".pdmodel"):
+        if os.path.exists(prefix + suffix):
+            return prefix + suffix
+    raise FileNotFoundError(f"no saved program at {prefix}.json or {prefix}.pdmodel")
+
+
+class Predictor:
+    """A ``paddle.inference`` predictor over one saved model (one input, one output)."""
+
+    def __init__(self, prefix: str, threads: int = 1, use_gpu: bool = False, gpu_id: int = 0):
+        import paddle.inference as pi
+
+        config = pi.Config(program_file(prefix), prefix + ".pdiparams")
+        if use_gpu:
+            config.enable_use_gpu(256, gpu_id)
+        else:
+            config.disable_gpu()
+            config.enable_mkldnn()
+            config.set_cpu_math_library_num_threads(threads)
+        config.disable_glog_info()
+        self._predictor = pi.create_predictor(config)
+        self._inputs = [self._predictor.get_input_handle(n) for n in self._predictor.get_input_names()]
+        self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        for handle, array in zip(self._inputs, arrays, strict=True):
+            handle.reshape(list(array.shape))
+            handle.copy_from_cpu(np.ascontiguousarray(array))
+        self._predictor.run()
+        return self._output.copy_to_cpu()
+
+
+def frame_engine(backbone, device: str, precision: str, threads: int) -> FrameFn:
+    """uint8 crops (N, 224, 224, 3) -> float32 features (N, C) with the fastest path for ``device``."""
+    import paddle
+
+    from vtplatform.models.tsn import FrameFeatures
+
+    frames_model = FrameFeatures(backbone)
+    frames_model.eval()
+    if device == "cpu":
+        if precision == "float16":
+            raise ValueError("float16 inference needs a GPU; use extract.precision=float32 (or auto) on CPU")
+        spec = [paddle.static.InputSpec([None, 224, 224, 3], "uint8", "frames")]
+        with tempfile.TemporaryDirectory(prefix="vtp-export-") as tmp:
+            predictor = Predictor(export_model(frames_model, spec, tmp), threads=threads)
+        log.info("TSN on CPU through Paddle Inference (oneDNN, %d threads)", threads)
+        return predictor
+    paddle.set_device(device)
+    frames_model.to(device=device)
+    use_fp16 = precision == "float16"
+    log.info("TSN on %s in dygraph, %s", device, "float16 autocast" if use_fp16 else "float32")
+
+    def run(frames: np.ndarray) -> np.ndarray:
+        with paddle.no_grad(), paddle.amp.auto_cast(enable=use_fp16, dtype="float16", level="O1"):
+            return frames_model(paddle.to_tensor(frames)).astype("float32").numpy()
+
+    return run

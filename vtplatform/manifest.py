@@ -1,0 +1,227 @@
+"""Manifests: which videos a job processes.
+
+A manifest is one of
+* a seed list file: one path or URI per line, optional integer labels after it
+  (``TsnExtractor.list``, ``train.list``); blank lines and ``#`` comments are skipped;
+* a directory or a glob (local or ``s3://``): every video file under it;
+* a Parquet or CSV table with a ``uri`` column (optional ``video_id`` and ``labels``).
+
+Entries that cannot be used (a malformed line, an unsupported scheme, a video_id claimed by two
+URIs) come back as dead-letter rows; exact duplicates are collapsed and counted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vtplatform import schema as S
+from vtplatform.config import ConfigError, StorageSection
+from vtplatform.storage import canonical_uri, derive_video_id, filesystem, is_s3, redact
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (
+    ".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".3gp", ".ogv", ".mts", ".m2ts",
+)  # fmt: skip
+TABLE_EXTENSIONS = (".parquet", ".csv")
+
+
+@dataclass
+class Manifest:
+    entries: pa.Table  # MANIFEST_SCHEMA, unique video_id
+    rejected: list[dict] = field(default_factory=list)  # dead-letter rows (stage "manifest")
+    duplicates: int = 0  # exact repeats collapsed into one entry
+
+    def __len__(self) -> int:
+        return self.entries.num_rows
+
+
+def read_manifest(source: str, storage: StorageSection) -> Manifest:
+    """Reads any manifest form; raises ``ConfigError`` if ``source`` does not exist or is empty."""
+    fs, path = filesystem(source, storage)
+    if _has_glob(source):
+        rows, rejected = _from_paths(_glob(fs, source)), []
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"manifest not found: {redact(source)}")
+        if info.type == pafs.FileType.Directory:
+            rows, rejected = _from_paths(_list_videos(fs, path, is_s3(source))), []
+        elif path.lower().endswith(TABLE_EXTENSIONS):
+            rows, rejected = _from_table(fs, path)
+        else:
+            with fs.open_input_stream(path) as f:
+                rows, rejected = _from_list(f.read())
+    manifest = _dedupe(rows, rejected)
+    if len(manifest) == 0 and not manifest.rejected:
+        raise ConfigError(f"manifest {redact(source)} lists no videos")
+    return manifest
+
+
+def parse_list_line(line: str) -> tuple[str, list[int]]:
+    """``"path l1 l2"`` -> (path, [l1, l2]). Raises ValueError with the reason."""
+    tokens = line.split()
+    if "\x00" in line:
+        raise ValueError("line contains a NUL byte")
+    try:
+        labels = [int(t) for t in tokens[1:]]
+    except ValueError:
+        raise ValueError(f"expected 'PATH [LABEL ...]' with integer labels, got {line.strip()!r}") from None
+    if any(label < 0 for label in labels):
+        raise ValueError(f"labels must be >= 0, got {labels}")
+    return tokens[0], labels
+
+
+def _row(uri: str, labels: list[int] | None = None, video_id: str | None = None) -> dict:
+    uri = canonical_uri(uri)
+    return {S.VIDEO_ID: video_id or derive_video_id(uri), S.URI: uri, S.LABELS: labels or []}
+
+
+def _rejected(raw: str, error_type: str, message: str, video_id: str | None = None) -> dict:
+    raw = redact(raw)
+    return {
+        S.VIDEO_ID: video_id or f"manifest-{derive_video_id(raw)}",
+        S.URI: raw,
+        S.STAGE: "manifest",
+        S.ERROR_TYPE: error_type,
+        S.MESSAGE: redact(message),
+    }
+
+
+def _check_scheme(uri: str) -> str | None:
+    if "://" in uri and not uri.startswith(("s3://", "file://")):
+        return f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://"
+    if uri.startswith("s3://") and not uri[5:].partition("/")[2].strip("/"):
+        return f"{uri!r} names no object"
+    return None
+
+
+def _from_list(data: bytes) -> tuple[list[dict], list[dict]]:
+    rows, rejected = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            rejected.append(_rejected(text, "ManifestParseError", f"line {number} is not valid UTF-8"))
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            uri, labels = parse_list_line(line)
+        except ValueError as exc:
+            rejected.append(_rejected(line.strip(), "ManifestParseError", f"line {number}: {exc}"))
+            continue
+        problem = _check_scheme(uri)
+        if problem:
+            rejected.append(_rejected(uri, "UnsupportedURI", f"line {number}: {problem}"))
+            continue
+        rows.append(_row(uri, labels))
+    return rows, rejected
+
+
+def _from_table(fs: pafs.FileSystem, path: str) -> tuple[list[dict], list[dict]]:
+    if path.lower().endswith(".csv"):
+        with fs.open_input_stream(path) as f:
+            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={S.URI: pa.string(), S.VIDEO_ID: pa.string()}))
+    else:
+        table = pq.read_table(path, filesystem=fs)
+    if S.URI not in table.column_names:
+        raise ConfigError(f"manifest table {path} has no '{S.URI}' column (columns: {table.column_names})")
+    uris = table.column(S.URI).to_pylist()
+    ids = table.column(S.VIDEO_ID).to_pylist() if S.VIDEO_ID in table.column_names else [None] * len(uris)
+    labels = table.column(S.LABELS).to_pylist() if S.LABELS in table.column_names else [None] * len(uris)
+    rows, rejected = [], []
+    for number, (uri, video_id, label) in enumerate(zip(uris, ids, labels, strict=True), start=1):
+        if not uri or not str(uri).strip():
+            rejected.append(_rejected(f"row {number}", "ManifestParseError", f"row {number}: empty uri", video_id))
+            continue
+        problem = _check_scheme(uri)
+        if problem:
+            rejected.append(_rejected(uri, "UnsupportedURI", f"row {number}: {problem}", video_id))
+            continue
+        try:
+            parsed = _parse_labels(label)
+        except ValueError as exc:
+            rejected.append(_rejected(uri, "ManifestParseError", f"row {number}: {exc}", video_id))
+            continue
+        rows.append(_row(uri.strip(), parsed, video_id))
+    return rows, rejected
+
+
+def _parse_labels(value) -> list[int]:
+    """Labels in a table: a list of ints, one int, or a space/comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        tokens = value.replace(",", " ").split()
+    elif isinstance(value, (list, tuple)):
+        tokens = value
+    else:
+        tokens = [value]
+    labels = []
+    for token in tokens:
+        if isinstance(token, float) and not token.is_integer():
+            raise ValueError(f"labels must be integers, got {value!r}")
+        try:
+            labels.append(int(token))
+        except (TypeError, ValueError):
+            raise ValueError(f"labels must be integers, got {value!r}") from None
+    if any(label < 0 for label in labels):
+        raise ValueError(f"labels must be >= 0, got {labels}")
+    return labels
+
+
+def _from_paths(uris: list[str]) -> list[dict]:
+    return [_row(uri) for uri in uris]
+
+
+def _has_glob(source: str) -> bool:
+    return any(ch in source for ch in "*?[")
+
+
+def _list_videos(fs: pafs.FileSystem, path: str, s3: bool) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    found = [i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(VIDEO_EXTENSIONS)]
+    return sorted(("s3://" + p) if s3 else p for p in found)
+
+
+def _glob(fs: pafs.FileSystem, source: str) -> list[str]:
+    s3 = is_s3(source)
+    pattern = canonical_uri(source)[5:] if s3 else canonical_uri(source)
+    base = pattern
+    while _has_glob(base):
+        base = os.path.dirname(base)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    found = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)]
+    return sorted(("s3://" + p) if s3 else p for p in found)
+
+
+def _dedupe(rows: list[dict], rejected: list[dict]) -> Manifest:
+    seen: dict[str, str] = {}
+    unique, duplicates = [], 0
+    for row in rows:
+        vid, uri = row[S.VIDEO_ID], row[S.URI]
+        if vid not in seen:
+            seen[vid] = uri
+            unique.append(row)
+        elif seen[vid] == uri:
+            duplicates += 1
+        else:
+            rejected.append(
+                _rejected(uri, "DuplicateVideoId", f"video_id {vid!r} already belongs to {seen[vid]!r}", f"{vid}@{derive_video_id(uri)}")
+            )
+    if duplicates:
+        log.warning("manifest: %d duplicate entries collapsed (each video is processed once)", duplicates)
+    table = pa.Table.from_pylist(unique, schema=S.MANIFEST_SCHEMA)
+    return Manifest(table, rejected, duplicates)

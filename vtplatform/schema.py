@@ -1,0 +1,143 @@
+"""The data contract: column names, the Arrow schemas of every table, and provenance metadata.
+
+Every stage imports its columns from here. The feature table stores ``features`` as Arrow's
+canonical ``fixed_shape_tensor`` extension type, which plain pyarrow reads back as
+``[num_segments, feature_dim]`` arrays without Ray::
+
+    table = pyarrow.parquet.read_table("OUT/features")
+    feats = table["features"].combine_chunks().to_numpy_ndarray()   # (rows, seg, dim)
+    one = table["features"][0].to_numpy_ndarray()                     # (seg, dim)
+
+pandas sees each cell as the flat values; ``features_from_pandas`` reshapes them with the
+shape recorded in the type.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"vtplatform"
+
+# Identity columns, shared by every table.
+VIDEO_ID = "video_id"
+URI = "uri"
+LABELS = "labels"
+
+# Feature table.
+FEATURES = "features"
+NUM_FRAMES = "num_frames"
+FRAME_INDICES = "frame_indices"
+FPS = "fps"
+WIDTH = "width"
+HEIGHT = "height"
+DECODER = "decoder"
+
+# Dead letters (and the error columns that travel with rows between stages).
+STAGE = "stage"
+ERROR_TYPE = "error_type"
+MESSAGE = "message"
+FAILED_AT = "failed_at"
+
+# Between stages only.
+FRAMES = "frames"  # raw (seg, 224, 224, 3) uint8 crops, as bytes
+
+# Predictions.
+CLASS_IDS = "class_ids"
+CLASS_NAMES = "class_names"
+PROBS = "probs"
+
+STAGES = ("manifest", "read", "decode", "infer")
+
+MANIFEST_SCHEMA = pa.schema([(VIDEO_ID, pa.string()), (URI, pa.string()), (LABELS, pa.list_(pa.int32()))])
+
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (STAGE, pa.string()),
+        (ERROR_TYPE, pa.string()),
+        (MESSAGE, pa.string()),
+        (FAILED_AT, pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+# What the decode stage hands to the model stage, one row per video. Failed rows carry the
+# error columns and a null ``frames``.
+CLIP_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (FRAMES, pa.large_binary()),
+        (NUM_FRAMES, pa.int32()),
+        (FRAME_INDICES, pa.list_(pa.int32())),
+        (FPS, pa.float32()),
+        (WIDTH, pa.int32()),
+        (HEIGHT, pa.int32()),
+        (DECODER, pa.string()),
+        (STAGE, pa.string()),
+        (ERROR_TYPE, pa.string()),
+        (MESSAGE, pa.string()),
+    ]
+)
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (CLASS_IDS, pa.list_(pa.int32())),
+        (CLASS_NAMES, pa.list_(pa.string())),
+        (PROBS, pa.list_(pa.float32())),
+    ]
+)
+
+
+def feature_schema(num_segments: int, feature_dim: int, dtype: str, provenance: dict[str, Any]) -> pa.Schema:
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    schema = pa.schema(
+        [
+            (VIDEO_ID, pa.string()),
+            (URI, pa.string()),
+            (FEATURES, pa.fixed_shape_tensor(value_type, [num_segments, feature_dim])),
+            (NUM_FRAMES, pa.int32()),
+            (FRAME_INDICES, pa.list_(pa.int32(), num_segments)),
+            (FPS, pa.float32()),
+            (WIDTH, pa.int32()),
+            (HEIGHT, pa.int32()),
+            (DECODER, pa.string()),
+        ]
+    )
+    return schema.with_metadata({METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()})
+
+
+def features_array(features: np.ndarray, dtype: str) -> pa.ExtensionArray:
+    """(rows, seg, dim) -> a ``fixed_shape_tensor`` column of the table's dtype."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(features, dtype=dtype))
+
+
+def read_provenance(schema: pa.Schema) -> dict[str, Any] | None:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def features_from_pandas(cell: np.ndarray, schema: pa.Schema) -> np.ndarray:
+    """One pandas cell of ``features`` (flat values) -> its (seg, dim) array."""
+    return np.asarray(cell).reshape(schema.field(FEATURES).type.shape)
+
+
+# Provenance keys that do not change what the features mean.
+_VOLATILE = ("created_at", "vtplatform_version")
+
+
+def extractor_signature(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The part of the provenance that must match for two feature sets to be interchangeable."""
+    return {k: v for k, v in provenance.items() if k not in _VOLATILE}
+
+
+def signature_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    sa, sb = extractor_signature(a), extractor_signature(b)
+    return [f"{k}: {sa.get(k)!r} != {sb.get(k)!r}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]

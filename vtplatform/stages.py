@@ -1,0 +1,136 @@
+"""Pipeline stages shared by extraction and tagging: decode (CPU tasks) and TSN (an actor).
+
+Batches are Arrow tables (``schema.CLIP_SCHEMA`` between the two). A video that fails becomes
+a row with ``stage``/``error_type``/``message`` set, which later stages pass through untouched
+and the writer turns into a dead letter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from vtplatform import schema as S
+from vtplatform.config import Config, StorageSection
+from vtplatform.storage import local_copy, redact
+from vtplatform.video.decode import BadVideo, DecodeOptions, sample_clip
+
+log = logging.getLogger(__name__)
+
+DECODE_SECONDS = "decode_seconds"
+INFER_SECONDS = "infer_seconds"
+
+
+def decode_options(config: Config) -> DecodeOptions:
+    return DecodeOptions(
+        num_segments=config.infer.seg_num,
+        short_size=config.infer.short_size,
+        target_size=config.infer.target_size,
+        decoder=config.extract.decoder,
+        threads=config.extract.decode_threads,
+        chunk_frames=config.extract.chunk_frames,
+    )
+
+
+def decode_resources(config: Config) -> dict:
+    """Ray remote args of a decode task. Its own ``max_retries`` also keeps Ray Data from fusing
+    decoding into the TSN actors, so decoding runs in parallel CPU tasks."""
+    return {"num_cpus": config.resources.decode_cpus, "max_retries": config.resources.decode_max_retries}
+
+
+def decode_videos(batch: pa.Table, options: DecodeOptions, storage: StorageSection) -> pa.Table:
+    """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure."""
+    rows = [
+        _decode_one(vid, uri, options, storage)
+        for vid, uri in zip(batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist(), strict=True)
+    ]
+    return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(DECODE_SECONDS, pa.float32())))
+
+
+def _decode_one(video_id: str, uri: str, options: DecodeOptions, storage: StorageSection) -> dict:
+    start = time.perf_counter()
+    row = {S.VIDEO_ID: video_id, S.URI: uri}
+    try:
+        with local_copy(uri, storage) as path:
+            clip = sample_clip(path, options)
+    except BadVideo as bad:
+        return row | _failure(bad.stage, bad.error_type, bad.message, start)
+    except OSError as exc:  # the object store or file system refused the read
+        return row | _failure("read", type(exc).__name__, str(exc), start)
+    return row | {
+        S.FRAMES: clip.frames.tobytes(),
+        S.NUM_FRAMES: clip.num_frames,
+        S.FRAME_INDICES: clip.indices.tolist(),
+        S.FPS: clip.fps,
+        S.WIDTH: clip.width,
+        S.HEIGHT: clip.height,
+        S.DECODER: clip.decoder,
+        DECODE_SECONDS: time.perf_counter() - start,
+    }
+
+
+def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
+    return {S.STAGE: stage, S.ERROR_TYPE: error_type, S.MESSAGE: redact(message)[:2000], DECODE_SECONDS: time.perf_counter() - start}
+
+
+@dataclass(frozen=True)
+class TSNSpec:
+    """Everything a TSN actor needs to build its model, decided once by the driver."""
+
+    depth: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    weights: str | None
+    seed: int
+    device: str  # "cpu" or "gpu"
+    precision: str  # "float32" or "float16"
+    threads: int
+    frames_per_forward: int
+    num_segments: int
+    target_size: int
+    out_dtype: str  # dtype of the features handed on
+
+
+def tsn_resources(config: Config, use_gpu: bool) -> dict:
+    res = config.resources
+    return {"num_cpus": res.tsn_cpus, "num_gpus": res.tsn_gpus if use_gpu else 0}
+
+
+class TSNStage:
+    """Loads the TSN backbone once per actor; turns crops into (seg, C) features per video."""
+
+    def __init__(self, spec: TSNSpec, storage: StorageSection):
+        from vtplatform.inference import frame_engine
+        from vtplatform.models.tsn import TSNConfig, load_backbone
+
+        self.spec = spec
+        with local_copy(spec.weights, storage) if spec.weights else contextlib.nullcontext() as weights:
+            backbone, self.fingerprint = load_backbone(TSNConfig(spec.depth, spec.image_mean, spec.image_std), weights, spec.seed)
+        self.engine = frame_engine(backbone, spec.device, spec.precision, spec.threads)
+
+    def features(self, frames: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 3) uint8 -> (N, C) float32, ``frames_per_forward`` frames at a time."""
+        step = self.spec.frames_per_forward
+        return np.concatenate([self.engine(frames[i : i + step]) for i in range(0, len(frames), step)])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        size = self.spec.target_size
+        frames = batch.column(S.FRAMES).to_pylist()
+        ok = [i for i, f in enumerate(frames) if f is not None]
+        out: list[bytes | None] = [None] * len(frames)
+        if ok:
+            stacked = np.concatenate([np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3) for i in ok])
+            feats = self.features(stacked).astype(self.spec.out_dtype)
+            for j, i in enumerate(ok):
+                out[i] = feats[j * self.spec.num_segments : (j + 1) * self.spec.num_segments].tobytes()
+        elapsed = (time.perf_counter() - start) / max(len(ok), 1)
+        table = batch.drop_columns([S.FRAMES]).append_column(pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary()))
+        seconds = [elapsed if f is not None else 0.0 for f in frames]
+        return table.append_column(pa.field(INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
+

@@ -1,0 +1,165 @@
+"""Where bytes live: local paths, ``file://`` and ``s3://`` URIs, through pyarrow filesystems.
+
+S3-compatible stores are reached through ``storage.endpoint_url`` or the standard
+``AWS_ENDPOINT_URL`` variable (pyarrow itself ignores it). Credentials come from the standard
+AWS environment and are scrubbed from every message we log or write (``redact``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vtplatform.config import ConfigError, StorageSection
+
+log = logging.getLogger(__name__)
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def canonical_uri(path_or_uri: str) -> str:
+    """``s3://bucket/key`` as given (slashes collapsed); local paths and ``file://`` URIs as an
+    absolute, normalised local path."""
+    if is_s3(path_or_uri):
+        bucket, _, key = path_or_uri[5:].partition("/")
+        return "s3://" + bucket + "/" + "/".join(part for part in key.split("/") if part)
+    if path_or_uri.startswith("file://"):
+        path_or_uri = urlparse(path_or_uri).path
+    return os.path.normpath(os.path.abspath(path_or_uri))
+
+
+def derive_video_id(uri: str) -> str:
+    """A stable id from the canonical URI: the readable stem plus 12 hex digits of its sha1, so
+    ``a/clip.mp4`` and ``b/clip.mp4`` never collide, and ``.webm`` or dotted names stay whole."""
+    canonical = canonical_uri(uri)
+    stem = os.path.splitext(os.path.basename(canonical.rstrip("/")))[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:64] or "video"
+    return f"{stem}-{hashlib.sha1(canonical.encode()).hexdigest()[:12]}"
+
+
+def endpoint_url(storage: StorageSection) -> str | None:
+    return storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(uri: str, storage: StorageSection) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path, ``file://`` or ``s3://`` URI."""
+    if is_s3(uri):
+        return s3_filesystem(storage), canonical_uri(uri)[5:]
+    if "://" in uri and not uri.startswith("file://"):
+        raise ConfigError(f"unsupported URI scheme in {redact(uri)!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), canonical_uri(uri)
+
+
+def s3_filesystem(storage: StorageSection) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = endpoint_url(storage)
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs)
+
+
+def redact(text: str) -> str:
+    """Removes credentials (the AWS secret values from the environment, access key ids, and
+    ``user:password@`` in URLs) from a message before it is logged or stored."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    return _AWS_KEY_ID.sub("***", text)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, storage: StorageSection, chunk_bytes: int = 8 << 20) -> Iterator[str]:
+    """Yields a local path for ``uri``: the file itself, or a temporary copy streamed from S3
+    (never held in memory whole), removed afterwards."""
+    if not is_s3(uri):
+        yield canonical_uri(uri)
+        return
+    fs, path = filesystem(uri, storage)
+    suffix = os.path.splitext(path)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix, prefix="vtp-") as tmp:
+        with fs.open_input_stream(path) as src:
+            while chunk := src.read(chunk_bytes):
+                tmp.write(chunk)
+        tmp.flush()
+        yield tmp.name
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(fs: pafs.FileSystem, directory: str, suffix: str = "") -> list[str]:
+    """Files under ``directory`` (recursively), sorted, skipping ``_``/``.`` names as pyarrow does."""
+    if not exists(fs, directory):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+    names = [
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(suffix) and not i.base_name.startswith(("_", "."))
+    ]
+    return sorted(names)
+
+
+def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    """Writes atomically: readers see the whole file or none of it. Local files go through a
+    temporary name and a rename; an S3 object only appears once its upload completes."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        pq.write_table(table, tmp, filesystem=fs)
+        os.replace(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+def write_bytes(data: bytes, fs: pafs.FileSystem, path: str) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_column(fs: pafs.FileSystem, directory: str, column: str) -> pa.ChunkedArray:
+    """One column of every Parquet file under ``directory`` (an empty array when there are none)."""
+    files = list_files(fs, directory, ".parquet")
+    if not files:
+        return pa.chunked_array([], type=pa.string())
+    chunks = [pq.read_table(f, columns=[column], filesystem=fs).column(column) for f in files]
+    return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=chunks[0].type)
+
+
+def remove_tree(fs: pafs.FileSystem, path: str) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):
+        shutil.rmtree(path, ignore_errors=True)
+    elif exists(fs, path):
+        fs.delete_dir(path)
