@@ -39,7 +39,7 @@ def ray_cluster():
     import ray
 
     # 2 real cores; 6 logical CPUs so that train workers, TSN actors and decode tasks never starve each other.
-    ctx = ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
+    ctx = ray.init(address="local", num_cpus=6, include_dashboard=False, object_store_memory=2 * 1024**3)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

@@ -153,6 +153,25 @@ class OutputSection:
         _positive("output", self, "rows_per_file")
 
 
+@dataclass(frozen=True)
+class FrameCacheSection:
+    """The decoded-frame cache: ``jobs/cache_frames.py`` writes it; TSN training, evaluation and
+    prediction read frames from it when ``path`` is set (videos missing from it are decoded)."""
+
+    path: str | None = None  # a cache folder or s3:// prefix to read frames from
+    encoding: str = "jpeg"  # jpeg | uint8 (exact, about 10x larger)
+    jpeg_quality: int = 90
+    keep_frames: int | None = None  # null: every frame; K: a fixed, evenly spaced pool of K frames per video
+    frames_per_row_group: int = 16  # the unit a reader fetches: smaller reads less per sampled frame
+    videos_per_file: int = 8  # videos per Parquet shard (one decode task writes one shard)
+
+    def __post_init__(self) -> None:
+        _choice("frame_cache", "encoding", self.encoding, ("jpeg", "uint8"))
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"frame_cache.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        _positive("frame_cache", self, "keep_frames", "frames_per_row_group", "videos_per_file")
+
+
 PHASE_DEFAULTS = {
     "train": {"seg_num": 3, "batch_size": 32},
     "valid": {"seg_num": 3, "batch_size": 32},
@@ -172,6 +191,7 @@ class Config:
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     extract: ExtractSection = field(default_factory=ExtractSection)
     output: OutputSection = field(default_factory=OutputSection)
+    frame_cache: FrameCacheSection = field(default_factory=FrameCacheSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

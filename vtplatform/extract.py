@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -282,6 +282,7 @@ def run_extract(
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     start = time.perf_counter()
+    config = replace(config, storage=st.resolve_storage(config.storage))
     fs, root = st.filesystem(save_dir, config.storage)
     device = resolve_device(config)
     spec = tsn_spec(config, weights, device)

@@ -6,7 +6,7 @@ canonical ``fixed_shape_tensor`` extension type, which plain pyarrow reads back 
 
     table = pyarrow.parquet.read_table("OUT/features")
     feats = table["features"].combine_chunks().to_numpy_ndarray()   # (rows, seg, dim)
-    one = table["features"][0].to_numpy_ndarray()                     # (seg, dim)
+    one = table["features"][0].to_numpy()                             # (seg, dim)
 
 pandas sees each cell as the flat values; ``features_from_pandas`` reshapes them with the
 shape recorded in the type.
@@ -141,3 +141,35 @@ def extractor_signature(provenance: dict[str, Any]) -> dict[str, Any]:
 def signature_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     sa, sb = extractor_signature(a), extractor_signature(b)
     return [f"{k}: {sa.get(k)!r} != {sb.get(k)!r}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+
+
+# Decoded-frame cache (``frame_cache.py``): frames shards plus an index, one row per video.
+# Frames are stored after VideoTag's short-side scaling, before any crop: one Parquet row per
+# kept frame, each video's frames in order and in row groups of their own.
+POSITION = "position"  # the frame's place in the video's pool (0..pool_size-1)
+FRAME_INDEX = "frame_index"  # the decoded frame it is (index into all decoded frames)
+DATA = "data"  # JPEG bytes, or raw (height, width, 3) uint8 bytes
+LABEL = "label"  # one class id (TSN); -1 when unknown
+POOL_SIZE = "pool_size"  # frames kept for the video (num_frames unless frame_cache.keep_frames)
+SHARD = "shard"  # the frames file, relative to the cache root
+FIRST_ROW_GROUP = "first_row_group"
+
+FRAME_CACHE_FRAMES_SCHEMA = pa.schema(
+    [(VIDEO_ID, pa.string()), (POSITION, pa.int32()), (FRAME_INDEX, pa.int32()), (DATA, pa.large_binary())]
+)
+
+FRAME_CACHE_INDEX_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (LABEL, pa.int32()),
+        (NUM_FRAMES, pa.int32()),
+        (POOL_SIZE, pa.int32()),
+        (HEIGHT, pa.int32()),  # of the stored (scaled) frames
+        (WIDTH, pa.int32()),
+        (FPS, pa.float32()),
+        (DECODER, pa.string()),
+        (SHARD, pa.string()),
+        (FIRST_ROW_GROUP, pa.int32()),
+    ]
+)

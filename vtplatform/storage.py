@@ -8,6 +8,7 @@ AWS environment and are scrubbed from every message we log or write (``redact``)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -58,6 +59,15 @@ def derive_video_id(uri: str) -> str:
 
 def endpoint_url(storage: StorageSection) -> str | None:
     return storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def resolve_storage(storage: StorageSection) -> StorageSection:
+    """The storage section with the environment's endpoint and region filled in.
+
+    Drivers call this once: Ray workers do not inherit the driver's environment, so the
+    resolved values travel to them inside the config."""
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return dataclasses.replace(storage, endpoint_url=endpoint_url(storage), region=region)
 
 
 def filesystem(uri: str, storage: StorageSection) -> tuple[pafs.FileSystem, str]:
@@ -127,21 +137,23 @@ def list_files(fs: pafs.FileSystem, directory: str, suffix: str = "") -> list[st
 def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     """Writes atomically: readers see the whole file or none of it. Local files go through a
     temporary name and a rename; an S3 object only appears once its upload completes."""
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        tmp = _local_tmp(path)
         pq.write_table(table, tmp, filesystem=fs)
         os.replace(tmp, path)
-    else:
+    else:  # object stores have no folders to create
         pq.write_table(table, path, filesystem=fs)
 
 
+def _local_tmp(path: str) -> str:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+
+
 def write_bytes(data: bytes, fs: pafs.FileSystem, path: str) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        tmp = _local_tmp(path)
         Path(tmp).write_bytes(data)
         os.replace(tmp, path)
     else:

@@ -1,0 +1,70 @@
+"""Extraction with the manifest, the videos and the output on S3 (a moto server on loopback)."""
+
+import shutil
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import EXAMPLES, FAKE_KEY_ID, FAKE_SECRET, run_job
+from vtplatform import schema as S
+from vtplatform.storage import derive_video_id
+
+SMALL = ["MODEL.num_layers=18", "INFER.seg_num=3", "resources.tsn_threads=1", "output.rows_per_file=2"]
+CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_rotation_0.mov"]
+
+
+def _fs(endpoint):
+    return pafs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", region="us-east-1")
+
+
+@pytest.fixture
+def s3_library(moto_endpoint, s3_bucket, tmp_path):
+    fs = _fs(moto_endpoint)
+    for name in CLIPS:
+        with open(EXAMPLES / name, "rb") as src, fs.open_output_stream(f"{s3_bucket}/videos/{name}") as dst:
+            shutil.copyfileobj(src, dst)
+    uris = [f"s3://{s3_bucket}/videos/{n}" for n in CLIPS] + [f"s3://{s3_bucket}/videos/missing.mp4"]
+    with fs.open_output_stream(f"{s3_bucket}/lists/videos.list") as f:
+        f.write(("\n".join(uris) + "\n").encode())
+    return uris
+
+
+def _check_outputs(endpoint, bucket, prefix, uris):
+    import s3fs  # an independent S3 client reads what pyarrow wrote
+
+    fs = s3fs.S3FileSystem(key=FAKE_KEY_ID, secret=FAKE_SECRET, client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"})
+    table = pq.read_table(f"{bucket}/{prefix}/features", filesystem=fs)
+    assert sorted(table.column(S.VIDEO_ID).to_pylist()) == sorted(derive_video_id(u) for u in uris[:3])
+    assert sorted(table.column(S.URI).to_pylist()) == sorted(uris[:3])
+    assert table.column(S.FEATURES).combine_chunks().to_numpy_ndarray().shape == (3, 3, 512)
+    dead = pq.read_table(f"{bucket}/{prefix}/dead_letters", filesystem=fs).to_pylist()
+    assert [(d[S.URI], d[S.STAGE], d[S.ERROR_TYPE]) for d in dead] == [(uris[3], "read", "FileNotFoundError")]
+    objects = [p for p, info in fs.find(f"{bucket}/{prefix}", detail=True).items() if info["type"] == "file" and info["size"]]
+    assert any(p.endswith(".json") for p in objects)  # the run summary
+    everything = b"".join(fs.cat(p) for p in objects)
+    assert FAKE_SECRET.encode() not in everything and FAKE_KEY_ID.encode() not in everything
+    return table
+
+
+def test_s3_manifest_videos_and_output_via_config_endpoint(ray_cluster, moto_endpoint, s3_bucket, s3_library):
+    args = ["--config", "configs/tsn.yaml", "--filelist", f"s3://{s3_bucket}/lists/videos.list", "--save_dir", f"s3://{s3_bucket}/out"]
+    overrides = [a for o in [*SMALL, f"storage.endpoint_url={moto_endpoint}"] for a in ("-o", o)]
+    res = run_job("extract.py", *args, *overrides, env={"RAY_ADDRESS": ray_cluster, "VTP_LOG_LEVEL": "DEBUG"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 ok, 1 failed" in res.stdout
+    for secret in (FAKE_SECRET, FAKE_KEY_ID):
+        assert secret not in res.stdout and secret not in res.stderr
+    _check_outputs(moto_endpoint, s3_bucket, "out", s3_library)
+
+    again = run_job("extract.py", *args, *overrides, env={"RAY_ADDRESS": ray_cluster})
+    assert again.returncode == 0 and "skipped (done before) 4" in again.stdout
+
+
+def test_s3_endpoint_from_aws_endpoint_url(ray_cluster, moto_endpoint, s3_bucket, s3_library):
+    """The standard variable reaches the Ray workers too (they do not inherit the driver's environment)."""
+    args = ["--config", "configs/tsn.yaml", "--filelist", f"s3://{s3_bucket}/lists/videos.list", "--save_dir", f"s3://{s3_bucket}/env-out"]
+    overrides = [a for o in SMALL for a in ("-o", o)]
+    res = run_job("extract.py", *args, *overrides, env={"RAY_ADDRESS": ray_cluster, "AWS_ENDPOINT_URL": moto_endpoint})
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check_outputs(moto_endpoint, s3_bucket, "env-out", s3_library)
