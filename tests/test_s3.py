@@ -68,3 +68,12 @@ def test_s3_endpoint_from_aws_endpoint_url(ray_cluster, moto_endpoint, s3_bucket
     res = run_job("extract.py", *args, *overrides, env={"RAY_ADDRESS": ray_cluster, "AWS_ENDPOINT_URL": moto_endpoint})
     assert res.returncode == 0, res.stderr[-3000:]
     _check_outputs(moto_endpoint, s3_bucket, "env-out", s3_library)
+
+
+def test_missing_bucket_and_manifest_are_configuration_errors(ray_cluster, moto_endpoint, s3_bucket):
+    base = ["--config", "configs/tsn.yaml", "-o", f"storage.endpoint_url={moto_endpoint}", *[a for o in SMALL for a in ("-o", o)]]
+    res = run_job("extract.py", *base, "--filelist", f"s3://{s3_bucket}/nope.list", "--save_dir", "s3://no-such-bucket-vtp/out", env={"RAY_ADDRESS": ray_cluster})
+    assert res.returncode == 2 and "cannot write to s3://no-such-bucket-vtp/out" in res.stderr
+    res = run_job("extract.py", *base, "--filelist", f"s3://{s3_bucket}/nope.list", "--save_dir", f"s3://{s3_bucket}/out", env={"RAY_ADDRESS": ray_cluster})
+    assert res.returncode == 2 and "manifest not found" in res.stderr
+    assert FAKE_SECRET not in res.stderr

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from vtplatform.storage import canonical_uri, derive_video_id, redact
+from vtplatform.storage import canonical_uri, derive_video_id, redact, safe_filename
 
 
 def test_canonical_uri(tmp_path, monkeypatch):
@@ -31,3 +31,11 @@ def test_redact_removes_credentials(monkeypatch):
     for secret in ("s3cr3tValue123", "user:pw", "AKIAABCDEFGHIJKLMNOP"):
         assert secret not in out
     assert "host:9000/b" in out
+
+
+def test_safe_filename_keeps_plain_ids_and_defuses_paths():
+    assert safe_filename("clip-0123abcd") == "clip-0123abcd"
+    for vid in ("../../etc/passwd", "a/b", ".hidden", ""):
+        name = safe_filename(vid)
+        assert "/" not in name and not name.startswith(".") and name
+    assert safe_filename("a/b") != safe_filename("a_b/")

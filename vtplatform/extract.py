@@ -199,7 +199,7 @@ class FeatureSink(Datasink):
         for video_id, array in zip(features.column(S.VIDEO_ID).to_pylist(), arrays, strict=True):
             buf = io.BytesIO()
             np.save(buf, array.astype(np.float32))
-            st.write_bytes(buf.getvalue(), fs, f"{root}/{NPY_DIR}/{video_id}.npy")
+            st.write_bytes(buf.getvalue(), fs, f"{root}/{NPY_DIR}/{st.safe_filename(video_id)}.npy")
 
     def on_write_complete(self, write_result) -> None:
         stats: dict[str, Any] = {"ok": 0, "frames": 0, "failed": collections.Counter(), DECODE_SECONDS: 0.0, INFER_SECONDS: 0.0}
@@ -284,6 +284,7 @@ def run_extract(
     start = time.perf_counter()
     config = replace(config, storage=st.resolve_storage(config.storage))
     fs, root = st.filesystem(save_dir, config.storage)
+    st.check_writable(fs, root, save_dir)
     device = resolve_device(config)
     spec = tsn_spec(config, weights, device)
     fingerprint, feature_dim = weights_fingerprint(config, weights)
@@ -294,8 +295,16 @@ def run_extract(
             f"{st.redact(save_dir)} holds features made differently ({'; '.join(S.signature_diff(state.provenance, prov))}); "
             "use another --save_dir or the same model, weights and settings"
         )
-    entries = read_manifest(manifest, config.storage)
-    summary = ExtractSummary(save_dir=st.redact(save_dir), manifest_entries=len(entries) + len(entries.rejected), duplicates=entries.duplicates, device=device)
+    try:
+        entries = read_manifest(manifest, config.storage)
+    except OSError as exc:  # the store refused to list or read the manifest
+        raise ConfigError(f"cannot read manifest {st.redact(manifest)}: {st.redact(str(exc))}") from exc
+    summary = ExtractSummary(
+        save_dir=st.redact(st.canonical_uri(save_dir)),
+        manifest_entries=len(entries) + len(entries.rejected) + entries.duplicates,
+        duplicates=entries.duplicates,
+        device=device,
+    )
     skip = state.done if retry_failed else state.done | state.dead
     _record_rejected(entries.rejected, skip, fs, root, summary)
     ids = entries.entries.column(S.VIDEO_ID).to_pylist()

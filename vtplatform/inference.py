@@ -63,29 +63,34 @@ class Predictor:
         return self._output.copy_to_cpu()
 
 
-def frame_engine(backbone, device: str, precision: str, threads: int) -> FrameFn:
-    """uint8 crops (N, 224, 224, 3) -> float32 features (N, C) with the fastest path for ``device``."""
+def frame_engine(backbone, device: str, precision: str, threads: int, runtime: str = "auto") -> FrameFn:
+    """uint8 crops (N, 224, 224, 3) -> float32 features (N, C).
+
+    ``runtime`` "auto" picks Paddle Inference on CPU and dygraph on GPU; "dygraph" forces the
+    dygraph path (float16 autocast needs a GPU either way).
+    """
     import paddle
 
     from vtplatform.models.tsn import FrameFeatures
 
+    if precision == "float16" and device == "cpu":
+        raise ValueError("float16 inference needs a GPU; use extract.precision=float32 (or auto) on CPU")
     frames_model = FrameFeatures(backbone)
     frames_model.eval()
-    if device == "cpu":
-        if precision == "float16":
-            raise ValueError("float16 inference needs a GPU; use extract.precision=float32 (or auto) on CPU")
+    if device == "cpu" and runtime != "dygraph":
         spec = [paddle.static.InputSpec([None, 224, 224, 3], "uint8", "frames")]
         with tempfile.TemporaryDirectory(prefix="vtp-export-") as tmp:
             predictor = Predictor(export_model(frames_model, spec, tmp), threads=threads)
         log.info("TSN on CPU through Paddle Inference (oneDNN, %d threads)", threads)
         return predictor
-    paddle.set_device(device)
-    frames_model.to(device=device)
+    place = paddle.CPUPlace() if device == "cpu" else paddle.CUDAPlace(0)
+    frames_model.to(device=place)
     use_fp16 = precision == "float16"
     log.info("TSN on %s in dygraph, %s", device, "float16 autocast" if use_fp16 else "float32")
 
     def run(frames: np.ndarray) -> np.ndarray:
         with paddle.no_grad(), paddle.amp.auto_cast(enable=use_fp16, dtype="float16", level="O1"):
-            return frames_model(paddle.to_tensor(frames)).astype("float32").numpy()
+            x = paddle.to_tensor(frames, place=place)
+            return frames_model(x).astype("float32").numpy()
 
     return run

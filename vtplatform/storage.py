@@ -57,6 +57,15 @@ def derive_video_id(uri: str) -> str:
     return f"{stem}-{hashlib.sha1(canonical.encode()).hexdigest()[:12]}"
 
 
+def safe_filename(video_id: str) -> str:
+    """``video_id`` itself when it is a plain file name; otherwise a readable, collision-free one
+    (ids from a manifest table may contain ``/`` or ``..``)."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}", video_id):
+        return video_id
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", video_id).strip("._")[:64] or "video"
+    return f"{readable}-{hashlib.sha1(video_id.encode()).hexdigest()[:12]}"
+
+
 def endpoint_url(storage: StorageSection) -> str | None:
     return storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
@@ -115,6 +124,16 @@ def local_copy(uri: str, storage: StorageSection, chunk_bytes: int = 8 << 20) ->
                 tmp.write(chunk)
         tmp.flush()
         yield tmp.name
+
+
+def check_writable(fs: pafs.FileSystem, root: str, uri: str) -> None:
+    """Fails early, with a clear message, when the output location cannot be written."""
+    probe = f"{root}/_vtp_write_probe"
+    try:
+        write_bytes(b"ok", fs, probe)
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {redact(uri)}: {redact(str(exc))}") from exc
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

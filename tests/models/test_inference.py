@@ -28,3 +28,21 @@ def test_float16_needs_a_gpu():
     model, _ = load_backbone(TSNConfig(18), None)
     with pytest.raises(ValueError, match="GPU"):
         frame_engine(model, "cpu", "float16", threads=1)
+
+
+def test_dygraph_runtime_matches_the_exported_one():
+    model, _ = load_backbone(TSNConfig(18), None, seed=2)
+    frames = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    exported = frame_engine(model, "cpu", "float32", threads=1)(frames)
+    dygraph = frame_engine(model, "cpu", "float32", threads=1, runtime="dygraph")(frames)
+    np.testing.assert_allclose(dygraph, exported, rtol=1e-3, atol=1e-3 * np.abs(exported).max())
+
+
+@pytest.mark.gpu
+def test_float16_on_gpu_is_close_to_float32():
+    model, _ = load_backbone(TSNConfig(50), None, seed=3)
+    frames = np.random.default_rng(2).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    fp32 = frame_engine(model, "gpu", "float32", threads=1)(frames)
+    fp16 = frame_engine(model, "gpu", "float16", threads=1)(frames)
+    assert fp16.dtype == np.float32
+    np.testing.assert_allclose(fp16, fp32, rtol=2e-2, atol=2e-2 * np.abs(fp32).max())

@@ -1,0 +1,203 @@
+"""Extraction benchmarks, each a ratio measured side by side in one run (these machines are noisy).
+
+    python benchmarks/extract.py [--depth 50] [--segments 32] [--videos 12] [--skip a,b,c]
+
+(a) per clip: our sample+decode+preprocess time against `ffmpeg -threads 1 -i CLIP -f null -`
+    on the same clip (goal <= 1.5x).
+(b) throughput of the Ray Data pipeline (decode tasks -> TSN actor -> writer) against a
+    sequential loop that decodes and then infers one video at a time, the seed's way (decode
+    every frame into a list, sample, preprocess, run the dygraph model), on the same clips and
+    model (goal >= 1.8x on 2 cores). A second baseline, a sequential loop over our own decoder
+    and inference engine, separates what pipelining buys from what the engine buys.
+(c) peak memory (max RSS of a fresh process) of decoding a 10-minute clip against a 10-second
+    one, for our decoders and for the seed's decode-everything loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+CLIPS = [
+    "mmaction2_demo.mp4",
+    "mmaction2_test.mp4",
+    "mmaction2_test.avi",
+    "mmaction2_test_video_structuralize.mp4",
+    "paddlevideo_example.avi",
+    "paddlevideo_eivideo_example.mp4",
+    "decord_flipping_a_pancake.mkv",
+    "mmaction2_demo_skeleton_1080p.mp4",
+]
+EXAMPLES = ROOT / "examples" / "videos"
+
+
+def ffmpeg_binary() -> str:
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg  # the `bench` extra
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_decode(clips: list[Path]) -> None:
+    from vtplatform.video.decode import DecodeOptions, sample_clip
+
+    ffmpeg = ffmpeg_binary()
+    options = DecodeOptions(num_segments=300, threads=1)
+    print("\n(a) sample+decode+preprocess (300 segments) vs `ffmpeg -threads 1 -i CLIP -f null -`, best of 3")
+    print(f"    ffmpeg: {ffmpeg}")
+    print(f"    {'clip':<42} {'frames':>6} {'ours s':>8} {'ffmpeg s':>9} {'ratio':>6}")
+    ratios = []
+    for clip in clips:
+        ours = best_of(lambda c=clip: sample_clip(str(c), options))
+        cmd = [ffmpeg, "-v", "error", "-threads", "1", "-i", str(clip), "-f", "null", "-"]
+        theirs = best_of(lambda c=cmd: subprocess.run(c, check=True, capture_output=True))
+        frames = sample_clip(str(clip), options).num_frames
+        ratios.append(ours / theirs)
+        print(f"    {clip.name:<42} {frames:>6} {ours:>8.3f} {theirs:>9.3f} {ours / theirs:>6.2f}x")
+    print(f"    geometric mean ratio {np.exp(np.mean(np.log(ratios))):.2f}x, worst {max(ratios):.2f}x (goal <= 1.5x)")
+
+
+def seed_way_features(path: str, model, segments: int) -> np.ndarray:
+    """The seed's loop for one video: decode every frame into a list, sample, preprocess, infer in dygraph."""
+    import av
+    import paddle
+
+    from vtplatform.video.sampling import infer_indices
+    from vtplatform.video.transforms import normalize, scale_and_crop
+
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]  # the whole video in RAM
+    crops = np.stack([scale_and_crop(frames[i]) for i in infer_indices(len(frames), segments)])
+    x = normalize(crops, model.config.image_mean, model.config.image_std)
+    with paddle.no_grad():
+        return model(paddle.to_tensor(x)).numpy()
+
+
+def bench_pipeline(clips: list[Path], depth: int, segments: int, videos: int, workdir: Path) -> None:
+    import ray
+
+    from vtplatform.config import load_config
+    from vtplatform.extract import run_extract
+    from vtplatform.inference import frame_engine
+    from vtplatform.models.tsn import TSNConfig, load_backbone
+    from vtplatform.video.decode import DecodeOptions, sample_clip
+
+    paths = []
+    for i in range(videos):  # distinct files, so every one is a separate video
+        src = clips[i % len(clips)]
+        dst = workdir / "lib" / f"{i:03d}_{src.name}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+        paths.append(dst)
+    (workdir / "m.list").write_text("\n".join(map(str, paths)) + "\n")
+    print(f"\n(b) {videos} videos, ResNet-{depth}, {segments} segments, 2 CPU cores")
+
+    model, _ = load_backbone(TSNConfig(depth), None)
+    seed_way_features(str(paths[0]), model, segments)  # warm-up
+    start = time.perf_counter()
+    for p in paths:
+        seed_way_features(str(p), model, segments)
+    seed_time = time.perf_counter() - start
+
+    engine = frame_engine(model, "cpu", "float32", threads=os.cpu_count() or 2)
+    options = DecodeOptions(num_segments=segments)
+    start = time.perf_counter()
+    for p in paths:
+        engine(sample_clip(str(p), options).frames)
+    ours_sequential = time.perf_counter() - start
+
+    overrides = [f"MODEL.num_layers={depth}", f"INFER.seg_num={segments}", "resources.use_gpu=false", "resources.tsn_cpus=1"]
+    overrides += [f"resources.tsn_threads={os.cpu_count() or 2}", "resources.tsn_batch_size=1", "resources.tsn_frames_per_forward=32"]
+    config = load_config(ROOT / "configs" / "tsn.yaml", overrides)
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        summary = run_extract(config, str(workdir / "m.list"), str(workdir / "out"))
+        pipeline = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    assert summary.succeeded == videos, summary.format()
+    print(f"    seed's way (decode all, dygraph), sequential {seed_time:7.1f} s  {videos / seed_time:.3f} videos/s")
+    print(f"    our decoder + Paddle Inference, sequential   {ours_sequential:7.1f} s  {videos / ours_sequential:.3f} videos/s")
+    print(f"    Ray Data pipeline (incl. actor start-up)     {pipeline:7.1f} s  {videos / pipeline:.3f} videos/s")
+    print(f"    pipeline vs seed's way: {seed_time / pipeline:.2f}x (goal >= 1.8x); vs our sequential loop: {ours_sequential / pipeline:.2f}x")
+
+
+PEAK = """
+import resource, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {bench!r})
+mode, path = sys.argv[1], sys.argv[2]
+if mode == "seed":
+    import av
+    with av.open(path) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+else:
+    from vtplatform.video.decode import DecodeOptions, sample_clip
+    sample_clip(path, DecodeOptions(decoder=mode))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def bench_memory(workdir: Path) -> None:
+    from clips import write_noise_clip
+
+    print("\n(c) peak RSS of a fresh process decoding a clip (340x256, 30 fps, H.264)")
+    lengths = {"10 s": 300, "1 min": 1800, "10 min": 18000}
+    made = {name: write_noise_clip(workdir / f"{n}.mp4", n, 340, 256, fps=30) for name, n in lengths.items()}
+    code = PEAK.format(root=str(ROOT), bench=str(ROOT / "benchmarks"))
+
+    def peak(mode: str, path: Path) -> int:
+        return int(subprocess.check_output([sys.executable, "-c", code, mode, str(path)], text=True).split()[-1])
+
+    for mode in ("decord", "pyav"):
+        short, long = peak(mode, made["10 s"]), peak(mode, made["10 min"])
+        print(f"    ours ({mode:<6}) 10 s: {short:5d} MB   10 min: {long:5d} MB   ratio {long / short:.2f}x")
+    short, minute = peak("seed", made["10 s"]), peak("seed", made["1 min"])
+    print(f"    seed's loop      10 s: {short:5d} MB    1 min: {minute:5d} MB   ratio {minute / short:.2f}x (10 min would need ~{18000 * 340 * 256 * 3 >> 20} MB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--segments", type=int, default=32)
+    p.add_argument("--videos", type=int, default=12)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    skip = set(filter(None, args.skip.split(",")))
+    clips = [EXAMPLES / c for c in CLIPS]
+    with tempfile.TemporaryDirectory(prefix="vtp-bench-") as tmp:
+        if "a" not in skip:
+            bench_decode(clips)
+        if "b" not in skip:
+            bench_pipeline(clips, args.depth, args.segments, args.videos, Path(tmp))
+        if "c" not in skip:
+            bench_memory(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
