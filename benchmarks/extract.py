@@ -129,8 +129,17 @@ def bench_pipeline(clips: list[Path], depth: int, segments: int, videos: int, wo
         engine(sample_clip(str(p), options).frames)
     ours_sequential = time.perf_counter() - start
 
-    overrides = [f"MODEL.num_layers={depth}", f"INFER.seg_num={segments}", "resources.use_gpu=false", "resources.tsn_cpus=1"]
-    overrides += [f"resources.tsn_threads={os.cpu_count() or 2}", "resources.tsn_batch_size=1", "resources.tsn_frames_per_forward=32"]
+    overrides = [
+        f"MODEL.num_layers={depth}",
+        f"INFER.seg_num={segments}",
+        "resources.use_gpu=false",
+        "resources.tsn_cpus=1",
+    ]
+    overrides += [
+        f"resources.tsn_threads={os.cpu_count() or 2}",
+        "resources.tsn_batch_size=1",
+        "resources.tsn_frames_per_forward=32",
+    ]
     config = load_config(ROOT / "configs" / "tsn.yaml", overrides)
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     try:
@@ -141,9 +150,13 @@ def bench_pipeline(clips: list[Path], depth: int, segments: int, videos: int, wo
         ray.shutdown()
     assert summary.succeeded == videos, summary.format()
     print(f"    seed's way (decode all, dygraph), sequential {seed_time:7.1f} s  {videos / seed_time:.3f} videos/s")
-    print(f"    our decoder + Paddle Inference, sequential   {ours_sequential:7.1f} s  {videos / ours_sequential:.3f} videos/s")
+    print(
+        f"    our decoder + Paddle Inference, sequential   {ours_sequential:7.1f} s  {videos / ours_sequential:.3f} videos/s"
+    )
     print(f"    Ray Data pipeline (incl. actor start-up)     {pipeline:7.1f} s  {videos / pipeline:.3f} videos/s")
-    print(f"    pipeline vs seed's way: {seed_time / pipeline:.2f}x (goal >= 1.8x); vs our sequential loop: {ours_sequential / pipeline:.2f}x")
+    print(
+        f"    pipeline vs seed's way: {seed_time / pipeline:.2f}x (goal >= 1.8x); vs our sequential loop: {ours_sequential / pipeline:.2f}x"
+    )
 
 
 PEAK = """
@@ -177,7 +190,9 @@ def bench_memory(workdir: Path) -> None:
         short, long = peak(mode, made["10 s"]), peak(mode, made["10 min"])
         print(f"    ours ({mode:<6}) 10 s: {short:5d} MB   10 min: {long:5d} MB   ratio {long / short:.2f}x")
     short, minute = peak("seed", made["10 s"]), peak("seed", made["1 min"])
-    print(f"    seed's loop      10 s: {short:5d} MB    1 min: {minute:5d} MB   ratio {minute / short:.2f}x (10 min would need ~{18000 * 340 * 256 * 3 >> 20} MB)")
+    print(
+        f"    seed's loop      10 s: {short:5d} MB    1 min: {minute:5d} MB   ratio {minute / short:.2f}x (10 min would need ~{18000 * 340 * 256 * 3 >> 20} MB)"
+    )
 
 
 def main() -> None:

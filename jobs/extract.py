@@ -11,15 +11,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
 
-from vtplatform import cli  # noqa: E402
+from vtplatform import cli
 
 
 def main() -> int:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--filelist", required=True, help="list file, directory, glob, or Parquet/CSV table with a uri column")
+    p.add_argument(
+        "--filelist", required=True, help="list file, directory, glob, or Parquet/CSV table with a uri column"
+    )
     p.add_argument("--save_dir", required=True, help="output folder or s3:// prefix")
     p.add_argument("--weights", default=None, help="TSN weights: the official VideoTag file or one of ours")
-    p.add_argument("--format", choices=["parquet", "npy"], default=None, help="npy also writes the seed's per-video .npy files")
+    p.add_argument(
+        "--format", choices=["parquet", "npy"], default=None, help="npy also writes the seed's per-video .npy files"
+    )
     p.add_argument("--retry_failed", action="store_true", help="process the dead letters of earlier runs again")
     args = p.parse_args()
     cli.setup_logging(args.log_level)

@@ -27,20 +27,37 @@ def frame_ordinal(rgb: np.ndarray) -> int:
     h, w = rgb.shape[:2]
     low = float(rgb[h // 4 : 3 * h // 4, w // 8 : 3 * w // 8].mean())
     high = float(rgb[h // 4 : 3 * h // 4, 5 * w // 8 : 7 * w // 8].mean())
-    return int(round(low / 4)) + 64 * int(round(high / 16))
+    return round(low / 4) + 64 * round(high / 16)
 
 
 def write_indexed_clip(
-    path: Path, num_frames: int, width: int = 320, height: int = 240, fps: int = 25, codec: str = "libx264", **options: str
+    path: Path,
+    num_frames: int,
+    width: int = 320,
+    height: int = 240,
+    fps: int = 25,
+    codec: str = "libx264",
+    **options: str,
 ) -> Path:
     """A clip whose frame i is ``indexed_frame(i)``; lossless for libx264 (qp 0) and ffv1."""
     opts = {"qp": "0", "preset": "ultrafast"} if codec == "libx264" else {}
     opts.update(options)
     pix_fmt = "yuv420p" if codec != "ffv1" else "yuv444p"
-    return write_clip(path, (indexed_frame(i, width, height) for i in range(num_frames)), width, height, fps, codec, pix_fmt, opts)
+    return write_clip(
+        path, (indexed_frame(i, width, height) for i in range(num_frames)), width, height, fps, codec, pix_fmt, opts
+    )
 
 
-def write_clip(path: Path, frames, width: int, height: int, fps: int = 25, codec: str = "libx264", pix_fmt: str = "yuv420p", options: dict | None = None) -> Path:
+def write_clip(
+    path: Path,
+    frames,
+    width: int,
+    height: int,
+    fps: int = 25,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    options: dict | None = None,
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     container_options = {"movflags": "faststart"} if path.suffix in (".mp4", ".mov") else {}
@@ -56,7 +73,15 @@ def write_clip(path: Path, frames, width: int, height: int, fps: int = 25, codec
     return path
 
 
-def write_noise_clip(path: Path, num_frames: int, width: int = 320, height: int = 240, fps: int = 25, seed: int = 0, codec: str = "libx264") -> Path:
+def write_noise_clip(
+    path: Path,
+    num_frames: int,
+    width: int = 320,
+    height: int = 240,
+    fps: int = 25,
+    seed: int = 0,
+    codec: str = "libx264",
+) -> Path:
     """Smoothly moving colour noise: realistic bit rates for size and memory tests."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
@@ -66,7 +91,9 @@ def write_noise_clip(path: Path, num_frames: int, width: int = 320, height: int 
         for i in range(num_frames):
             yield np.roll(big, shift=(i * 3) % width, axis=1)
 
-    return write_clip(path, frames(), width, height, fps, codec, options={"preset": "ultrafast"} if codec == "libx264" else {})
+    return write_clip(
+        path, frames(), width, height, fps, codec, options={"preset": "ultrafast"} if codec == "libx264" else {}
+    )
 
 
 def write_audio_only(path: Path, seconds: float = 1.0) -> Path:

@@ -55,7 +55,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory):
     """A real S3 protocol server (moto) on loopback, started for this session."""
-    server = os.environ.get("VTP_MOTO_SERVER") or shutil.which("moto_server") or str(ROOT / ".venv-moto" / "bin" / "moto_server")
+    server = (
+        os.environ.get("VTP_MOTO_SERVER")
+        or shutil.which("moto_server")
+        or str(ROOT / ".venv-moto" / "bin" / "moto_server")
+    )
     if not Path(server).exists():
         pytest.fail(f"moto_server not found at {server}; run the tests with `make test`, which installs it")
     port = _free_port()
@@ -86,14 +90,23 @@ def s3_bucket(moto_endpoint, request):
     import pyarrow.fs as pafs
 
     name = "vtp-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.time_ns() % 10**6}"
-    fs = pafs.S3FileSystem(endpoint_override=moto_endpoint.split("://")[1], scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=moto_endpoint.split("://")[1], scheme="http", region="us-east-1", allow_bucket_creation=True
+    )
     fs.create_dir(name)
     return name
 
 
-def run_job(script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_job(
+    script: str, *args: str, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     """Runs ``python jobs/<script>`` as a user would, returning the completed process."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / script), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -25,10 +25,22 @@ def head_node(tmp_path_factory):
     """A head node of its own (own ports, own temp dir) so that stopping it leaves every other Ray alone."""
     port, dashboard = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray-head")
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", f"--dashboard-port={dashboard}"]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--dashboard-port={dashboard}",
+    ]
     cmd += ["--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
     # The cluster's `python` is this environment's, as on a node built from the project's image.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120

@@ -25,7 +25,10 @@ def test_project_configs_load():
 
 
 def test_overrides_use_seed_key_names(tmp_path):
-    config = load_config(SEED / "configs" / "tsn.yaml", ["MODEL.num_layers=50", "INFER.seg_num=8", "storage.endpoint_url=http://127.0.0.1:9"])
+    config = load_config(
+        SEED / "configs" / "tsn.yaml",
+        ["MODEL.num_layers=50", "INFER.seg_num=8", "storage.endpoint_url=http://127.0.0.1:9"],
+    )
     assert config.model.num_layers == 50 and config.infer.seg_num == 8
     assert config.storage.endpoint_url == "http://127.0.0.1:9"
     assert load_config(None, ["infer.seg_num=4"]).infer.seg_num == 4  # sections are case-insensitive

@@ -20,12 +20,24 @@ from tests.clips import truncate, write_audio_only, write_indexed_clip, write_no
 from tests.conftest import EXAMPLES, ROOT, run_job
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
-from vtplatform.extract import FEATURES_DIR, finalize_output, run_extract
+from vtplatform.extract import FEATURES_DIR, run_extract
+from vtplatform.pipeline import finalize_output
 from vtplatform.storage import derive_video_id
 
 SEGMENTS = 4
-SMALL = ["MODEL.num_layers=18", f"INFER.seg_num={SEGMENTS}", "output.rows_per_file=3", "resources.tsn_threads=1", "resources.tsn_batch_size=2"]
-GOOD_CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv", "decord_rotation_90.mov"]
+SMALL = [
+    "MODEL.num_layers=18",
+    f"INFER.seg_num={SEGMENTS}",
+    "output.rows_per_file=3",
+    "resources.tsn_threads=1",
+    "resources.tsn_batch_size=2",
+]
+GOOD_CLIPS = [
+    "mmaction2_demo.mp4",
+    "paddlevideo_example.avi",
+    "decord_flipping_a_pancake.mkv",
+    "decord_rotation_90.mov",
+]
 
 
 def small_config(*extra: str):
@@ -36,7 +48,7 @@ def small_config(*extra: str):
 def library(tmp_path_factory):
     """Real clips, generated clips and every kind of bad input, plus a manifest listing them all."""
     root = tmp_path_factory.mktemp("library")
-    for name in GOOD_CLIPS + ["decord_corrupted.mp4"]:
+    for name in [*GOOD_CLIPS, "decord_corrupted.mp4"]:
         shutil.copy(EXAMPLES / name, root / name)
     (root / "same").mkdir()
     shutil.copy(EXAMPLES / "mmaction2_part_0.mp4", root / "same" / "mmaction2_demo.mp4")  # same basename, other folder
@@ -49,7 +61,7 @@ def library(tmp_path_factory):
     (root / "text.mp4").write_text("not a video\n" * 50)
     write_audio_only(root / "audio.m4a")
     (root / "unreadable.mp4").symlink_to("/proc/self/mem")  # reading fails with EIO, even as root
-    good = GOOD_CLIPS + ["decord_corrupted.mp4", "same/mmaction2_demo.mp4", "one_frame.mp4", "full.mp4", "truncated.mp4"]
+    good = [*GOOD_CLIPS, "decord_corrupted.mp4", "same/mmaction2_demo.mp4", "one_frame.mp4", "full.mp4", "truncated.mp4"]
     bad = {
         "zero.mp4": ("read", "EmptyFile"),
         "random.mp4": ("decode", "DecodeError"),
@@ -93,7 +105,10 @@ def test_bad_inputs_become_dead_letters_and_good_videos_all_succeed(ray_cluster,
     assert summary.failed_total == len(library["bad"]) + 1
     assert summary.failed["decode/DecodeError"] == 3 and summary.failed["manifest/ManifestParseError"] == 1
 
-    rows = {r[S.VIDEO_ID]: r for r in table.select([S.VIDEO_ID, S.NUM_FRAMES, S.DECODER, S.WIDTH, S.HEIGHT, S.FPS]).to_pylist()}
+    rows = {
+        r[S.VIDEO_ID]: r
+        for r in table.select([S.VIDEO_ID, S.NUM_FRAMES, S.DECODER, S.WIDTH, S.HEIGHT, S.FPS]).to_pylist()
+    }
     assert rows[derive_video_id(str(root / "decord_corrupted.mp4"))][S.DECODER] == "pyav"
     assert rows[derive_video_id(str(root / "decord_corrupted.mp4"))][S.NUM_FRAMES] == 49
     assert rows[derive_video_id(str(root / "mmaction2_demo.mp4"))][S.NUM_FRAMES] == 280
@@ -114,7 +129,13 @@ def test_features_belong_to_their_video(ray_cluster, library, tmp_path):
     (tmp_path / "m.list").write_text("\n".join(map(str, clips)))
     run_extract(small_config("output.dtype=float32"), str(tmp_path / "m.list"), str(out))
     table = read_table(out)
-    feats = dict(zip(table.column(S.VIDEO_ID).to_pylist(), table.column(S.FEATURES).combine_chunks().to_numpy_ndarray(), strict=True))
+    feats = dict(
+        zip(
+            table.column(S.VIDEO_ID).to_pylist(),
+            table.column(S.FEATURES).combine_chunks().to_numpy_ndarray(),
+            strict=True,
+        )
+    )
     indices = dict(zip(table.column(S.VIDEO_ID).to_pylist(), table.column(S.FRAME_INDICES).to_pylist(), strict=True))
     model, _ = load_backbone(TSNConfig(18), None, seed=0)
     engine = frame_engine(model, "cpu", "float32", threads=1)
@@ -149,7 +170,9 @@ def test_table_reads_with_plain_pyarrow_and_pandas_without_ray(ray_cluster, libr
     clips = [library["root"] / c for c in GOOD_CLIPS[:3]]
     (tmp_path / "m.list").write_text("\n".join(map(str, clips)))
     run_extract(small_config(), str(tmp_path / "m.list"), str(out))
-    res = json.loads(subprocess.check_output([sys.executable, "-c", READ_WITHOUT_RAY, str(out / FEATURES_DIR)], text=True))
+    res = json.loads(
+        subprocess.check_output([sys.executable, "-c", READ_WITHOUT_RAY, str(out / FEATURES_DIR)], text=True)
+    )
     assert res["shape"] == [3, SEGMENTS, 512] and res["one"] == [SEGMENTS, 512]
     assert res["dtype"] == "float16" and res["pandas_equal"] and res["rows"] == 3
     meta = res["meta"]
@@ -198,7 +221,11 @@ def test_job_npy_float32_and_exit_codes(ray_cluster, library, tmp_path):
     small = [a for o in SMALL for a in ("-o", o)]
     res = run_job("extract.py", *args, *small, "-o", "output.dtype=float32", "--format", "npy", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "1 ok, 1 failed" in res.stdout and "read/EmptyFile" in res.stdout and str(tmp_path / "out" / "features") in res.stdout
+    assert (
+        "1 ok, 1 failed" in res.stdout
+        and "read/EmptyFile" in res.stdout
+        and str(tmp_path / "out" / "features") in res.stdout
+    )
     table = read_table(tmp_path / "out")
     vid = table.column(S.VIDEO_ID)[0].as_py()
     npy = np.load(tmp_path / "out" / "npy" / f"{vid}.npy")
@@ -206,7 +233,17 @@ def test_job_npy_float32_and_exit_codes(ray_cluster, library, tmp_path):
     np.testing.assert_array_equal(npy, table.column(S.FEATURES).combine_chunks().to_numpy_ndarray()[0])
 
     (tmp_path / "bad.list").write_text(f"{library['root'] / 'zero.mp4'}\n{library['root'] / 'text.mp4'}\n")
-    res = run_job("extract.py", "--config", "configs/tsn.yaml", "--filelist", str(tmp_path / "bad.list"), "--save_dir", str(tmp_path / "o2"), *small, env=env)
+    res = run_job(
+        "extract.py",
+        "--config",
+        "configs/tsn.yaml",
+        "--filelist",
+        str(tmp_path / "bad.list"),
+        "--save_dir",
+        str(tmp_path / "o2"),
+        *small,
+        env=env,
+    )
     assert res.returncode == 1, res.stderr[-2000:]  # nothing at all succeeded
     assert read_dead(tmp_path / "o2").num_rows == 2
 
@@ -225,10 +262,21 @@ def many_clips(tmp_path_factory):
 def test_killed_midway_then_rerun_ends_with_exactly_one_row_per_video(ray_cluster, many_clips, tmp_path):
     manifest, paths = many_clips
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "jobs" / "extract.py"), "--config", "configs/tsn.yaml", "--filelist", str(manifest), "--save_dir", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "extract.py"),
+        "--config",
+        "configs/tsn.yaml",
+        "--filelist",
+        str(manifest),
+        "--save_dir",
+        str(out),
+    ]
     cmd += [a for o in [*SMALL, "output.rows_per_file=2", "resources.tsn_batch_size=1"] for a in ("-o", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (out / FEATURES_DIR).exists() or not any((out / FEATURES_DIR).glob("part-*.parquet")):
         assert proc.poll() is None, "the job ended before it could be killed"
@@ -272,9 +320,9 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
     pq.write_table(part(["a", "b"]), tmp_path / FEATURES_DIR / "part-1.parquet")
     pq.write_table(part(["b", "c"]), tmp_path / FEATURES_DIR / "part-2.parquet")
     pq.write_table(part(["c"]), tmp_path / FEATURES_DIR / "part-3.parquet")
-    finalize_output(pafs.LocalFileSystem(), str(tmp_path), expected={"a", "b", "c"})
+    finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected={"a", "b", "c"})
     assert sorted(read_table(tmp_path).column(S.VIDEO_ID).to_pylist()) == ["a", "b", "c"]
     assert not (tmp_path / FEATURES_DIR / "part-3.parquet").exists()
     assert S.read_provenance(pq.read_schema(tmp_path / FEATURES_DIR / "part-2.parquet")) == {"weights": "x"}
     with pytest.raises(RuntimeError, match="neither features nor dead letters"):
-        finalize_output(pafs.LocalFileSystem(), str(tmp_path), expected={"a", "zzz"})
+        finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected={"a", "zzz"})

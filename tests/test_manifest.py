@@ -41,7 +41,13 @@ def test_malformed_lines_duplicates_and_schemes(tmp_path):
     assert m.entries.column(S.LABELS).to_pylist() == [[], [3]]
     assert m.duplicates == 1
     kinds = sorted(r[S.ERROR_TYPE] for r in m.rejected)
-    assert kinds == ["ManifestParseError", "ManifestParseError", "ManifestParseError", "UnsupportedURI", "UnsupportedURI"]
+    assert kinds == [
+        "ManifestParseError",
+        "ManifestParseError",
+        "ManifestParseError",
+        "UnsupportedURI",
+        "UnsupportedURI",
+    ]
     assert all(r[S.STAGE] == "manifest" and "line" in r[S.MESSAGE] for r in m.rejected)
     assert len({r[S.VIDEO_ID] for r in m.rejected}) == 5
 
@@ -50,16 +56,30 @@ def test_directory_and_glob(tmp_path):
     for rel in ["x/a.mp4", "x/b.MKV", "x/sub/c.webm", "x/notes.txt", "y/d.mp4"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"0")
-    assert _ids(read_manifest(str(tmp_path / "x"), STORAGE)) == [str(tmp_path / p) for p in ["x/a.mp4", "x/b.MKV", "x/sub/c.webm"]]
-    assert _ids(read_manifest(str(tmp_path / "*" / "*.mp4"), STORAGE)) == [str(tmp_path / "x/a.mp4"), str(tmp_path / "y/d.mp4")]
+    assert _ids(read_manifest(str(tmp_path / "x"), STORAGE)) == [
+        str(tmp_path / p) for p in ["x/a.mp4", "x/b.MKV", "x/sub/c.webm"]
+    ]
+    assert _ids(read_manifest(str(tmp_path / "*" / "*.mp4"), STORAGE)) == [
+        str(tmp_path / "x/a.mp4"),
+        str(tmp_path / "y/d.mp4"),
+    ]
 
 
 def test_tables_with_uri_video_id_and_labels(tmp_path):
-    table = pa.table({"uri": ["/v/a.mp4", "/v/b.mp4", None, "/v/c.mp4"], "video_id": ["A", "B", "C", "A"], "labels": [[1, 2], [3], [], [4]]})
+    table = pa.table(
+        {
+            "uri": ["/v/a.mp4", "/v/b.mp4", None, "/v/c.mp4"],
+            "video_id": ["A", "B", "C", "A"],
+            "labels": [[1, 2], [3], [], [4]],
+        }
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     m = read_manifest(str(tmp_path / "m.parquet"), STORAGE)
     assert m.entries.column(S.VIDEO_ID).to_pylist() == ["A", "B"]
-    assert {r[S.ERROR_TYPE] for r in m.rejected} == {"ManifestParseError", "DuplicateVideoId"}  # empty uri; A claimed twice
+    assert {r[S.ERROR_TYPE] for r in m.rejected} == {
+        "ManifestParseError",
+        "DuplicateVideoId",
+    }  # empty uri; A claimed twice
     (tmp_path / "m.csv").write_text("uri,labels\n/v/a.mp4,1 2\n/v/b.mp4,\n/v/c.mp4,x\n")
     m = read_manifest(str(tmp_path / "m.csv"), STORAGE)
     assert m.entries.column(S.LABELS).to_pylist() == [[1, 2], []]

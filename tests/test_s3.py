@@ -33,14 +33,18 @@ def s3_library(moto_endpoint, s3_bucket, tmp_path):
 def _check_outputs(endpoint, bucket, prefix, uris):
     import s3fs  # an independent S3 client reads what pyarrow wrote
 
-    fs = s3fs.S3FileSystem(key=FAKE_KEY_ID, secret=FAKE_SECRET, client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"})
+    fs = s3fs.S3FileSystem(
+        key=FAKE_KEY_ID, secret=FAKE_SECRET, client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"}
+    )
     table = pq.read_table(f"{bucket}/{prefix}/features", filesystem=fs)
     assert sorted(table.column(S.VIDEO_ID).to_pylist()) == sorted(derive_video_id(u) for u in uris[:3])
     assert sorted(table.column(S.URI).to_pylist()) == sorted(uris[:3])
     assert table.column(S.FEATURES).combine_chunks().to_numpy_ndarray().shape == (3, 3, 512)
     dead = pq.read_table(f"{bucket}/{prefix}/dead_letters", filesystem=fs).to_pylist()
     assert [(d[S.URI], d[S.STAGE], d[S.ERROR_TYPE]) for d in dead] == [(uris[3], "read", "FileNotFoundError")]
-    objects = [p for p, info in fs.find(f"{bucket}/{prefix}", detail=True).items() if info["type"] == "file" and info["size"]]
+    objects = [
+        p for p, info in fs.find(f"{bucket}/{prefix}", detail=True).items() if info["type"] == "file" and info["size"]
+    ]
     assert any(p.endswith(".json") for p in objects)  # the run summary
     everything = b"".join(fs.cat(p) for p in objects)
     assert FAKE_SECRET.encode() not in everything and FAKE_KEY_ID.encode() not in everything
@@ -48,7 +52,14 @@ def _check_outputs(endpoint, bucket, prefix, uris):
 
 
 def test_s3_manifest_videos_and_output_via_config_endpoint(ray_cluster, moto_endpoint, s3_bucket, s3_library):
-    args = ["--config", "configs/tsn.yaml", "--filelist", f"s3://{s3_bucket}/lists/videos.list", "--save_dir", f"s3://{s3_bucket}/out"]
+    args = [
+        "--config",
+        "configs/tsn.yaml",
+        "--filelist",
+        f"s3://{s3_bucket}/lists/videos.list",
+        "--save_dir",
+        f"s3://{s3_bucket}/out",
+    ]
     overrides = [a for o in [*SMALL, f"storage.endpoint_url={moto_endpoint}"] for a in ("-o", o)]
     res = run_job("extract.py", *args, *overrides, env={"RAY_ADDRESS": ray_cluster, "VTP_LOG_LEVEL": "DEBUG"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -63,7 +74,14 @@ def test_s3_manifest_videos_and_output_via_config_endpoint(ray_cluster, moto_end
 
 def test_s3_endpoint_from_aws_endpoint_url(ray_cluster, moto_endpoint, s3_bucket, s3_library):
     """The standard variable reaches the Ray workers too (they do not inherit the driver's environment)."""
-    args = ["--config", "configs/tsn.yaml", "--filelist", f"s3://{s3_bucket}/lists/videos.list", "--save_dir", f"s3://{s3_bucket}/env-out"]
+    args = [
+        "--config",
+        "configs/tsn.yaml",
+        "--filelist",
+        f"s3://{s3_bucket}/lists/videos.list",
+        "--save_dir",
+        f"s3://{s3_bucket}/env-out",
+    ]
     overrides = [a for o in SMALL for a in ("-o", o)]
     res = run_job("extract.py", *args, *overrides, env={"RAY_ADDRESS": ray_cluster, "AWS_ENDPOINT_URL": moto_endpoint})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -71,9 +89,31 @@ def test_s3_endpoint_from_aws_endpoint_url(ray_cluster, moto_endpoint, s3_bucket
 
 
 def test_missing_bucket_and_manifest_are_configuration_errors(ray_cluster, moto_endpoint, s3_bucket):
-    base = ["--config", "configs/tsn.yaml", "-o", f"storage.endpoint_url={moto_endpoint}", *[a for o in SMALL for a in ("-o", o)]]
-    res = run_job("extract.py", *base, "--filelist", f"s3://{s3_bucket}/nope.list", "--save_dir", "s3://no-such-bucket-vtp/out", env={"RAY_ADDRESS": ray_cluster})
+    base = [
+        "--config",
+        "configs/tsn.yaml",
+        "-o",
+        f"storage.endpoint_url={moto_endpoint}",
+        *[a for o in SMALL for a in ("-o", o)],
+    ]
+    res = run_job(
+        "extract.py",
+        *base,
+        "--filelist",
+        f"s3://{s3_bucket}/nope.list",
+        "--save_dir",
+        "s3://no-such-bucket-vtp/out",
+        env={"RAY_ADDRESS": ray_cluster},
+    )
     assert res.returncode == 2 and "cannot write to s3://no-such-bucket-vtp/out" in res.stderr
-    res = run_job("extract.py", *base, "--filelist", f"s3://{s3_bucket}/nope.list", "--save_dir", f"s3://{s3_bucket}/out", env={"RAY_ADDRESS": ray_cluster})
+    res = run_job(
+        "extract.py",
+        *base,
+        "--filelist",
+        f"s3://{s3_bucket}/nope.list",
+        "--save_dir",
+        f"s3://{s3_bucket}/out",
+        env={"RAY_ADDRESS": ray_cluster},
+    )
     assert res.returncode == 2 and "manifest not found" in res.stderr
     assert FAKE_SECRET not in res.stderr

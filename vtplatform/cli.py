@@ -20,13 +20,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     """The seed's flags (``--config``) plus ``-o SECTION.key=value`` overrides."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="YAML config (the seed's files load as they are)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.key=value", help="override a config key; repeatable")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.key=value",
+        help="override a config key; repeatable",
+    )
     p.add_argument("--log_level", default=os.environ.get("VTP_LOG_LEVEL", "INFO"))
     return p
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def init_ray(**kwargs) -> None:

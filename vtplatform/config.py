@@ -56,7 +56,7 @@ class ModelSection:
     fc2_size: int = 4096
 
     def __post_init__(self) -> None:
-        _choice("MODEL", "name", self.name, ("TSN", "AttentionLSTM"))
+        _choice("MODEL", "name", self.name, ("TSN", "AttentionLSTM", "VideoTag"))  # VideoTag: TSN then AttentionLSTM
         _choice("MODEL", "format", self.format, ("video", "frames"))
         _choice("MODEL", "num_layers", self.num_layers, (18, 34, 50, 101, 152))
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
@@ -124,7 +124,9 @@ class ResourcesSection:
     def __post_init__(self) -> None:
         _choice("resources", "use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
         _positive("resources", self, "decode_cpus", "decode_batch_size", "tsn_actors", "tsn_cpus", "tsn_batch_size")
-        _positive("resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads")
+        _positive(
+            "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"
+        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,99 @@ class FrameCacheSection:
         _positive("frame_cache", self, "keep_frames", "frames_per_row_group", "videos_per_file")
 
 
+@dataclass(frozen=True)
+class TrainRunSection:
+    """train_run: how a fine-tune runs on Ray Train (any model). The model's hyper-parameters stay
+    in the seed's TRAIN section; TRAIN.num_gpus is the worker count unless num_workers is set."""
+
+    run_name: str | None = None  # default: MODEL.name; rerun with the same name and --save_dir to resume
+    num_workers: int | None = None  # Ray Train workers (default: TRAIN.num_gpus); TRAIN.batch_size is split across them
+    cpus_per_worker: float | None = None  # default 1, scaled down on a cluster with fewer CPUs than workers
+    threads_per_worker: int | None = None  # Paddle CPU math threads (default: max(1, cpus_per_worker))
+    amp: str = "none"  # none | float16 | bfloat16: automatic mixed precision, GPU only
+    seed: int = 0  # initialisation, data order and dropout: a resumed run replays an uninterrupted one
+    checkpoint_every_steps: int = 0  # also checkpoint every K steps (0: at the end of each epoch only)
+    keep_checkpoints: int = 3  # the last N checkpoints stay; the best by validation GAP is copied to best/
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    log_interval: int = 10  # steps between progress lines
+    valid_interval: int = 1  # epochs between validations (0: never)
+    shuffle_buffer: int = 256  # rows in each worker's shuffle buffer (0: no shuffling)
+
+    def __post_init__(self) -> None:
+        _choice("train_run", "amp", self.amp, ("none", "float16", "bfloat16"))
+        _positive(
+            "train_run",
+            self,
+            "num_workers",
+            "cpus_per_worker",
+            "threads_per_worker",
+            "keep_checkpoints",
+            "log_interval",
+        )
+        for key in ("checkpoint_every_steps", "max_failures", "valid_interval", "shuffle_buffer"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train_run.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """data: the AttentionLSTM's inputs. With ``features`` set, each phase's ``filelist`` gives the
+    labels (a seed list file or a labels table keyed by video_id or uri) joined to that feature
+    table; without it, ``filelist`` is the seed's list of .npy feature files."""
+
+    features: str | None = None  # feature table written by jobs/extract.py: OUT/features (local or s3://)
+    on_bad_row: str = "error"  # error | skip: a missing feature file, a label >= num_classes, a wrong shape
+    check_provenance: bool = True  # refuse features made differently from those a checkpoint was trained on
+    cache_mb: int = 512  # a phase's features up to this size are read once and kept in Ray's object store; larger ones stream every epoch
+
+    def __post_init__(self) -> None:
+        _choice("data", "on_bad_row", self.on_bad_row, ("error", "skip"))
+
+
+@dataclass(frozen=True)
+class TagSection:
+    """tag: batch tagging (``jobs/tag.py``) and the tagging step of the nightly run."""
+
+    topk: int | None = None  # tags kept per video, best first (None: MODEL.topk)
+    threshold: float = 0.5  # probabilities at or above it also go to the ``labels`` column
+    label_file: str | None = None  # class names, line i = class i (the seed's label_3396.txt)
+    write_features: bool = False  # also write the TSN features table beside the tags
+    hub_threshold: float = 0.5  # the PaddleHub-style list keeps tags at or above this ...
+    hub_top_k: int = 10  # ... and at most this many per video
+    lstm_actors: int = 1
+    lstm_cpus: float = 1.0
+    lstm_gpus: float = 0.0  # a fraction of a GPU is plenty for the AttentionLSTM
+    lstm_threads: int | None = None  # Paddle threads per AttentionLSTM actor on CPU (None: lstm_cpus)
+    lstm_batch_size: int = 8  # videos per AttentionLSTM call
+
+    def __post_init__(self) -> None:
+        for key in ("threshold", "hub_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"tag.{key} must be in [0, 1], got {getattr(self, key)}")
+        _positive("tag", self, "topk", "hub_top_k", "lstm_actors", "lstm_cpus", "lstm_threads", "lstm_batch_size")
+        if self.lstm_gpus < 0:
+            raise ConfigError(f"tag.lstm_gpus must be >= 0, got {self.lstm_gpus}")
+
+
+@dataclass(frozen=True)
+class NightlySection:
+    """nightly: the daily incremental extract -> fine-tune -> eval gate -> promote -> tag run."""
+
+    library: str | None = None  # the video library: a manifest, folder or glob (local or s3://)
+    labels: str | None = None  # training labels: a seed list file or a table keyed by video_id or uri
+    holdout: str | None = None  # the fixed evaluation set, same formats; never trained on
+    registry: str | None = None  # model registry: champion pointer, history, candidates (local or s3://)
+    features: str | None = None  # the feature store (default: REGISTRY/features)
+    tags: str | None = None  # where new videos' tags go (default: REGISTRY/tags)
+    tsn_weights: str | None = None  # the TSN extractor's weights (None: random init, for trials only)
+    pretrain: str | None = None  # AttentionLSTM weights to start from while there is no champion
+    margin: float = 0.001  # promote only if the candidate's holdout GAP beats the champion's by this
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ConfigError(f"nightly.margin must be >= 0, got {self.margin}")
+
+
 PHASE_DEFAULTS = {
     "train": {"seg_num": 3, "batch_size": 32},
     "valid": {"seg_num": 3, "batch_size": 32},
@@ -192,6 +287,10 @@ class Config:
     extract: ExtractSection = field(default_factory=ExtractSection)
     output: OutputSection = field(default_factory=OutputSection)
     frame_cache: FrameCacheSection = field(default_factory=FrameCacheSection)
+    train_run: TrainRunSection = field(default_factory=TrainRunSection)
+    data: DataSection = field(default_factory=DataSection)
+    tag: TagSection = field(default_factory=TagSection)
+    nightly: NightlySection = field(default_factory=NightlySection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

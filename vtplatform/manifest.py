@@ -131,7 +131,9 @@ def _from_list(data: bytes) -> tuple[list[dict], list[dict]]:
 def _from_table(fs: pafs.FileSystem, path: str) -> tuple[list[dict], list[dict]]:
     if path.lower().endswith(".csv"):
         with fs.open_input_stream(path) as f:
-            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={S.URI: pa.string(), S.VIDEO_ID: pa.string()}))
+            table = pacsv.read_csv(
+                f, convert_options=pacsv.ConvertOptions(column_types={S.URI: pa.string(), S.VIDEO_ID: pa.string()})
+            )
     else:
         table = pq.read_table(path, filesystem=fs)
     if S.URI not in table.column_names:
@@ -219,7 +221,12 @@ def _dedupe(rows: list[dict], rejected: list[dict]) -> Manifest:
             duplicates += 1
         else:
             rejected.append(
-                _rejected(uri, "DuplicateVideoId", f"video_id {vid!r} already belongs to {seen[vid]!r}", f"{vid}@{derive_video_id(uri)}")
+                _rejected(
+                    uri,
+                    "DuplicateVideoId",
+                    f"video_id {vid!r} already belongs to {seen[vid]!r}",
+                    f"{vid}@{derive_video_id(uri)}",
+                )
             )
     if duplicates:
         log.warning("manifest: %d duplicate entries collapsed (each video is processed once)", duplicates)

@@ -173,3 +173,28 @@ FRAME_CACHE_INDEX_SCHEMA = pa.schema(
         (FIRST_ROW_GROUP, pa.int32()),
     ]
 )
+
+
+# Training and evaluation labels (AttentionLSTM): one row per video, keyed by video_id or uri
+# (either may be null), with its class ids; a seed list file reads into the same shape.
+LABEL_SCHEMA = pa.schema([(VIDEO_ID, pa.string()), (URI, pa.string()), (LABELS, pa.list_(pa.int32()))])
+
+# Between the AttentionLSTM's data stage and its workers (numpy batches).
+LENGTH = "length"  # valid time steps of ``features``
+TARGETS = "targets"  # multi-hot (num_classes,) uint8
+
+# PREDICTION_SCHEMA holds the top-k per video, best first; its metadata records the model and
+# the label file's fingerprint under METADATA_KEY.
+
+# Tags (``jobs/tag.py``): the top-k as in PREDICTION_SCHEMA, plus every class at or above the
+# tagging threshold. Metadata (METADATA_KEY) records both models' weights, the threshold, the
+# top-k and the label file's fingerprint.
+LABEL_NAMES = "label_names"
+
+TAG_SCHEMA = pa.schema(
+    [
+        *PREDICTION_SCHEMA,
+        (LABELS, pa.list_(pa.int32())),
+        (LABEL_NAMES, pa.list_(pa.string())),
+    ]
+)

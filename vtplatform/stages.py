@@ -75,7 +75,12 @@ def _decode_one(video_id: str, uri: str, options: DecodeOptions, storage: Storag
 
 
 def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
-    return {S.STAGE: stage, S.ERROR_TYPE: error_type, S.MESSAGE: redact(message)[:2000], DECODE_SECONDS: time.perf_counter() - start}
+    return {
+        S.STAGE: stage,
+        S.ERROR_TYPE: error_type,
+        S.MESSAGE: redact(message)[:2000],
+        DECODE_SECONDS: time.perf_counter() - start,
+    }
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,9 @@ class TSNStage:
 
         self.spec = spec
         with local_copy(spec.weights, storage) if spec.weights else contextlib.nullcontext() as weights:
-            backbone, self.fingerprint = load_backbone(TSNConfig(spec.depth, spec.image_mean, spec.image_std), weights, spec.seed)
+            backbone, self.fingerprint = load_backbone(
+                TSNConfig(spec.depth, spec.image_mean, spec.image_std), weights, spec.seed
+            )
         self.engine = frame_engine(backbone, spec.device, spec.precision, spec.threads)
 
     def features(self, frames: np.ndarray) -> np.ndarray:
@@ -130,7 +137,8 @@ class TSNStage:
             for j, i in enumerate(ok):
                 out[i] = feats[j * self.spec.num_segments : (j + 1) * self.spec.num_segments].tobytes()
         elapsed = (time.perf_counter() - start) / max(len(ok), 1)
-        table = batch.drop_columns([S.FRAMES]).append_column(pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary()))
+        table = batch.drop_columns([S.FRAMES]).append_column(
+            pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
+        )
         seconds = [elapsed if f is not None else 0.0 for f in frames]
         return table.append_column(pa.field(INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
-

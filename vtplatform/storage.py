@@ -89,7 +89,9 @@ def filesystem(uri: str, storage: StorageSection) -> tuple[pafs.FileSystem, str]
 
 
 def s3_filesystem(storage: StorageSection) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    kwargs: dict = {
+        "region": storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
     endpoint = endpoint_url(storage)
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

@@ -32,7 +32,9 @@ def test_reproduces_golden_preprocessing(name, clip, decoder):
     x = normalize(out.frames, MEAN, STD).reshape(300, -1).astype(np.float64)
     np.testing.assert_allclose(x.mean(1), g["frame_mean"], atol=1e-6)
     np.testing.assert_allclose(x.std(1), g["frame_std"], atol=1e-6)
-    np.testing.assert_allclose(normalize(out.frames[keep], MEAN, STD), g["frames_norm_f16"].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        normalize(out.frames[keep], MEAN, STD), g["frames_norm_f16"].astype(np.float32), atol=2e-3
+    )
 
 
 def test_decoded_frames_match_golden_checksums():
@@ -157,5 +159,8 @@ def test_peak_memory_does_not_grow_with_length(tmp_path, decoder):
     short = write_indexed_clip(tmp_path / "short.mp4", 300, 480, 360)
     long = write_indexed_clip(tmp_path / "long.mp4", 3000, 480, 360)
     code = PEAK_RSS.format(root=str(ROOT))
-    peaks = [int(subprocess.check_output([sys.executable, "-c", code, str(p), decoder], text=True).split()[-1]) for p in (short, long)]
+    peaks = [
+        int(subprocess.check_output([sys.executable, "-c", code, str(p), decoder], text=True).split()[-1])
+        for p in (short, long)
+    ]
     assert peaks[1] - peaks[0] < 150, f"peak RSS {peaks[0]} MB for 300 frames, {peaks[1]} MB for 3000 frames"

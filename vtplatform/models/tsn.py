@@ -74,7 +74,9 @@ class Bottleneck(nn.Layer):
         self.branch2a = ConvBN(f"{name}_branch2a", cin, width, 1)
         self.branch2b = ConvBN(f"{name}_branch2b", width, width, 3, stride=stride)  # v1.5: stride on the 3x3
         self.branch2c = ConvBN(f"{name}_branch2c", width, cout, 1, relu=False)
-        self.branch1 = ConvBN(f"{name}_branch1", cin, cout, 1, stride, relu=False) if cin != cout or stride != 1 else None
+        self.branch1 = (
+            ConvBN(f"{name}_branch1", cin, cout, 1, stride, relu=False) if cin != cout or stride != 1 else None
+        )
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shortcut = x if self.branch1 is None else self.branch1(x)
@@ -88,7 +90,9 @@ class BasicBlock(nn.Layer):
         super().__init__()
         self.branch2a = ConvBN(f"{name}_branch2a", cin, width, 3, stride=stride)
         self.branch2b = ConvBN(f"{name}_branch2b", width, width, 3, relu=False)
-        self.branch1 = ConvBN(f"{name}_branch1", cin, width, 1, stride, relu=False) if cin != width or stride != 1 else None
+        self.branch1 = (
+            ConvBN(f"{name}_branch1", cin, width, 1, stride, relu=False) if cin != width or stride != 1 else None
+        )
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shortcut = x if self.branch1 is None else self.branch1(x)

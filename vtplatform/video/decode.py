@@ -187,7 +187,9 @@ def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
         size = rgb.shape[:2]
         crops.append(scale_and_crop(np.ascontiguousarray(rgb), options.short_size, options.target_size))
     if len(crops) != len(unique):
-        raise BadVideo("decode", "UnstableDecode", f"decoded {len(crops)} of {len(unique)} sampled frames on the second pass")
+        raise BadVideo(
+            "decode", "UnstableDecode", f"decoded {len(crops)} of {len(unique)} sampled frames on the second pass"
+        )
     return SampledClip(
         frames=_assemble(unique, np.stack(crops), indices),
         indices=indices.astype(np.int32),

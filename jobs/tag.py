@@ -1,0 +1,56 @@
+"""Tag a video library: decode -> TSN -> AttentionLSTM -> a tags table, in one Ray Data pipeline.
+
+    python jobs/tag.py --config configs/tag.yaml --filelist LIBRARY --save_dir OUT \
+        [--tsn_weights W --lstm_weights W2 | --model_dir CHAMPION] [--format json,hub]
+    ray job submit --working-dir . -- python jobs/tag.py ...
+
+--model_dir takes a registry kept by jobs/nightly.py (its champion) or an AttentionLSTM run or
+checkpoint folder. Exit codes: 0 done (some videos may be dead letters), 1 nothing at all
+succeeded, 2 bad configuration.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir
+
+from vtplatform import cli
+
+
+def main() -> int:
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--filelist", required=True, help="list file, directory, glob, or Parquet/CSV table with a uri column")
+    p.add_argument("--save_dir", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--tsn_weights", default=None, help="TSN weights (the official VideoTag file or ours)")
+    p.add_argument("--lstm_weights", default=None, help="AttentionLSTM weights: official file, checkpoint or run folder")
+    p.add_argument("--model_dir", default=None, help="a model registry (its champion) or an AttentionLSTM run folder")
+    p.add_argument("--format", default="", help="extra outputs, comma-separated: json (the seed's per-video files), hub")
+    p.add_argument("--label_file", default=None, help="class names (sets tag.label_file)")
+    p.add_argument("--retry_failed", action="store_true", help="process the dead letters of earlier runs again")
+    args = p.parse_args()
+    cli.setup_logging(args.log_level)
+
+    from vtplatform.config import ConfigError, load_config
+    from vtplatform.registry import resolve_model_dir
+    from vtplatform.tag import run_tag
+
+    config = load_config(args.config, args.override + ([f"tag.label_file={args.label_file}"] if args.label_file else []))
+    tsn, lstm = args.tsn_weights, args.lstm_weights
+    if args.model_dir:
+        if lstm:
+            raise ConfigError("give either --model_dir or --lstm_weights, not both")
+        champion_tsn, lstm = resolve_model_dir(args.model_dir, config.storage)
+        tsn = tsn or champion_tsn
+    if not lstm:
+        raise ConfigError("tagging needs AttentionLSTM weights: --lstm_weights or --model_dir")
+    cli.init_ray()
+    formats = tuple(f for f in args.format.split(",") if f)
+    summary = run_tag(config, args.filelist, args.save_dir, lstm, tsn, formats, args.retry_failed)
+    print(summary.format(), flush=True)
+    if summary.submitted + summary.failed_total > 0 and summary.succeeded == 0:
+        return cli.EXIT_NOTHING_SUCCEEDED
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,132 @@
+"""Batch tagging: one pipeline from videos to tags, equal to extraction followed by predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import EXAMPLES, ROOT, run_job
+from vtplatform import schema as S
+from vtplatform.config import ConfigError, load_config
+from vtplatform.extract import run_extract
+from vtplatform.storage import derive_video_id
+from vtplatform.tag import run_tag
+
+CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv"]
+NUM_CLASSES = 20
+SMALL = [
+    "MODEL.num_layers=18",
+    "INFER.seg_num=4",
+    "MODEL.feature_dims=[512]",
+    "MODEL.embedding_size=16",
+    "MODEL.lstm_size=8",
+    "MODEL.fc1_size=32",
+    "MODEL.fc2_size=16",
+    f"MODEL.num_classes={NUM_CLASSES}",
+    "tag.topk=5",
+    "resources.tsn_threads=1",
+    "output.rows_per_file=2",
+]
+
+
+@pytest.fixture(scope="module")
+def lstm_weights(tmp_path_factory):
+    """A small AttentionLSTM (512-dim inputs, as ResNet-18 gives) in the official fluid-name format."""
+    from vtplatform.models import weights as W
+    from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map
+
+    model = build_model(AttentionLSTMConfig(512, 16, 8, 32, 16, NUM_CLASSES), seed=7)
+    state = model.state_dict()
+    rng = np.random.default_rng(0)
+    for key in ("output.bias", "fc1.bias"):  # spread the probabilities so that thresholds and ranks matter
+        state[key].set_value(rng.normal(0, 1.5, state[key].shape).astype("float32"))
+    path = tmp_path_factory.mktemp("lstm") / "attention_lstm.pdparams"
+    W.save_state(model, fluid_name_map(model), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lib")
+    for name in CLIPS:
+        shutil.copy(EXAMPLES / name, root / name)
+    (root / "broken.mp4").write_bytes(b"\x00" * 1000)
+    (root / "m.list").write_text("\n".join(str(root / n) for n in [*CLIPS, "broken.mp4"]) + "\n")
+    names = [f"tag{i:02d}" for i in range(NUM_CLASSES - 1)] + ["tag00"]  # a repeated name, as in label_3396.txt
+    (root / "labels.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def config(library, *extra):
+    return load_config(ROOT / "configs" / "tag.yaml", [*SMALL, f"tag.label_file={library / 'labels.txt'}", *extra])
+
+
+def test_tagging_equals_extraction_then_predict(ray_cluster, library, lstm_weights, tmp_path):
+    from vtplatform.predict import run_predict
+
+    cfg = config(library)
+    run_extract(cfg, str(library / "m.list"), str(tmp_path / "extract"))
+    predict_cfg = load_config(
+        ROOT / "configs" / "tag.yaml", [*SMALL, f"data.features={tmp_path / 'extract' / 'features'}", "INFER.batch_size=3"]
+    )
+    run_predict(predict_cfg, str(lstm_weights), str(tmp_path / "predict"), label_file=str(library / "labels.txt"), top_k=5, whole_table=True)
+    predicted = {r[S.VIDEO_ID]: r for r in pq.read_table(tmp_path / "predict" / "predictions").to_pylist()}
+
+    top_probs = np.unique([p for r in predicted.values() for p in r[S.PROBS]])
+    threshold = float(top_probs[len(top_probs) // 2 - 1 : len(top_probs) // 2 + 1].mean())  # between two probs: splits the top-k
+    cfg = config(library, f"tag.threshold={threshold}")
+    summary = run_tag(cfg, str(library / "m.list"), str(tmp_path / "tags"), str(lstm_weights), formats=("json", "hub"))
+    tags = {r[S.VIDEO_ID]: r for r in pq.read_table(tmp_path / "tags" / "tags").to_pylist()}
+    assert set(tags) == set(predicted) == {derive_video_id(str(library / c)) for c in CLIPS}
+    for vid, row in tags.items():
+        assert row[S.CLASS_IDS] == predicted[vid][S.CLASS_IDS]
+        np.testing.assert_allclose(row[S.PROBS], predicted[vid][S.PROBS], rtol=1e-6, atol=1e-7)
+        assert row[S.CLASS_NAMES] == predicted[vid][S.CLASS_NAMES]
+        assert len(row[S.CLASS_IDS]) == 5 and row[S.PROBS] == sorted(row[S.PROBS], reverse=True)
+        above = [i for i, p in zip(row[S.CLASS_IDS], row[S.PROBS], strict=True) if p >= threshold]
+        assert row[S.LABELS][: len(above)] == above  # labels: every class >= threshold, best first
+        assert row[S.LABEL_NAMES] == [f"tag{i:02d}" if i < NUM_CLASSES - 1 else "tag00" for i in row[S.LABELS]]
+    assert any(row[S.LABELS] for row in tags.values()) and any(len(row[S.LABELS]) < 5 for row in tags.values())
+
+    dead = pq.read_table(tmp_path / "tags" / "dead_letters").to_pylist()
+    assert [(d[S.STAGE], d[S.ERROR_TYPE]) for d in dead] == [("decode", "DecodeError")]
+    assert summary.succeeded == 3 and summary.failed_total == 1 and "lstm" in summary.format()
+    assert not (tmp_path / "tags" / "features").exists()  # no feature files in between
+
+    vid = derive_video_id(str(library / CLIPS[0]))
+    seed = json.loads((tmp_path / "tags" / "json" / f"{vid}.json").read_text())
+    assert seed[0] == vid and seed[1]["class_id"] == tags[vid][S.CLASS_IDS][0]
+    assert seed[1]["probability"] == pytest.approx(tags[vid][S.PROBS][0])
+    hub = json.loads((tmp_path / "tags" / "hub_results.json").read_text())
+    assert sorted(h["path"] for h in hub) == sorted(str(library / c) for c in CLIPS)
+    for item in hub:
+        row = next(r for r in tags.values() if r[S.URI] == item["path"])
+        expected = {}
+        for name, p in zip(row[S.CLASS_NAMES], row[S.PROBS], strict=True):
+            if p >= 0.5:
+                expected.setdefault(name, p)
+        assert item["prediction"] == pytest.approx(expected)
+
+
+def test_tag_job_resumes_and_refuses_other_weights(ray_cluster, library, lstm_weights, tmp_path):
+    args = ["--config", "configs/tag.yaml", "--filelist", str(library / "m.list"), "--save_dir", str(tmp_path / "out")]
+    args += [a for o in [*SMALL, f"tag.label_file={library / 'labels.txt'}", "tag.write_features=true"] for a in ("-o", o)]
+    env = {"RAY_ADDRESS": ray_cluster}
+    res = run_job("tag.py", *args, "--lstm_weights", str(lstm_weights), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "tagging summary" in res.stdout and "3 ok, 1 failed" in res.stdout
+    features = pq.read_table(tmp_path / "out" / "features")
+    assert features.num_rows == 3 and features.column(S.FEATURES).type.shape == [4, 512]
+
+    again = run_job("tag.py", *args, "--lstm_weights", str(lstm_weights), env=env)
+    assert again.returncode == 0 and "skipped (done before) 4" in again.stdout
+    assert pq.read_table(tmp_path / "out" / "tags").num_rows == 3
+
+    with pytest.raises(ConfigError, match="threshold"):
+        run_tag(config(library, "tag.threshold=0.9", "tag.write_features=true"), str(library / "m.list"), str(tmp_path / "out"), str(lstm_weights))
+    missing = run_job("tag.py", *args, env=env)
+    assert missing.returncode == 2 and "needs AttentionLSTM weights" in missing.stderr

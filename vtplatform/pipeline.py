@@ -1,0 +1,295 @@
+"""What every per-video Ray Data job shares (extraction, tagging): the input blocks, the writer
+stage, dead letters, resuming, the final checks and the summary table.
+
+A job's rows travel with ``stage``/``error_type``/``message`` columns that are null for good
+rows. The writer (``ResultSink``) writes the good rows through the job's ``Output`` objects and
+the failed ones to ``dead_letters/``; part files are named from the videos they hold and
+written atomically, so a rerun can skip everything already written.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from vtplatform import schema as S
+from vtplatform import storage as st
+from vtplatform.config import Config, StorageSection
+from vtplatform.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTERS_DIR = "dead_letters"
+RUNS_DIR = "runs"
+
+# Per-video seconds each stage adds to its rows, summed by the writer for the summary.
+STAGE_SECONDS = {"decode": "decode_seconds", "tsn": "infer_seconds", "lstm": "tag_seconds"}
+
+
+class Output(Protocol):
+    """One kind of file a job writes from its good rows (a table under ``directory``, .npy, JSON)."""
+
+    directory: str
+
+    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None: ...
+
+
+def part_name(video_ids: Sequence[str], prefix: str = "part") -> str:
+    digest = hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:20]
+    return f"{prefix}-{digest}.parquet"
+
+
+def dead_letter_table(rows: list[dict]) -> pa.Table:
+    now = dt.datetime.now(dt.timezone.utc)
+    return pa.Table.from_pylist([{**r, S.FAILED_AT: now} for r in rows], schema=S.DEAD_LETTER_SCHEMA)
+
+
+def resolve_device(config: Config) -> str:
+    import ray
+
+    choice = str(config.resources.use_gpu).lower()
+    if choice == "auto":
+        return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return "gpu" if choice == "true" else "cpu"
+
+
+def input_blocks(table: pa.Table, rows_per_task: int, max_blocks: int = 10_000) -> list[pa.Table]:
+    """Blocks for the first stage: one per task, at most ``max_blocks`` of them."""
+    rows = max(rows_per_task, -(-table.num_rows // max_blocks))
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+
+
+class ResultSink(Datasink):
+    """The writer stage. Each write task gets at least ``rows_per_file`` rows, writes the good ones
+    through every output and the failed ones to one dead-letter part, and returns its counts."""
+
+    def __init__(
+        self,
+        save_dir: str,
+        storage: StorageSection,
+        outputs: Sequence[Output],
+        rows_per_file: int,
+        frames_per_video: int,
+    ):
+        self.save_dir = save_dir.rstrip("/")
+        self.storage = storage
+        self.outputs = list(outputs)
+        self.rows_per_file = rows_per_file
+        self.frames_per_video = frames_per_video
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def get_name(self) -> str:
+        return "ResultWriter"
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return {"ok": 0, "failed": {}, "seconds": {}}
+        table = pa.concat_tables(tables)
+        fs, root = st.filesystem(self.save_dir, self.storage)
+        failed_mask = pc.is_valid(table.column(S.ERROR_TYPE))
+        good, bad = table.filter(pc.invert(failed_mask)), table.filter(failed_mask)
+        if good.num_rows:
+            part = part_name(good.column(S.VIDEO_ID).to_pylist())
+            for output in self.outputs:
+                output.write(good, fs, root, part)
+        if bad.num_rows:
+            rows = bad.select([S.VIDEO_ID, S.URI, S.STAGE, S.ERROR_TYPE, S.MESSAGE]).to_pylist()
+            st.write_parquet(
+                dead_letter_table(rows),
+                fs,
+                f"{root}/{DEAD_LETTERS_DIR}/{part_name(bad.column(S.VIDEO_ID).to_pylist())}",
+            )
+        reasons = collections.Counter(
+            f"{s}/{e}"
+            for s, e in zip(bad.column(S.STAGE).to_pylist(), bad.column(S.ERROR_TYPE).to_pylist(), strict=True)
+        )
+        seconds = {
+            stage: float(pc.sum(table.column(col)).as_py() or 0.0)
+            for stage, col in STAGE_SECONDS.items()
+            if col in table.column_names
+        }
+        return {"ok": good.num_rows, "failed": dict(reasons), "seconds": seconds}
+
+    def on_write_complete(self, write_result) -> None:
+        ok, failed, seconds = 0, collections.Counter(), collections.Counter()
+        for r in write_result.write_returns:
+            ok += r["ok"]
+            failed.update(r["failed"])
+            seconds.update(r["seconds"])
+        self.stats = {"ok": ok, "failed": dict(failed), "seconds": dict(seconds)}
+
+
+@dataclass
+class OutputState:
+    """What an output folder already holds."""
+
+    done: set[str]
+    dead: set[str]
+    schema: pa.Schema | None  # of the first part of the result table
+
+
+def output_state(fs: pafs.FileSystem, root: str, result_dir: str) -> OutputState:
+    parts = st.list_files(fs, f"{root}/{result_dir}", ".parquet")
+    schema = pq.read_schema(parts[0], filesystem=fs) if parts else None
+    done = set(st.read_column(fs, f"{root}/{result_dir}", S.VIDEO_ID).to_pylist())
+    dead = set(st.read_column(fs, f"{root}/{DEAD_LETTERS_DIR}", S.VIDEO_ID).to_pylist())
+    return OutputState(done, dead, schema)
+
+
+@dataclass
+class JobSummary:
+    """The table every per-video job prints at the end."""
+
+    job: str
+    save_dir: str
+    result_dir: str
+    device: str = "cpu"
+    manifest_entries: int = 0
+    duplicates: int = 0
+    skipped: int = 0  # already done by an earlier run
+    submitted: int = 0
+    succeeded: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # "stage/error_type" -> count
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per-video time of each stage
+    frames_per_video: int = 0
+    elapsed_seconds: float = 0.0
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def failed_at(self, stage: str) -> int:
+        return sum(n for reason, n in self.failed.items() if reason.startswith(f"{stage}/"))
+
+    def format(self) -> str:
+        wall = max(self.elapsed_seconds, 1e-9)
+        lines = [
+            f"{self.job} summary ({self.device})",
+            f"  manifest entries      {self.manifest_entries} ({self.duplicates} duplicates collapsed)",
+            f"  skipped (done before) {self.skipped}",
+            f"  processed now         {self.succeeded} ok, {self.failed_total} failed",
+            f"  {'stage':<10} {'in':>8} {'failed':>8} {'out':>8} {'busy s':>10} {'s/video':>8}",
+        ]
+        entering = self.submitted + self.failed_at("manifest")
+        for stage in ("manifest", *[s for s in STAGE_SECONDS if s in self.stage_seconds]):
+            lost = self.failed_at(stage) + (self.failed_at("read") if stage == "decode" else 0)
+            busy = self.stage_seconds.get(stage)
+            per = f"{busy / max(entering, 1):8.2f}" if busy is not None else f"{'':>8}"
+            busy_text = f"{busy:10.1f}" if busy is not None else f"{'':>10}"
+            lines.append(f"  {stage:<10} {entering:>8} {lost:>8} {entering - lost:>8} {busy_text} {per}")
+            entering -= lost
+        lines += [f"    failed {reason:<28} {count}" for reason, count in sorted(self.failed.items())]
+        lines += [
+            f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "
+            f"{self.succeeded * self.frames_per_video / wall:.1f} frames/s",
+            f"  {self.result_dir:<21} {self.save_dir.rstrip('/')}/{self.result_dir}",
+            f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{DEAD_LETTERS_DIR}",
+        ]
+        return "\n".join(lines)
+
+    def add_sink_stats(self, stats: dict[str, Any]) -> None:
+        self.succeeded = stats["ok"]
+        for reason, count in stats["failed"].items():
+            self.failed[reason] = self.failed.get(reason, 0) + count
+        for stage, seconds in stats["seconds"].items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+
+def plan_todo(
+    entries: Manifest, state: OutputState, retry_failed: bool, fs: pafs.FileSystem, root: str, summary: JobSummary
+) -> pa.Table:
+    """The manifest entries still to process; records rejected manifest lines as dead letters."""
+    skip = state.done if retry_failed else state.done | state.dead
+    new = [r for r in entries.rejected if r[S.VIDEO_ID] not in skip]
+    for r in entries.rejected:
+        if r[S.VIDEO_ID] in skip:
+            summary.skipped += 1
+        else:
+            reason = f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"
+            summary.failed[reason] = summary.failed.get(reason, 0) + 1
+            log.warning("manifest entry rejected: %s", r[S.MESSAGE])
+    if new:
+        name = part_name([r[S.VIDEO_ID] for r in new], prefix="manifest")
+        st.write_parquet(dead_letter_table(new), fs, f"{root}/{DEAD_LETTERS_DIR}/{name}")
+    ids = entries.entries.column(S.VIDEO_ID).to_pylist()
+    todo = entries.entries.filter(pa.array([v not in skip for v in ids], pa.bool_())) if ids else entries.entries
+    summary.manifest_entries = len(entries) + len(entries.rejected) + entries.duplicates
+    summary.duplicates = entries.duplicates
+    summary.skipped += len(ids) - todo.num_rows
+    summary.submitted = todo.num_rows
+    return todo
+
+
+def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: set[str]) -> None:
+    """Checks that every submitted video landed somewhere, removes repeated result rows a retried
+    write task could leave, and compacts the dead letters: one row per video, the latest attempt,
+    none for videos that have results now."""
+    results, dead_dir = f"{root}/{result_dir}", f"{root}/{DEAD_LETTERS_DIR}"
+    _drop_repeated_rows(fs, results)
+    done = set(st.read_column(fs, results, S.VIDEO_ID).to_pylist())
+    files = st.list_files(fs, dead_dir, ".parquet")
+    dead = (
+        pa.concat_tables([pq.read_table(f, filesystem=fs, schema=S.DEAD_LETTER_SCHEMA) for f in files])
+        if files
+        else S.DEAD_LETTER_SCHEMA.empty_table()
+    )
+    lost = expected - done - set(dead.column(S.VIDEO_ID).to_pylist())
+    if lost:
+        raise RuntimeError(
+            f"{len(lost)} submitted videos reached neither {result_dir} nor dead letters, e.g. {sorted(lost)[:3]}"
+        )
+    latest: dict[str, dict] = {}
+    for row in sorted(dead.to_pylist(), key=lambda r: r[S.FAILED_AT]):
+        if row[S.VIDEO_ID] not in done:
+            latest[row[S.VIDEO_ID]] = row
+    if len(files) <= 1 and len(latest) == dead.num_rows:
+        return
+    compacted = pa.Table.from_pylist(list(latest.values()), schema=S.DEAD_LETTER_SCHEMA)
+    name = part_name(list(latest), prefix="compacted")
+    if compacted.num_rows:
+        st.write_parquet(compacted, fs, f"{dead_dir}/{name}")
+    for f in files:
+        if not f.endswith(name):
+            fs.delete_file(f)
+
+
+def _drop_repeated_rows(fs: pafs.FileSystem, directory: str) -> None:
+    seen: set[str] = set()
+    for path in st.list_files(fs, directory, ".parquet"):
+        ids = pq.read_table(path, columns=[S.VIDEO_ID], filesystem=fs).column(S.VIDEO_ID).to_pylist()
+        repeated = [i for i in ids if i in seen]
+        seen.update(ids)
+        if not repeated:
+            continue
+        log.warning("%s repeats %d rows already written elsewhere; rewriting it without them", path, len(repeated))
+        table = pq.read_table(path, filesystem=fs)
+        keep = table.filter(pc.invert(pc.is_in(table.column(S.VIDEO_ID), pa.array(repeated))))
+        if keep.num_rows:
+            st.write_parquet(keep.replace_schema_metadata(table.schema.metadata), fs, path)
+        else:
+            fs.delete_file(path)
+
+
+def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:
+    import json
+    from dataclasses import asdict
+
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+    st.write_bytes(json.dumps(asdict(summary), indent=2).encode(), fs, f"{root}/{RUNS_DIR}/{summary.job}-{stamp}.json")

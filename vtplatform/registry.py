@@ -1,0 +1,82 @@
+"""The model registry the nightly run maintains, local or on S3::
+
+    champion.json             the current champion: model id, weights, metrics, when and by which run
+    history/<run_id>.json     one record per nightly run: data and config fingerprints, metrics of
+                              the candidate and the champion, the decision
+    models/<run_id>/          each run's fine-tune (Ray Train run folder: checkpoints, best/, curves)
+    runs/<run_id>/            each run's state (for resuming), evaluations and report
+
+``jobs/tag.py --model_dir REGISTRY`` tags with the champion.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vtplatform import storage as st
+from vtplatform.config import ConfigError, StorageSection
+
+CHAMPION_FILE = "champion.json"
+HISTORY_DIR = "history"
+MODELS_DIR = "models"
+RUNS_DIR = "runs"
+
+
+def _read_json(uri: str, storage: StorageSection) -> dict[str, Any] | None:
+    fs, path = st.filesystem(uri, storage)
+    if not st.exists(fs, path):
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def _write_json(uri: str, record: dict[str, Any], storage: StorageSection) -> None:
+    fs, path = st.filesystem(uri, storage)
+    st.write_bytes(json.dumps(record, indent=1, ensure_ascii=False, sort_keys=True).encode("utf-8"), fs, path)
+
+
+def join(registry: str, *parts: str) -> str:
+    return "/".join([registry.rstrip("/"), *parts])
+
+
+def read_champion(registry: str, storage: StorageSection) -> dict[str, Any] | None:
+    return _read_json(join(registry, CHAMPION_FILE), storage)
+
+
+def write_champion(registry: str, record: dict[str, Any], storage: StorageSection) -> None:
+    """Replaces the champion pointer atomically (readers see the old or the new one, never half)."""
+    _write_json(join(registry, CHAMPION_FILE), record, storage)
+
+
+def write_history(registry: str, run_id: str, record: dict[str, Any], storage: StorageSection) -> None:
+    _write_json(join(registry, HISTORY_DIR, f"{run_id}.json"), record, storage)
+
+
+def history(registry: str, storage: StorageSection) -> list[dict[str, Any]]:
+    fs, root = st.filesystem(join(registry, HISTORY_DIR), storage)
+    records = []
+    for path in st.list_files(fs, root, ".json"):
+        with fs.open_input_stream(path) as f:
+            records.append(json.loads(f.read().decode("utf-8")))
+    return sorted(records, key=lambda r: r.get("started_at", ""))
+
+
+def read_run_state(registry: str, run_id: str, storage: StorageSection) -> dict[str, Any] | None:
+    return _read_json(join(registry, RUNS_DIR, run_id, "state.json"), storage)
+
+
+def write_run_state(registry: str, run_id: str, state: dict[str, Any], storage: StorageSection) -> None:
+    _write_json(join(registry, RUNS_DIR, run_id, "state.json"), state, storage)
+
+
+def resolve_model_dir(model_dir: str, storage: StorageSection) -> tuple[str | None, str]:
+    """(TSN weights or None, AttentionLSTM weights) of a registry's champion, or of a run folder or
+    checkpoint given directly (then the TSN weights come from elsewhere)."""
+    champion = read_champion(model_dir, storage)
+    if champion is not None:
+        return champion.get("tsn_weights"), champion["lstm_weights"]
+    fs, path = st.filesystem(model_dir, storage)
+    if not st.exists(fs, path):
+        raise ConfigError(f"--model_dir {st.redact(model_dir)} does not exist")
+    return None, model_dir

@@ -1,0 +1,268 @@
+"""Batch tagging: manifest -> decode (CPU tasks) -> TSN (actors) -> AttentionLSTM (actors) -> tags,
+in one Ray Data pipeline; no feature files are written in between.
+
+Output under ``save_dir`` (local or ``s3://``)::
+
+    tags/part-<hash>.parquet        schema.TAG_SCHEMA: top-k ids, names, probabilities, and the
+                                    labels at or above tag.threshold
+    dead_letters/*.parquet          one row per video that failed
+    features/part-<hash>.parquet    with tag.write_features: the TSN features, as jobs/extract.py writes them
+    json/<video_id>.json            with --format json: the seed's per-video result
+    hub_results.json                with --format hub: a PaddleHub-style list [{path, prediction: {name: p}}]
+
+Incremental and resumable like extraction. The features go through the AttentionLSTM rounded to
+``output.dtype``, exactly as they would be read back from a feature table, so tagging equals
+extraction followed by ``jobs/predict.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vtplatform import schema as S
+from vtplatform import storage as st
+from vtplatform.config import Config, ConfigError
+from vtplatform.extract import (
+    FeatureOutput,
+    check_same_extractor,
+    provenance,
+    read_manifest_or_fail,
+    tsn_pipeline,
+    tsn_spec,
+    weights_fingerprint,
+)
+from vtplatform.pipeline import (
+    STAGE_SECONDS,
+    JobSummary,
+    ResultSink,
+    finalize_output,
+    input_blocks,
+    output_state,
+    plan_todo,
+    resolve_device,
+    write_run_summary,
+)
+
+log = logging.getLogger(__name__)
+
+TAGS_DIR = "tags"
+JSON_DIR = "json"
+HUB_FILE = "hub_results.json"
+FORMATS = ("json", "hub")
+TAG_SECONDS = STAGE_SECONDS["lstm"]
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """What an AttentionLSTM tagging actor needs."""
+
+    lstm: Any  # predict.ModelSpec
+    top_k: int
+    threshold: float
+    feature_dtype: str
+    num_segments: int
+    feature_dim: int
+    keep_features: bool
+
+
+class TagStage:
+    """Features (as bytes, from the TSN stage) -> top-k class ids and probabilities, plus the classes
+    at or above the threshold. Rows that failed earlier pass through untouched."""
+
+    def __init__(self, spec: TagSpec):
+        from vtplatform.predict import LSTMStage
+
+        self.spec = spec
+        self.model = LSTMStage(spec.lstm, top_k=spec.top_k).model
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from vtplatform.eval.youtube8m import top_k_indices
+        from vtplatform.predict import forward_logits
+
+        start = time.perf_counter()
+        spec = self.spec
+        feats = batch.column(S.FEATURES).to_pylist()
+        ok = [i for i, f in enumerate(feats) if f is not None]
+        ids: list[list[int] | None] = [None] * len(feats)
+        probs: list[list[float] | None] = [None] * len(feats)
+        labels: list[list[int] | None] = [None] * len(feats)
+        if ok:
+            shape = (spec.num_segments, spec.feature_dim)
+            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok]).astype(np.float32)
+            lengths = np.full(len(ok), spec.num_segments, dtype=np.int64)
+            all_probs = 1.0 / (1.0 + np.exp(-forward_logits(self.model, x, lengths)))  # (n, C), as predict computes them
+            top = top_k_indices(all_probs, spec.top_k)
+            for j, i in enumerate(ok):
+                ids[i] = top[j].tolist()
+                probs[i] = all_probs[j, top[j]].astype(np.float32).tolist()
+                above = np.flatnonzero(all_probs[j] >= spec.threshold)
+                labels[i] = above[np.argsort(-all_probs[j, above], kind="stable")].tolist()
+        per_video = (time.perf_counter() - start) / max(len(ok), 1)
+        out = batch if spec.keep_features else batch.drop_columns([S.FEATURES])
+        out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
+        out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
+        out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
+        return out.append_column(TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32()))
+
+
+class TagOutput:
+    """Good rows -> one ``tags`` part, plus the seed's per-video JSON files when asked."""
+
+    directory = TAGS_DIR
+
+    def __init__(self, schema: pa.Schema, names: list[str] | None, seed_json: bool):
+        self.schema = schema
+        self.names = names
+        self.seed_json = seed_json
+
+    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        rows = []
+        for vid, uri, ids, probs, labels in zip(
+            *(good.column(c).to_pylist() for c in (S.VIDEO_ID, S.URI, S.CLASS_IDS, S.PROBS, S.LABELS)), strict=True
+        ):
+            rows.append(
+                {
+                    S.VIDEO_ID: vid,
+                    S.URI: uri,
+                    S.CLASS_IDS: ids,
+                    S.CLASS_NAMES: [self.names[i] for i in ids] if self.names else None,
+                    S.PROBS: probs,
+                    S.LABELS: labels,
+                    S.LABEL_NAMES: [self.names[i] for i in labels] if self.names else None,
+                }
+            )
+        st.write_parquet(pa.Table.from_pylist(rows, schema=self.schema), fs, f"{root}/{self.directory}/{part}")
+        if self.seed_json:
+            from vtplatform.predict import seed_json_bytes
+
+            for row in rows:
+                st.write_bytes(seed_json_bytes(row), fs, f"{root}/{JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json")
+
+
+def tag_metadata(tsn_fingerprint: str, prov: dict, lstm_state: dict, lstm_source: str, top_k: int, threshold: float, labels: str) -> dict:
+    from vtplatform.models.weights import fingerprint
+
+    return {
+        "schema_version": S.SCHEMA_VERSION,
+        "tsn_weights": tsn_fingerprint,
+        "features": S.extractor_signature(prov),
+        "lstm_weights": fingerprint(sorted(lstm_state.items())),
+        "lstm_source": st.redact(lstm_source),
+        "top_k": top_k,
+        "threshold": threshold,
+        "label_fingerprint": labels,
+    }
+
+
+def check_same_tagger(existing: pa.Schema | None, meta: dict, where: str) -> None:
+    old = S.read_provenance(existing) if existing is not None else None
+    if old is None:
+        return
+    keys = ("tsn_weights", "features", "lstm_weights", "top_k", "threshold", "label_fingerprint")
+    diff = [k for k in keys if old.get(k) != meta.get(k)]
+    if diff:
+        raise ConfigError(f"{st.redact(where)} holds tags made with other settings ({', '.join(diff)} differ); use another --save_dir")
+
+
+def run_tag(
+    config: Config,
+    manifest: str,
+    save_dir: str,
+    lstm_weights: str,
+    tsn_weights: str | None = None,
+    formats: tuple[str, ...] = (),
+    retry_failed: bool = False,
+) -> JobSummary:
+    """Tags every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from vtplatform.predict import ModelSpec, check_feature_provenance, check_label_names, label_fingerprint, read_label_names, resolve_model
+
+    start = time.perf_counter()
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ConfigError(f"--format takes {list(FORMATS)}, got {sorted(unknown)}")
+    config = replace(config, storage=st.resolve_storage(config.storage))
+    fs, root = st.filesystem(save_dir, config.storage)
+    st.check_writable(fs, root, save_dir)
+    spec = tsn_spec(config, tsn_weights, resolve_device(config))
+    fingerprint, feature_dim = weights_fingerprint(config, tsn_weights)
+    prov = provenance(config, fingerprint, feature_dim, spec.precision)
+    model_config, loaded = resolve_model(config, lstm_weights, feature_dim)
+    check_feature_provenance(config, loaded.meta, prov, "the TSN features of this configuration")
+    names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
+    if names is not None:
+        check_label_names(names, model_config.num_classes, config.tag.label_file)
+    top_k = config.tag.topk or config.model.topk
+    meta = tag_metadata(fingerprint, prov, loaded.state, loaded.source, top_k, config.tag.threshold, label_fingerprint(names, model_config.num_classes))
+    state = output_state(fs, root, TAGS_DIR)
+    check_same_tagger(state.schema, meta, save_dir)
+    if config.tag.write_features:
+        check_same_extractor(output_state(fs, root, "features").schema, prov, save_dir)
+    entries = read_manifest_or_fail(manifest, config)
+    summary = JobSummary("tagging", st.redact(st.canonical_uri(save_dir)), TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num)
+    todo = plan_todo(entries, state, retry_failed, fs, root, summary)
+    log.info("%d videos to tag, %d already done, on %s", todo.num_rows, summary.skipped, spec.device)
+    if todo.num_rows:
+        tag = config.tag
+        use_gpu = spec.device == "gpu" and tag.lstm_gpus > 0
+        threads = tag.lstm_threads or max(1, int(tag.lstm_cpus))
+        tag_spec = TagSpec(
+            lstm=ModelSpec(model_config, loaded.source, config.storage, use_gpu, threads),
+            top_k=top_k,
+            threshold=tag.threshold,
+            feature_dtype=config.output.dtype,
+            num_segments=config.infer.seg_num,
+            feature_dim=feature_dim,
+            keep_features=tag.write_features,
+        )
+        tag_schema = S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+        outputs: list = [TagOutput(tag_schema, names, "json" in formats)]
+        if tag.write_features:
+            outputs.append(FeatureOutput(S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov), False))
+        sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file, config.infer.seg_num)
+        ds = ray.data.from_arrow(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
+        ds = tsn_pipeline(ds, config, spec).map_batches(
+            TagStage,
+            batch_size=tag.lstm_batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=tag.lstm_actors),
+            fn_constructor_kwargs={"spec": tag_spec},
+            num_cpus=tag.lstm_cpus,
+            num_gpus=tag.lstm_gpus if use_gpu else 0,
+        )
+        ds.write_datasink(sink, concurrency=config.resources.writer_concurrency)
+        summary.add_sink_stats(sink.stats)
+    finalize_output(fs, root, TAGS_DIR, expected=set(todo.column(S.VIDEO_ID).to_pylist()))
+    if "hub" in formats:
+        write_hub_list(fs, root, config.tag.hub_threshold, config.tag.hub_top_k)
+    summary.elapsed_seconds = time.perf_counter() - start
+    write_run_summary(summary, fs, root)
+    return summary
+
+
+def write_hub_list(fs: pafs.FileSystem, root: str, threshold: float, top_k: int) -> None:
+    """PaddleHub's videotag output for the whole tags table: ``[{"path": uri, "prediction": {name: p}}]``
+    with the tags at or above ``threshold``, at most ``top_k`` per video (names, or ids without a label file)."""
+    files = st.list_files(fs, f"{root}/{TAGS_DIR}", ".parquet")
+    items = []
+    for path in files:
+        table = pq.read_table(path, filesystem=fs, columns=[S.URI, S.CLASS_IDS, S.CLASS_NAMES, S.PROBS])
+        for uri, ids, names, probs in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+            prediction: dict[str, float] = {}
+            for key, p in list(zip(names or [str(i) for i in ids], probs, strict=True))[:top_k]:
+                if p >= threshold:
+                    prediction.setdefault(key, float(p))  # names repeat in label_3396.txt: keep the best
+            items.append({"path": uri, "prediction": prediction})
+    items.sort(key=lambda item: item["path"])
+    st.write_bytes(json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8"), fs, f"{root}/{HUB_FILE}")
