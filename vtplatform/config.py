@@ -217,7 +217,7 @@ class DataSection:
     features: str | None = None  # feature table written by jobs/extract.py: OUT/features (local or s3://)
     on_bad_row: str = "error"  # error | skip: a missing feature file, a label >= num_classes, a wrong shape
     check_provenance: bool = True  # refuse features made differently from those a checkpoint was trained on
-    cache_mb: int = 512  # a phase's features up to this size are read once and kept in Ray's object store; larger ones stream every epoch
+    cache_mb: int = 512  # phases up to this size are read once into Ray's object store; larger ones stream each epoch
 
     def __post_init__(self) -> None:
         _choice("data", "on_bad_row", self.on_bad_row, ("error", "skip"))

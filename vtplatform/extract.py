@@ -189,7 +189,7 @@ def tsn_pipeline(ds, config: Config, spec: TSNSpec):
         TSNStage,
         batch_size=res.tsn_batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=res.tsn_actors),
+        compute=ActorPoolStrategy(min_size=1, max_size=res.tsn_actors),  # grows as the cluster makes room
         fn_constructor_kwargs={"spec": spec, "storage": config.storage},
         **tsn_resources(config, spec.device == "gpu"),
     )

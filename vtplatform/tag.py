@@ -236,7 +236,7 @@ def run_tag(
             TagStage,
             batch_size=tag.lstm_batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=tag.lstm_actors),
+            compute=ActorPoolStrategy(min_size=1, max_size=tag.lstm_actors),
             fn_constructor_kwargs={"spec": tag_spec},
             num_cpus=tag.lstm_cpus,
             num_gpus=tag.lstm_gpus if use_gpu else 0,
@@ -266,3 +266,81 @@ def write_hub_list(fs: pafs.FileSystem, root: str, threshold: float, top_k: int)
             items.append({"path": uri, "prediction": prediction})
     items.sort(key=lambda item: item["path"])
     st.write_bytes(json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8"), fs, f"{root}/{HUB_FILE}")
+
+
+def _feature_rows(batch: pa.Table, storage, skip: frozenset[str]) -> pa.Table:
+    """Feature part files (one path per row) -> their untagged rows, with ``features`` as raw bytes
+    and the null error columns the tagging stage and the writer expect."""
+    tables = []
+    for path in batch.column("path").to_pylist():
+        fs, inner = st.filesystem(path, storage)
+        table = pq.read_table(inner, filesystem=fs, columns=[S.VIDEO_ID, S.URI, S.FEATURES])
+        keep = [vid not in skip for vid in table.column(S.VIDEO_ID).to_pylist()]
+        tables.append(table.filter(pa.array(keep, pa.bool_())))
+    table = pa.concat_tables(tables)
+    feats = table.column(S.FEATURES).combine_chunks().to_numpy_ndarray() if table.num_rows else []
+    nulls = pa.nulls(table.num_rows, pa.string())
+    return pa.table(
+        {
+            S.VIDEO_ID: table.column(S.VIDEO_ID),
+            S.URI: table.column(S.URI),
+            S.FEATURES: pa.array([f.tobytes() for f in feats], pa.large_binary()),
+            S.STAGE: nulls,
+            S.ERROR_TYPE: nulls,
+            S.MESSAGE: nulls,
+        }
+    )
+
+
+def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str, model_id: str) -> int:
+    """Tags every row of a feature table that ``save_dir`` has no tags for yet (the nightly run's
+    last step); returns how many it tagged. Tags from different models share ``save_dir``; each
+    part records its model in the schema metadata."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from vtplatform.predict import ModelSpec, check_label_names, label_fingerprint, read_label_names, resolve_model
+
+    ffs, froot = st.filesystem(features, config.storage)
+    parts = st.list_files(ffs, froot, ".parquet")
+    fs, root = st.filesystem(save_dir, config.storage)
+    done = frozenset(output_state(fs, root, TAGS_DIR).done)
+    if not parts:
+        return 0
+    tensor = pq.read_schema(parts[0], filesystem=ffs).field(S.FEATURES).type
+    (segments, dim), dtype = tensor.shape, str(tensor.value_type.to_pandas_dtype().__name__)
+    prov = S.read_provenance(pq.read_schema(parts[0], filesystem=ffs)) or {}
+    model_config, loaded = resolve_model(config, lstm_weights, dim)
+    names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
+    if names is not None:
+        check_label_names(names, model_config.num_classes, config.tag.label_file)
+    top_k = config.tag.topk or config.model.topk
+    meta = tag_metadata(prov.get("weights", ""), prov, loaded.state, loaded.source, top_k, config.tag.threshold, label_fingerprint(names, model_config.num_classes))
+    meta["model_id"] = model_id
+    tag = config.tag
+    spec = TagSpec(
+        lstm=ModelSpec(model_config, loaded.source, config.storage, False, tag.lstm_threads or max(1, int(tag.lstm_cpus))),
+        top_k=top_k,
+        threshold=tag.threshold,
+        feature_dtype=dtype,
+        num_segments=segments,
+        feature_dim=dim,
+        keep_features=False,
+    )
+    schema = S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+    sink = ResultSink(save_dir, config.storage, [TagOutput(schema, names, False)], config.output.rows_per_file, segments)
+    uris = [p if ffs.type_name == "local" else f"s3://{p}" for p in parts]
+    ds = ray.data.from_arrow([pa.table({"path": [u]}) for u in uris])
+    ds = ds.map_batches(_feature_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "skip": done})
+    ds = ds.map_batches(
+        TagStage,
+        batch_size=tag.lstm_batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=tag.lstm_actors),
+        fn_constructor_kwargs={"spec": spec},
+        num_cpus=tag.lstm_cpus,
+    )
+    ds.write_datasink(sink)
+    finalize_output(fs, root, TAGS_DIR, expected=set())
+    log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
+    return sink.stats.get("ok", 0)

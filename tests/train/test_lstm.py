@@ -1,0 +1,183 @@
+"""The AttentionLSTM fine-tune: the seed's optimiser and schedule, and fault tolerance (a worker
+that raises midway, a driver restarted with the same run name) replaying an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from tests.conftest import SEED
+from tests.synthetic_features import make_videos, write_feature_table, write_list
+from vtplatform.config import ConfigError, load_config
+from vtplatform.models import weights as W
+from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model
+from vtplatform.train.lstm import FAULT_ENV, make_optimizer, run_train, train_step
+
+TINY = AttentionLSTMConfig(
+    feature_dim=6, embedding_size=4, lstm_size=3, fc1_size=5, fc2_size=4, num_classes=3, drop_rate=0.0
+)
+
+
+def test_centred_rmsprop_with_the_seeds_l2_exemptions():
+    """Two steps against fluid's update rule, written out in NumPy."""
+    model = build_model(TINY, seed=2)
+    lr, decay, rho, eps = 0.01, 8e-4, 0.95, 1e-6
+    opt = make_optimizer(model, lr, decay)
+    exempt = {"rgb_fc.bias", "fc1.bias", "fc2.bias", "output.bias"}
+    params = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    ms = {k: np.zeros_like(v) for k, v in params.items()}
+    mg = {k: np.zeros_like(v) for k, v in params.items()}
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        x = rng.random((2, 3, 6)).astype(np.float32)
+        y = (rng.random((2, 3)) < 0.5).astype(np.float32)
+        loss = paddle.nn.functional.binary_cross_entropy_with_logits(
+            model(paddle.to_tensor(x), paddle.to_tensor(np.array([3, 2]))), paddle.to_tensor(y), reduction="sum"
+        )
+        loss.backward()
+        grads = {k: p.grad.numpy().astype(np.float64) for k, p in model.named_parameters()}
+        opt.step()
+        opt.clear_grad()
+        for k in params:
+            g = grads[k] + (0.0 if k in exempt else decay * params[k])
+            ms[k] = rho * ms[k] + (1 - rho) * g * g
+            mg[k] = rho * mg[k] + (1 - rho) * g
+            params[k] = params[k] - lr * g / np.sqrt(ms[k] - mg[k] ** 2 + eps)
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), params[k], atol=2e-5, rtol=1e-4, err_msg=k)
+
+
+def test_exempt_biases_do_not_decay():
+    model = build_model(TINY, seed=3)
+    for p in (model.rgb_fc.bias, model.fc1.bias, model.fc2.bias, model.output.bias, model.rgb_lstm_forward.bias):
+        p.set_value(np.ones(p.shape, np.float32))
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, 0.1, 0.5)
+    (paddle.add_n([(p * 0.0).sum() for p in model.parameters()])).backward()  # zero data gradient: only decay moves
+    opt.step()
+    after = {k: v.numpy() for k, v in model.state_dict().items()}
+    for key in ("rgb_fc.bias", "fc1.bias", "fc2.bias", "output.bias"):
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert np.all(after["rgb_lstm_forward.bias"] < 1.0)  # the LSTM's biases and peepholes decay, as in fluid
+    assert not np.allclose(after["fc1.weight"], before["fc1.weight"])
+
+
+def test_piecewise_decay_at_the_seeds_epochs(tmp_path):
+    from vtplatform.train.lstm import TrainSpec
+
+    fields = {f: None for f in TrainSpec.__dataclass_fields__}
+    spec = TrainSpec(**{**fields, "learning_rate": 1e-3, "decay_epochs": (5, 8), "decay_gamma": 0.1})
+    assert [spec.lr_at(e) for e in (0, 4, 5, 7, 8, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+
+
+def test_loss_sums_classes_and_the_global_batch():
+    model = build_model(TINY, seed=4)
+    model.eval()
+    x = np.random.default_rng(1).random((3, 2, 6)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)
+    opt = make_optimizer(model, 0.0, 0.0)
+    per_video, logits = train_step(model, opt, x, np.array([2, 2, 1]), y, world_size=1)
+    expected = np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))
+    np.testing.assert_allclose(per_video, expected.sum(axis=1), rtol=1e-5)
+
+
+# --- Ray Train runs --------------------------------------------------------------------------
+
+SMALL_DIMS = [
+    "MODEL.num_classes=4",
+    "MODEL.embedding_size=8",
+    "MODEL.lstm_size=8",
+    "MODEL.fc1_size=16",
+    "MODEL.fc2_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lstm_train")
+    ids, feats, labels = make_videos(36, 6, 10, 4, seed=5)
+    table = write_feature_table(root, ids, feats, rows_per_file=5)
+    write_list(root / "train.list", [f"{v}.npy" for v in ids[:28]], labels[:28])
+    write_list(root / "val.list", [f"{v}.npy" for v in ids[28:]], labels[28:])
+    return root, table
+
+
+def _config(dataset, *extra: str):
+    root, table = dataset
+    return load_config(
+        SEED / "configs" / "attention_lstm.yaml",
+        [
+            *SMALL_DIMS,
+            f"data.features={table}",
+            f"TRAIN.filelist={root / 'train.list'}",
+            f"VALID.filelist={root / 'val.list'}",
+            "TRAIN.batch_size=8",
+            "VALID.batch_size=8",
+            "TRAIN.epoch=2",
+            "TRAIN.learning_rate=0.002",
+            "TRAIN.decay_epochs=[1]",
+            "train_run.num_workers=2",
+            "train_run.cpus_per_worker=0.5",
+            "train_run.threads_per_worker=1",
+            "train_run.checkpoint_every_steps=2",
+            "train_run.keep_checkpoints=10",
+            "train_run.shuffle_buffer=8",
+            "resources.use_gpu=false",
+            *extra,
+        ],
+    )
+
+
+def _final_weights(save_dir, run: str = "AttentionLSTM") -> dict[str, np.ndarray]:
+    from vtplatform.config import StorageSection
+    from vtplatform.train.checkpoint import list_checkpoints
+
+    last = list_checkpoints(f"{save_dir}/{run}", StorageSection())[-1]
+    assert last.endswith("epoch_002_step_0000000")
+    return W.read_state(f"{last}/model.pdparams")
+
+
+@pytest.mark.slow
+def test_worker_failure_and_driver_restart_replay_the_uninterrupted_run(ray_cluster, dataset, tmp_path, monkeypatch):
+    config = _config(dataset)
+    uninterrupted = run_train(config, str(tmp_path / "a"))
+    assert (
+        uninterrupted.epochs_done == 2 and uninterrupted.global_step == 6
+    )  # 28 videos / 2 workers / 4 per worker -> 3 steps
+    reference = _final_weights(tmp_path / "a")
+
+    # Worker 1 raises before global step 6, mid epoch 1; Ray Train restarts the group from the
+    # checkpoint after step 5 (epoch 1, step 2), and the new workers skip the 2 batches already done.
+    monkeypatch.setenv(FAULT_ENV, "1:5")
+    faulted = run_train(config, str(tmp_path / "b"))
+    monkeypatch.delenv(FAULT_ENV)
+    run_b = tmp_path / "b" / "AttentionLSTM"
+    assert (run_b / "_fault_injected_1_5").exists() and (run_b / "epoch_001_step_0000002").is_dir()
+    assert faulted.global_step == 6
+    for key, value in _final_weights(tmp_path / "b").items():
+        np.testing.assert_array_equal(value, reference[key], err_msg=key)
+    ref_history = json.loads((tmp_path / "a" / "AttentionLSTM" / "history.json").read_text())
+    faulted_history = json.loads((run_b / "history.json").read_text())
+    assert faulted_history == [pytest.approx(h, rel=1e-12) for h in ref_history]  # the part-done epoch's loss too
+
+    # The driver stops after epoch 0; a new driver with the same run name and save_dir goes on.
+    run_train(_config(dataset, "TRAIN.epoch=1"), str(tmp_path / "c"))
+    resumed = run_train(config, str(tmp_path / "c"))
+    assert resumed.epochs_done == 2
+    for key, value in _final_weights(tmp_path / "c").items():
+        np.testing.assert_array_equal(value, reference[key], err_msg=key)
+    history = json.loads((tmp_path / "c" / "AttentionLSTM" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]  # the first driver's epoch is in the history too
+    assert history == ref_history
+
+
+def test_too_few_videos_for_a_batch_is_a_clear_error(ray_cluster, dataset):
+    with pytest.raises(ConfigError, match="no full batch"):
+        run_train(_config(dataset, "TRAIN.batch_size=64"), "/nonexistent")
+    with pytest.raises(ConfigError, match="amp=float16 needs GPUs"):
+        run_train(_config(dataset, "train_run.amp=float16"), "/nonexistent")
+    assert not os.path.exists("/nonexistent")

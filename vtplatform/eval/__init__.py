@@ -1,0 +1,1 @@
+"""Evaluation: metrics (``youtube8m``) and the AttentionLSTM evaluation job (``lstm``)."""

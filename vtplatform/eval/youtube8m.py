@@ -1,0 +1,149 @@
+"""YouTube-8M metrics, as VideoTag reports them: Hit@1, PERR, GAP, mAP and per-class AP.
+
+With probabilities P (N, C) and multi-hot labels Y (N, C):
+
+* **Hit@1**: the fraction of videos whose top-scored class is a positive.
+* **PERR**: per video with k positives, the precision of its k top-scored classes (counting only
+  scores > 0); a video without positives counts 0, as in YouTube-8M's ``eval_util``.
+* **GAP** (global average precision, top k = 20): every video's k top-scored (class, score)
+  pairs are pooled and ranked by score; GAP is the average precision of that ranking with **all**
+  positives of Y in the denominator, including those outside any top k.
+* **per-class AP**: the average precision of one class's ranking of all N videos, as
+  scikit-learn's ``average_precision_score`` defines it (sum over score thresholds of
+  (R_n - R_{n-1}) P_n); **mAP** is its mean over the classes that have a positive.
+
+Tied scores are grouped at one threshold (scikit-learn's rule) in both GAP and AP, so results do
+not depend on row order; YouTube-8M breaks ties by a random shuffle instead. Top-k selection
+breaks ties by the lower class id. The accumulator keeps the top-k pairs per video and the full
+probabilities (for per-class AP): N x C floats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray, num_positives: int | None = None) -> float:
+    """AP of a ranking by ``scores`` (ties grouped); ``num_positives`` defaults to the positives
+    in ``labels`` and may be larger (positives that never got a score). 0.0 without positives."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels) > 0
+    total = int(labels.sum()) if num_positives is None else int(num_positives)
+    if total <= 0 or scores.size == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_group = np.r_[s[1:] != s[:-1], True]  # the end of each run of equal scores
+    tp = np.cumsum(y)[last_of_group]
+    seen = np.nonzero(last_of_group)[0] + 1
+    precision = tp / seen
+    recall_gain = np.diff(np.r_[0, tp]) / total
+    return float(np.sum(precision * recall_gain))
+
+
+def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) class ids per row, best first; ties go to the lower class id."""
+    k = min(k, probs.shape[1])
+    return np.argsort(-probs, axis=1, kind="stable")[:, :k]
+
+
+def hit_at_one(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per video: 1.0 if its top class is a positive."""
+    return labels[np.arange(len(labels)), np.argmax(probs, axis=1)].astype(np.float64)
+
+
+def precision_at_equal_recall(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per video: precision of its top-k classes, k = its number of positives (0 if none)."""
+    out = np.zeros(len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")
+    for row, k in enumerate(labels.sum(axis=1).astype(int)):
+        if k == 0:
+            continue
+        top = order[row, :k]
+        out[row] = float(np.sum(labels[row, top] * (probs[row, top] > 0))) / k
+    return out
+
+
+@dataclass
+class Youtube8mMetrics:
+    """Accumulates batches; ``result()`` gives the metrics of everything seen."""
+
+    num_classes: int
+    top_k: int = 20
+    _probs: list[np.ndarray] = field(default_factory=list)
+    _labels: list[np.ndarray] = field(default_factory=list)
+    _losses: list[np.ndarray] = field(default_factory=list)
+
+    def accumulate(self, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray | None = None) -> None:
+        probs = np.asarray(probs, dtype=np.float32)
+        labels = (np.asarray(labels) > 0).astype(np.uint8)
+        if probs.shape != labels.shape or probs.shape[1] != self.num_classes:
+            raise ValueError(f"probs {probs.shape} and labels {labels.shape} must both be (N, {self.num_classes})")
+        self._probs.append(probs)
+        self._labels.append(labels)
+        if losses is not None:
+            self._losses.append(np.asarray(losses, dtype=np.float64).reshape(-1))
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._probs)
+
+    def result(self) -> dict[str, Any]:
+        if not self._probs:
+            raise ValueError("no examples were accumulated")
+        probs, labels = np.concatenate(self._probs), np.concatenate(self._labels)
+        return compute_metrics(probs, labels, self.top_k, np.concatenate(self._losses) if self._losses else None)
+
+
+def gap(probs: np.ndarray, labels: np.ndarray, top_k: int = 20) -> float:
+    top = top_k_indices(probs, top_k)
+    rows = np.arange(len(probs))[:, None]
+    return average_precision(probs[rows, top].ravel(), labels[rows, top].ravel(), int(np.sum(labels > 0)))
+
+
+def compute_metrics(
+    probs: np.ndarray, labels: np.ndarray, top_k: int = 20, losses: np.ndarray | None = None
+) -> dict[str, Any]:
+    labels = (np.asarray(labels) > 0).astype(np.uint8)
+    positives = labels.sum(axis=0)
+    per_class = [average_precision(probs[:, c], labels[:, c]) if positives[c] else None for c in range(labels.shape[1])]
+    defined = [ap for ap in per_class if ap is not None]
+    return {
+        "num_videos": len(probs),
+        "top_k": top_k,
+        "gap": gap(probs, labels, top_k),
+        "hit_at_one": float(hit_at_one(probs, labels).mean()),
+        "perr": float(precision_at_equal_recall(probs, labels).mean()),
+        "map": float(np.mean(defined)) if defined else 0.0,
+        "avg_loss": float(losses.mean()) if losses is not None and len(losses) else None,
+        "num_classes_with_positives": len(defined),
+        "per_class_ap": per_class,
+    }
+
+
+def seed_log_line(metrics: dict[str, Any], info: str = "[TEST] Finish") -> str:
+    """The line VideoTag's ``Youtube8mMetrics.finalize_and_log_out`` logs (``aps``: per-class AP,
+    0.0 for classes without positives)."""
+    aps = [0.0 if ap is None else ap for ap in metrics["per_class_ap"]]
+    return (
+        f"{info}\tavg_hit_at_one: {metrics['hit_at_one']},\tavg_perr: {metrics['perr']},"
+        f"\tavg_loss :{metrics['avg_loss']},\taps: {aps},\tgap:{metrics['gap']}"
+    )
+
+
+def batch_log_line(info: str, loss: float, probs: np.ndarray, labels: np.ndarray, top_k: int = 20) -> str:
+    """The seed's per-iteration line: ``info , loss = L, Hit@1 = H, PERR = P, GAP = G``."""
+    labels = (np.asarray(labels) > 0).astype(np.uint8)
+    hit = hit_at_one(probs, labels).mean()
+    perr = precision_at_equal_recall(probs, labels).mean()
+    return f"{info} , loss = {loss:.6f}, Hit@1 = {hit:.2f}, PERR = {perr:.2f}, GAP = {gap(probs, labels, top_k):.2f}"
+
+
+def report_json(metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    return json.dumps({**(extra or {}), **metrics}, indent=1, ensure_ascii=False)

@@ -1,0 +1,383 @@
+"""The nightly run: (a) extract new videos -> (b) fine-tune AttentionLSTM from the champion on all
+labelled features -> (c) evaluate on the fixed holdout -> (d) promote if GAP improves by at least
+``nightly.margin`` -> (e) tag the videos that have no tags yet with the champion.
+
+A run is identified by the fingerprint of what it trains on (the feature rows and their
+provenance, the labels, the holdout, the model and training settings). A run that finds a
+completed run with the same fingerprint does nothing new; one that finds an unfinished run
+resumes it at the step it reached (the fine-tune itself resumes from its last checkpoint).
+State, evaluations and the report live in ``REGISTRY/runs/<run_id>/`` (see ``registry``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vtplatform import registry as R
+from vtplatform import schema as S
+from vtplatform import storage as st
+from vtplatform.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+STEPS = ("extract", "train", "evaluate", "promote", "tag")
+STOP_AFTER_ENV = "VTP_NIGHTLY_STOP_AFTER"  # test hook: SIGKILL this process right after the named step
+
+
+@dataclass
+class NightlySummary:
+    run_id: str = ""
+    nothing_new: bool = False
+    resumed_from: str | None = None
+    steps: dict[str, float] = field(default_factory=dict)  # step -> seconds (this invocation)
+    new_videos: int = 0
+    failed_videos: int = 0
+    labelled_videos: int = 0
+    decision: str = ""
+    candidate: dict[str, float] = field(default_factory=dict)
+    champion: dict[str, float] = field(default_factory=dict)
+    tagged: int = 0
+    report: str = ""
+
+    def format(self) -> str:
+        lines = [f"nightly summary: run {self.run_id or '-'}"]
+        if self.resumed_from:
+            lines.append(f"  resumed at step     {self.resumed_from}")
+        lines.append(f"  new videos          {self.new_videos} extracted, {self.failed_videos} dead letters")
+        if self.nothing_new:
+            lines.append("  training            nothing new since the last completed run: no fine-tune, no promotion")
+        else:
+            lines.append(f"  labelled videos     {self.labelled_videos}")
+            for name, metrics in (("candidate", self.candidate), ("champion", self.champion)):
+                if metrics:
+                    lines.append(f"  {name:<19} GAP {metrics['gap']:.4f}  Hit@1 {metrics['hit_at_one']:.4f}")
+            lines.append(f"  decision            {self.decision}")
+        lines.append(f"  tagged              {self.tagged} videos")
+        lines += [f"  step {step:<14} {seconds:8.1f} s" for step, seconds in self.steps.items()]
+        if self.report:
+            lines.append(f"  report              {self.report}")
+        return "\n".join(lines)
+
+
+def _require(config: Config) -> None:
+    missing = [k for k in ("library", "labels", "holdout", "registry") if not getattr(config.nightly, k)]
+    if missing:
+        raise ConfigError(f"nightly needs {', '.join('nightly.' + k for k in missing)} in the config")
+
+
+def locations(config: Config) -> dict[str, str]:
+    n = config.nightly
+    return {
+        "features": n.features or R.join(n.registry, "features"),
+        "tags": n.tags or R.join(n.registry, "tags"),
+        "models": R.join(n.registry, R.MODELS_DIR),
+    }
+
+
+def _stop_if_asked(step: str) -> None:
+    if os.environ.get(STOP_AFTER_ENV) == step:
+        log.warning("%s=%s: killing this process after step %s", STOP_AFTER_ENV, step, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _content_hash(uri: str, config: Config) -> str:
+    fs, path = st.filesystem(uri, config.storage)
+    with fs.open_input_stream(path) as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def data_fingerprint(config: Config, features: str) -> str:
+    """What a fine-tune depends on: feature rows (ids and provenance), labels, holdout, settings."""
+    fs, root = st.filesystem(features, config.storage)
+    ids = sorted(st.read_column(fs, root, S.VIDEO_ID).to_pylist())
+    parts = st.list_files(fs, root, ".parquet")
+    prov = S.read_provenance(pq.read_schema(parts[0], filesystem=fs)) if parts else None
+    settings = {k: v for k, v in config.to_dict().items() if k in ("model", "train", "train_run", "data")}
+    h = hashlib.sha256()
+    for item in (
+        "\n".join(ids),
+        json.dumps(S.extractor_signature(prov) if prov else None, sort_keys=True),
+        _content_hash(config.nightly.labels, config),
+        _content_hash(config.nightly.holdout, config),
+        json.dumps(settings, sort_keys=True, default=str),
+        str(config.nightly.pretrain),
+    ):
+        h.update(item.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _find_run(config: Config, fingerprint: str) -> tuple[str | None, dict | None]:
+    """The run with this fingerprint, if any: (run_id, state)."""
+    fs, root = st.filesystem(R.join(config.nightly.registry, R.RUNS_DIR), config.storage)
+    for path in st.list_files(fs, root, "state.json"):
+        with fs.open_input_stream(path) as f:
+            state = json.loads(f.read())
+        if state.get("fingerprint") == fingerprint:
+            return state["run_id"], state
+    return None, None
+
+
+def _training_config(config: Config, features: str, train_labels: str) -> Config:
+    """The fine-tune and evaluation settings: labels joined to the feature store, the holdout as
+    the test set, rows without features skipped (and counted), no validation split."""
+    return replace(
+        config,
+        data=replace(config.data, features=features, on_bad_row="skip"),
+        train=replace(config.train, filelist=train_labels),
+        valid=replace(config.valid, filelist=None),
+        test=replace(config.test, filelist=config.nightly.holdout),
+    )
+
+
+def _write_train_labels(config: Config, path: str) -> int:
+    """The training labels minus every holdout video (matched by video_id or uri)."""
+    from vtplatform.lstm_data import read_labels
+
+    labels, problems = read_labels(config.nightly.labels, config.storage)
+    holdout, _ = read_labels(config.nightly.holdout, config.storage)
+    for problem in problems:
+        log.warning("labels: %s", problem)
+    held_ids = pa.array(holdout.column(S.VIDEO_ID).drop_null().to_pylist(), pa.string())
+    held_uris = pa.array(holdout.column(S.URI).drop_null().to_pylist(), pa.string())
+    keep = pc.invert(pc.or_kleene(pc.is_in(labels.column(S.VIDEO_ID), held_ids), pc.is_in(labels.column(S.URI), held_uris)))
+    table = labels.filter(pc.fill_null(keep, True))
+    fs, inner = st.filesystem(path, config.storage)
+    st.write_parquet(table, fs, inner)
+    return table.num_rows
+
+
+def run_nightly(config: Config) -> NightlySummary:
+    """One nightly run (see the module docstring). Needs ``ray.init()``."""
+    from vtplatform.extract import run_extract
+
+    _require(config)
+    config = replace(config, storage=st.resolve_storage(config.storage))
+    where = locations(config)
+    summary = NightlySummary()
+
+    start = time.perf_counter()
+    extracted = run_extract(config, config.nightly.library, where["features"], weights=config.nightly.tsn_weights)
+    summary.new_videos, summary.failed_videos = extracted.succeeded, extracted.failed_total
+    summary.steps["extract"] = time.perf_counter() - start
+    _stop_if_asked("extract")
+
+    fingerprint = data_fingerprint(config, where["features"])
+    run_id, state = _find_run(config, fingerprint)
+    if state is not None and state.get("done"):
+        log.info("nothing new since run %s (same data and settings): no fine-tune, no promotion", run_id)
+        summary.run_id, summary.nothing_new = run_id, True
+    else:
+        if state is None:
+            run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{fingerprint[:8]}"
+            champion = R.read_champion(config.nightly.registry, config.storage)
+            state = {
+                "run_id": run_id,
+                "fingerprint": fingerprint,
+                "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "champion_before": champion,
+                "completed": [],
+                "done": False,
+            }
+            R.write_run_state(config.nightly.registry, run_id, state, config.storage)
+        else:
+            summary.resumed_from = next(s for s in STEPS[1:] if s not in state["completed"])
+            log.info("resuming run %s at step %s", run_id, summary.resumed_from)
+        summary.run_id = run_id
+        _train_evaluate_promote(config, where, state, summary)
+    start = time.perf_counter()
+    summary.tagged = tag_untagged(config, where)
+    summary.steps["tag"] = time.perf_counter() - start
+    _stop_if_asked("tag")
+    return summary
+
+
+def _step(config: Config, state: dict, name: str, summary: NightlySummary, fn) -> Any:
+    """Runs step ``name`` unless the run already completed it; records its result in the state."""
+    if name in state["completed"]:
+        return state.get(name)
+    start = time.perf_counter()
+    result = fn()
+    state[name] = result
+    state["completed"].append(name)
+    R.write_run_state(config.nightly.registry, state["run_id"], state, config.storage)
+    summary.steps[name] = time.perf_counter() - start
+    _stop_if_asked(name)
+    return result
+
+
+def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, summary: NightlySummary) -> None:
+    from vtplatform.eval.lstm import run_eval
+    from vtplatform.train.lstm import run_train
+
+    registry, run_id = config.nightly.registry, state["run_id"]
+    run_dir = R.join(registry, R.RUNS_DIR, run_id)
+    train_labels = R.join(run_dir, "train_labels.parquet")
+    cfg = _training_config(config, where["features"], train_labels)
+    champion = state["champion_before"]
+    pretrain = champion["lstm_weights"] if champion else config.nightly.pretrain
+    candidate = R.join(where["models"], run_id)
+
+    def train() -> dict:
+        labelled = _write_train_labels(config, train_labels)
+        trained = run_train(cfg, where["models"], pretrain=pretrain, label_file=config.tag.label_file, run_name=run_id)
+        return {"labelled": labelled, "videos": trained.train_videos, "epochs": trained.epochs_done, "weights": candidate}
+
+    trained = _step(config, state, "train", summary, train)
+    summary.labelled_videos = trained["videos"]
+
+    def evaluate() -> dict:
+        result = {"candidate": _metrics(run_eval(cfg, candidate, R.join(run_dir, "eval", "candidate")))}
+        if champion:
+            result["champion"] = _metrics(run_eval(cfg, champion["lstm_weights"], R.join(run_dir, "eval", "champion")))
+        return result
+
+    evaluated = _step(config, state, "evaluate", summary, evaluate)
+    summary.candidate, summary.champion = evaluated["candidate"], evaluated.get("champion", {})
+
+    def promote() -> dict:
+        decision = decide(evaluated["candidate"], evaluated.get("champion"), config.nightly.margin)
+        if decision != "kept":
+            R.write_champion(
+                registry,
+                {
+                    "model_id": run_id,
+                    "lstm_weights": candidate,
+                    "tsn_weights": config.nightly.tsn_weights,
+                    "metrics": {k: evaluated["candidate"][k] for k in ("gap", "hit_at_one", "perr", "map")},
+                    "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "previous": champion["model_id"] if champion else None,
+                },
+                config.storage,
+            )
+        report = write_report(config, run_id, evaluated, decision)
+        R.write_history(
+            registry,
+            run_id,
+            {
+                "run_id": run_id,
+                "started_at": state["started_at"],
+                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "data_fingerprint": state["fingerprint"],
+                "config": {k: v for k, v in config.to_dict().items() if k in ("model", "train", "train_run", "nightly")},
+                "labelled_videos": trained["videos"],
+                "champion_before": champion["model_id"] if champion else None,
+                "candidate": {k: evaluated["candidate"][k] for k in ("gap", "hit_at_one", "perr", "map")},
+                "champion": {k: evaluated["champion"][k] for k in ("gap", "hit_at_one", "perr", "map")} if champion else None,
+                "margin": config.nightly.margin,
+                "decision": decision,
+                "report": report,
+            },
+            config.storage,
+        )
+        return {"decision": decision, "report": report}
+
+    promoted = _step(config, state, "promote", summary, promote)
+    summary.decision, summary.report = promoted["decision"], promoted["report"]
+    state["done"] = True
+    R.write_run_state(registry, run_id, state, config.storage)
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: report[k] for k in ("gap", "hit_at_one", "perr", "map", "num_videos", "per_class_ap")}
+
+
+def decide(candidate: dict, champion: dict | None, margin: float) -> str:
+    """"promoted" when the candidate's GAP beats the champion's by at least ``margin``, "first"
+    when there is no champion yet, else "kept" (the champion stays)."""
+    if champion is None:
+        return "first"
+    return "promoted" if candidate["gap"] >= champion["gap"] + margin else "kept"
+
+
+def ap_changes(candidate: list, champion: list, names: list[str] | None, limit: int = 10) -> list[tuple[int, str, float, float]]:
+    """The classes whose holdout AP moved most: (class id, name, champion AP, candidate AP)."""
+    rows = []
+    for c, (new, old) in enumerate(zip(candidate, champion, strict=True)):
+        if new is not None and old is not None and new != old:
+            rows.append((c, names[c] if names else str(c), old, new))
+    rows.sort(key=lambda r: -abs(r[3] - r[2]))
+    return rows[:limit]
+
+
+def write_report(config: Config, run_id: str, evaluated: dict, decision: str) -> str:
+    """A short markdown report and a PNG comparing the candidate with the champion."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vtplatform.predict import read_label_names
+
+    names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
+    cand, champ = evaluated["candidate"], evaluated.get("champion")
+    changes = ap_changes(cand["per_class_ap"], champ["per_class_ap"], names) if champ else []
+    lines = [
+        f"# Nightly run {run_id}",
+        "",
+        f"Decision: **{decision}** (margin {config.nightly.margin} GAP)",
+        "",
+        "| metric | candidate | champion | change |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (("gap", "GAP"), ("hit_at_one", "Hit@1"), ("perr", "PERR"), ("map", "mAP")):
+        old = champ[key] if champ else None
+        change = f"{cand[key] - old:+.4f}" if old is not None else "n/a"
+        lines.append(f"| {label} | {cand[key]:.4f} | {'n/a' if old is None else f'{old:.4f}'} | {change} |")
+    lines += ["", f"Holdout: {cand['num_videos']} videos.", ""]
+    if changes:
+        lines += ["## Per-class AP changes that matter most", "", "| class | name | champion AP | candidate AP | change |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {n} | {old:.4f} | {new:.4f} | {new - old:+.4f} |" for c, n, old, new in changes]
+    lines += ["", "![metrics](report.png)", ""]
+
+    fig, axes = plt.subplots(1, 2 if changes else 1, figsize=(11 if changes else 5, 4), squeeze=False)
+    keys = ["gap", "hit_at_one", "perr", "map"]
+    x = np.arange(len(keys))
+    axes[0][0].bar(x - 0.2, [cand[k] for k in keys], 0.4, label="candidate")
+    if champ:
+        axes[0][0].bar(x + 0.2, [champ[k] for k in keys], 0.4, label="champion")
+    axes[0][0].set_xticks(x, ["GAP", "Hit@1", "PERR", "mAP"])
+    axes[0][0].set_ylim(0, 1)
+    axes[0][0].legend()
+    axes[0][0].set_title(f"holdout metrics ({decision})")
+    if changes:
+        labels = [f"{c} {n}"[:24] for c, n, _, _ in changes]
+        deltas = [new - old for _, _, old, new in changes]
+        axes[0][1].barh(labels[::-1], deltas[::-1], color=["tab:green" if d > 0 else "tab:red" for d in deltas[::-1]])
+        axes[0][1].set_title("per-class AP change (candidate - champion)")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+
+    run_dir = R.join(config.nightly.registry, R.RUNS_DIR, run_id)
+    fs, root = st.filesystem(run_dir, config.storage)
+    st.write_bytes(png.getvalue(), fs, f"{root}/report.png")
+    st.write_bytes("\n".join(lines).encode("utf-8"), fs, f"{root}/report.md")
+    return R.join(run_dir, "report.md")
+
+
+def tag_untagged(config: Config, where: dict[str, str]) -> int:
+    """Tags, with the current champion, every video of the feature store that has no tags yet."""
+    from vtplatform.tag import tag_features
+
+    champion = R.read_champion(config.nightly.registry, config.storage)
+    if champion is None:
+        log.warning("no champion yet: nothing to tag with")
+        return 0
+    return tag_features(config, where["features"], where["tags"], champion["lstm_weights"], champion["model_id"])

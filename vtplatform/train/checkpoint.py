@@ -1,0 +1,317 @@
+"""Checkpoints of a fine-tune, written through Ray Train storage (a local folder or an S3 prefix).
+
+Layout under ``SAVE_DIR/RUN_NAME/`` (``SAVE_DIR`` local or ``s3://``)::
+
+    epoch_002_step_0000000/       one directory per report; Ray Train keeps the last N
+        model.pdparams            weights under the model's fluid names (the official files' format)
+        optimizer.npz             optimizer accumulators, keyed by the model's parameter names
+        meta.json                 config, epoch, step, metrics, label-set fingerprint, history
+    best/                         a copy of the best checkpoint by the chosen metric (validation GAP)
+    tensorboard/, curves.png ...  other run files (``write_run_file``)
+
+In a training function (model-agnostic; ``name_map`` maps file names to state_dict keys, or None)::
+
+    meta = checkpoint.restore(model, optimizer, name_map)      # None on a fresh start
+    state = checkpoint.TrainState.from_meta(meta)
+    ...
+    checkpoint.report(metrics, rank=ctx.rank, model=model, optimizer=optimizer, name_map=name_map,
+                      meta={**state.to_meta(), "config": ...}, dir_name=checkpoint.dir_name(epoch, step),
+                      best=is_best)
+
+and in the driver ``run_config(save_dir, run_name, storage, keep_last, max_failures)`` gives the
+``RunConfig`` (retention of the last N, ``FailureConfig`` restarts, rerun with the same name to
+resume after a driver restart). ``read_weights`` opens any of these for evaluation or inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vtplatform import storage as st
+from vtplatform.config import ConfigError, StorageSection
+from vtplatform.models import weights as wts
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = wts.MODEL_FILE
+OPTIMIZER_FILE = "optimizer.npz"
+META_FILE = "meta.json"
+BEST_DIR = "best"
+CHECKPOINT_PATTERN = re.compile(r"^epoch_\d+_step_\d+$")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: ``epoch`` is the epoch in progress (0-based) and ``step`` the steps of
+    it already done; a checkpoint at the end of epoch e has epoch e+1, step 0."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    best: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any] | None) -> TrainState:
+        if not meta:
+            return cls()
+        return cls(meta["epoch"], meta["step"], meta["global_step"], meta.get("best"), list(meta.get("history", [])))
+
+    def to_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dir_name(epoch: int, step: int) -> str:
+    """Checkpoint directory names sort in training order."""
+    return f"epoch_{epoch:03d}_step_{step:07d}"
+
+
+def _keys(model, name_map: Mapping[str, str] | None) -> dict[str, str]:
+    return dict(name_map) if name_map is not None else {k: k for k in model.state_dict()}
+
+
+def save(
+    directory: str | Path, *, model, optimizer, name_map: Mapping[str, str] | None, meta: Mapping[str, Any]
+) -> None:
+    """Writes one checkpoint directory locally."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    wts.save_state(model, _keys(model, name_map), directory / MODEL_FILE)
+    if optimizer is not None:
+        np.savez(directory / OPTIMIZER_FILE, **optimizer_state(model, optimizer))
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
+
+
+def load(directory: str | Path, *, model, optimizer, name_map: Mapping[str, str] | None) -> dict[str, Any]:
+    """Restores a local checkpoint directory into ``model`` (and ``optimizer``); returns its meta."""
+    directory = Path(directory)
+    if optimizer is not None and (directory / OPTIMIZER_FILE).exists():
+        materialize_optimizer(model, optimizer)  # creates the accumulators; touches the weights, loaded next
+    wts.assign(model, wts.read_state(directory / MODEL_FILE), _keys(model, name_map))
+    if optimizer is not None and (directory / OPTIMIZER_FILE).exists():
+        with np.load(directory / OPTIMIZER_FILE) as data:
+            load_optimizer_state(model, optimizer, {k: data[k] for k in data.files})
+    return json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+
+
+# --- optimizer state, keyed by parameter names that do not depend on process history ---------
+
+_COUNTER = re.compile(r"_\d+$")
+
+
+def _accumulator_keys(model, optimizer) -> dict[str, str]:
+    """{optimizer tensor name: "<state_dict key>/<accumulator>"}. Paddle names accumulators
+    ``<param.name>_<accumulator>_<counter>`` with process-global counters; we do not."""
+    by_param_name = {p.name: key for key, p in model.named_parameters()}
+    names = sorted(by_param_name, key=len, reverse=True)
+    out = {}
+    for var_name in optimizer.state_dict():
+        if var_name in ("LR_Scheduler", "master_weights"):
+            continue
+        owner = next((n for n in names if var_name.startswith(n + "_")), None)
+        if owner is None:
+            raise RuntimeError(f"optimizer tensor {var_name} belongs to no parameter of the model")
+        out[var_name] = f"{by_param_name[owner]}/{_COUNTER.sub('', var_name[len(owner) + 1 :])}"
+    return out
+
+
+def optimizer_state(model, optimizer) -> dict[str, np.ndarray]:
+    state = optimizer.state_dict()
+    return {key: np.asarray(state[var].numpy()) for var, key in _accumulator_keys(model, optimizer).items()}
+
+
+def materialize_optimizer(model, optimizer) -> None:
+    """Creates the optimizer's accumulators (Paddle makes them at the first step) with one step
+    on zero gradients. It may move the weights through weight decay: load them afterwards."""
+    import paddle
+
+    params = [p for p in model.parameters() if not p.stop_gradient]
+    if not params or len(optimizer.state_dict()) > 0:
+        return
+    loss = paddle.add_n([(p * 0.0).sum() for p in params])
+    loss.backward()
+    optimizer.step()
+    optimizer.clear_grad()
+
+
+def load_optimizer_state(model, optimizer, saved: Mapping[str, np.ndarray]) -> None:
+    import paddle
+
+    current = optimizer.state_dict()
+    keys = _accumulator_keys(model, optimizer)
+    missing = sorted(set(keys.values()) - set(saved))
+    if missing:
+        raise ValueError(
+            f"optimizer state lacks {len(missing)} entries, e.g. {missing[:3]} (a different optimizer or model?)"
+        )
+    for var, key in keys.items():
+        target = current[var]
+        if tuple(target.shape) != tuple(saved[key].shape):
+            raise ValueError(f"optimizer state {key}: shape {list(saved[key].shape)}, expected {list(target.shape)}")
+        paddle.assign(paddle.to_tensor(saved[key]).astype(target.dtype), output=target)
+
+
+# --- inside a Ray Train worker --------------------------------------------------------------
+
+
+def restore(model, optimizer, name_map: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """Loads Ray Train's latest checkpoint of this run (after a worker failure or a driver restart)
+    into ``model`` and ``optimizer``; returns its meta, or None when the run starts fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        meta = load(directory, model=model, optimizer=optimizer, name_map=name_map)
+    log.info("resumed from %s (epoch %d, step %d)", st.redact(checkpoint.path), meta["epoch"], meta["step"])
+    return meta
+
+
+def report(
+    metrics: Mapping[str, Any],
+    *,
+    rank: int,
+    model=None,
+    optimizer=None,
+    name_map: Mapping[str, str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    dir_name: str | None = None,
+    best: bool = False,
+) -> None:
+    """``ray.train.report`` on every rank; rank 0 attaches a checkpoint of ``model`` when given
+    one, and copies it to ``best/`` when ``best``. Every rank must call this at the same point."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0 or model is None:
+        ray.train.report(dict(metrics), checkpoint=None, checkpoint_dir_name=dir_name)
+        return
+    with tempfile.TemporaryDirectory(prefix="vtp-ckpt-", ignore_cleanup_errors=True) as tmp:
+        save(tmp, model=model, optimizer=optimizer, name_map=name_map, meta=meta or {})
+        if best:
+            _publish_best(tmp)
+        ray.train.report(dict(metrics), checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
+
+
+def experiment_location():
+    """(pyarrow filesystem, path) of this run's folder, from inside a worker."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return storage.storage_filesystem, storage.experiment_fs_path
+
+
+def write_run_file(relative: str, data: bytes) -> None:
+    """Writes a file under the run's folder (local or S3), from inside a worker."""
+    fs, root = experiment_location()
+    st.write_bytes(data, fs, f"{root}/{relative}")
+
+
+def _publish_best(local_dir: str) -> None:
+    """Replaces ``best/``; meta.json goes last, so a reader that finds it finds a whole checkpoint."""
+    fs, root = experiment_location()
+    target = f"{root}/{BEST_DIR}"
+    if st.exists(fs, f"{target}/{META_FILE}"):
+        fs.delete_file(f"{target}/{META_FILE}")
+    names = sorted(os.listdir(local_dir), key=lambda n: n == META_FILE)
+    for name in names:
+        st.write_bytes(Path(local_dir, name).read_bytes(), fs, f"{target}/{name}")
+
+
+# --- in the driver --------------------------------------------------------------------------
+
+
+def run_config(save_dir: str, run_name: str, storage: StorageSection, keep_last: int, max_failures: int):
+    """Ray Train's ``RunConfig`` for ``save_dir`` (a local folder or ``s3://`` prefix): keeps the
+    last ``keep_last`` checkpoints and restarts failed worker groups up to ``max_failures`` times."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    if st.is_s3(save_dir):
+        fs, path = st.filesystem(save_dir, storage)
+        location: dict[str, Any] = {"storage_path": path.rstrip("/"), "storage_filesystem": fs}
+    else:
+        location = {"storage_path": st.canonical_uri(save_dir)}
+    return RunConfig(
+        name=run_name,
+        checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+        failure_config=FailureConfig(max_failures=max_failures),
+        **location,
+    )
+
+
+def run_uri(save_dir: str, run_name: str) -> str:
+    return f"{save_dir.rstrip('/')}/{run_name}"
+
+
+def list_checkpoints(run: str, storage: StorageSection) -> list[str]:
+    """The run's checkpoint directories (URIs or paths as given), oldest first."""
+    fs, root = st.filesystem(run, storage)
+    if not st.exists(fs, root):
+        return []
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root))
+    names = sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and CHECKPOINT_PATTERN.match(i.base_name)
+    )
+    return [f"{run.rstrip('/')}/{n}" for n in names if st.exists(fs, f"{root}/{n}/{META_FILE}")]
+
+
+@dataclass
+class LoadedWeights:
+    state: dict[str, np.ndarray]
+    meta: dict[str, Any] | None  # None for a bare weight file
+    source: str
+
+
+def read_weights(uri: str, storage: StorageSection) -> LoadedWeights:
+    """Weights for evaluation or inference from any of: a checkpoint directory, a run folder
+    (its ``best/``, else its latest checkpoint), a weight file (``.pdparams``, ``.npz``), or the
+    seed's path without the ``.pdparams`` suffix. Local or ``s3://``."""
+    fs, path = st.filesystem(uri, storage)
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and st.exists(fs, path + ".pdparams"):
+        uri, path, info = uri + ".pdparams", path + ".pdparams", fs.get_file_info(path + ".pdparams")
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"weights not found: {st.redact(uri)}")
+    if info.type == pafs.FileType.File:
+        with _local(fs, path, uri, storage) as local:
+            return LoadedWeights(wts.read_state(local), None, uri)
+    for candidate in (uri, f"{uri.rstrip('/')}/{BEST_DIR}", *reversed(list_checkpoints(uri, storage))):
+        cfs, cpath = st.filesystem(candidate, storage)
+        if st.exists(cfs, f"{cpath}/{META_FILE}") and st.exists(cfs, f"{cpath}/{MODEL_FILE}"):
+            meta = json.loads(cfs.open_input_stream(f"{cpath}/{META_FILE}").read().decode("utf-8"))
+            with _local(cfs, f"{cpath}/{MODEL_FILE}", candidate, storage) as local:
+                return LoadedWeights(wts.read_state(local), meta, candidate)
+    raise ConfigError(
+        f"{st.redact(uri)} holds no checkpoint ({META_FILE} + {MODEL_FILE}), best/ or epoch_* checkpoints"
+    )
+
+
+@contextlib.contextmanager
+def _local(fs, path: str, uri: str, storage: StorageSection) -> Iterator[str]:
+    from pyarrow import fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vtp-weights-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        yield local
