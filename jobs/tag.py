@@ -19,12 +19,18 @@ from vtplatform import cli
 
 def main() -> int:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--filelist", required=True, help="list file, directory, glob, or Parquet/CSV table with a uri column")
+    p.add_argument(
+        "--filelist", required=True, help="list file, directory, glob, or Parquet/CSV table with a uri column"
+    )
     p.add_argument("--save_dir", required=True, help="output folder or s3:// prefix")
     p.add_argument("--tsn_weights", default=None, help="TSN weights (the official VideoTag file or ours)")
-    p.add_argument("--lstm_weights", default=None, help="AttentionLSTM weights: official file, checkpoint or run folder")
+    p.add_argument(
+        "--lstm_weights", default=None, help="AttentionLSTM weights: official file, checkpoint or run folder"
+    )
     p.add_argument("--model_dir", default=None, help="a model registry (its champion) or an AttentionLSTM run folder")
-    p.add_argument("--format", default="", help="extra outputs, comma-separated: json (the seed's per-video files), hub")
+    p.add_argument(
+        "--format", default="", help="extra outputs, comma-separated: json (the seed's per-video files), hub"
+    )
     p.add_argument("--label_file", default=None, help="class names (sets tag.label_file)")
     p.add_argument("--retry_failed", action="store_true", help="process the dead letters of earlier runs again")
     args = p.parse_args()
@@ -34,7 +40,9 @@ def main() -> int:
     from vtplatform.registry import resolve_model_dir
     from vtplatform.tag import run_tag
 
-    config = load_config(args.config, args.override + ([f"tag.label_file={args.label_file}"] if args.label_file else []))
+    config = load_config(
+        args.config, args.override + ([f"tag.label_file={args.label_file}"] if args.label_file else [])
+    )
     tsn, lstm = args.tsn_weights, args.lstm_weights
     if args.model_dir:
         if lstm:

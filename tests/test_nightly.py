@@ -87,11 +87,17 @@ def test_first_run_promotes_and_a_same_day_rerun_does_nothing_new(ray_cluster, s
     assert first.labelled_videos == len(CLIPS) - 2  # the holdout is never trained on
     champion = R.read_champion(str(registry), config.storage)
     assert champion["model_id"] == first.run_id and champion["metrics"]["gap"] == pytest.approx(first.candidate["gap"])
-    assert (registry / "models" / first.run_id / "best").exists() or any((registry / "models" / first.run_id).glob("epoch_*"))
+    assert (registry / "models" / first.run_id / "best").exists() or any(
+        (registry / "models" / first.run_id).glob("epoch_*")
+    )
     history = R.history(str(registry), config.storage)
     assert [h["decision"] for h in history] == ["first"] and history[0]["champion_before"] is None
     report = (registry / "runs" / first.run_id / "report.md").read_text()
-    assert "GAP" in report and "Hit@1" in report and (registry / "runs" / first.run_id / "report.png").stat().st_size > 1000
+    assert (
+        "GAP" in report
+        and "Hit@1" in report
+        and (registry / "runs" / first.run_id / "report.png").stat().st_size > 1000
+    )
     tags = _tags(registry)
     assert tags.num_rows == len(CLIPS) and first.tagged == len(CLIPS)
     assert all(len(ids) == 3 for ids in tags.column(S.CLASS_IDS).to_pylist())

@@ -71,13 +71,23 @@ def test_tagging_equals_extraction_then_predict(ray_cluster, library, lstm_weigh
     cfg = config(library)
     run_extract(cfg, str(library / "m.list"), str(tmp_path / "extract"))
     predict_cfg = load_config(
-        ROOT / "configs" / "tag.yaml", [*SMALL, f"data.features={tmp_path / 'extract' / 'features'}", "INFER.batch_size=3"]
+        ROOT / "configs" / "tag.yaml",
+        [*SMALL, f"data.features={tmp_path / 'extract' / 'features'}", "INFER.batch_size=3"],
     )
-    run_predict(predict_cfg, str(lstm_weights), str(tmp_path / "predict"), label_file=str(library / "labels.txt"), top_k=5, whole_table=True)
+    run_predict(
+        predict_cfg,
+        str(lstm_weights),
+        str(tmp_path / "predict"),
+        label_file=str(library / "labels.txt"),
+        top_k=5,
+        whole_table=True,
+    )
     predicted = {r[S.VIDEO_ID]: r for r in pq.read_table(tmp_path / "predict" / "predictions").to_pylist()}
 
     top_probs = np.unique([p for r in predicted.values() for p in r[S.PROBS]])
-    threshold = float(top_probs[len(top_probs) // 2 - 1 : len(top_probs) // 2 + 1].mean())  # between two probs: splits the top-k
+    threshold = float(
+        top_probs[len(top_probs) // 2 - 1 : len(top_probs) // 2 + 1].mean()
+    )  # between two probs: splits the top-k
     cfg = config(library, f"tag.threshold={threshold}")
     summary = run_tag(cfg, str(library / "m.list"), str(tmp_path / "tags"), str(lstm_weights), formats=("json", "hub"))
     tags = {r[S.VIDEO_ID]: r for r in pq.read_table(tmp_path / "tags" / "tags").to_pylist()}
@@ -114,7 +124,9 @@ def test_tagging_equals_extraction_then_predict(ray_cluster, library, lstm_weigh
 
 def test_tag_job_resumes_and_refuses_other_weights(ray_cluster, library, lstm_weights, tmp_path):
     args = ["--config", "configs/tag.yaml", "--filelist", str(library / "m.list"), "--save_dir", str(tmp_path / "out")]
-    args += [a for o in [*SMALL, f"tag.label_file={library / 'labels.txt'}", "tag.write_features=true"] for a in ("-o", o)]
+    args += [
+        a for o in [*SMALL, f"tag.label_file={library / 'labels.txt'}", "tag.write_features=true"] for a in ("-o", o)
+    ]
     env = {"RAY_ADDRESS": ray_cluster}
     res = run_job("tag.py", *args, "--lstm_weights", str(lstm_weights), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -127,6 +139,11 @@ def test_tag_job_resumes_and_refuses_other_weights(ray_cluster, library, lstm_we
     assert pq.read_table(tmp_path / "out" / "tags").num_rows == 3
 
     with pytest.raises(ConfigError, match="threshold"):
-        run_tag(config(library, "tag.threshold=0.9", "tag.write_features=true"), str(library / "m.list"), str(tmp_path / "out"), str(lstm_weights))
+        run_tag(
+            config(library, "tag.threshold=0.9", "tag.write_features=true"),
+            str(library / "m.list"),
+            str(tmp_path / "out"),
+            str(lstm_weights),
+        )
     missing = run_job("tag.py", *args, env=env)
     assert missing.returncode == 2 and "needs AttentionLSTM weights" in missing.stderr

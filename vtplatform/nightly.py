@@ -153,7 +153,9 @@ def _write_train_labels(config: Config, path: str) -> int:
         log.warning("labels: %s", problem)
     held_ids = pa.array(holdout.column(S.VIDEO_ID).drop_null().to_pylist(), pa.string())
     held_uris = pa.array(holdout.column(S.URI).drop_null().to_pylist(), pa.string())
-    keep = pc.invert(pc.or_kleene(pc.is_in(labels.column(S.VIDEO_ID), held_ids), pc.is_in(labels.column(S.URI), held_uris)))
+    keep = pc.invert(
+        pc.or_kleene(pc.is_in(labels.column(S.VIDEO_ID), held_ids), pc.is_in(labels.column(S.URI), held_uris))
+    )
     table = labels.filter(pc.fill_null(keep, True))
     fs, inner = st.filesystem(path, config.storage)
     st.write_parquet(table, fs, inner)
@@ -234,7 +236,12 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
     def train() -> dict:
         labelled = _write_train_labels(config, train_labels)
         trained = run_train(cfg, where["models"], pretrain=pretrain, label_file=config.tag.label_file, run_name=run_id)
-        return {"labelled": labelled, "videos": trained.train_videos, "epochs": trained.epochs_done, "weights": candidate}
+        return {
+            "labelled": labelled,
+            "videos": trained.train_videos,
+            "epochs": trained.epochs_done,
+            "weights": candidate,
+        }
 
     trained = _step(config, state, "train", summary, train)
     summary.labelled_videos = trained["videos"]
@@ -272,11 +279,15 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
                 "started_at": state["started_at"],
                 "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "data_fingerprint": state["fingerprint"],
-                "config": {k: v for k, v in config.to_dict().items() if k in ("model", "train", "train_run", "nightly")},
+                "config": {
+                    k: v for k, v in config.to_dict().items() if k in ("model", "train", "train_run", "nightly")
+                },
                 "labelled_videos": trained["videos"],
                 "champion_before": champion["model_id"] if champion else None,
                 "candidate": {k: evaluated["candidate"][k] for k in ("gap", "hit_at_one", "perr", "map")},
-                "champion": {k: evaluated["champion"][k] for k in ("gap", "hit_at_one", "perr", "map")} if champion else None,
+                "champion": {k: evaluated["champion"][k] for k in ("gap", "hit_at_one", "perr", "map")}
+                if champion
+                else None,
                 "margin": config.nightly.margin,
                 "decision": decision,
                 "report": report,
@@ -296,14 +307,16 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def decide(candidate: dict, champion: dict | None, margin: float) -> str:
-    """"promoted" when the candidate's GAP beats the champion's by at least ``margin``, "first"
+    """ "promoted" when the candidate's GAP beats the champion's by at least ``margin``, "first"
     when there is no champion yet, else "kept" (the champion stays)."""
     if champion is None:
         return "first"
     return "promoted" if candidate["gap"] >= champion["gap"] + margin else "kept"
 
 
-def ap_changes(candidate: list, champion: list, names: list[str] | None, limit: int = 10) -> list[tuple[int, str, float, float]]:
+def ap_changes(
+    candidate: list, champion: list, names: list[str] | None, limit: int = 10
+) -> list[tuple[int, str, float, float]]:
     """The classes whose holdout AP moved most: (class id, name, champion AP, candidate AP)."""
     rows = []
     for c, (new, old) in enumerate(zip(candidate, champion, strict=True)):
@@ -341,7 +354,12 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
         lines.append(f"| {label} | {cand[key]:.4f} | {'n/a' if old is None else f'{old:.4f}'} | {change} |")
     lines += ["", f"Holdout: {cand['num_videos']} videos.", ""]
     if changes:
-        lines += ["## Per-class AP changes that matter most", "", "| class | name | champion AP | candidate AP | change |", "|---|---|---|---|---|"]
+        lines += [
+            "## Per-class AP changes that matter most",
+            "",
+            "| class | name | champion AP | candidate AP | change |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {c} | {n} | {old:.4f} | {new:.4f} | {new - old:+.4f} |" for c, n, old, new in changes]
     lines += ["", "![metrics](report.png)", ""]
 

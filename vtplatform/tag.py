@@ -97,9 +97,13 @@ class TagStage:
         labels: list[list[int] | None] = [None] * len(feats)
         if ok:
             shape = (spec.num_segments, spec.feature_dim)
-            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok]).astype(np.float32)
+            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok]).astype(
+                np.float32
+            )
             lengths = np.full(len(ok), spec.num_segments, dtype=np.int64)
-            all_probs = 1.0 / (1.0 + np.exp(-forward_logits(self.model, x, lengths)))  # (n, C), as predict computes them
+            all_probs = 1.0 / (
+                1.0 + np.exp(-forward_logits(self.model, x, lengths))
+            )  # (n, C), as predict computes them
             top = top_k_indices(all_probs, spec.top_k)
             for j, i in enumerate(ok):
                 ids[i] = top[j].tolist()
@@ -111,7 +115,9 @@ class TagStage:
         out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
         out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
         out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
-        return out.append_column(TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32()))
+        return out.append_column(
+            TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32())
+        )
 
 
 class TagOutput:
@@ -148,7 +154,9 @@ class TagOutput:
                 st.write_bytes(seed_json_bytes(row), fs, f"{root}/{JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json")
 
 
-def tag_metadata(tsn_fingerprint: str, prov: dict, lstm_state: dict, lstm_source: str, top_k: int, threshold: float, labels: str) -> dict:
+def tag_metadata(
+    tsn_fingerprint: str, prov: dict, lstm_state: dict, lstm_source: str, top_k: int, threshold: float, labels: str
+) -> dict:
     from vtplatform.models.weights import fingerprint
 
     return {
@@ -170,7 +178,9 @@ def check_same_tagger(existing: pa.Schema | None, meta: dict, where: str) -> Non
     keys = ("tsn_weights", "features", "lstm_weights", "top_k", "threshold", "label_fingerprint")
     diff = [k for k in keys if old.get(k) != meta.get(k)]
     if diff:
-        raise ConfigError(f"{st.redact(where)} holds tags made with other settings ({', '.join(diff)} differ); use another --save_dir")
+        raise ConfigError(
+            f"{st.redact(where)} holds tags made with other settings ({', '.join(diff)} differ); use another --save_dir"
+        )
 
 
 def run_tag(
@@ -186,7 +196,14 @@ def run_tag(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from vtplatform.predict import ModelSpec, check_feature_provenance, check_label_names, label_fingerprint, read_label_names, resolve_model
+    from vtplatform.predict import (
+        ModelSpec,
+        check_feature_provenance,
+        check_label_names,
+        label_fingerprint,
+        read_label_names,
+        resolve_model,
+    )
 
     start = time.perf_counter()
     unknown = set(formats) - set(FORMATS)
@@ -204,13 +221,23 @@ def run_tag(
     if names is not None:
         check_label_names(names, model_config.num_classes, config.tag.label_file)
     top_k = config.tag.topk or config.model.topk
-    meta = tag_metadata(fingerprint, prov, loaded.state, loaded.source, top_k, config.tag.threshold, label_fingerprint(names, model_config.num_classes))
+    meta = tag_metadata(
+        fingerprint,
+        prov,
+        loaded.state,
+        loaded.source,
+        top_k,
+        config.tag.threshold,
+        label_fingerprint(names, model_config.num_classes),
+    )
     state = output_state(fs, root, TAGS_DIR)
     check_same_tagger(state.schema, meta, save_dir)
     if config.tag.write_features:
         check_same_extractor(output_state(fs, root, "features").schema, prov, save_dir)
     entries = read_manifest_or_fail(manifest, config)
-    summary = JobSummary("tagging", st.redact(st.canonical_uri(save_dir)), TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num)
+    summary = JobSummary(
+        "tagging", st.redact(st.canonical_uri(save_dir)), TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num
+    )
     todo = plan_todo(entries, state, retry_failed, fs, root, summary)
     log.info("%d videos to tag, %d already done, on %s", todo.num_rows, summary.skipped, spec.device)
     if todo.num_rows:
@@ -229,7 +256,9 @@ def run_tag(
         tag_schema = S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
         outputs: list = [TagOutput(tag_schema, names, "json" in formats)]
         if tag.write_features:
-            outputs.append(FeatureOutput(S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov), False))
+            outputs.append(
+                FeatureOutput(S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov), False)
+            )
         sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file, config.infer.seg_num)
         ds = ray.data.from_arrow(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
         ds = tsn_pipeline(ds, config, spec).map_batches(
@@ -315,11 +344,21 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     if names is not None:
         check_label_names(names, model_config.num_classes, config.tag.label_file)
     top_k = config.tag.topk or config.model.topk
-    meta = tag_metadata(prov.get("weights", ""), prov, loaded.state, loaded.source, top_k, config.tag.threshold, label_fingerprint(names, model_config.num_classes))
+    meta = tag_metadata(
+        prov.get("weights", ""),
+        prov,
+        loaded.state,
+        loaded.source,
+        top_k,
+        config.tag.threshold,
+        label_fingerprint(names, model_config.num_classes),
+    )
     meta["model_id"] = model_id
     tag = config.tag
     spec = TagSpec(
-        lstm=ModelSpec(model_config, loaded.source, config.storage, False, tag.lstm_threads or max(1, int(tag.lstm_cpus))),
+        lstm=ModelSpec(
+            model_config, loaded.source, config.storage, False, tag.lstm_threads or max(1, int(tag.lstm_cpus))
+        ),
         top_k=top_k,
         threshold=tag.threshold,
         feature_dtype=dtype,
@@ -328,10 +367,14 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
         keep_features=False,
     )
     schema = S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
-    sink = ResultSink(save_dir, config.storage, [TagOutput(schema, names, False)], config.output.rows_per_file, segments)
+    sink = ResultSink(
+        save_dir, config.storage, [TagOutput(schema, names, False)], config.output.rows_per_file, segments
+    )
     uris = [p if ffs.type_name == "local" else f"s3://{p}" for p in parts]
     ds = ray.data.from_arrow([pa.table({"path": [u]}) for u in uris])
-    ds = ds.map_batches(_feature_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "skip": done})
+    ds = ds.map_batches(
+        _feature_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "skip": done}
+    )
     ds = ds.map_batches(
         TagStage,
         batch_size=tag.lstm_batch_size,
