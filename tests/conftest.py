@@ -63,8 +63,9 @@ def moto_endpoint(tmp_path_factory):
     if not Path(server).exists():
         pytest.fail(f"moto_server not found at {server}; run the tests with `make test`, which installs it")
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
@@ -81,7 +82,6 @@ def moto_endpoint(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def test_new_data_is_gated_and_a_killed_run_resumes_at_its_step(ray_cluster, set
     assert "resumed at step     evaluate" in resumed.stdout
     assert sorted(p.name for p in (registry / "models" / runs[-1]).iterdir()) == checkpoints  # not trained again
     history = R.history(str(registry), config.storage)
-    assert [h["decision"] for h in history][0] == "first" and len(history) == 2
+    assert history[0]["decision"] == "first" and len(history) == 2
     second = history[1]
     assert second["champion_before"] == first.run_id and second["decision"] in ("promoted", "kept")
     assert second["decision"] == decide(second["candidate"], second["champion"], 0.0)

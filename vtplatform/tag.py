@@ -32,6 +32,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
 from vtplatform.extract import (
+    FEATURES_DIR,
     FeatureOutput,
     check_same_extractor,
     provenance,
@@ -154,21 +155,77 @@ class TagOutput:
                 st.write_bytes(seed_json_bytes(row), fs, f"{root}/{JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json")
 
 
-def tag_metadata(
-    tsn_fingerprint: str, prov: dict, lstm_state: dict, lstm_source: str, top_k: int, threshold: float, labels: str
-) -> dict:
-    from vtplatform.models.weights import fingerprint
+@dataclass
+class Tagger:
+    """The AttentionLSTM side of tagging, resolved once in the driver."""
 
-    return {
+    spec: TagSpec
+    names: list[str] | None
+    meta: dict[str, Any]  # recorded in every tags part
+
+    def schema(self) -> pa.Schema:
+        return S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(self.meta, sort_keys=True).encode()})
+
+    def stage(self, ds, config: Config):
+        """Adds the AttentionLSTM actors to a dataset of rows with ``features`` bytes."""
+        from ray.data import ActorPoolStrategy
+
+        tag = config.tag
+        return ds.map_batches(
+            TagStage,
+            batch_size=tag.lstm_batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=tag.lstm_actors),
+            fn_constructor_kwargs={"spec": self.spec},
+            num_cpus=tag.lstm_cpus,
+            num_gpus=tag.lstm_gpus if self.spec.lstm.use_gpu else 0,
+        )
+
+
+def build_tagger(
+    config: Config, lstm_weights: str, prov: dict[str, Any], feature_dtype: str, use_gpu: bool, keep_features: bool
+) -> Tagger:
+    """Resolves the AttentionLSTM weights for features described by ``prov`` (their provenance),
+    checks that the model was trained on such features, and reads the class names."""
+    from vtplatform.models.weights import fingerprint
+    from vtplatform.predict import (
+        ModelSpec,
+        check_feature_provenance,
+        check_label_names,
+        label_fingerprint,
+        read_label_names,
+        resolve_model,
+    )
+
+    tag = config.tag
+    segments, dim = prov["sampling"]["num_segments"], prov["model"]["feature_dim"]
+    model_config, loaded = resolve_model(config, lstm_weights, dim)
+    check_feature_provenance(config, loaded.meta, prov, "the TSN features")
+    names = read_label_names(tag.label_file, config.storage) if tag.label_file else None
+    if names is not None:
+        check_label_names(names, model_config.num_classes, tag.label_file)
+    top_k = tag.topk or config.model.topk
+    meta = {
         "schema_version": S.SCHEMA_VERSION,
-        "tsn_weights": tsn_fingerprint,
+        "tsn_weights": prov["weights"],
         "features": S.extractor_signature(prov),
-        "lstm_weights": fingerprint(sorted(lstm_state.items())),
-        "lstm_source": st.redact(lstm_source),
+        "lstm_weights": fingerprint(sorted(loaded.state.items())),
+        "lstm_source": st.redact(loaded.source),
         "top_k": top_k,
-        "threshold": threshold,
-        "label_fingerprint": labels,
+        "threshold": tag.threshold,
+        "label_fingerprint": label_fingerprint(names, model_config.num_classes),
     }
+    threads = tag.lstm_threads or max(1, int(tag.lstm_cpus))
+    spec = TagSpec(
+        lstm=ModelSpec(model_config, loaded.source, config.storage, use_gpu, threads),
+        top_k=top_k,
+        threshold=tag.threshold,
+        feature_dtype=feature_dtype,
+        num_segments=segments,
+        feature_dim=dim,
+        keep_features=keep_features,
+    )
+    return Tagger(spec, names, meta)
 
 
 def check_same_tagger(existing: pa.Schema | None, meta: dict, where: str) -> None:
@@ -194,16 +251,6 @@ def run_tag(
 ) -> JobSummary:
     """Tags every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
     import ray
-    from ray.data import ActorPoolStrategy
-
-    from vtplatform.predict import (
-        ModelSpec,
-        check_feature_provenance,
-        check_label_names,
-        label_fingerprint,
-        read_label_names,
-        resolve_model,
-    )
 
     start = time.perf_counter()
     unknown = set(formats) - set(FORMATS)
@@ -215,25 +262,12 @@ def run_tag(
     spec = tsn_spec(config, tsn_weights, resolve_device(config))
     fingerprint, feature_dim = weights_fingerprint(config, tsn_weights)
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
-    model_config, loaded = resolve_model(config, lstm_weights, feature_dim)
-    check_feature_provenance(config, loaded.meta, prov, "the TSN features of this configuration")
-    names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
-    if names is not None:
-        check_label_names(names, model_config.num_classes, config.tag.label_file)
-    top_k = config.tag.topk or config.model.topk
-    meta = tag_metadata(
-        fingerprint,
-        prov,
-        loaded.state,
-        loaded.source,
-        top_k,
-        config.tag.threshold,
-        label_fingerprint(names, model_config.num_classes),
-    )
+    use_gpu = spec.device == "gpu" and config.tag.lstm_gpus > 0
+    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, use_gpu, config.tag.write_features)
     state = output_state(fs, root, TAGS_DIR)
-    check_same_tagger(state.schema, meta, save_dir)
+    check_same_tagger(state.schema, tagger.meta, save_dir)
     if config.tag.write_features:
-        check_same_extractor(output_state(fs, root, "features").schema, prov, save_dir)
+        check_same_extractor(output_state(fs, root, FEATURES_DIR).schema, prov, save_dir)
     entries = read_manifest_or_fail(manifest, config)
     summary = JobSummary(
         "tagging", st.redact(st.canonical_uri(save_dir)), TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num
@@ -241,36 +275,15 @@ def run_tag(
     todo = plan_todo(entries, state, retry_failed, fs, root, summary)
     log.info("%d videos to tag, %d already done, on %s", todo.num_rows, summary.skipped, spec.device)
     if todo.num_rows:
-        tag = config.tag
-        use_gpu = spec.device == "gpu" and tag.lstm_gpus > 0
-        threads = tag.lstm_threads or max(1, int(tag.lstm_cpus))
-        tag_spec = TagSpec(
-            lstm=ModelSpec(model_config, loaded.source, config.storage, use_gpu, threads),
-            top_k=top_k,
-            threshold=tag.threshold,
-            feature_dtype=config.output.dtype,
-            num_segments=config.infer.seg_num,
-            feature_dim=feature_dim,
-            keep_features=tag.write_features,
-        )
-        tag_schema = S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
-        outputs: list = [TagOutput(tag_schema, names, "json" in formats)]
-        if tag.write_features:
-            outputs.append(
-                FeatureOutput(S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov), False)
-            )
+        outputs: list = [TagOutput(tagger.schema(), tagger.names, "json" in formats)]
+        if config.tag.write_features:
+            schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
+            outputs.append(FeatureOutput(schema, write_npy=False))
         sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file, config.infer.seg_num)
         ds = ray.data.from_arrow(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
-        ds = tsn_pipeline(ds, config, spec).map_batches(
-            TagStage,
-            batch_size=tag.lstm_batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=tag.lstm_actors),
-            fn_constructor_kwargs={"spec": tag_spec},
-            num_cpus=tag.lstm_cpus,
-            num_gpus=tag.lstm_gpus if use_gpu else 0,
+        tagger.stage(tsn_pipeline(ds, config, spec), config).write_datasink(
+            sink, concurrency=config.resources.writer_concurrency
         )
-        ds.write_datasink(sink, concurrency=config.resources.writer_concurrency)
         summary.add_sink_stats(sink.stats)
     finalize_output(fs, root, TAGS_DIR, expected=set(todo.column(S.VIDEO_ID).to_pylist()))
     if "hub" in formats:
@@ -326,64 +339,30 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     last step); returns how many it tagged. Tags from different models share ``save_dir``; each
     part records its model in the schema metadata."""
     import ray
-    from ray.data import ActorPoolStrategy
-
-    from vtplatform.predict import ModelSpec, check_label_names, label_fingerprint, read_label_names, resolve_model
 
     ffs, froot = st.filesystem(features, config.storage)
     parts = st.list_files(ffs, froot, ".parquet")
-    fs, root = st.filesystem(save_dir, config.storage)
-    done = frozenset(output_state(fs, root, TAGS_DIR).done)
     if not parts:
         return 0
-    tensor = pq.read_schema(parts[0], filesystem=ffs).field(S.FEATURES).type
-    (segments, dim), dtype = tensor.shape, str(tensor.value_type.to_pandas_dtype().__name__)
-    prov = S.read_provenance(pq.read_schema(parts[0], filesystem=ffs)) or {}
-    model_config, loaded = resolve_model(config, lstm_weights, dim)
-    names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
-    if names is not None:
-        check_label_names(names, model_config.num_classes, config.tag.label_file)
-    top_k = config.tag.topk or config.model.topk
-    meta = tag_metadata(
-        prov.get("weights", ""),
-        prov,
-        loaded.state,
-        loaded.source,
-        top_k,
-        config.tag.threshold,
-        label_fingerprint(names, model_config.num_classes),
-    )
-    meta["model_id"] = model_id
-    tag = config.tag
-    spec = TagSpec(
-        lstm=ModelSpec(
-            model_config, loaded.source, config.storage, False, tag.lstm_threads or max(1, int(tag.lstm_cpus))
-        ),
-        top_k=top_k,
-        threshold=tag.threshold,
-        feature_dtype=dtype,
-        num_segments=segments,
-        feature_dim=dim,
-        keep_features=False,
-    )
-    schema = S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+    fs, root = st.filesystem(save_dir, config.storage)
+    done = frozenset(output_state(fs, root, TAGS_DIR).done)
+    schema = pq.read_schema(parts[0], filesystem=ffs)
+    dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
+    tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, use_gpu=False, keep_features=False)
+    tagger.meta["model_id"] = model_id
     sink = ResultSink(
-        save_dir, config.storage, [TagOutput(schema, names, False)], config.output.rows_per_file, segments
+        save_dir,
+        config.storage,
+        [TagOutput(tagger.schema(), tagger.names, False)],
+        config.output.rows_per_file,
+        tagger.spec.num_segments,
     )
     uris = [p if ffs.type_name == "local" else f"s3://{p}" for p in parts]
     ds = ray.data.from_arrow([pa.table({"path": [u]}) for u in uris])
     ds = ds.map_batches(
         _feature_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "skip": done}
     )
-    ds = ds.map_batches(
-        TagStage,
-        batch_size=tag.lstm_batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=tag.lstm_actors),
-        fn_constructor_kwargs={"spec": spec},
-        num_cpus=tag.lstm_cpus,
-    )
-    ds.write_datasink(sink)
+    tagger.stage(ds, config).write_datasink(sink)
     finalize_output(fs, root, TAGS_DIR, expected=set())
     log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
     return sink.stats.get("ok", 0)

@@ -27,11 +27,8 @@ def scale_and_crop(rgb: np.ndarray, short_size: int = 256, target_size: int = 22
     Resizing is Pillow's bilinear filter on uint8, as VideoTag did (it antialiases when
     downscaling, unlike ``cv2.resize``).
     """
-    height, width = rgb.shape[:2]
-    size = scaled_size(width, height, short_size)
-    if size != (width, height):
-        rgb = np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.BILINEAR))
-    h_off, w_off = crop_offsets(size[0], size[1], target_size)
+    rgb = scale(rgb, short_size)
+    h_off, w_off = crop_offsets(rgb.shape[1], rgb.shape[0], target_size)
     return np.ascontiguousarray(rgb[h_off : h_off + target_size, w_off : w_off + target_size])
 
 
@@ -41,3 +38,47 @@ def normalize(frames: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     x -= np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
     x /= np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     return x
+
+
+def scale(rgb: np.ndarray, short_size: int = 256) -> np.ndarray:
+    """VideoTag's ``group_scale`` of one RGB frame (H, W, 3) uint8 (see ``scaled_size``)."""
+    height, width = rgb.shape[:2]
+    size = scaled_size(width, height, short_size)
+    if size == (width, height):
+        return rgb
+    return np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.BILINEAR))
+
+
+def random_crop_offsets(width: int, height: int, target_size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(h_off, w_off) of a random crop: ``w_off`` is drawn first, then ``h_off``, each uniform over
+    every valid offset (both ends included), as ``group_crop(is_center=False)`` draws them."""
+    if width < target_size or height < target_size:
+        raise ValueError(f"frame {width}x{height} is smaller than the crop size {target_size}")
+    w_off = int(rng.integers(0, width - target_size, endpoint=True))
+    h_off = int(rng.integers(0, height - target_size, endpoint=True))
+    return h_off, w_off
+
+
+def group_crop(frames: np.ndarray, h_off: int, w_off: int, target_size: int) -> np.ndarray:
+    """The same crop of every frame: (N, H, W, 3) -> (N, target, target, 3)."""
+    return np.ascontiguousarray(frames[:, h_off : h_off + target_size, w_off : w_off + target_size])
+
+
+def group_flip(frames: np.ndarray) -> np.ndarray:
+    """Horizontal flip of every frame of a video (N, H, W, 3)."""
+    return np.ascontiguousarray(frames[:, :, ::-1])
+
+
+def train_augment(frames: np.ndarray, target_size: int, rng: np.random.Generator) -> np.ndarray:
+    """VideoTag's training transform of one video's scaled frames (N, H, W, 3) uint8: one random
+    crop and one coin flip (probability 0.5) shared by all its frames. Draws, in order: the crop's
+    ``w_off``, ``h_off``, then the flip."""
+    h_off, w_off = random_crop_offsets(frames.shape[2], frames.shape[1], target_size, rng)
+    out = group_crop(frames, h_off, w_off, target_size)
+    return group_flip(out) if rng.random() < 0.5 else out
+
+
+def centre_crop(frames: np.ndarray, target_size: int) -> np.ndarray:
+    """VideoTag's evaluation crop of scaled frames (N, H, W, 3), round-half-even offsets."""
+    h_off, w_off = crop_offsets(frames.shape[2], frames.shape[1], target_size)
+    return group_crop(frames, h_off, w_off, target_size)
