@@ -1,0 +1,405 @@
+"""The decoded-frame cache (the seed's "训练加速"): decode each video once, train many epochs.
+
+A Ray Data job decodes every video of a list in CPU tasks and stores its frames after
+VideoTag's short-side scaling (before any crop), as JPEG or raw uint8, in Parquet shards.
+Layout under the cache root (a local folder or an ``s3://`` prefix)::
+
+    cache.json                        the settings every reader checks (encoding, short side, pool)
+    frames/shard-<hash>.parquet       schema.FRAME_CACHE_FRAMES_SCHEMA; one video per row-group run
+    index/part-<hash>.parquet         schema.FRAME_CACHE_INDEX_SCHEMA; one row per cached video
+    dead_letters/part-<hash>.parquet  videos that could not be decoded
+
+Each video's frames are written in row groups of ``frames_per_row_group`` rows that hold no
+other video, so pool position p lives in row group ``first_row_group + p // G`` at row
+``p % G``: a reader fetches only the row groups of the frames it samples. A task writes its
+shard, then its index part; a rerun skips every video already indexed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import vtplatform
+from vtplatform import schema as S
+from vtplatform import storage as st
+from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.tsn_data import pool_indices, read_list
+from vtplatform.video.decode import BadVideo
+from vtplatform.video.frames import ReadOptions, iter_all_frames, read_frames
+from vtplatform.video.transforms import scale
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "cache.json"
+FRAMES_DIR = "frames"
+INDEX_DIR = "index"
+DEAD_LETTERS_DIR = "dead_letters"
+CACHE_VERSION = 1
+
+
+def cache_settings(config: Config) -> dict[str, Any]:
+    """What a reader must agree with; ``short_size`` is TRAIN's (every phase must use the same)."""
+    fc = config.frame_cache
+    return {
+        "cache_version": CACHE_VERSION,
+        "encoding": fc.encoding,
+        "jpeg_quality": fc.jpeg_quality if fc.encoding == "jpeg" else None,
+        "short_size": config.train.short_size,
+        "keep_frames": fc.keep_frames,
+        "frames_per_row_group": fc.frames_per_row_group,
+        "resize": "pillow-bilinear, exactly 4:3 of the short side unless it already equals short_size",
+    }
+
+
+def read_settings(root_uri: str, storage: StorageSection) -> dict[str, Any] | None:
+    fs, root = st.filesystem(root_uri, storage)
+    path = f"{root}/{SETTINGS_FILE}"
+    if not st.exists(fs, path):
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def open_cache(root_uri: str, storage: StorageSection) -> tuple[dict[str, Any], pa.Table]:
+    """(settings, index) of an existing cache; ``ConfigError`` if ``root_uri`` holds none."""
+    settings = read_settings(root_uri, storage)
+    if settings is None:
+        raise ConfigError(
+            f"no frame cache at {st.redact(root_uri)} (no {SETTINGS_FILE}); build one with jobs/cache_frames.py"
+        )
+    fs, root = st.filesystem(root_uri, storage)
+    return settings, read_index(fs, root)
+
+
+def read_index(fs: pafs.FileSystem, root: str) -> pa.Table:
+    files = st.list_files(fs, f"{root}/{INDEX_DIR}", ".parquet")
+    if not files:
+        return S.FRAME_CACHE_INDEX_SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(f, filesystem=fs, schema=S.FRAME_CACHE_INDEX_SCHEMA) for f in files])
+    seen: set[str] = set()
+    keep = []
+    for i, vid in enumerate(table.column(S.VIDEO_ID).to_pylist()):  # a retried task may index a video twice
+        if vid not in seen:
+            seen.add(vid)
+            keep.append(i)
+    return table.take(pa.array(keep, pa.int64())) if len(keep) != table.num_rows else table
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _encode(rgb: np.ndarray, encoding: str, quality: int | None) -> bytes:
+    if encoding == "uint8":
+        return np.ascontiguousarray(rgb).tobytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class _ShardWriter:
+    """One Parquet shard, written to a local file; each ``add_group`` becomes one row group."""
+
+    def __init__(self, path: str, encoding: str):
+        self.path = path
+        compression = {
+            S.VIDEO_ID: "zstd",
+            S.POSITION: "zstd",
+            S.FRAME_INDEX: "zstd",
+            S.DATA: "zstd" if encoding == "uint8" else "none",
+        }
+        self.writer = pq.ParquetWriter(path, S.FRAME_CACHE_FRAMES_SCHEMA, compression=compression)
+        self.row_groups = 0
+        self.bytes = 0
+
+    def add_group(self, video_id: str, positions: list[int], indices: list[int], data: list[bytes]) -> None:
+        table = pa.table(
+            {S.VIDEO_ID: [video_id] * len(data), S.POSITION: positions, S.FRAME_INDEX: indices, S.DATA: data},
+            schema=S.FRAME_CACHE_FRAMES_SCHEMA,
+        )
+        self.writer.write_table(table, row_group_size=len(data))
+        self.row_groups += 1
+        self.bytes += sum(len(d) for d in data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass(frozen=True)
+class CacheTask:
+    """What a cache task needs, decided by the driver."""
+
+    root: str  # the cache root URI
+    settings: dict[str, Any]
+    read: ReadOptions
+    storage: StorageSection
+
+
+def _cache_one(row: dict, task: CacheTask, shard: _ShardWriter) -> dict:
+    """Appends one video's frames to ``shard``; returns its index row. Raises ``BadVideo``."""
+    settings = task.settings
+    group_size, short = settings["frames_per_row_group"], settings["short_size"]
+    first_group = shard.row_groups
+    pending: list[tuple[int, int, bytes]] = []
+    shape: tuple[int, ...] = ()
+
+    def flush() -> None:
+        if pending:
+            shard.add_group(
+                row[S.VIDEO_ID], [p for p, _, _ in pending], [i for _, i, _ in pending], [d for _, _, d in pending]
+            )
+            pending.clear()
+
+    def add(position: int, index: int, rgb: np.ndarray) -> None:
+        nonlocal shape
+        if shape and rgb.shape != shape:
+            raise BadVideo(
+                "decode", "InconsistentFrameSize", f"frame {index} is {rgb.shape[:2]}, earlier ones {shape[:2]}"
+            )
+        shape = rgb.shape
+        pending.append((position, index, _encode(rgb, settings["encoding"], settings["jpeg_quality"])))
+        if len(pending) == group_size:
+            flush()
+
+    with st.local_copy(row[S.URI], task.storage) as path:
+        if settings["keep_frames"] is None:
+            info, frames = iter_all_frames(path, lambda f: scale(f, short), task.read)
+            count = 0
+            for count, rgb in enumerate(frames, start=1):
+                add(count - 1, count - 1, rgb)
+            num_frames, pool_size, fps, decoder = count, count, info.fps, info.decoder
+            if count == 0:
+                raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
+            if info.num_frames >= 0 and info.num_frames != count:
+                raise BadVideo(
+                    "decode", "UnstableDecode", f"the decoder reported {info.num_frames} frames but yielded {count}"
+                )
+        else:
+            clip = read_frames(
+                path, lambda n: pool_indices(n, settings["keep_frames"]), lambda f: scale(f, short), task.read
+            )
+            for position, (index, rgb) in enumerate(zip(clip.indices.tolist(), clip.frames, strict=True)):
+                add(position, index, rgb)
+            num_frames, pool_size, fps, decoder = clip.num_frames, len(clip.indices), clip.fps, clip.decoder
+    flush()
+    return {
+        S.VIDEO_ID: row[S.VIDEO_ID],
+        S.URI: row[S.URI],
+        S.LABEL: row[S.LABEL],
+        S.NUM_FRAMES: num_frames,
+        S.POOL_SIZE: pool_size,
+        S.HEIGHT: shape[0],
+        S.WIDTH: shape[1],
+        S.FPS: fps,
+        S.DECODER: decoder,
+        S.FIRST_ROW_GROUP: first_group,
+    }
+
+
+def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
+    """A Ray Data task: decodes the batch's videos into one shard, then indexes them.
+
+    Returns one row per video: ``video_id``, ``frames`` cached, ``bytes``, and the failure
+    columns. A video that fails halfway leaves unindexed row groups behind, never a bad entry.
+    """
+    from vtplatform.pipeline import dead_letter_table, part_name
+
+    rows = batch.to_pylist()
+    ids = [r[S.VIDEO_ID] for r in rows]
+    shard_rel = f"{FRAMES_DIR}/{part_name(ids, 'shard')}"
+    fs, root = st.filesystem(task.root, task.storage)
+    indexed, failed, results = [], [], []
+    with tempfile.TemporaryDirectory(prefix="vtp-cache-") as tmp:
+        shard = _ShardWriter(os.path.join(tmp, "shard.parquet"), task.settings["encoding"])
+        try:
+            for row in rows:
+                start, before = time.perf_counter(), shard.bytes
+                try:
+                    entry = _cache_one(row, task, shard)
+                except BadVideo as bad:
+                    failed.append(
+                        row
+                        | {S.STAGE: bad.stage, S.ERROR_TYPE: bad.error_type, S.MESSAGE: st.redact(bad.message)[:2000]}
+                    )
+                    continue
+                except OSError as exc:
+                    failed.append(
+                        row | {S.STAGE: "read", S.ERROR_TYPE: type(exc).__name__, S.MESSAGE: st.redact(str(exc))[:2000]}
+                    )
+                    continue
+                indexed.append(entry | {S.SHARD: shard_rel})
+                results.append(
+                    {
+                        S.VIDEO_ID: row[S.VIDEO_ID],
+                        "frames": entry[S.POOL_SIZE],
+                        "bytes": shard.bytes - before,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+        finally:
+            shard.close()
+        if indexed:
+            _upload(shard.path, fs, f"{root}/{shard_rel}")
+            st.write_parquet(
+                pa.Table.from_pylist(indexed, schema=S.FRAME_CACHE_INDEX_SCHEMA),
+                fs,
+                f"{root}/{INDEX_DIR}/{part_name(ids)}",
+            )
+    if failed:
+        dead = dead_letter_table(
+            [{k: r[k] for k in (S.VIDEO_ID, S.URI, S.STAGE, S.ERROR_TYPE, S.MESSAGE)} for r in failed]
+        )
+        st.write_parquet(dead, fs, f"{root}/{DEAD_LETTERS_DIR}/{part_name(ids)}")
+    results += [
+        {
+            S.VIDEO_ID: r[S.VIDEO_ID],
+            "frames": 0,
+            "bytes": 0,
+            "seconds": 0.0,
+            S.STAGE: r[S.STAGE],
+            S.ERROR_TYPE: r[S.ERROR_TYPE],
+        }
+        for r in failed
+    ]
+    return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+
+
+RESULT_SCHEMA = pa.schema(
+    [
+        (S.VIDEO_ID, pa.string()),
+        ("frames", pa.int64()),
+        ("bytes", pa.int64()),
+        ("seconds", pa.float64()),
+        (S.STAGE, pa.string()),
+        (S.ERROR_TYPE, pa.string()),
+    ]
+)
+
+
+def _upload(local: str, fs: pafs.FileSystem, path: str) -> None:
+    """Moves a finished local file into place atomically (rename locally; one upload on S3)."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.tmp-{os.path.basename(path)}-{os.getpid()}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+        return
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
+@dataclass
+class CacheSummary:
+    save_dir: str
+    listed: int = 0
+    skipped: int = 0  # already cached by an earlier run
+    cached: int = 0
+    frames: int = 0
+    bytes: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    elapsed_seconds: float = 0.0
+
+    def format(self) -> str:
+        lines = [
+            "frame cache summary",
+            f"  listed videos         {self.listed}",
+            f"  skipped (done before) {self.skipped}",
+            f"  cached now            {self.cached} ({self.frames} frames, {self.bytes / 2**20:.1f} MiB)",
+            f"  failed                {sum(self.failed.values())}",
+        ]
+        lines += [f"    failed {reason:<26} {count}" for reason, count in sorted(self.failed.items())]
+        lines += [f"  wall time             {self.elapsed_seconds:.1f} s", f"  cache                 {self.save_dir}"]
+        return "\n".join(lines)
+
+
+def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool = False) -> CacheSummary:
+    """Caches every listed video not yet in ``save_dir``. Needs ``ray.init()``."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    start = time.perf_counter()
+    if config.model.format == "frames":
+        raise ConfigError(
+            "MODEL.format is frames: those lists are decoded frames already; the cache is built from videos"
+        )
+    fs, root = st.filesystem(save_dir, config.storage)
+    settings = cache_settings(config)
+    existing = read_settings(save_dir, config.storage)
+    if existing is not None and {k: existing.get(k) for k in settings} != settings:
+        diff = [f"{k}: {existing.get(k)!r} != {v!r}" for k, v in settings.items() if existing.get(k) != v]
+        raise ConfigError(
+            f"{st.redact(save_dir)} holds a cache made with other settings ({'; '.join(diff)}); use another --save_dir"
+        )
+    if existing is None:
+        record = settings | {
+            "vtplatform_version": vtplatform.__version__,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        st.write_bytes(json.dumps(record, indent=2).encode(), fs, f"{root}/{SETTINGS_FILE}")
+    videos = read_list(filelist, config, labelled=False)
+    summary = CacheSummary(save_dir=st.redact(save_dir), listed=len(videos) + len(videos.rejected))
+    for r in videos.rejected:
+        summary.failed[f"manifest/{r[S.ERROR_TYPE]}"] = summary.failed.get(f"manifest/{r[S.ERROR_TYPE]}", 0) + 1
+    done = set(read_index(fs, root).column(S.VIDEO_ID).to_pylist())
+    if not retry_failed:
+        done |= set(st.read_column(fs, f"{root}/{DEAD_LETTERS_DIR}", S.VIDEO_ID).to_pylist())
+    ids = videos.entries.column(S.VIDEO_ID).to_pylist()
+    todo = videos.entries.filter(pa.array([v not in done for v in ids], pa.bool_()))
+    summary.skipped = len(ids) - todo.num_rows
+    log.info("frame cache: %d videos to decode, %d done before", todo.num_rows, summary.skipped)
+    if todo.num_rows:
+        res, per_file = config.resources, config.frame_cache.videos_per_file
+        task = CacheTask(
+            save_dir,
+            settings,
+            ReadOptions(config.extract.decoder, config.extract.decode_threads, config.extract.chunk_frames),
+            config.storage,
+        )
+        plan = todo.select([S.VIDEO_ID, S.URI, S.LABEL])
+        ds = ray.data.from_arrow([plan.slice(i, per_file) for i in range(0, plan.num_rows, per_file)])
+        ds = ds.map_batches(
+            write_shard,
+            batch_size=per_file,
+            batch_format="pyarrow",
+            compute=TaskPoolStrategy(size=res.decode_concurrency),
+            fn_kwargs={"task": task},
+            num_cpus=res.decode_cpus,
+            max_retries=res.decode_max_retries,
+        )
+        reasons: collections.Counter = collections.Counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for r in batch.to_pylist():
+                if r[S.ERROR_TYPE] is None:
+                    summary.cached += 1
+                    summary.frames += r["frames"]
+                    summary.bytes += r["bytes"]
+                else:
+                    reasons[f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"] += 1
+        for reason, count in reasons.items():
+            summary.failed[reason] = summary.failed.get(reason, 0) + count
+    summary.elapsed_seconds = time.perf_counter() - start
+    with contextlib.suppress(OSError):
+        st.write_bytes(
+            json.dumps(asdict(summary), indent=2).encode(),
+            fs,
+            f"{root}/runs/{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.json",
+        )
+    return summary
