@@ -134,13 +134,14 @@ class ExtractSection:
     decoder: str = "auto"  # auto (decord, then PyAV) | decord | pyav
     decode_threads: int = 1
     chunk_frames: int = 8  # full-size frames held at once while decoding
+    decord_max_frames: int = 1200  # longer videos stream through PyAV in one pass (decoder auto)
     precision: str = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16
     seed: int = 0  # random-init seed when no weights are given
 
     def __post_init__(self) -> None:
         _choice("extract", "decoder", self.decoder, ("auto", "decord", "pyav"))
         _choice("extract", "precision", self.precision, ("auto", "float32", "float16"))
-        _positive("extract", self, "decode_threads", "chunk_frames")
+        _positive("extract", self, "decode_threads", "chunk_frames", "decord_max_frames")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ def decode_options(config: Config) -> DecodeOptions:
         decoder=config.extract.decoder,
         threads=config.extract.decode_threads,
         chunk_frames=config.extract.chunk_frames,
+        decord_max_frames=config.extract.decord_max_frames,
     )
 
 

@@ -59,6 +59,23 @@ def test_samples_the_right_frames_of_a_long_clip(tmp_path, decoder):
     assert out.indices.tolist() == list(range(0, 600, 2))
 
 
+def test_long_videos_stream_through_pyav(tmp_path):
+    clip = write_indexed_clip(tmp_path / "long.mp4", 700, bf="3")
+    streamed = sample_clip(str(clip), DecodeOptions(decord_max_frames=500))
+    assert streamed.decoder == "pyav-stream" and streamed.num_frames == 700
+    assert [frame_ordinal(f) for f in streamed.frames] == streamed.indices.tolist()
+    by_decord = sample_clip(str(clip), DecodeOptions(decoder="decord", decord_max_frames=500))
+    assert by_decord.decoder == "decord"  # an explicit choice is kept
+    np.testing.assert_array_equal(streamed.frames, by_decord.frames)
+    np.testing.assert_array_equal(streamed.indices, by_decord.indices)
+
+
+def test_stream_falls_back_when_the_index_promises_more_frames():
+    # decord indexes 50 packets; only 49 decode: the stream comes up short and PyAV counts first.
+    out = sample_clip(str(EXAMPLES / "decord_corrupted.mp4"), DecodeOptions(decord_max_frames=10))
+    assert (out.decoder, out.num_frames) == ("pyav", 49)
+
+
 def test_short_clip_wraps_and_segments_option(tmp_path):
     clip = write_indexed_clip(tmp_path / "short.mkv", 7, width=160, height=120)
     out = sample_clip(str(clip), DecodeOptions(num_segments=10))
@@ -145,15 +162,23 @@ def test_unreadable_file(tmp_path):
 
 
 PEAK_RSS = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from vtplatform.video.decode import DecodeOptions, sample_clip
 sample_clip(sys.argv[1], DecodeOptions(decoder=sys.argv[2]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's peak across fork+exec)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024)
+"""
+HOLD_ALL = """
+import sys
+import av
+with av.open(sys.argv[1]) as c:
+    frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]  # what the seed's loader did
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024)
 """
 
 
-@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("decoder", ["auto", "pyav"])
 def test_peak_memory_does_not_grow_with_length(tmp_path, decoder):
     """Decoding 3000 frames must not hold them: at 480x360 they would take 1.5 GB."""
     short = write_indexed_clip(tmp_path / "short.mp4", 300, 480, 360)
@@ -164,3 +189,9 @@ def test_peak_memory_does_not_grow_with_length(tmp_path, decoder):
         for p in (short, long)
     ]
     assert peaks[1] - peaks[0] < 150, f"peak RSS {peaks[0]} MB for 300 frames, {peaks[1]} MB for 3000 frames"
+    # The measurement can fail: holding every frame, as the seed did, shows the growth.
+    held = [
+        int(subprocess.check_output([sys.executable, "-c", HOLD_ALL, str(p)], text=True).split()[-1])
+        for p in (short, long)
+    ]
+    assert held[1] - held[0] > 1000, f"holding all frames: {held[0]} MB vs {held[1]} MB"

@@ -1,9 +1,13 @@
 """Sampled decoding: a video file -> its VideoTag segment crops, never the whole video in memory.
 
-decord decodes first: it seeks and decodes only what the sampled frames need. Files decord
-rejects (truncated, damaged, codecs its bundled FFmpeg lacks) go to PyAV, which skips packets
-it cannot decode, the way VideoTag's OpenCV loop skipped failed reads. Both paths hold at most
-one chunk of full-size frames at a time plus the (seg, 224, 224, 3) crops.
+decord opens every file first and decodes short and medium videos: it seeks and decodes only
+what the sampled frames need. Long videos (more than ``decord_max_frames``) stream through
+PyAV in one pass that converts only the sampled frames: decord's demuxer thread reads ahead
+into an unbounded packet queue, so its memory grows with the file, while the stream holds one
+frame at a time (and runs at ffmpeg's own decoding speed). Files decord rejects (truncated,
+damaged, codecs its bundled FFmpeg lacks) go to PyAV, which skips packets it cannot decode, the
+way VideoTag's OpenCV loop skipped failed reads. Every path holds at most one chunk of
+full-size frames plus the (seg, 224, 224, 3) crops.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from vtplatform.video.sampling import infer_indices
 from vtplatform.video.transforms import scale_and_crop
 
 log = logging.getLogger(__name__)
-
-DECODERS = ("auto", "decord", "pyav")
 
 
 class BadVideo(Exception):
@@ -41,6 +43,7 @@ class DecodeOptions:
     decoder: str = "auto"
     threads: int = 1
     chunk_frames: int = 8
+    decord_max_frames: int = 1200  # longer videos stream through PyAV (decoder "auto")
 
 
 @dataclass
@@ -62,15 +65,23 @@ def sample_clip(path: str, options: DecodeOptions) -> SampledClip:
     check_readable(path)
     if options.decoder == "pyav":
         return _sample_pyav(path, options)
+    if options.decoder == "auto" and _header_frames(path) > options.decord_max_frames:
+        return _stream_pyav(path, options) or _sample_pyav(path, options)  # decord's index grows with length too
     try:
-        return _sample_decord(path, options)
+        import decord
+
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=options.threads)
+        if options.decoder == "auto" and len(reader) > options.decord_max_frames:  # a header that said less
+            del reader
+            return _stream_pyav(path, options) or _sample_pyav(path, options)
+        return _sample_decord(reader, options)
     except BadVideo:
         raise
     except Exception as exc:  # decord raises RuntimeError or DECORDError (an Exception subclass)
-        if options.decoder == "decord" or not _is_decord_error(exc):
-            if _is_decord_error(exc):
-                raise BadVideo("decode", "DecodeError", f"decord: {_first_line(exc)}") from exc
+        if not _is_decord_error(exc):
             raise
+        if options.decoder == "decord":
+            raise BadVideo("decode", "DecodeError", f"decord: {_first_line(exc)}") from exc
         log.info("decord rejected %s (%s); trying PyAV", path, _first_line(exc))
         try:
             return _sample_pyav(path, options)
@@ -109,10 +120,7 @@ def _assemble(unique: np.ndarray, crops: np.ndarray, indices: np.ndarray) -> np.
     return crops[np.searchsorted(unique, indices)]
 
 
-def _sample_decord(path: str, options: DecodeOptions) -> SampledClip:
-    import decord
-
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=options.threads)
+def _sample_decord(reader, options: DecodeOptions) -> SampledClip:
     num_frames = len(reader)
     if num_frames < 1:
         raise BadVideo("decode", "NoFrames", "the video stream has no frames")
@@ -149,20 +157,98 @@ def _open_pyav(path: str):
 
 
 def _pyav_frames(path: str, threads: int) -> Iterator:
-    """Yields every frame PyAV can decode, skipping packets that fail (as VideoTag skipped reads)."""
+    """Yields every frame PyAV can decode: a packet that fails to decode is skipped (as VideoTag
+    skipped failed reads), and a demuxing error ends the stream there."""
     import av
 
     container = _open_pyav(path)
     try:
         stream = container.streams.video[0]
         stream.thread_count = threads
-        for packet in container.demux(stream):
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError as exc:
+                log.info("%s: demuxing stopped early: %s", path, exc)
+                break
             try:
                 yield from packet.decode()
             except av.error.FFmpegError:
                 continue
     finally:
         container.close()
+
+
+def _header_frames(path: str) -> int:
+    """The frame count the container declares (or duration x rate), without decoding; 0 if unknown."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return 0
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            if stream.duration and stream.time_base and stream.average_rate:
+                return int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+    except av.error.FFmpegError:
+        pass
+    return 0
+
+
+def _count_packets(path: str) -> int:
+    """Video packets in the file, by demuxing alone (no decoding): a long video's frame count."""
+    import av
+
+    container = _open_pyav(path)
+    try:
+        return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+    except av.error.FFmpegError as exc:
+        raise BadVideo("decode", "DecodeError", f"PyAV cannot demux the file: {exc}") from exc
+    finally:
+        container.close()
+
+
+def _stream_pyav(path: str, options: DecodeOptions) -> SampledClip | None:
+    """One PyAV pass over a long video, converting only the sampled frames; the frame count comes
+    from demuxing alone. None when fewer frames decode than packets were counted (a damaged
+    file): the caller then counts decodable frames first."""
+    num_frames = _count_packets(path)
+    if num_frames < 1:
+        return None
+    indices = infer_indices(num_frames, options.num_segments)
+    unique = np.unique(indices)
+    crops, size = _pyav_crops(path, options, unique)
+    if len(crops) != len(unique):
+        log.info("%s: only some of its %d packets decode; counting decodable frames", path, num_frames)
+        return None
+    return SampledClip(
+        frames=_assemble(unique, np.stack(crops), indices),
+        indices=indices.astype(np.int32),
+        num_frames=num_frames,
+        fps=_pyav_fps(path),
+        width=int(size[1]),
+        height=int(size[0]),
+        decoder="pyav-stream",
+    )
+
+
+def _pyav_crops(path: str, options: DecodeOptions, unique: np.ndarray) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """The crops of the frames whose ordinals are in ``unique`` (sorted), in one decoding pass."""
+    wanted = set(unique.tolist())
+    crops, size = [], (0, 0)
+    for ordinal, frame in enumerate(_pyav_frames(path, options.threads)):
+        if ordinal in wanted:
+            rgb = np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4)
+            size = rgb.shape[:2]
+            crops.append(scale_and_crop(np.ascontiguousarray(rgb), options.short_size, options.target_size))
+        if ordinal >= unique[-1]:
+            break
+    return crops, size
 
 
 def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
@@ -176,16 +262,7 @@ def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
         raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
     indices = infer_indices(num_frames, options.num_segments)
     unique = np.unique(indices)
-    wanted = set(unique.tolist())
-    crops, size = [], (0, 0)
-    for ordinal, frame in enumerate(_pyav_frames(path, options.threads)):  # pass 2: keep the samples
-        if ordinal > unique[-1]:
-            break
-        if ordinal not in wanted:
-            continue
-        rgb = np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4)
-        size = rgb.shape[:2]
-        crops.append(scale_and_crop(np.ascontiguousarray(rgb), options.short_size, options.target_size))
+    crops, size = _pyav_crops(path, options, unique)  # pass 2: keep the samples
     if len(crops) != len(unique):
         raise BadVideo(
             "decode", "UnstableDecode", f"decoded {len(crops)} of {len(unique)} sampled frames on the second pass"
