@@ -56,7 +56,7 @@ def main() -> int:
     p.add_argument("--model_name", default=None, help=f"one of {sorted(EVALUATORS)} (default: MODEL.name)")
     p.add_argument("--weights", required=True, help="checkpoint folder, run folder or weight file (local or s3://)")
     p.add_argument(
-        "--save_dir", default="data/eval_results/attention_lstm", help="folder or s3:// prefix for report.json"
+        "--save_dir", default=None, help="folder or s3:// prefix for report.json (default: data/eval_results/MODEL)"
     )
     p.add_argument("--filelist", default=None, help="labelled videos (default: TEST.filelist)")
     p.add_argument("--features", default=None, help="feature table from jobs/extract.py (sets data.features)")
@@ -67,6 +67,7 @@ def main() -> int:
 
     config = load_config(args.config, args.override + ([f"data.features={args.features}"] if args.features else []))
     evaluate = pick(args.model_name, config)
+    args.save_dir = args.save_dir or f"data/eval_results/{config.model.name.lower()}"
     cli.init_ray()
     return evaluate(config, args)
 

@@ -1,2 +1,2 @@
 """Training on Ray Train: the Paddle backend (``backend``), checkpoints (``checkpoint``), and the
-AttentionLSTM fine-tune (``lstm``)."""
+fine-tunes of the AttentionLSTM (``lstm``) and of TSN (``tsn``)."""

@@ -620,7 +620,8 @@ def write_curves(history: list[dict[str, Any]], run: str, storage: StorageSectio
     ax_loss.set(xlabel="epoch", ylabel="loss (sum over classes, per video)", title="loss")
     ax_gap.set(xlabel="epoch", ylabel="GAP", title="validation GAP", ylim=(0, 1))
     for ax in (ax_loss, ax_gap):
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no validation: the GAP panel stays empty
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -15,6 +15,7 @@ one taken mid-epoch, sees exactly the batches the uninterrupted run would have s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -128,7 +129,7 @@ def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int)
         compute=TaskPoolStrategy(size=load.concurrency),
         fn_kwargs={"spec": clip},
         num_cpus=load.cpus,
-        max_retries=load.max_retries,
+        ray_remote_args_fn=functools.partial(dict, max_retries=load.max_retries),  # a finite retry count
     )
     return ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=load.prefetch_batches)
 
