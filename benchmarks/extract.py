@@ -12,6 +12,8 @@
     and inference engine, separates what pipelining buys from what the engine buys.
 (c) peak memory (max RSS of a fresh process) of decoding a 10-minute clip against a 10-second
     one, for our decoders and for the seed's decode-everything loop.
+(d) the CPU inference engine: ResNet-101 frames/s and GFLOP/s of dygraph as it comes and of the
+    Paddle Inference path the TSN actors use, against numpy's sgemm on the same cores.
 """
 
 from __future__ import annotations
@@ -208,12 +210,37 @@ def bench_memory(workdir: Path) -> None:
     )
 
 
+RESNET101_GFLOP = 7.8 * 2  # multiply-adds per 224x224 frame, counted as 2 FLOPs
+
+
+def bench_engine(frames: int = 16) -> None:
+    from vtplatform.inference import frame_engine
+    from vtplatform.models.tsn import TSNConfig, load_backbone
+
+    threads = os.cpu_count() or 2
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    a @ a
+    sgemm = best_of(lambda: a @ a)
+    sgemm_gflops = 2 * 2048**3 / sgemm / 1e9
+    model, _ = load_backbone(TSNConfig(101), None)
+    batch = np.random.default_rng(1).integers(0, 256, (frames, 224, 224, 3), dtype=np.uint8)
+    print(f"\n(d) ResNet-101 on {threads} CPU threads, {frames} frames per call, best of 3")
+    print(f"    numpy sgemm 2048^3: {sgemm_gflops:.0f} GFLOP/s")
+    for runtime in ("dygraph", "auto"):
+        engine = frame_engine(model, "cpu", "float32", threads=threads, runtime=runtime)
+        engine(batch[:2])
+        seconds = best_of(lambda e=engine: e(batch)) / frames
+        name = "dygraph as it comes" if runtime == "dygraph" else "Paddle Inference + oneDNN"
+        gflops = RESNET101_GFLOP / seconds
+        print(f"    {name:<26} {seconds:.3f} s/frame  {gflops:5.0f} GFLOP/s  ({gflops / sgemm_gflops:.2f} of sgemm)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--segments", type=int, default=32)
     p.add_argument("--videos", type=int, default=12)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     skip = set(filter(None, args.skip.split(",")))
@@ -225,6 +252,8 @@ def main() -> None:
             bench_pipeline(clips, args.depth, args.segments, args.videos, Path(tmp))
         if "c" not in skip:
             bench_memory(Path(tmp))
+        if "d" not in skip:
+            bench_engine()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def frame_ordinal(rgb: np.ndarray) -> int:
     return round(low / 4) + 64 * round(high / 16)
 
 
+PIX_FMTS = {"ffv1": "yuv444p", "mjpeg": "yuvj420p", "prores": "yuv422p10le"}
+
+
 def write_indexed_clip(
     path: Path,
     num_frames: int,
@@ -39,10 +42,11 @@ def write_indexed_clip(
     codec: str = "libx264",
     **options: str,
 ) -> Path:
-    """A clip whose frame i is ``indexed_frame(i)``; lossless for libx264 (qp 0) and ffv1."""
-    opts = {"qp": "0", "preset": "ultrafast"} if codec == "libx264" else {}
+    """A clip whose frame i is ``indexed_frame(i)``: lossless for libx264 (qp 0) and ffv1, and at
+    a high bit rate for the other encoders, so that ``frame_ordinal`` reads every frame back."""
+    opts = {"qp": "0", "preset": "ultrafast"} if codec == "libx264" else {"b": "20M"}
     opts.update(options)
-    pix_fmt = "yuv420p" if codec != "ffv1" else "yuv444p"
+    pix_fmt = PIX_FMTS.get(codec, "yuv420p")
     return write_clip(
         path, (indexed_frame(i, width, height) for i in range(num_frames)), width, height, fps, codec, pix_fmt, opts
     )

@@ -76,6 +76,35 @@ def test_stream_falls_back_when_the_index_promises_more_frames():
     assert (out.decoder, out.num_frames) == ("pyav", 49)
 
 
+CODEC_CASES = [
+    ("h264_bframes.mkv", "libx264", {"bf": "3"}),
+    ("h264.flv", "libx264", {}),
+    ("h264.ts", "libx264", {}),
+    ("hevc.mp4", "libx265", {"x265-params": "log-level=none"}),
+    ("hevc.ts", "libx265", {"x265-params": "log-level=none"}),  # decord seeks to the wrong frames
+    ("vp9.webm", "libvpx-vp9", {}),
+    ("vp8.webm", "libvpx", {}),
+    ("av1.mkv", "libsvtav1", {}),  # decord's FFmpeg cannot decode AV1
+    ("mpeg4_bframes.avi", "mpeg4", {"bf": "3"}),  # decord returns frames out of order
+    ("mpeg4.mp4", "mpeg4", {}),
+    ("mpeg2.mpg", "mpeg2video", {}),  # MPEG-PS: decord returns a neighbour
+    ("mpeg1.mpg", "mpeg1video", {}),
+    ("mjpeg.avi", "mjpeg", {}),
+    ("wmv2.wmv", "wmv2", {}),  # ASF: decord returns a neighbour
+    ("ffv1.mkv", "ffv1", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "codec", "options"), CODEC_CASES, ids=[c[0] for c in CODEC_CASES])
+def test_codecs_and_containers_give_the_sampled_frames(tmp_path, name, codec, options):
+    """Sparse sampling (60 frames, 20 segments) on many codecs and containers returns exactly the
+    frames the rule asks for, whichever decoder the file is routed to."""
+    clip = write_indexed_clip(tmp_path / name, 60, 160, 128, codec=codec, **options)
+    out = sample_clip(str(clip), DecodeOptions(num_segments=20))
+    assert out.num_frames == 60
+    assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist() == list(range(1, 60, 3)), out.decoder
+
+
 def test_short_clip_wraps_and_segments_option(tmp_path):
     clip = write_indexed_clip(tmp_path / "short.mkv", 7, width=160, height=120)
     out = sample_clip(str(clip), DecodeOptions(num_segments=10))

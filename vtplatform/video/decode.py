@@ -1,13 +1,19 @@
 """Sampled decoding: a video file -> its VideoTag segment crops, never the whole video in memory.
 
-decord opens every file first and decodes short and medium videos: it seeks and decodes only
-what the sampled frames need. Long videos (more than ``decord_max_frames``) stream through
-PyAV in one pass that converts only the sampled frames: decord's demuxer thread reads ahead
-into an unbounded packet queue, so its memory grows with the file, while the stream holds one
-frame at a time (and runs at ffmpeg's own decoding speed). Files decord rejects (truncated,
-damaged, codecs its bundled FFmpeg lacks) go to PyAV, which skips packets it cannot decode, the
-way VideoTag's OpenCV loop skipped failed reads. Every path holds at most one chunk of
-full-size frames plus the (seg, 224, 224, 3) crops.
+decord decodes first, for the files it decodes exactly: H.264, HEVC, VP8/9, MJPEG and FFV1 (and
+MPEG-1/2/4 Part 2 without B-frames) in MP4/MOV, Matroska/WebM, AVI and FLV, up to
+``decord_max_frames`` frames. It seeks and decodes only what the sampled frames need.
+
+PyAV takes everything else, in one pass that converts only the sampled frames:
+* long videos: decord's demuxer thread reads ahead into an unbounded packet queue and its index
+  grows with the file, so its memory grows with length; the stream holds one frame at a time and
+  runs at ffmpeg's own decoding speed;
+* MPEG-1/2/4 Part 2 with B-frames, MPEG-PS/TS, ASF/WMV and other containers: there decord's
+  seeking returns the wrong frames (a neighbour, or frames out of order), silently;
+* files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks): PyAV skips packets
+  it cannot decode, the way VideoTag's OpenCV loop skipped failed reads.
+
+Every path holds at most one chunk of full-size frames plus the (seg, 224, 224, 3) crops.
 """
 
 from __future__ import annotations
@@ -65,8 +71,10 @@ def sample_clip(path: str, options: DecodeOptions) -> SampledClip:
     check_readable(path)
     if options.decoder == "pyav":
         return _sample_pyav(path, options)
-    if options.decoder == "auto" and _header_frames(path) > options.decord_max_frames:
-        return _stream_pyav(path, options) or _sample_pyav(path, options)  # decord's index grows with length too
+    if options.decoder == "auto":
+        probe = _probe(path)
+        if probe is not None and (not probe.decord_exact or probe.frames > options.decord_max_frames):
+            return _stream_pyav(path, options) or _sample_pyav(path, options)
     try:
         import decord
 
@@ -182,22 +190,43 @@ def _pyav_frames(path: str, threads: int) -> Iterator:
         container.close()
 
 
-def _header_frames(path: str) -> int:
-    """The frame count the container declares (or duration x rate), without decoding; 0 if unknown."""
+# Where decord's frame-accurate seeking was checked against PyAV's sequential decoding (tests).
+DECORD_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"}
+DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mjpeg", "ffv1"}
+DECORD_CODECS_WITHOUT_B_FRAMES = {"mpeg4", "mpeg1video", "mpeg2video", "msmpeg4v2", "msmpeg4v3", "wmv1", "wmv2"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    container: str
+    codec: str
+    has_b_frames: bool
+    frames: int  # declared by the container (or duration x rate); 0 if unknown
+
+    @property
+    def decord_exact(self) -> bool:
+        """Whether decord returns the right frames for this file when it seeks."""
+        if self.container not in DECORD_CONTAINERS:
+            return False
+        return self.codec in DECORD_CODECS or (self.codec in DECORD_CODECS_WITHOUT_B_FRAMES and not self.has_b_frames)
+
+
+def _probe(path: str) -> Probe | None:
+    """What the container header says, without decoding; None when PyAV cannot open the file."""
     import av
 
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                return 0
+                return None
             stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
-            if stream.duration and stream.time_base and stream.average_rate:
-                return int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+            frames = int(stream.frames or 0)
+            if not frames and stream.duration and stream.time_base and stream.average_rate:
+                frames = int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+            ctx = stream.codec_context
+            return Probe(container.format.name, ctx.name, bool(ctx.has_b_frames), frames)
     except av.error.FFmpegError:
-        pass
-    return 0
+        return None
 
 
 def _count_packets(path: str) -> int:
