@@ -232,7 +232,9 @@ def bench_engine(frames: int = 16) -> None:
         seconds = best_of(lambda e=engine: e(batch)) / frames
         name = "dygraph as it comes" if runtime == "dygraph" else "Paddle Inference + oneDNN"
         gflops = RESNET101_GFLOP / seconds
-        print(f"    {name:<26} {seconds:.3f} s/frame  {gflops:5.0f} GFLOP/s  ({gflops / sgemm_gflops:.2f} of sgemm)")
+        print(
+            f"    {name:<26} {seconds:.3f} s/frame  {gflops:5.0f} GFLOP/s  ({gflops / sgemm_gflops:.2f} of sgemm; FLOPs = 2 x multiply-adds)"
+        )
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from vtplatform.pipeline import (
     ResultSink,
     finalize_output,
     input_blocks,
+    map_cpu_tasks,
     output_state,
     plan_todo,
     resolve_device,
@@ -46,7 +47,6 @@ from vtplatform.stages import (
     TSNSpec,
     TSNStage,
     decode_options,
-    decode_resources,
     decode_videos,
     tsn_resources,
 )
@@ -174,16 +174,17 @@ def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
 
 def tsn_pipeline(ds, config: Config, spec: TSNSpec):
     """``(video_id, uri)`` rows -> decode tasks -> TSN actors: rows with ``features`` bytes."""
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy
 
     res = config.resources
-    ds = ds.map_batches(
+    ds = map_cpu_tasks(
+        ds,
         decode_videos,
         batch_size=res.decode_batch_size,
-        batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=res.decode_concurrency),
+        num_cpus=res.decode_cpus,
+        concurrency=res.decode_concurrency,
+        max_retries=res.decode_max_retries,
         fn_kwargs={"options": decode_options(config), "storage": config.storage},
-        **decode_resources(config),
     )
     return ds.map_batches(
         TSNStage,

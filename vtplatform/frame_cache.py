@@ -333,7 +333,8 @@ class CacheSummary:
 def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool = False) -> CacheSummary:
     """Caches every listed video not yet in ``save_dir``. Needs ``ray.init()``."""
     import ray
-    from ray.data import TaskPoolStrategy
+
+    from vtplatform.pipeline import map_cpu_tasks
 
     start = time.perf_counter()
     if config.model.format == "frames":
@@ -375,14 +376,14 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
         )
         plan = todo.select([S.VIDEO_ID, S.URI, S.LABEL])
         ds = ray.data.from_arrow([plan.slice(i, per_file) for i in range(0, plan.num_rows, per_file)])
-        ds = ds.map_batches(
+        ds = map_cpu_tasks(
+            ds,
             write_shard,
             batch_size=per_file,
-            batch_format="pyarrow",
-            compute=TaskPoolStrategy(size=res.decode_concurrency),
-            fn_kwargs={"task": task},
             num_cpus=res.decode_cpus,
+            concurrency=res.decode_concurrency,
             max_retries=res.decode_max_retries,
+            fn_kwargs={"task": task},
         )
         reasons: collections.Counter = collections.Counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

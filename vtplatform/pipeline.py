@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import hashlib
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,6 +64,32 @@ def resolve_device(config: Config) -> str:
     if choice == "auto":
         return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     return "gpu" if choice == "true" else "cpu"
+
+
+def map_cpu_tasks(
+    ds, fn, *, batch_size: int | None, num_cpus: float, concurrency: int | None, max_retries: int, **kwargs
+):
+    """``ds.map_batches(fn)`` on pyarrow batches as Ray CPU tasks, with a bounded retry count.
+
+    Ray Data retries a task whose worker died (say, a decoder crashed on one video) forever by
+    default, which would stall the job; ``max_retries`` bounds it. Ray 2.60 takes it only through
+    ``ray_remote_args_fn``, deprecated for Ray 2.64 (the pinned minor keeps it), so that warning is
+    silenced here. A ``ray_remote_args_fn`` also keeps these tasks from being fused into a
+    following actor stage: they stay parallel CPU tasks.
+    """
+    from ray.data import TaskPoolStrategy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+        return ds.map_batches(
+            fn,
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=TaskPoolStrategy(size=concurrency),
+            num_cpus=num_cpus,
+            ray_remote_args_fn=functools.partial(dict, max_retries=max_retries),
+            **kwargs,
+        )
 
 
 def input_blocks(table: pa.Table, rows_per_task: int, max_blocks: int = 10_000) -> list[pa.Table]:

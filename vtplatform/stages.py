@@ -8,7 +8,6 @@ and the writer turns into a dead letter.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -37,16 +36,6 @@ def decode_options(config: Config) -> DecodeOptions:
         chunk_frames=config.extract.chunk_frames,
         decord_max_frames=config.extract.decord_max_frames,
     )
-
-
-def decode_resources(config: Config) -> dict:
-    """Ray remote args of a decode task: its CPUs, and a finite ``max_retries`` (Ray Data retries a
-    task whose worker died forever by default) given through ``ray_remote_args_fn``, which also
-    keeps Ray Data from fusing decoding into the TSN actors: decoding runs in parallel CPU tasks."""
-    return {
-        "num_cpus": config.resources.decode_cpus,
-        "ray_remote_args_fn": functools.partial(dict, max_retries=config.resources.decode_max_retries),
-    }
 
 
 def decode_videos(batch: pa.Table, options: DecodeOptions, storage: StorageSection) -> pa.Table:

@@ -15,7 +15,6 @@ one taken mid-epoch, sees exactly the batches the uninterrupted run would have s
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -117,19 +116,19 @@ def make_optimizer(spec: TSNTrainSpec, parameters, steps: int):
 def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int):
     """Batches of loaded samples (``CLIP_SCHEMA`` tables) in plan order, loaded by Ray Data CPU tasks."""
     import ray
-    from ray.data import TaskPoolStrategy
 
-    from vtplatform.pipeline import input_blocks
+    from vtplatform.pipeline import input_blocks, map_cpu_tasks
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_arrow(input_blocks(plan, load.videos_per_task))
-    ds = ds.map_batches(
+    ds = map_cpu_tasks(
+        ds,
         load_clips,
-        batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=load.concurrency),
-        fn_kwargs={"spec": clip},
+        batch_size=None,
         num_cpus=load.cpus,
-        ray_remote_args_fn=functools.partial(dict, max_retries=load.max_retries),  # a finite retry count
+        concurrency=load.concurrency,
+        max_retries=load.max_retries,
+        fn_kwargs={"spec": clip},
     )
     return ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=load.prefetch_batches)
 

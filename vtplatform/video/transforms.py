@@ -18,7 +18,7 @@ def scaled_size(width: int, height: int, short_size: int = 256) -> tuple[int, in
 
 def crop_offsets(width: int, height: int, target_size: int = 224) -> tuple[int, int]:
     """(h_off, w_off) of the centre crop, with Python 3's round-half-to-even as in VideoTag."""
-    return int(round((height - target_size) / 2.0)), int(round((width - target_size) / 2.0))
+    return round((height - target_size) / 2.0), round((width - target_size) / 2.0)
 
 
 def scale_and_crop(rgb: np.ndarray, short_size: int = 256, target_size: int = 224) -> np.ndarray:
