@@ -55,10 +55,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory):
     """A real S3 protocol server (moto) on loopback, started for this session."""
-    server = (
-        os.environ.get("VTP_MOTO_SERVER")
-        or shutil.which("moto_server")
-        or str(ROOT / ".venv-moto" / "bin" / "moto_server")
+    local = ROOT / ".venv-moto" / "bin" / "moto_server"  # what `make test` installs
+    server = os.environ.get("VTP_MOTO_SERVER") or (
+        str(local) if local.exists() else shutil.which("moto_server") or str(local)
     )
     if not Path(server).exists():
         pytest.fail(f"moto_server not found at {server}; run the tests with `make test`, which installs it")
