@@ -61,7 +61,14 @@ def library(tmp_path_factory):
     (root / "text.mp4").write_text("not a video\n" * 50)
     write_audio_only(root / "audio.m4a")
     (root / "unreadable.mp4").symlink_to("/proc/self/mem")  # reading fails with EIO, even as root
-    good = [*GOOD_CLIPS, "decord_corrupted.mp4", "same/mmaction2_demo.mp4", "one_frame.mp4", "full.mp4", "truncated.mp4"]
+    good = [
+        *GOOD_CLIPS,
+        "decord_corrupted.mp4",
+        "same/mmaction2_demo.mp4",
+        "one_frame.mp4",
+        "full.mp4",
+        "truncated.mp4",
+    ]
     bad = {
         "zero.mp4": ("read", "EmptyFile"),
         "random.mp4": ("decode", "DecodeError"),

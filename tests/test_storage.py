@@ -1,7 +1,3 @@
-import os
-
-import pytest
-
 from vtplatform.storage import canonical_uri, derive_video_id, redact, safe_filename
 
 
