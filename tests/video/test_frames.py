@@ -69,3 +69,13 @@ def test_bad_files_raise_bad_video(tmp_path, clip):
 def test_real_clip_streams_as_many_frames_as_decord_counts():
     info, frames = iter_all_frames(str(EXAMPLES / "mmaction2_part_0.mp4"), lambda f: f[:2, :2].copy(), ReadOptions())
     assert sum(1 for _ in frames) == info.num_frames == 32
+
+
+def test_read_frames_gets_exact_frames_where_decord_seeks_wrongly(tmp_path):
+    """MPEG-4 Part 2 with B-frames: decord's sparse seeking returns frames out of order; the
+    reader routes such files to PyAV and gets exactly the chosen frames."""
+    clip = write_indexed_clip(tmp_path / "xvid_like.avi", 60, 160, 128, codec="mpeg4", bf="3")
+    chosen = np.array([5, 17, 42, 43, 58])
+    out = read_frames(str(clip), lambda n: chosen, lambda f: f, ReadOptions())
+    assert out.decoder == "pyav"
+    assert [frame_ordinal(f) for f in out.frames] == chosen.tolist()

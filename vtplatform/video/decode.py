@@ -72,8 +72,8 @@ def sample_clip(path: str, options: DecodeOptions) -> SampledClip:
     if options.decoder == "pyav":
         return _sample_pyav(path, options)
     if options.decoder == "auto":
-        probe = _probe(path)
-        if probe is not None and (not probe.decord_exact or probe.frames > options.decord_max_frames):
+        info = probe(path)
+        if info is not None and (not info.decord_exact or info.frames > options.decord_max_frames):
             return _stream_pyav(path, options) or _sample_pyav(path, options)
     try:
         import decord
@@ -151,7 +151,7 @@ def _sample_decord(reader, options: DecodeOptions) -> SampledClip:
     )
 
 
-def _open_pyav(path: str):
+def open_pyav(path: str):
     import av
 
     try:
@@ -164,12 +164,12 @@ def _open_pyav(path: str):
     return container
 
 
-def _pyav_frames(path: str, threads: int) -> Iterator:
+def pyav_frames(path: str, threads: int) -> Iterator:
     """Yields every frame PyAV can decode: a packet that fails to decode is skipped (as VideoTag
     skipped failed reads), and a demuxing error ends the stream there."""
     import av
 
-    container = _open_pyav(path)
+    container = open_pyav(path)
     try:
         stream = container.streams.video[0]
         stream.thread_count = threads
@@ -211,7 +211,7 @@ class Probe:
         return self.codec in DECORD_CODECS or (self.codec in DECORD_CODECS_WITHOUT_B_FRAMES and not self.has_b_frames)
 
 
-def _probe(path: str) -> Probe | None:
+def probe(path: str) -> Probe | None:
     """What the container header says, without decoding; None when PyAV cannot open the file."""
     import av
 
@@ -233,7 +233,7 @@ def _count_packets(path: str) -> int:
     """Video packets in the file, by demuxing alone (no decoding): a long video's frame count."""
     import av
 
-    container = _open_pyav(path)
+    container = open_pyav(path)
     try:
         return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
     except av.error.FFmpegError as exc:
@@ -259,7 +259,7 @@ def _stream_pyav(path: str, options: DecodeOptions) -> SampledClip | None:
         frames=_assemble(unique, np.stack(crops), indices),
         indices=indices.astype(np.int32),
         num_frames=num_frames,
-        fps=_pyav_fps(path),
+        fps=pyav_fps(path),
         width=int(size[1]),
         height=int(size[0]),
         decoder="pyav-stream",
@@ -270,25 +270,18 @@ def _pyav_crops(path: str, options: DecodeOptions, unique: np.ndarray) -> tuple[
     """The crops of the frames whose ordinals are in ``unique`` (sorted), in one decoding pass."""
     wanted = set(unique.tolist())
     crops, size = [], (0, 0)
-    for ordinal, frame in enumerate(_pyav_frames(path, options.threads)):
+    for ordinal, frame in enumerate(pyav_frames(path, options.threads)):
         if ordinal in wanted:
-            rgb = np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4)
+            rgb = display_rgb(frame)
             size = rgb.shape[:2]
-            crops.append(scale_and_crop(np.ascontiguousarray(rgb), options.short_size, options.target_size))
+            crops.append(scale_and_crop(rgb, options.short_size, options.target_size))
         if ordinal >= unique[-1]:
             break
     return crops, size
 
 
 def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
-    import av
-
-    try:
-        num_frames = sum(1 for _ in _pyav_frames(path, options.threads))  # pass 1: count, keep nothing
-    except av.error.FFmpegError as exc:
-        raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
-    if num_frames < 1:
-        raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
+    num_frames = pyav_count(path, options.threads)  # pass 1: count, keep nothing
     indices = infer_indices(num_frames, options.num_segments)
     unique = np.unique(indices)
     crops, size = _pyav_crops(path, options, unique)  # pass 2: keep the samples
@@ -300,15 +293,33 @@ def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
         frames=_assemble(unique, np.stack(crops), indices),
         indices=indices.astype(np.int32),
         num_frames=num_frames,
-        fps=_pyav_fps(path),
+        fps=pyav_fps(path),
         width=int(size[1]),
         height=int(size[0]),
         decoder="pyav",
     )
 
 
-def _pyav_fps(path: str) -> float:
-    container = _open_pyav(path)
+def display_rgb(frame) -> np.ndarray:
+    """A PyAV frame as RGB (H, W, 3) uint8, turned the way its display matrix says (decord does this itself)."""
+    return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4))
+
+
+def pyav_count(path: str, threads: int) -> int:
+    """How many frames PyAV can decode (decoding everything, keeping nothing)."""
+    import av
+
+    try:
+        num_frames = sum(1 for _ in pyav_frames(path, threads))
+    except av.error.FFmpegError as exc:
+        raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
+    if num_frames < 1:
+        raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
+    return num_frames
+
+
+def pyav_fps(path: str) -> float:
+    container = open_pyav(path)
     try:
         rate = container.streams.video[0].average_rate or container.streams.video[0].guessed_rate
         return float(rate) if rate else 0.0

@@ -15,7 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vtplatform.video.decode import BadVideo, _first_line, _is_decord_error, _open_pyav, _pyav_frames, check_readable
+from vtplatform.video.decode import (
+    BadVideo,
+    _first_line,
+    _is_decord_error,
+    check_readable,
+    display_rgb,
+    open_pyav,
+    probe,
+    pyav_count,
+    pyav_fps,
+    pyav_frames,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,10 @@ def read_frames(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOp
     check_readable(path)
     if options.decoder == "pyav":
         return _read_pyav(path, choose, per_frame, options)
+    if options.decoder == "auto":
+        info = probe(path)
+        if info is not None and not info.decord_exact:  # where decord's seeking returns wrong frames
+            return _read_pyav(path, choose, per_frame, options)
     try:
         return _read_decord(path, choose, per_frame, options)
     except BadVideo:
@@ -99,42 +114,17 @@ def _read_decord(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadO
     return Frames(frames, indices, num_frames, float(reader.get_avg_fps()), int(size[1]), int(size[0]), "decord")
 
 
-def _rgb(frame) -> np.ndarray:
-    return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4))
-
-
-def _pyav_count(path: str, threads: int) -> int:
-    import av
-
-    try:
-        num_frames = sum(1 for _ in _pyav_frames(path, threads))
-    except av.error.FFmpegError as exc:
-        raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
-    if num_frames < 1:
-        raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
-    return num_frames
-
-
-def _pyav_fps(path: str) -> float:
-    container = _open_pyav(path)
-    try:
-        rate = container.streams.video[0].average_rate or container.streams.video[0].guessed_rate
-        return float(rate) if rate else 0.0
-    finally:
-        container.close()
-
-
 def _read_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames:
-    num_frames = _pyav_count(path, options.threads)  # pass 1: count, keep nothing
+    num_frames = pyav_count(path, options.threads)  # pass 1: count, keep nothing
     indices = _check_indices(choose(num_frames), num_frames)
     unique = np.unique(indices)
     wanted = set(unique.tolist())
     out, size = [], (0, 0)
-    for ordinal, frame in enumerate(_pyav_frames(path, options.threads)):  # pass 2: keep the chosen ones
+    for ordinal, frame in enumerate(pyav_frames(path, options.threads)):  # pass 2: keep the chosen ones
         if ordinal > unique[-1]:
             break
         if ordinal in wanted:
-            rgb = _rgb(frame)
+            rgb = display_rgb(frame)
             size = rgb.shape[:2]
             out.append(per_frame(rgb))
     if len(out) != len(unique):
@@ -142,7 +132,7 @@ def _read_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOpt
             "decode", "UnstableDecode", f"decoded {len(out)} of {len(unique)} chosen frames on the second pass"
         )
     frames = _stack(out)[np.searchsorted(unique, indices)]
-    return Frames(frames, indices, num_frames, _pyav_fps(path), int(size[1]), int(size[0]), "pyav")
+    return Frames(frames, indices, num_frames, pyav_fps(path), int(size[1]), int(size[0]), "pyav")
 
 
 @dataclass
@@ -201,14 +191,14 @@ def _stream_decord(path: str, per_frame: FrameFn, options: ReadOptions) -> tuple
 def _stream_pyav(path: str, per_frame: FrameFn, options: ReadOptions) -> tuple[StreamInfo, Iterator[np.ndarray]]:
     import av
 
-    container = _open_pyav(path)
+    container = open_pyav(path)
     container.close()
-    fps = _pyav_fps(path)
+    fps = pyav_fps(path)
 
     def frames() -> Iterator[np.ndarray]:
         try:
-            for frame in _pyav_frames(path, options.threads):
-                yield per_frame(_rgb(frame))
+            for frame in pyav_frames(path, options.threads):
+                yield per_frame(display_rgb(frame))
         except av.error.FFmpegError as exc:
             raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
 
