@@ -34,6 +34,11 @@ def head_node(tmp_path_factory):
         f"--port={port}",
         f"--dashboard-port={dashboard}",
     ]
+    # Every fixed default port too: another Ray on this machine (a test's local one) may hold them,
+    # and a head whose dashboard agent cannot bind refuses jobs ("No available agent").
+    for flag in ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
+                 "ray-client-server"):  # fmt: skip
+        cmd.append(f"--{flag}-port={_free_port()}")
     cmd += ["--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
     # The cluster's `python` is this environment's, as on a node built from the project's image.
     env = {

@@ -333,3 +333,33 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
     assert S.read_provenance(pq.read_schema(tmp_path / FEATURES_DIR / "part-2.parquet")) == {"weights": "x"}
     with pytest.raises(RuntimeError, match="neither features nor dead letters"):
         finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected={"a", "zzz"})
+
+
+def test_a_video_that_crashes_the_decoder_process_becomes_a_dead_letter(library, tmp_path):
+    """A decoder segfault kills the Ray worker, not just a Python call. The job must dead-letter that
+    video after its retries and still finish every other one. Its own local Ray, so that the
+    workers inherit the fault-injection variable."""
+    poison = tmp_path / "poison.mp4"
+    shutil.copy(EXAMPLES / "mmaction2_demo.mp4", poison)  # a good file: only the hook makes it crash
+    good = [library["root"] / "one_frame.mp4", library["root"] / GOOD_CLIPS[0]]
+    (tmp_path / "m.list").write_text("\n".join(map(str, [good[0], poison, good[1]])) + "\n")
+    res = run_job(
+        "extract.py",
+        "--config",
+        "configs/tsn.yaml",
+        "--filelist",
+        str(tmp_path / "m.list"),
+        "--save_dir",
+        str(tmp_path / "out"),
+        *[a for o in SMALL for a in ("-o", o)],
+        env={"RAY_ADDRESS": "local", "VTP_FAULT_CRASH_DECODE": "poison.mp4"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(read_table(tmp_path / "out").column(S.VIDEO_ID).to_pylist()) == sorted(
+        derive_video_id(str(p)) for p in good
+    )
+    dead = read_dead(tmp_path / "out").to_pylist()
+    assert [(d[S.VIDEO_ID], d[S.STAGE], d[S.ERROR_TYPE]) for d in dead] == [
+        (derive_video_id(str(poison)), "decode", "DecoderCrashed")
+    ]
+    assert "died 2 times" in dead[0][S.MESSAGE] and "decode/DecoderCrashed" in res.stdout

@@ -112,7 +112,8 @@ class ResourcesSection:
     decode_cpus: float = 1.0  # CPUs per decode task
     decode_concurrency: int | None = None  # max decode tasks at once (None: as many as CPUs allow)
     decode_batch_size: int = 1  # videos per decode task
-    decode_max_retries: int = 3  # retries of a decode task whose worker died (Ray Data's default is forever)
+    decode_max_retries: int = 3  # retries of a decode task whose worker died (Ray Data's default is forever);
+    # extraction and tagging dead-letter a video on which 2 attempts died, so keep it >= 2 there
     tsn_actors: int = 1  # TSN actors (1 GPU each when GPUs are used)
     tsn_cpus: float = 1.0  # CPUs Ray reserves per TSN actor
     tsn_threads: int | None = None  # Paddle math threads per TSN actor on CPU (None: max(1, tsn_cpus))

@@ -46,6 +46,7 @@ from vtplatform.pipeline import (
 from vtplatform.stages import (
     TSNSpec,
     TSNStage,
+    decode_ledger,
     decode_options,
     decode_videos,
     tsn_resources,
@@ -184,7 +185,7 @@ def tsn_pipeline(ds, config: Config, spec: TSNSpec):
         num_cpus=res.decode_cpus,
         concurrency=res.decode_concurrency,
         max_retries=res.decode_max_retries,
-        fn_kwargs={"options": decode_options(config), "storage": config.storage},
+        fn_kwargs={"options": decode_options(config), "storage": config.storage, "ledger": decode_ledger()},
     )
     return ds.map_batches(
         TSNStage,

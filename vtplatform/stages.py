@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -24,6 +26,35 @@ log = logging.getLogger(__name__)
 
 DECODE_SECONDS = "decode_seconds"
 INFER_SECONDS = "infer_seconds"
+CRASH_ENV = "VTP_FAULT_CRASH_DECODE"  # test hook: a decode worker segfaults on URIs containing this text
+CRASHES_BEFORE_DEAD_LETTER = 2
+
+
+class DecodeLedger:
+    """Counts, per video, the decode attempts that started and never finished.
+
+    A decoder that segfaults (or a worker killed for memory) takes its Ray task down, and Ray
+    retries the task. Before each video, a decode task asks here how many earlier attempts died on
+    it; past ``CRASHES_BEFORE_DEAD_LETTER`` the video becomes a dead letter instead of taking the
+    next attempt, and the job, down with it. One per pipeline, created by ``decode_ledger()``.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def start(self, video_id: str) -> int:
+        died = self.open.get(video_id, 0)
+        self.open[video_id] = died + 1
+        return died
+
+    def finish(self, video_id: str) -> None:
+        self.open.pop(video_id, None)
+
+
+def decode_ledger():
+    import ray
+
+    return ray.remote(DecodeLedger).options(num_cpus=0).remote()
 
 
 def decode_options(config: Config) -> DecodeOptions:
@@ -38,18 +69,39 @@ def decode_options(config: Config) -> DecodeOptions:
     )
 
 
-def decode_videos(batch: pa.Table, options: DecodeOptions, storage: StorageSection) -> pa.Table:
-    """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure."""
-    rows = [
-        _decode_one(vid, uri, options, storage)
-        for vid, uri in zip(batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist(), strict=True)
-    ]
+def decode_videos(batch: pa.Table, options: DecodeOptions, storage: StorageSection, ledger=None) -> pa.Table:
+    """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure.
+
+    With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter.
+    """
+    rows = []
+    for vid, uri in zip(batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist(), strict=True):
+        if ledger is None:
+            rows.append(_decode_one(vid, uri, options, storage))
+            continue
+        import ray
+
+        died = ray.get(ledger.start.remote(vid))
+        if died >= CRASHES_BEFORE_DEAD_LETTER:
+            message = (
+                f"the process decoding this video died {died} times (a crash in the decoder library, "
+                "or killed for memory); it is not tried again"
+            )
+            rows.append(
+                {S.VIDEO_ID: vid, S.URI: uri} | _failure("decode", "DecoderCrashed", message, time.perf_counter())
+            )
+        else:
+            rows.append(_decode_one(vid, uri, options, storage))
+        ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
     return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(DECODE_SECONDS, pa.float32())))
 
 
 def _decode_one(video_id: str, uri: str, options: DecodeOptions, storage: StorageSection) -> dict:
     start = time.perf_counter()
     row = {S.VIDEO_ID: video_id, S.URI: uri}
+    crash_on = os.environ.get(CRASH_ENV)
+    if crash_on and crash_on in uri:
+        os.kill(os.getpid(), signal.SIGSEGV)
     try:
         with local_copy(uri, storage) as path:
             clip = sample_clip(path, options)
