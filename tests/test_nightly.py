@@ -147,6 +147,49 @@ def test_new_data_is_gated_and_a_killed_run_resumes_at_its_step(ray_cluster, set
     assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["extract", "evaluate", "promote"])
+def test_a_run_killed_after_any_step_resumes_there(ray_cluster, setup, step):
+    """The other kill points (after ``train`` is covered above): the rerun redoes nothing finished."""
+    tmp_path, lib, overrides = setup
+    registry = tmp_path / "registry"
+    config = load_config(ROOT / "configs" / "nightly.yaml", overrides)
+    first = run_nightly(config)
+    for name in LATER:
+        shutil.copy(EXAMPLES / name, lib / name)
+    args = ["--config", "configs/nightly.yaml", *[a for o in [*overrides, "nightly.margin=0.0"] for a in ("-o", o)]]
+    env = {"RAY_ADDRESS": ray_cluster}
+    killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: step})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    features = pq.read_table(registry / "features" / "features").num_rows
+    assert features == len(CLIPS) + len(LATER)  # extraction finished before any kill point
+    runs = sorted(p.name for p in (registry / "runs").iterdir())
+    if step == "extract":  # killed before the run was recorded: the rerun starts it
+        assert runs == [first.run_id]
+    else:
+        state = json.loads((registry / "runs" / runs[-1] / "state.json").read_text())
+        assert state["completed"] == ["train", "evaluate", "promote"][: ["evaluate", "promote"].index(step) + 2]
+        models = sorted(p.name for p in (registry / "models" / runs[-1]).iterdir())
+    history_before = len(R.history(str(registry), config.storage))
+    assert history_before == (2 if step == "promote" else 1)
+
+    resumed = run_job("nightly.py", *args, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected_resume = {"extract": None, "evaluate": "promote", "promote": "tag"}[step]
+    if expected_resume:
+        assert f"resumed at step     {expected_resume}" in resumed.stdout, resumed.stdout[-2000:]
+        assert sorted(p.name for p in (registry / "models" / runs[-1]).iterdir()) == models  # not retrained
+    else:
+        assert "resumed at step" not in resumed.stdout
+    history = R.history(str(registry), config.storage)
+    assert len(history) == 2 and history[1]["champion_before"] == first.run_id  # promoted once, not twice
+    champion = R.read_champion(str(registry), config.storage)
+    assert champion["model_id"] == (history[1]["run_id"] if history[1]["decision"] == "promoted" else first.run_id)
+    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)
+    again = run_job("nightly.py", *args, env=env)  # and the day after, with nothing new, nothing happens
+    assert again.returncode == 0 and len(R.history(str(registry), config.storage)) == 2
+
+
 def test_decide():
     assert decide({"gap": 0.5}, None, 0.01) == "first"
     assert decide({"gap": 0.52}, {"gap": 0.5}, 0.01) == "promoted"
