@@ -54,14 +54,23 @@ def _entrypoints_from_text(text: str) -> list[str]:
 
 
 def _check_command(command: str) -> None:
+    """The script is a real job, every flag is one it takes, and its config loads with its overrides."""
     args = shlex.split(command.split("python", 1)[1])
     script = ROOT / args[0]
     assert script.is_file() and script.parent.name == "jobs", f"{command!r} does not name a jobs/ script"
-    if "--config" in args:
-        config = ROOT / args[args.index("--config") + 1]
-        assert config.is_file(), f"{command!r} names a missing config"
-        load_config(config)  # and it loads
-    assert f"--{args[1].lstrip('-').split('=')[0]}" in script.read_text() or len(args) == 1
+    known = script.read_text() + (ROOT / "vtplatform" / "cli.py").read_text()
+    config, overrides = None, []
+    for i, arg in enumerate(args[1:], start=1):
+        if arg == "-o":
+            overrides.append(args[i + 1])
+        elif arg.startswith("--"):
+            flag, _, value = arg.partition("=")
+            assert f'"{flag}"' in known, f"{command!r}: {script.name} takes no {flag}"
+            if flag == "--config":
+                config = value or args[i + 1]
+    if config is not None:
+        assert (ROOT / config).is_file(), f"{command!r} names a missing config"
+        load_config(ROOT / config, overrides)  # it loads, and every override names a real key
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[str(p.relative_to(ROOT)) for p in MANIFESTS])
