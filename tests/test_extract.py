@@ -335,14 +335,16 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
         finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected={"a", "zzz"})
 
 
-def test_a_video_that_crashes_the_decoder_process_becomes_a_dead_letter(library, tmp_path):
-    """A decoder segfault kills the Ray worker, not just a Python call. The job must dead-letter that
-    video after its retries and still finish every other one. Its own local Ray, so that the
-    workers inherit the fault-injection variable."""
-    poison = tmp_path / "poison.mp4"
-    shutil.copy(EXAMPLES / "mmaction2_demo.mp4", poison)  # a good file: only the hook makes it crash
+def test_videos_that_crash_or_hang_the_decoder_process_become_dead_letters(library, tmp_path):
+    """A decoder segfault kills the Ray worker, not just a Python call, and a hung decoder cannot be
+    interrupted: its watchdog kills the worker. The job must dead-letter such videos after their
+    retries and still finish every other one. Its own local Ray, so that the workers inherit the
+    fault-injection variable."""
+    poison, stuck = tmp_path / "poison.mp4", tmp_path / "stuck.mp4"
+    for path in (poison, stuck):  # good files: only the hook makes them crash or hang
+        shutil.copy(EXAMPLES / "mmaction2_demo.mp4", path)
     good = [library["root"] / "one_frame.mp4", library["root"] / GOOD_CLIPS[0]]
-    (tmp_path / "m.list").write_text("\n".join(map(str, [good[0], poison, good[1]])) + "\n")
+    (tmp_path / "m.list").write_text("\n".join(map(str, [good[0], poison, stuck, good[1]])) + "\n")
     res = run_job(
         "extract.py",
         "--config",
@@ -351,15 +353,17 @@ def test_a_video_that_crashes_the_decoder_process_becomes_a_dead_letter(library,
         str(tmp_path / "m.list"),
         "--save_dir",
         str(tmp_path / "out"),
-        *[a for o in SMALL for a in ("-o", o)],
-        env={"RAY_ADDRESS": "local", "VTP_FAULT_CRASH_DECODE": "poison.mp4"},
+        *[a for o in [*SMALL, "extract.decode_timeout_s=8"] for a in ("-o", o)],
+        env={"RAY_ADDRESS": "local", "VTP_FAULT_DECODE": "crash:poison.mp4,hang:stuck.mp4"},
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(read_table(tmp_path / "out").column(S.VIDEO_ID).to_pylist()) == sorted(
         derive_video_id(str(p)) for p in good
     )
-    dead = read_dead(tmp_path / "out").to_pylist()
+    dead = sorted(read_dead(tmp_path / "out").to_pylist(), key=lambda d: d[S.ERROR_TYPE])
     assert [(d[S.VIDEO_ID], d[S.STAGE], d[S.ERROR_TYPE]) for d in dead] == [
-        (derive_video_id(str(poison)), "decode", "DecoderCrashed")
+        (derive_video_id(str(stuck)), "decode", "DecodeTimeout"),
+        (derive_video_id(str(poison)), "decode", "DecoderCrashed"),
     ]
-    assert "died 2 times" in dead[0][S.MESSAGE] and "decode/DecoderCrashed" in res.stdout
+    assert all("died 2 times" in d[S.MESSAGE] for d in dead) and "over 8.0 s" in dead[0][S.MESSAGE]
+    assert "decode/DecoderCrashed" in res.stdout and "decode/DecodeTimeout" in res.stdout

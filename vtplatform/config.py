@@ -136,6 +136,7 @@ class ExtractSection:
     decode_threads: int = 1
     chunk_frames: int = 8  # full-size frames held at once while decoding
     decord_max_frames: int = 1200  # longer videos stream through PyAV in one pass (decoder auto)
+    decode_timeout_s: float | None = 1800.0  # reading + decoding one video; past it the worker is killed
     precision: str = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16
     seed: int = 0  # random-init seed when no weights are given
 
@@ -143,6 +144,8 @@ class ExtractSection:
         _choice("extract", "decoder", self.decoder, ("auto", "decord", "pyav"))
         _choice("extract", "precision", self.precision, ("auto", "float32", "float16"))
         _positive("extract", self, "decode_threads", "chunk_frames", "decord_max_frames")
+        if self.decode_timeout_s is not None and not self.decode_timeout_s > 0:
+            raise ConfigError(f"extract.decode_timeout_s must be > 0 or null, got {self.decode_timeout_s!r}")
 
 
 @dataclass(frozen=True)

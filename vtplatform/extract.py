@@ -185,7 +185,12 @@ def tsn_pipeline(ds, config: Config, spec: TSNSpec):
         num_cpus=res.decode_cpus,
         concurrency=res.decode_concurrency,
         max_retries=res.decode_max_retries,
-        fn_kwargs={"options": decode_options(config), "storage": config.storage, "ledger": decode_ledger()},
+        fn_kwargs={
+            "options": decode_options(config),
+            "storage": config.storage,
+            "ledger": decode_ledger(),
+            "timeout_s": config.extract.decode_timeout_s,
+        },
     )
     return ds.map_batches(
         TSNStage,

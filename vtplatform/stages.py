@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,29 +27,37 @@ log = logging.getLogger(__name__)
 
 DECODE_SECONDS = "decode_seconds"
 INFER_SECONDS = "infer_seconds"
-CRASH_ENV = "VTP_FAULT_CRASH_DECODE"  # test hook: a decode worker segfaults on URIs containing this text
+FAULT_ENV = (
+    "VTP_FAULT_DECODE"  # test hook, "crash:TEXT" or "hang:TEXT": a decode worker segfaults or hangs on URIs with TEXT
+)
 CRASHES_BEFORE_DEAD_LETTER = 2
 
 
 class DecodeLedger:
     """Counts, per video, the decode attempts that started and never finished.
 
-    A decoder that segfaults (or a worker killed for memory) takes its Ray task down, and Ray
-    retries the task. Before each video, a decode task asks here how many earlier attempts died on
-    it; past ``CRASHES_BEFORE_DEAD_LETTER`` the video becomes a dead letter instead of taking the
-    next attempt, and the job, down with it. One per pipeline, created by ``decode_ledger()``.
+    A decoder that segfaults or hangs (the watchdog then kills its worker), or a worker killed for
+    memory, takes its Ray task down, and Ray retries the task. Before each video, a decode task asks
+    here how many earlier attempts died on it; at ``CRASHES_BEFORE_DEAD_LETTER`` the video becomes a
+    dead letter instead of taking the next attempt, and the job, down with it. One per pipeline,
+    created by ``decode_ledger()``.
     """
 
     def __init__(self) -> None:
         self.open: dict[str, int] = {}
+        self.timeouts: dict[str, int] = {}
 
-    def start(self, video_id: str) -> int:
+    def start(self, video_id: str) -> tuple[int, int]:
         died = self.open.get(video_id, 0)
         self.open[video_id] = died + 1
-        return died
+        return died, self.timeouts.get(video_id, 0)
+
+    def timed_out(self, video_id: str) -> None:
+        self.timeouts[video_id] = self.timeouts.get(video_id, 0) + 1
 
     def finish(self, video_id: str) -> None:
         self.open.pop(video_id, None)
+        self.timeouts.pop(video_id, None)
 
 
 def decode_ledger():
@@ -69,10 +78,14 @@ def decode_options(config: Config) -> DecodeOptions:
     )
 
 
-def decode_videos(batch: pa.Table, options: DecodeOptions, storage: StorageSection, ledger=None) -> pa.Table:
+def decode_videos(
+    batch: pa.Table, options: DecodeOptions, storage: StorageSection, ledger=None, timeout_s: float | None = None
+) -> pa.Table:
     """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure.
 
-    With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter.
+    With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter,
+    and a watchdog kills the process when one video takes over ``timeout_s`` (a hung decoder
+    cannot be interrupted from Python).
     """
     rows = []
     for vid, uri in zip(batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist(), strict=True):
@@ -81,27 +94,54 @@ def decode_videos(batch: pa.Table, options: DecodeOptions, storage: StorageSecti
             continue
         import ray
 
-        died = ray.get(ledger.start.remote(vid))
+        died, timeouts = ray.get(ledger.start.remote(vid))
         if died >= CRASHES_BEFORE_DEAD_LETTER:
-            message = (
-                f"the process decoding this video died {died} times (a crash in the decoder library, "
-                "or killed for memory); it is not tried again"
-            )
-            rows.append(
-                {S.VIDEO_ID: vid, S.URI: uri} | _failure("decode", "DecoderCrashed", message, time.perf_counter())
-            )
+            if timeouts:
+                error_type = "DecodeTimeout"
+                message = f"reading and decoding this video took over {timeout_s} s in {timeouts} of {died} attempts"
+            else:
+                error_type = "DecoderCrashed"
+                message = "a crash in the decoder library, or a worker killed for memory"
+            message = f"the process decoding this video died {died} times ({message}); it is not tried again"
+            rows.append({S.VIDEO_ID: vid, S.URI: uri} | _failure("decode", error_type, message, time.perf_counter()))
         else:
-            rows.append(_decode_one(vid, uri, options, storage))
+            with _watchdog(ledger, vid, timeout_s):
+                rows.append(_decode_one(vid, uri, options, storage))
         ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
     return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(DECODE_SECONDS, pa.float32())))
+
+
+@contextlib.contextmanager
+def _watchdog(ledger, video_id: str, timeout_s: float | None):
+    if timeout_s is None:
+        yield
+        return
+
+    def kill() -> None:
+        import ray
+
+        log.error("decoding %s took over %s s: killing this worker", video_id, timeout_s)
+        ray.get(ledger.timed_out.remote(video_id))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _decode_one(video_id: str, uri: str, options: DecodeOptions, storage: StorageSection) -> dict:
     start = time.perf_counter()
     row = {S.VIDEO_ID: video_id, S.URI: uri}
-    crash_on = os.environ.get(CRASH_ENV)
-    if crash_on and crash_on in uri:
-        os.kill(os.getpid(), signal.SIGSEGV)
+    for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, _, where = fault.partition(":")
+        if where and where in uri:
+            if kind == "crash":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(10**6)  # hang
     try:
         with local_copy(uri, storage) as path:
             clip = sample_clip(path, options)
