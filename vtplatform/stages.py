@@ -27,9 +27,8 @@ log = logging.getLogger(__name__)
 
 DECODE_SECONDS = "decode_seconds"
 INFER_SECONDS = "infer_seconds"
-FAULT_ENV = (
-    "VTP_FAULT_DECODE"  # test hook, "crash:TEXT" or "hang:TEXT": a decode worker segfaults or hangs on URIs with TEXT
-)
+# Test hook: "crash:TEXT,hang:TEXT2" makes a decode worker segfault on URIs containing TEXT, hang on TEXT2.
+FAULT_ENV = "VTP_FAULT_DECODE"
 CRASHES_BEFORE_DEAD_LETTER = 2
 
 
