@@ -60,9 +60,13 @@ class DecodeLedger:
 
 
 def decode_ledger():
+    """A ``DecodeLedger`` on the driver's node (the head under ``ray job submit``), so that losing a
+    worker node (a spot instance) never takes the ledger, and the job, with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(DecodeLedger).options(num_cpus=0).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(DecodeLedger).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 def decode_options(config: Config) -> DecodeOptions:
