@@ -255,15 +255,7 @@ def _stream_pyav(path: str, options: DecodeOptions) -> SampledClip | None:
     if len(crops) != len(unique):
         log.info("%s: only some of its %d packets decode; counting decodable frames", path, num_frames)
         return None
-    return SampledClip(
-        frames=_assemble(unique, np.stack(crops), indices),
-        indices=indices.astype(np.int32),
-        num_frames=num_frames,
-        fps=pyav_fps(path),
-        width=int(size[1]),
-        height=int(size[0]),
-        decoder="pyav-stream",
-    )
+    return _pyav_clip(path, indices, unique, crops, size, num_frames, "pyav-stream")
 
 
 def _pyav_crops(path: str, options: DecodeOptions, unique: np.ndarray) -> tuple[list[np.ndarray], tuple[int, int]]:
@@ -289,6 +281,18 @@ def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
         raise BadVideo(
             "decode", "UnstableDecode", f"decoded {len(crops)} of {len(unique)} sampled frames on the second pass"
         )
+    return _pyav_clip(path, indices, unique, crops, size, num_frames, "pyav")
+
+
+def _pyav_clip(
+    path: str,
+    indices: np.ndarray,
+    unique: np.ndarray,
+    crops: list[np.ndarray],
+    size: tuple[int, int],
+    num_frames: int,
+    decoder: str,
+) -> SampledClip:
     return SampledClip(
         frames=_assemble(unique, np.stack(crops), indices),
         indices=indices.astype(np.int32),
@@ -296,7 +300,7 @@ def _sample_pyav(path: str, options: DecodeOptions) -> SampledClip:
         fps=pyav_fps(path),
         width=int(size[1]),
         height=int(size[0]),
-        decoder="pyav",
+        decoder=decoder,
     )
 
 
