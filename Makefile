@@ -1,5 +1,6 @@
 # make demo   extract features from the bundled clips (local Ray, local storage, CPU)
-# make test   the test suite (starts its own Ray and a moto S3 server on loopback)
+# make test   the whole test suite, slow tests included (starts its own Ray and a moto S3 server on loopback)
+# make test-fast   the inner loop: everything but the slow tests
 # Each target creates its virtual environment on first use.
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 MOTO_VENV := .venv-moto
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-fast test-slow bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed $(MOTO_VENV)/.installed
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests
+
+test-fast: $(VENV)/.installed $(MOTO_VENV)/.installed
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m "not slow"
 
 test-slow: $(VENV)/.installed $(MOTO_VENV)/.installed
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m slow

@@ -17,11 +17,8 @@ from vtplatform import cli
 
 def attention_lstm(config, args) -> int:
     from vtplatform.eval.lstm import format_report, run_eval
-    from vtplatform.predict import wants_gpu
 
-    report = run_eval(
-        config, args.weights, args.save_dir, filelist=args.filelist, use_gpu=wants_gpu(config, config.test.use_gpu)
-    )
+    report = run_eval(config, args.weights, args.save_dir, filelist=args.filelist)
     print(format_report(report, args.save_dir), flush=True)
     return cli.EXIT_OK
 

@@ -16,7 +16,7 @@ from vtplatform import cli
 
 
 def attention_lstm(config, args) -> int:
-    from vtplatform.predict import run_predict, wants_gpu
+    from vtplatform.predict import run_predict
 
     summary = run_predict(
         config,
@@ -26,7 +26,6 @@ def attention_lstm(config, args) -> int:
         filelist=args.filelist,
         top_k=args.infer_topk,
         seed_json=args.seed_json,
-        use_gpu=wants_gpu(config, config.infer.use_gpu),
         whole_table=bool(args.features and not args.filelist),
     )
     print(summary.format(), flush=True)

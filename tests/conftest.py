@@ -33,13 +33,26 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu`` tests run only where Paddle sees a CUDA GPU; elsewhere they are deselected (and
+    counted as such), never silently passed."""
+    import paddle
+
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session; its GCS address lets job subprocesses join it."""
     import ray
 
-    # 2 real cores; 6 logical CPUs so that train workers, TSN actors and decode tasks never starve each other.
-    ctx = ray.init(address="local", num_cpus=6, include_dashboard=False, object_store_memory=2 * 1024**3)
+    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit.
+    ctx = ray.init(address="local", include_dashboard=False, object_store_memory=2 * 1024**3)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

@@ -3,69 +3,26 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import EXAMPLES, ROOT, _free_port
+from tests.conftest import EXAMPLES, ROOT
+from tests.ray_nodes import RAY, start_cluster
 from vtplatform import schema as S
 from vtplatform.storage import derive_video_id
-
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    """A head node of its own (own ports, own temp dir) so that stopping it leaves every other Ray alone."""
-    port, dashboard = _free_port(), _free_port()
-    temp_dir = tmp_path_factory.mktemp("ray-head")
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        f"--dashboard-port={dashboard}",
-    ]
-    # Every fixed default port too: another Ray on this machine (a test's local one) may hold them,
-    # and a head whose dashboard agent cannot bind refuses jobs ("No available agent").
-    for flag in ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
-                 "ray-client-server"):  # fmt: skip
-        cmd.append(f"--{flag}-port={_free_port()}")
-    cmd += ["--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
-    # The cluster's `python` is this environment's, as on a node built from the project's image.
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except Exception:
-            if head.poll() is not None or time.time() > deadline:
-                os.killpg(head.pid, signal.SIGKILL)
-                pytest.fail("the Ray head node did not start")
-            time.sleep(1)
+    """A head node of its own (own ports, own temp dir, the machine's CPUs) so that stopping it
+    leaves every other Ray alone."""
+    cluster = start_cluster()
     try:
-        yield address
+        yield cluster.dashboard
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        cluster.stop()
 
 
 def submit(address: str, *job_args: str, timeout: int = 600) -> subprocess.CompletedProcess:

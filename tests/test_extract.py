@@ -80,7 +80,7 @@ def library(tmp_path_factory):
     }
     lines = [str(root / p) for p in good + list(bad)]
     lines += [str(root / "full.mp4"), str(root / GOOD_CLIPS[0])]  # duplicate entries
-    lines += [f"{root / 'labelled.mp4'} not-a-label"]  # malformed line
+    lines += [f"{root / 'labelled.mp4'}\x00 3"]  # malformed line (a NUL byte)
     (root / "all.list").write_text("\n".join(lines) + "\n")
     return {"root": root, "good": good, "bad": bad, "manifest": root / "all.list"}
 
@@ -105,7 +105,7 @@ def test_bad_inputs_become_dead_letters_and_good_videos_all_succeed(ray_cluster,
     got_dead = {r[S.VIDEO_ID]: (r[S.STAGE], r[S.ERROR_TYPE]) for r in dead.to_pylist() if r[S.STAGE] != "manifest"}
     assert got_dead == expected_dead
     manifest_rows = [r for r in dead.to_pylist() if r[S.STAGE] == "manifest"]
-    assert len(manifest_rows) == 1 and "not-a-label" in manifest_rows[0][S.MESSAGE]
+    assert len(manifest_rows) == 1 and "NUL byte" in manifest_rows[0][S.MESSAGE]
     assert all(r[S.MESSAGE] for r in dead.to_pylist())
 
     assert summary.succeeded == len(good_ids) and summary.duplicates == 2 and summary.skipped == 0

@@ -82,12 +82,32 @@ def test_seed_npy_layout_with_every_kind_of_bad_row(ray_cluster, tmp_path):
 def test_a_malformed_list_line_is_a_bad_row(ray_cluster, tmp_path):
     ids, feats, _ = make_videos(3, SEG, DIM, CLASSES)
     paths = write_npy_files(tmp_path, ids, feats)
-    text = f"{paths[0]} 1 2\n{paths[1]} one\n{paths[2]} 3\n"
+    text = f"{paths[0]} 1 2\n{paths[1]}\x00 1\n{paths[2]} 3\n"
     (tmp_path / "l.list").write_text(text)
-    with pytest.raises(D.DataError, match="line 2"):
+    with pytest.raises(D.DataError, match="line 2: line contains a NUL byte"):
         D.plan_inputs(config(), "train", str(tmp_path / "l.list"))
     inputs = D.plan_inputs(config("data.on_bad_row=skip"), "train", str(tmp_path / "l.list"))
     assert inputs.skipped == {D.BAD_LINE: 1} and len(inputs) == 2
+
+
+def test_list_names_with_spaces_tabs_and_unicode(ray_cluster, tmp_path):
+    """Trailing integers are the labels; the rest of the line, spaces and tabs included, is the
+    path. A word that is not an integer belongs to the path, so it names a missing file."""
+    _, feats, _ = make_videos(3, SEG, DIM, CLASSES, seed=3)
+    names = ["видео 测试 clip", "a  b", "tab\tname"]
+    paths = write_npy_files(tmp_path / "npy dir", names, feats)
+    text = f"{paths[0]} 1 3\n{paths[1]}\t2\n{paths[2]}   0  \n{paths[0]} one\n"
+    (tmp_path / "l.list").write_text(text, encoding="utf-8")
+    labels, problems = D.read_labels(str(tmp_path / "l.list"), StorageSection())
+    assert problems == []
+    assert labels.column(S.VIDEO_ID).to_pylist()[:3] == names  # an .npy names its video by the file stem
+    assert labels.column(S.URI).to_pylist() == [*map(str, paths), f"{paths[0]} one"]
+    assert labels.column(S.LABELS).to_pylist() == [[1, 3], [2], [0], []]
+    inputs = D.plan_inputs(config("data.on_bad_row=skip"), "train", str(tmp_path / "l.list"))
+    assert inputs.skipped == {D.MISSING_FEATURES: 1} and len(inputs) == 3
+    got = rows_of(D.make_dataset(inputs, config()))
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(got[name][0], feats[i])
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import FAKE_SECRET, SEED, run_job
-from tests.synthetic_features import make_videos, write_feature_table, write_list, write_npy_files
+from tests.synthetic_features import make_videos, provenance, write_feature_table, write_list, write_npy_files
 from vtplatform import schema as S
 from vtplatform.config import StorageSection
 from vtplatform.eval.youtube8m import compute_metrics
@@ -243,6 +243,36 @@ def test_job_errors_exit_2_with_one_clear_line(ray_cluster, data, tmp_path):
         env=env,
     )
     assert res.returncode == 2 and "weights not found" in res.stderr
+
+
+def test_eval_and_predict_refuse_features_from_another_extractor(ray_cluster, data, tmp_path):
+    """A checkpoint trained on ResNet-50 features meets a table of ResNet-18 features (same size):
+    both jobs stop with exit code 2 and say what differs; data.check_provenance=false overrides."""
+    import dataclasses
+
+    from vtplatform.models.attention_lstm import fluid_name_map
+    from vtplatform.train import checkpoint
+
+    model_config = AttentionLSTMConfig(DIM, 8, 8, 16, 8, CLASSES)
+    trained_on = provenance(DIM, depth=50)
+    assert provenance(DIM)["model"]["depth"] == 18  # what the table was made with (write_feature_table)
+    ckpt = tmp_path / "ckpt" / "epoch_001_step_0000000"
+    meta = {"model_name": "AttentionLSTM", "model": dataclasses.asdict(model_config), "features": trained_on}
+    checkpoint.save(ckpt, model=build_model(model_config), optimizer=None, name_map=fluid_name_map(), meta=meta)
+    env = {"RAY_ADDRESS": ray_cluster}
+    common = ["--model_name=AttentionLSTM", "--config", "configs/attention_lstm.yaml", "--features", str(data["table"])]
+    common += ["--weights", str(ckpt), *_o(*DIMS, "resources.use_gpu=false", "train_run.cpus_per_worker=0.5")]
+    evaluate = ["eval.py", *common, "--filelist", str(data["root"] / "test.list"), "--save_dir", str(tmp_path / "e")]
+    for args in (evaluate, ["predict.py", *common, "--save_dir", str(tmp_path / "pred")]):
+        res = run_job(*args, env=env)
+        assert res.returncode == 2, (args[0], res.stderr[-3000:])
+        assert "made differently from the features the model was trained on" in res.stderr, res.stderr[-3000:]
+        assert "'depth': 50" in res.stderr and "'depth': 18" in res.stderr  # the difference, named
+        assert "data.check_provenance=false" in res.stderr
+        assert not (tmp_path / "e" / "report.json").exists() and not (tmp_path / "pred" / "predictions").exists()
+    res = run_job(*evaluate, *_o("data.check_provenance=false"), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]  # the checkpoint itself is fine: only the features differ
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["num_videos"] == 5
 
 
 @pytest.mark.slow

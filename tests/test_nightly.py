@@ -4,16 +4,22 @@ same-day rerun that does nothing new, and a run killed after a step that resumes
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import EXAMPLES, ROOT, run_job
+from tests.ray_nodes import kill_later, kill_tree
 from vtplatform import registry as R
 from vtplatform import schema as S
 from vtplatform.config import load_config
-from vtplatform.nightly import STOP_AFTER_ENV, decide, run_nightly
+from vtplatform.faults import NIGHTLY_ENV as STOP_AFTER_ENV
+from vtplatform.nightly import decide, run_nightly
 
 CLIPS = [
     "mmaction2_demo.mp4",
@@ -113,44 +119,10 @@ def test_first_run_promotes_and_a_same_day_rerun_does_nothing_new(ray_cluster, s
 
 
 @pytest.mark.slow
-def test_new_data_is_gated_and_a_killed_run_resumes_at_its_step(ray_cluster, setup):
-    tmp_path, lib, overrides = setup
-    registry = tmp_path / "registry"
-    config = load_config(ROOT / "configs" / "nightly.yaml", overrides)
-    first = run_nightly(config)
-
-    for name in LATER:  # two new videos arrive, with labels
-        shutil.copy(EXAMPLES / name, lib / name)
-    args = ["--config", "configs/nightly.yaml", *[a for o in [*overrides, "nightly.margin=0.0"] for a in ("-o", o)]]
-    env = {"RAY_ADDRESS": ray_cluster}
-    killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: "train"})
-    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL right after the fine-tune was recorded
-    runs = sorted(p.name for p in (registry / "runs").iterdir())
-    assert len(runs) == 2
-    state = json.loads((registry / "runs" / runs[-1] / "state.json").read_text())
-    assert state["completed"] == ["train"] and not state["done"]
-    checkpoints = sorted(p.name for p in (registry / "models" / runs[-1]).iterdir())
-
-    resumed = run_job("nightly.py", *args, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at step     evaluate" in resumed.stdout
-    assert sorted(p.name for p in (registry / "models" / runs[-1]).iterdir()) == checkpoints  # not trained again
-    history = R.history(str(registry), config.storage)
-    assert history[0]["decision"] == "first" and len(history) == 2
-    second = history[1]
-    assert second["champion_before"] == first.run_id and second["decision"] in ("promoted", "kept")
-    assert second["decision"] == decide(second["candidate"], second["champion"], 0.0)
-    champion = R.read_champion(str(registry), config.storage)
-    assert champion["model_id"] == (runs[-1] if second["decision"] == "promoted" else first.run_id)
-    report = (registry / "runs" / runs[-1] / "report.md").read_text()
-    assert "champion" in report and "Per-class AP changes" in report
-    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("step", ["extract", "evaluate", "promote"])
-def test_a_run_killed_after_any_step_resumes_there(ray_cluster, setup, step):
-    """The other kill points (after ``train`` is covered above): the rerun redoes nothing finished."""
+def test_new_data_is_gated_and_a_run_killed_after_each_step_resumes_at_the_next(ray_cluster, setup):
+    """Two new videos arrive. The run is killed right after extract, then after train, evaluate and
+    promote in turn (each rerun resumes where the last one died), then finishes: nothing is
+    redone, the gate decides once, and a further rerun does nothing."""
     tmp_path, lib, overrides = setup
     registry = tmp_path / "registry"
     config = load_config(ROOT / "configs" / "nightly.yaml", overrides)
@@ -159,35 +131,81 @@ def test_a_run_killed_after_any_step_resumes_there(ray_cluster, setup, step):
         shutil.copy(EXAMPLES / name, lib / name)
     args = ["--config", "configs/nightly.yaml", *[a for o in [*overrides, "nightly.margin=0.0"] for a in ("-o", o)]]
     env = {"RAY_ADDRESS": ray_cluster}
-    killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: step})
+
+    killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: "extract"})
     assert killed.returncode == -9, killed.stderr[-3000:]
-    features = pq.read_table(registry / "features" / "features").num_rows
-    assert features == len(CLIPS) + len(LATER)  # extraction finished before any kill point
-    runs = sorted(p.name for p in (registry / "runs").iterdir())
-    if step == "extract":  # killed before the run was recorded: the rerun starts it
-        assert runs == [first.run_id]
-    else:
-        state = json.loads((registry / "runs" / runs[-1] / "state.json").read_text())
-        assert state["completed"] == ["train", "evaluate", "promote"][: ["evaluate", "promote"].index(step) + 2]
-        models = sorted(p.name for p in (registry / "models" / runs[-1]).iterdir())
-    history_before = len(R.history(str(registry), config.storage))
-    assert history_before == (2 if step == "promote" else 1)
+    assert pq.read_table(registry / "features" / "features").num_rows == len(CLIPS) + len(LATER)
+    assert sorted(p.name for p in (registry / "runs").iterdir()) == [first.run_id]  # not recorded yet
+
+    checkpoints: list[str] = []
+    for step, completed, resumes_at in (
+        ("train", ["train"], None),
+        ("evaluate", ["train", "evaluate"], "evaluate"),
+        ("promote", ["train", "evaluate", "promote"], "promote"),
+    ):
+        killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: step})
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        run_id = sorted(p.name for p in (registry / "runs").iterdir() if p.name != first.run_id)[0]
+        if resumes_at:
+            assert f"resuming run {run_id} at step {resumes_at}" in killed.stderr
+            assert sorted(p.name for p in (registry / "models" / run_id).iterdir()) == checkpoints  # not retrained
+        else:
+            checkpoints = sorted(p.name for p in (registry / "models" / run_id).iterdir())
+            assert checkpoints
+        state = json.loads((registry / "runs" / run_id / "state.json").read_text())
+        assert state["completed"] == completed and not state["done"]
+        assert len(R.history(str(registry), config.storage)) == (2 if step == "promote" else 1)
 
     resumed = run_job("nightly.py", *args, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected_resume = {"extract": None, "evaluate": "promote", "promote": "tag"}[step]
-    if expected_resume:
-        assert f"resumed at step     {expected_resume}" in resumed.stdout, resumed.stdout[-2000:]
-        assert sorted(p.name for p in (registry / "models" / runs[-1]).iterdir()) == models  # not retrained
-    else:
-        assert "resumed at step" not in resumed.stdout
+    assert "resumed at step     tag" in resumed.stdout
     history = R.history(str(registry), config.storage)
-    assert len(history) == 2 and history[1]["champion_before"] == first.run_id  # promoted once, not twice
+    assert [h["run_id"] for h in history] == [first.run_id, run_id]  # promoted once, not twice
+    second = history[1]
+    assert second["champion_before"] == first.run_id and second["decision"] in ("promoted", "kept")
+    assert second["decision"] == decide(second["candidate"], second["champion"], 0.0)
     champion = R.read_champion(str(registry), config.storage)
-    assert champion["model_id"] == (history[1]["run_id"] if history[1]["decision"] == "promoted" else first.run_id)
-    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)
+    assert champion["model_id"] == (run_id if second["decision"] == "promoted" else first.run_id)
+    report = (registry / "runs" / run_id / "report.md").read_text()
+    assert "champion" in report and "Per-class AP changes" in report
+    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags
     again = run_job("nightly.py", *args, env=env)  # and the day after, with nothing new, nothing happens
     assert again.returncode == 0 and len(R.history(str(registry), config.storage)) == 2
+
+
+@pytest.mark.slow
+def test_a_nightly_driver_killed_during_the_fine_tune_ends_with_one_row_and_one_decision(setup):
+    """SIGKILL of `python jobs/nightly.py` (and the Ray it started) from outside, a random moment
+    into the fine-tune, then the same command again."""
+    tmp_path, _, overrides = setup
+    registry = tmp_path / "registry"
+    overrides = [*overrides, "TRAIN.epoch=4", "train_run.checkpoint_every_steps=1"]  # a fine-tune of 8 steps
+    command = [sys.executable, str(ROOT / "jobs" / "nightly.py"), "--config", str(ROOT / "configs" / "nightly.yaml")]
+    command += [a for o in overrides for a in ("-o", o)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def fine_tuning() -> bool:
+        return any((registry / "models").glob("*/epoch_000_step_0000001/meta.json"))
+
+    killer = kill_later(fine_tuning, lambda: kill_tree(driver.pid), delay=(0.0, 2.0), seed=5)
+    driver.wait(timeout=900)
+    killer.join(timeout=5)
+    assert killer.fired and driver.returncode == -signal.SIGKILL
+    (run_id,) = [p.name for p in (registry / "runs").iterdir()]
+    assert not json.loads((registry / "runs" / run_id / "state.json").read_text())["done"]
+    assert not (registry / "tags").exists()
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "resumed from" in rerun.stderr  # the fine-tune went on from its checkpoint
+    features = pq.read_table(registry / "features" / "features").column(S.VIDEO_ID).to_pylist()
+    tags = _tags(registry).column(S.VIDEO_ID).to_pylist()
+    assert len(features) == len(set(features)) == len(CLIPS)
+    assert len(tags) == len(set(tags)) == len(CLIPS)
+    history = R.history(str(registry), load_config(ROOT / "configs" / "nightly.yaml", overrides).storage)
+    assert [(h["run_id"], h["decision"]) for h in history] == [(run_id, "first")]
+    assert sorted(p.name for p in (registry / "models").iterdir()) == [run_id]
 
 
 def test_decide():

@@ -75,25 +75,50 @@ def test_seed_tsn_lists_load_as_they_are(tmp_path, monkeypatch):
 
 def test_entries_need_exactly_one_label_in_range(tmp_path):
     lst = tmp_path / "train.list"
-    lst.write_text("/v/a.mp4 1\n/v/b.mp4\n/v/c.mp4 1 2\n/v/d.mp4 x\n/v/e.mp4 3\n/v/a.mp4 1\n")
+    lst.write_text("/v/a.mp4 1\n/v/b.mp4\n/v/c.mp4 1 2\n/v/d.mp4 x\n/v/e.mp4 3\n/v/a.mp4 1\n/v/f\x00.mp4 1\n")
     videos = read_list(str(lst), _config("MODEL.num_classes=3"))
     assert videos.entries.column(S.URI).to_pylist() == ["/v/a.mp4"]
     assert videos.duplicates == 1
-    reasons = sorted((r[S.ERROR_TYPE], r[S.MESSAGE].split(":")[0]) for r in videos.rejected)
-    assert [r[0] for r in reasons] == ["BadLabel", "BadLabel", "BadLabel", "ManifestParseError"]
+    reasons = sorted((r[S.ERROR_TYPE], r[S.URI]) for r in videos.rejected)
+    assert reasons == [
+        ("BadLabel", "/v/b.mp4"),
+        ("BadLabel", "/v/c.mp4"),
+        ("BadLabel", "/v/d.mp4 x"),  # "x" is no label: the path is "/v/d.mp4 x", without a label
+        ("BadLabel", "/v/e.mp4"),
+        ("ManifestParseError", "/v/f\x00.mp4 1"),
+    ]
     messages = " ".join(r[S.MESSAGE] for r in videos.rejected)
     assert "exactly one integer label, got 0" in messages and "got 2" in messages
     assert "label 3 is out of range for MODEL.num_classes=3" in messages
 
 
+def test_tsn_list_names_with_spaces_and_unicode(tmp_path):
+    lst = tmp_path / "train.list"
+    lst.write_text("/lib/видео 测试 clip.mp4 2\n/lib/a  b.mp4\t1\n/lib/2019 0\n/lib/take -1 1\n", encoding="utf-8")
+    videos = read_list(str(lst), _config("MODEL.num_classes=3"))
+    uris = ["/lib/видео 测试 clip.mp4", "/lib/a  b.mp4", "/lib/2019", "/lib/take -1"]
+    assert videos.entries.column(S.URI).to_pylist() == uris
+    assert videos.entries.column(S.LABEL).to_pylist() == [2, 1, 0, 1]
+    assert not videos.rejected
+
+
 def test_frames_lists(tmp_path):
     lst = tmp_path / "frames.list"
-    lst.write_text("/f/a 30 2\n/f/b 0 1\n/f/c twelve 1\n/f/d 12 1\n")
+    lst.write_text(
+        "/f/a 30 2\n/f/b 0 1\n/f/c twelve 1\n/f/d 12 1\n/f/видео 测试  dir 40 1\n/f/tab\tdir\t7\t0\n/f/e\n/f/g\x00 3 1\n",
+        encoding="utf-8",
+    )
     videos = read_list(str(lst), _config("MODEL.format=frames"))
-    assert videos.entries.column(S.URI).to_pylist() == ["/f/a", "/f/d"]
-    assert videos.entries.column(S.NUM_FRAMES).to_pylist() == [30, 12]
-    assert videos.entries.column(S.LABEL).to_pylist() == [2, 1]
-    assert len(videos.rejected) == 2
+    assert videos.entries.column(S.URI).to_pylist() == ["/f/a", "/f/d", "/f/видео 测试  dir", "/f/tab\tdir"]
+    assert videos.entries.column(S.NUM_FRAMES).to_pylist() == [30, 12, 40, 7]
+    assert videos.entries.column(S.LABEL).to_pylist() == [2, 1, 1, 0]
+    rejected = sorted((r[S.ERROR_TYPE], r[S.URI]) for r in videos.rejected)
+    assert rejected == [
+        ("BadLabel", "/f/c twelve"),  # DIR "/f/c twelve", 1 frame, no label
+        ("ManifestParseError", "/f/b 0 1"),  # 0 frames
+        ("ManifestParseError", "/f/e"),  # no NUM_FRAMES
+        ("ManifestParseError", "/f/g\x00 3 1"),
+    ]
 
 
 def _entries(n):

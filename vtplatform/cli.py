@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 
+from vtplatform import faults
 from vtplatform.config import ConfigError
 from vtplatform.storage import redact
 
@@ -39,16 +43,78 @@ def setup_logging(level: str) -> None:
 
 
 def init_ray(**kwargs) -> None:
-    """Joins the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else starts a local Ray."""
+    """Joins the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it; ``RAY_ADDRESS=auto`` joins a
+    ``ray start`` cluster on this machine), or fails within ``JOIN_TIMEOUT_S`` saying why. Without
+    ``RAY_ADDRESS`` (or with ``local``) it starts a fresh local Ray, never the stale cluster that
+    ``/tmp/ray/ray_current_cluster`` may still name after that cluster has stopped."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, **kwargs)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address in ("", "local"):
+        ray.init(address="local", **kwargs)
+        return
+    check_reachable(address)
+    # A GCS that accepts connections but never answers would keep ray.init retrying forever.
+    watchdog = threading.Timer(JOIN_TIMEOUT_S, _join_timed_out, args=(address,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(address=address, **kwargs)
+    finally:
+        watchdog.cancel()
+
+
+JOIN_TIMEOUT_S = float(os.environ.get("VTP_RAY_JOIN_TIMEOUT_S", "60"))
+CURRENT_CLUSTER_FILE = "/tmp/ray/ray_current_cluster"  # where `ray start --head` records its address
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raises ``ConfigError`` unless a Ray cluster's GCS accepts connections at ``address``."""
+    target = address
+    if address == "auto":
+        try:
+            with open(CURRENT_CLUSTER_FILE, encoding="utf-8") as f:
+                target = f.read().strip()
+        except OSError:
+            raise ConfigError(
+                "RAY_ADDRESS=auto, but no Ray cluster was started on this machine (`ray start --head`); "
+                "unset RAY_ADDRESS to start a local Ray"
+            ) from None
+    hostport = target.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"RAY_ADDRESS={address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"RAY_ADDRESS={address} ({target}): no Ray cluster answers there ({exc}). Start it "
+                    "(`ray start --head`), point RAY_ADDRESS at a live one, or unset RAY_ADDRESS to start a local Ray"
+                ) from None
+            time.sleep(0.5)
+
+
+def _join_timed_out(address: str) -> None:
+    log.error(
+        "configuration error: could not join the Ray cluster at RAY_ADDRESS=%s within %g s "
+        "(VTP_RAY_JOIN_TIMEOUT_S); is it a live Ray head?",
+        address,
+        JOIN_TIMEOUT_S,
+    )
+    logging.shutdown()
+    os._exit(EXIT_CONFIG)
 
 
 def run(main: Callable[[], int]) -> None:
     """Runs ``main`` and exits: its code, 2 for a configuration error (one clear line), 130 on Ctrl-C."""
     try:
+        faults.check_environment()
         code = main()
     except ConfigError as exc:
         log.error("configuration error: %s", redact(str(exc)))

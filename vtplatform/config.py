@@ -121,9 +121,12 @@ class ResourcesSection:
     tsn_batch_size: int = 1  # videos per TSN call
     tsn_frames_per_forward: int = 32  # frames per forward pass
     writer_concurrency: int | None = None
+    wait_for_resources_s: float = 0.0  # a cluster short of CPUs/GPUs: ask its autoscaler and wait this long (0: fail)
 
     def __post_init__(self) -> None:
         _choice("resources", "use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
+        if self.wait_for_resources_s < 0:
+            raise ConfigError(f"resources.wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
         _positive("resources", self, "decode_cpus", "decode_batch_size", "tsn_actors", "tsn_cpus", "tsn_batch_size")
         _positive(
             "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"

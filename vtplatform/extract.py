@@ -28,6 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 import vtplatform
+from vtplatform import faults as F
+from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
@@ -35,12 +37,12 @@ from vtplatform.manifest import Manifest, read_manifest
 from vtplatform.pipeline import (
     JobSummary,
     ResultSink,
+    blocks_dataset,
     finalize_output,
     input_blocks,
     map_cpu_tasks,
     output_state,
     plan_todo,
-    resolve_device,
     write_run_summary,
 )
 from vtplatform.stages import (
@@ -49,7 +51,6 @@ from vtplatform.stages import (
     decode_ledger,
     decode_options,
     decode_videos,
-    tsn_resources,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def check_same_extractor(existing: pa.Schema | None, prov: dict[str, Any], where
         )
 
 
-def tsn_spec(config: Config, weights: str | None, device: str) -> TSNSpec:
+def tsn_spec(config: Config, weights: str | None, device: str, threads: int) -> TSNSpec:
     precision = config.extract.precision
     if precision == "auto":
         precision = "float16" if device == "gpu" else "float32"
@@ -151,7 +152,7 @@ def tsn_spec(config: Config, weights: str | None, device: str) -> TSNSpec:
         seed=config.extract.seed,
         device=device,
         precision=precision,
-        threads=res.tsn_threads or max(1, int(res.tsn_cpus)),
+        threads=threads,
         frames_per_forward=res.tsn_frames_per_forward,
         num_segments=config.infer.seg_num,
         target_size=config.infer.target_size,
@@ -173,32 +174,32 @@ def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
     return fingerprint, tsn_config.feature_dim
 
 
-def tsn_pipeline(ds, config: Config, spec: TSNSpec):
+def tsn_pipeline(ds, config: Config, spec: TSNSpec, plan: R.PipelinePlan):
     """``(video_id, uri)`` rows -> decode tasks -> TSN actors: rows with ``features`` bytes."""
-    from ray.data import ActorPoolStrategy
-
     res = config.resources
     ds = map_cpu_tasks(
         ds,
         decode_videos,
         batch_size=res.decode_batch_size,
-        num_cpus=res.decode_cpus,
-        concurrency=res.decode_concurrency,
+        num_cpus=plan.task_cpus,
+        concurrency=plan.task_concurrency,
         max_retries=res.decode_max_retries,
         fn_kwargs={
             "options": decode_options(config),
             "storage": config.storage,
             "ledger": decode_ledger(),
             "timeout_s": config.extract.decode_timeout_s,
+            "faults": F.decode_faults(),
         },
     )
+    tsn = plan.models["TSN"]
     return ds.map_batches(
         TSNStage,
         batch_size=res.tsn_batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=res.tsn_actors),  # grows as the cluster makes room
+        compute=tsn.compute(),  # grows as the cluster makes room
         fn_constructor_kwargs={"spec": spec, "storage": config.storage},
-        **tsn_resources(config, spec.device == "gpu"),
+        **tsn.ray_args(),
     )
 
 
@@ -206,13 +207,13 @@ def run_extract(
     config: Config, manifest: str, save_dir: str, weights: str | None = None, retry_failed: bool = False
 ) -> JobSummary:
     """Extracts features for every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
-    import ray
 
     start = time.perf_counter()
     config = replace(config, storage=st.resolve_storage(config.storage))
     fs, root = st.filesystem(save_dir, config.storage)
     st.check_writable(fs, root, save_dir)
-    spec = tsn_spec(config, weights, resolve_device(config))
+    plan = R.size_pipeline(config, [R.tsn_need(config)])
+    spec = tsn_spec(config, weights, plan.device, plan.models["TSN"].threads)
     fingerprint, feature_dim = weights_fingerprint(config, weights)
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
     state = output_state(fs, root, FEATURES_DIR)
@@ -231,8 +232,10 @@ def run_extract(
         schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
         output = FeatureOutput(schema, config.output.format == "npy")
         sink = ResultSink(save_dir, config.storage, [output], config.output.rows_per_file, config.infer.seg_num)
-        ds = ray.data.from_arrow(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
-        tsn_pipeline(ds, config, spec).write_datasink(sink, concurrency=config.resources.writer_concurrency)
+        ds = blocks_dataset(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
+        tsn_pipeline(ds, config, spec, plan).write_datasink(
+            sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
+        )
         summary.add_sink_stats(sink.stats)
     finalize_output(fs, root, FEATURES_DIR, expected=set(todo.column(S.VIDEO_ID).to_pylist()))
     summary.elapsed_seconds = time.perf_counter() - start

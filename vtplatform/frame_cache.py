@@ -332,9 +332,9 @@ class CacheSummary:
 
 def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool = False) -> CacheSummary:
     """Caches every listed video not yet in ``save_dir``. Needs ``ray.init()``."""
-    import ray
 
-    from vtplatform.pipeline import map_cpu_tasks
+    from vtplatform.pipeline import blocks_dataset, map_cpu_tasks
+    from vtplatform.resources import plan_tasks, sized
 
     start = time.perf_counter()
     if config.model.format == "frames":
@@ -368,6 +368,7 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
     log.info("frame cache: %d videos to decode, %d done before", todo.num_rows, summary.skipped)
     if todo.num_rows:
         res, per_file = config.resources, config.frame_cache.videos_per_file
+        sizes = sized(config, lambda c: plan_tasks(config, c), [{"CPU": res.decode_cpus}])
         task = CacheTask(
             save_dir,
             settings,
@@ -375,13 +376,13 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
             config.storage,
         )
         plan = todo.select([S.VIDEO_ID, S.URI, S.LABEL])
-        ds = ray.data.from_arrow([plan.slice(i, per_file) for i in range(0, plan.num_rows, per_file)])
+        ds = blocks_dataset([plan.slice(i, per_file) for i in range(0, plan.num_rows, per_file)])
         ds = map_cpu_tasks(
             ds,
             write_shard,
             batch_size=per_file,
-            num_cpus=res.decode_cpus,
-            concurrency=res.decode_concurrency,
+            num_cpus=sizes.task_cpus,
+            concurrency=sizes.task_concurrency,
             max_retries=res.decode_max_retries,
             fn_kwargs={"task": task},
         )

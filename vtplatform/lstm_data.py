@@ -4,10 +4,11 @@ the training workers (and to evaluation and prediction).
 Two layouts, chosen by ``data.features``:
 
 * a feature table written by ``jobs/extract.py`` (``OUT/features``, local or ``s3://``), joined to
-  labels from the phase's filelist: a seed list file (``path l1 l2 ...``, trailing spaces allowed;
-  a ``.npy`` path names its video by the file stem, as ``--format npy`` writes them, any other path
-  by its derived video_id) or a labels table (Parquet/CSV with ``labels`` and ``video_id`` and/or
-  ``uri``). The table's provenance metadata is checked on the way in.
+  labels from the phase's filelist: a seed list file (``path l1 l2 ...``, trailing spaces allowed,
+  a path may contain spaces: the trailing integer tokens are the labels, see
+  ``manifest.parse_list_line``; a ``.npy`` path names its video by the file stem, as
+  ``--format npy`` writes them, any other path by its derived video_id) or a labels table
+  (Parquet/CSV with ``labels`` and ``video_id`` and/or ``uri``). The table's provenance metadata is checked on the way in.
 * the seed's layout (``data.features`` unset): the filelist lists ``.npy`` feature files,
   ``[T, D]`` float arrays, with their labels.
 
@@ -38,6 +39,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.manifest import parse_list_line
+from vtplatform.pipeline import blocks_dataset
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,10 @@ class FeatureInputs:
 
 
 def read_labels(source: str, storage: StorageSection) -> tuple[pa.Table, list[str]]:
-    """A seed list file or a labels table -> (LABEL_SCHEMA rows, problems). A list line that does
-    not parse becomes a problem (reported like any bad row), not a crash."""
+    """A seed list file or a labels table -> (LABEL_SCHEMA rows, problems). List lines split as
+    ``manifest.parse_list_line`` does (trailing integers are labels, the rest is the path, spaces
+    included). A line that does not parse (a NUL byte) becomes a problem, reported like any bad
+    row, not a crash."""
     fs, path = st.filesystem(source, storage)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
@@ -346,7 +350,7 @@ def _plan_npy(filelist: str, phase: str, config: Config) -> FeatureInputs:
     inputs = FeatureInputs(phase, filelist, S.LABEL_SCHEMA.empty_table(), feature_dim, None, None)
     _bad_rows(config, inputs, BAD_LINE, problems)
     rows = labels.append_column(PATH, labels.column(S.URI))
-    ds = ray.data.from_arrow(_blocks(rows.select([S.VIDEO_ID, PATH]), 256))
+    ds = blocks_dataset(_blocks(rows.select([S.VIDEO_ID, PATH]), 256))
     checked = ds.map_batches(
         _check_npy, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "feature_dim": feature_dim}
     ).to_arrow_refs()
@@ -420,20 +424,22 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 # --- datasets --------------------------------------------------------------------------------
 
 
-def make_dataset(inputs: FeatureInputs, config: Config, with_targets: bool = True, cache: bool = False):
+def make_dataset(
+    inputs: FeatureInputs, config: Config, with_targets: bool = True, cache: bool = False, task_cpus: float = 1.0
+):
     """A Ray Dataset of the planned rows, in a deterministic order, as numpy batches of
     ``video_id``, ``features`` ((T, D) per row, as stored), ``length`` and, with targets,
     ``targets`` (multi-hot uint8 over MODEL.num_classes). With ``cache``, inputs up to
-    ``data.cache_mb`` are read once and held in Ray's object store (for several epochs)."""
-    ds = _dataset(inputs, config, with_targets)
+    ``data.cache_mb`` are read once and held in Ray's object store (for several epochs). Each read
+    task reserves ``task_cpus`` (sized with the model stage that consumes the rows)."""
+    ds = _dataset(inputs, config, with_targets, task_cpus)
     ds.context.execution_options.preserve_order = True  # blocks in input order, whichever task finishes first
     if cache and inputs.nbytes <= config.data.cache_mb * 2**20:
         ds = ds.materialize()  # small: read once, then every epoch comes from Ray's object store
     return ds
 
 
-def _dataset(inputs: FeatureInputs, config: Config, with_targets: bool):
-    import ray
+def _dataset(inputs: FeatureInputs, config: Config, with_targets: bool, task_cpus: float):
 
     num_classes = config.model.num_classes
     index = {
@@ -443,17 +449,22 @@ def _dataset(inputs: FeatureInputs, config: Config, with_targets: bool):
     kwargs = {"num_classes": num_classes, "with_targets": with_targets}
     if inputs.table_units:
         units = pa.table({PATH: [u[0] for u in inputs.table_units], "row_group": [u[1] for u in inputs.table_units]})
-        ds = ray.data.from_arrow(_blocks(units, 1))  # one read task per row group, in table order
+        ds = blocks_dataset(_blocks(units, 1))  # one read task per row group, in table order
         return ds.map_batches(
             _table_rows,
             batch_size=1,
             batch_format="pyarrow",
+            num_cpus=task_cpus,
             fn_kwargs={"table": inputs.table, "storage": config.storage, "index": index, **kwargs},
         )
     rows = inputs.rows.select([S.VIDEO_ID, PATH, S.LABELS])
-    ds = ray.data.from_arrow(_blocks(rows, ROWS_PER_BLOCK))
+    ds = blocks_dataset(_blocks(rows, ROWS_PER_BLOCK))
     return ds.map_batches(
-        _npy_rows, batch_size=ROWS_PER_BLOCK, batch_format="pyarrow", fn_kwargs={"storage": config.storage, **kwargs}
+        _npy_rows,
+        batch_size=ROWS_PER_BLOCK,
+        batch_format="pyarrow",
+        num_cpus=task_cpus,
+        fn_kwargs={"storage": config.storage, **kwargs},
     )
 
 

@@ -2,12 +2,14 @@
 
 A manifest is one of
 * a seed list file: one path or URI per line, optional integer labels after it
-  (``TsnExtractor.list``, ``train.list``); blank lines and ``#`` comments are skipped;
+  (``TsnExtractor.list``, ``train.list``); blank lines and ``#`` comments are skipped; a path may
+  contain spaces and tabs: the trailing integer tokens are the labels (``parse_list_line``);
 * a directory or a glob (local or ``s3://``): every video file under it;
 * a Parquet or CSV table with a ``uri`` column (optional ``video_id`` and ``labels``).
 
-Entries that cannot be used (a malformed line, an unsupported scheme, a video_id claimed by two
-URIs) come back as dead-letter rows; exact duplicates are collapsed and counted.
+Entries that cannot be used (a line with a NUL byte or invalid UTF-8, an unsupported scheme, a
+video_id claimed by two URIs) come back as dead-letter rows; exact duplicates are collapsed and
+counted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -66,18 +69,32 @@ def read_manifest(source: str, storage: StorageSection) -> Manifest:
     return manifest
 
 
+_TOKEN = re.compile(r"[^ \t]+")  # list-line tokens: separated by any run of spaces or tabs
+_LABEL = re.compile(r"[0-9]+")  # a label token: a non-negative integer (ASCII digits)
+_LINE_ENDS = " \t\r\n\v\f"
+
+
 def parse_list_line(line: str) -> tuple[str, list[int]]:
-    """``"path l1 l2"`` -> (path, [l1, l2]). Raises ValueError with the reason."""
-    tokens = line.split()
+    """``"PATH [LABEL ...]"`` -> (PATH, [LABEL, ...]), for names with spaces too.
+
+    The trailing tokens that are non-negative integers are the labels; the path is the rest of
+    the line, its inner spaces and tabs kept as written (only the line's own leading and
+    trailing whitespace is dropped). A line of integers only is a path followed by labels; a
+    token such as ``-1`` or ``x`` is not a label, so it stays part of the path. A name whose last
+    word is a number is ambiguous (``/lib/2019 12`` reads as ``/lib/2019``, label 12): a
+    Parquet/CSV manifest with a ``uri`` column is the unambiguous form. Raises ValueError with
+    the reason (a NUL byte, an empty line)."""
     if "\x00" in line:
         raise ValueError("line contains a NUL byte")
-    try:
-        labels = [int(t) for t in tokens[1:]]
-    except ValueError:
-        raise ValueError(f"expected 'PATH [LABEL ...]' with integer labels, got {line.strip()!r}") from None
-    if any(label < 0 for label in labels):
-        raise ValueError(f"labels must be >= 0, got {labels}")
-    return tokens[0], labels
+    text = line.strip(_LINE_ENDS)
+    tokens = list(_TOKEN.finditer(text))
+    if not tokens:
+        raise ValueError("empty line")
+    first_label = len(tokens)
+    while first_label > 1 and _LABEL.fullmatch(tokens[first_label - 1].group()):
+        first_label -= 1
+    path = text[: tokens[first_label - 1].end()]
+    return path, [int(t.group()) for t in tokens[first_label:]]
 
 
 def _row(uri: str, labels: list[int] | None = None, video_id: str | None = None) -> dict:

@@ -15,8 +15,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vtplatform import faults
 from vtplatform import registry as R
 from vtplatform import schema as S
 from vtplatform import storage as st
@@ -34,7 +33,6 @@ from vtplatform.config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 STEPS = ("extract", "train", "evaluate", "promote", "tag")
-STOP_AFTER_ENV = "VTP_NIGHTLY_STOP_AFTER"  # test hook: SIGKILL this process right after the named step
 
 
 @dataclass
@@ -85,12 +83,6 @@ def locations(config: Config) -> dict[str, str]:
         "tags": n.tags or R.join(n.registry, "tags"),
         "models": R.join(n.registry, R.MODELS_DIR),
     }
-
-
-def _stop_if_asked(step: str) -> None:
-    if os.environ.get(STOP_AFTER_ENV) == step:
-        log.warning("%s=%s: killing this process after step %s", STOP_AFTER_ENV, step, step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _content_hash(uri: str, config: Config) -> str:
@@ -175,7 +167,7 @@ def run_nightly(config: Config) -> NightlySummary:
     extracted = run_extract(config, config.nightly.library, where["features"], weights=config.nightly.tsn_weights)
     summary.new_videos, summary.failed_videos = extracted.succeeded, extracted.failed_total
     summary.steps["extract"] = time.perf_counter() - start
-    _stop_if_asked("extract")
+    faults.stop_nightly_after("extract")
 
     fingerprint = data_fingerprint(config, where["features"])
     run_id, state = _find_run(config, fingerprint)
@@ -203,7 +195,7 @@ def run_nightly(config: Config) -> NightlySummary:
     start = time.perf_counter()
     summary.tagged = tag_untagged(config, where)
     summary.steps["tag"] = time.perf_counter() - start
-    _stop_if_asked("tag")
+    faults.stop_nightly_after("tag")
     return summary
 
 
@@ -217,7 +209,7 @@ def _step(config: Config, state: dict, name: str, summary: NightlySummary, fn) -
     state["completed"].append(name)
     R.write_run_state(config.nightly.registry, state["run_id"], state, config.storage)
     summary.steps[name] = time.perf_counter() - start
-    _stop_if_asked(name)
+    faults.stop_nightly_after(name)
     return result
 
 
@@ -303,7 +295,8 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, Any]:
-    return {k: report[k] for k in ("gap", "hit_at_one", "perr", "map", "num_videos", "per_class_ap")}
+    keys = ("gap", "hit_at_one", "perr", "map", "num_videos", "per_class_ap", "per_class_ap_full_ranking")
+    return {k: report[k] for k in keys}
 
 
 def decide(candidate: dict, champion: dict | None, margin: float) -> str:
@@ -317,7 +310,9 @@ def decide(candidate: dict, champion: dict | None, margin: float) -> str:
 def ap_changes(
     candidate: list, champion: list, names: list[str] | None, limit: int = 10
 ) -> list[tuple[int, str, float, float]]:
-    """The classes whose holdout AP moved most: (class id, name, champion AP, candidate AP)."""
+    """The classes whose holdout AP moved most: (class id, name, champion AP, candidate AP). The
+    report compares full-ranking AP (every holdout video ranked per class), which moves with any
+    change in a class's scores; VideoTag's top-k AP stays put until a class enters a top k."""
     rows = []
     for c, (new, old) in enumerate(zip(candidate, champion, strict=True)):
         if new is not None and old is not None and new != old:
@@ -339,7 +334,8 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
 
     names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
     cand, champ = evaluated["candidate"], evaluated.get("champion")
-    changes = ap_changes(cand["per_class_ap"], champ["per_class_ap"], names) if champ else []
+    key = "per_class_ap_full_ranking"
+    changes = ap_changes(cand[key], champ.get(key) or champ["per_class_ap"], names) if champ else []
     lines = [
         f"# Nightly run {run_id}",
         "",
@@ -356,6 +352,8 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
     if changes:
         lines += [
             "## Per-class AP changes that matter most",
+            "",
+            "Full-ranking AP: each class's ranking of every holdout video.",
             "",
             "| class | name | champion AP | candidate AP | change |",
             "|---|---|---|---|---|",

@@ -27,7 +27,7 @@ from ray.data import Datasink
 
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.config import Config, StorageSection
+from vtplatform.config import StorageSection
 from vtplatform.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,6 @@ def dead_letter_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{**r, S.FAILED_AT: now} for r in rows], schema=S.DEAD_LETTER_SCHEMA)
 
 
-def resolve_device(config: Config) -> str:
-    import ray
-
-    choice = str(config.resources.use_gpu).lower()
-    if choice == "auto":
-        return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    return "gpu" if choice == "true" else "cpu"
-
-
 def map_cpu_tasks(
     ds, fn, *, batch_size: int | None, num_cpus: float, concurrency: int | None, max_retries: int, **kwargs
 ):
@@ -90,6 +81,18 @@ def map_cpu_tasks(
             ray_remote_args_fn=functools.partial(dict, max_retries=max_retries),
             **kwargs,
         )
+
+
+def blocks_dataset(blocks: list[pa.Table]):
+    """A Ray Dataset of these Arrow tables, one block each.
+
+    Not ``ray.data.from_arrow``: that reads each block's metadata in a remote task asking for a
+    whole CPU, which never comes on a small cluster whose CPUs the job's own actors or training
+    workers hold (a TSN worker streaming its samples on a 1-CPU Ray waited forever). This reads
+    it here."""
+    import ray
+
+    return ray.data.from_blocks(blocks)
 
 
 def input_blocks(table: pa.Table, rows_per_task: int, max_blocks: int = 10_000) -> list[pa.Table]:

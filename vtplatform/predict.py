@@ -171,34 +171,26 @@ def sigmoid_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray
     return np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
 
 
-def inference_resources(config: Config, use_gpu: bool) -> tuple[int, dict[str, float]]:
-    """(actors, per-actor resources) for evaluation and prediction: train_run.num_workers actors."""
-    actors = config.train_run.num_workers or 1
-    cpus = config.train_run.cpus_per_worker or 1.0
-    return actors, ({"num_gpus": 1, "num_cpus": cpus} if use_gpu else {"num_cpus": cpus})
-
-
 def run_inference(
-    config: Config, weights: str, inputs, use_gpu: bool, top_k: int | None, batch_size: int, with_targets: bool
+    config: Config, weights: str, inputs, phase_use_gpu: bool, top_k: int | None, batch_size: int, with_targets: bool
 ):
     """The planned ``inputs`` through the model on an actor pool; yields numpy batches."""
-    from ray.data import ActorPoolStrategy
-
+    from vtplatform import resources as R
     from vtplatform.lstm_data import make_dataset
 
     model_config, loaded = resolve_model(config, weights, inputs.feature_dim)
     check_feature_provenance(config, loaded.meta, inputs.provenance, inputs.source)
-    actors, resources = inference_resources(config, use_gpu)
-    threads = config.train_run.threads_per_worker or max(1, int(resources["num_cpus"]))
-    spec = ModelSpec(model_config, loaded.source, config.storage, use_gpu, threads)
-    ds = make_dataset(inputs, config, with_targets=with_targets)
+    plan = R.size_pipeline(config, [R.lstm_inference_need(config)], phase_use_gpu)
+    model = plan.models["AttentionLSTM"]
+    spec = ModelSpec(model_config, loaded.source, config.storage, model.num_gpus > 0, model.threads)
+    ds = make_dataset(inputs, config, with_targets=with_targets, task_cpus=plan.task_cpus)
     ds = ds.map_batches(
         LSTMStage,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
+        compute=model.compute(),
         fn_constructor_kwargs={"spec": spec, "top_k": top_k},
-        **resources,
+        **model.ray_args(),
     )
     return model_config, loaded, ds.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -231,7 +223,6 @@ def run_predict(
     filelist: str | None = None,
     top_k: int | None = None,
     seed_json: bool = False,
-    use_gpu: bool = False,
     whole_table: bool = False,
 ) -> PredictSummary:
     """Top-k tags for every video of ``filelist`` (default INFER.filelist), or with ``whole_table``
@@ -242,7 +233,7 @@ def run_predict(
     top_k = top_k or config.model.topk
     inputs = plan_inputs(config, "infer", None if whole_table else filelist or config.infer.filelist, need_labels=False)
     model_config, loaded, batches = run_inference(
-        config, weights, inputs, use_gpu, top_k, config.infer.batch_size, with_targets=False
+        config, weights, inputs, config.infer.use_gpu, top_k, config.infer.batch_size, with_targets=False
     )
     names = read_label_names(label_file, config.storage) if label_file else None
     if names is not None:
@@ -304,13 +295,3 @@ def seed_json_bytes(row: dict) -> bytes:
     for class_id, name, prob in zip(row[S.CLASS_IDS], names, row[S.PROBS], strict=True):
         items.append({"class_id": int(class_id), "class_name": name, "probability": float(prob)})
     return json.dumps(items, ensure_ascii=False).encode("utf-8")
-
-
-def wants_gpu(config: Config, phase_use_gpu: bool = True) -> bool:
-    """resources.use_gpu true/false decides; auto: the phase's use_gpu and GPUs in the cluster."""
-    import ray
-
-    choice = str(config.resources.use_gpu).lower()
-    if choice != "auto":
-        return choice == "true"
-    return bool(phase_use_gpu) and ray.cluster_resources().get("GPU", 0) > 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from vtplatform import faults as F
 from vtplatform import schema as S
 from vtplatform.config import Config, StorageSection
 from vtplatform.storage import local_copy, redact
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 
 DECODE_SECONDS = "decode_seconds"
 INFER_SECONDS = "infer_seconds"
-# Test hook: "crash:TEXT,hang:TEXT2" makes a decode worker segfault on URIs containing TEXT, hang on TEXT2.
-FAULT_ENV = "VTP_FAULT_DECODE"
 CRASHES_BEFORE_DEAD_LETTER = 2
 
 
@@ -82,18 +81,23 @@ def decode_options(config: Config) -> DecodeOptions:
 
 
 def decode_videos(
-    batch: pa.Table, options: DecodeOptions, storage: StorageSection, ledger=None, timeout_s: float | None = None
+    batch: pa.Table,
+    options: DecodeOptions,
+    storage: StorageSection,
+    ledger=None,
+    timeout_s: float | None = None,
+    faults: tuple[F.DecodeFault, ...] = (),
 ) -> pa.Table:
     """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure.
 
     With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter,
     and a watchdog kills the process when one video takes over ``timeout_s`` (a hung decoder
-    cannot be interrupted from Python).
+    cannot be interrupted from Python). ``faults``: the driver's ``VTP_FAULT_DECODE`` drill.
     """
     rows = []
     for vid, uri in zip(batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist(), strict=True):
         if ledger is None:
-            rows.append(_decode_one(vid, uri, options, storage))
+            rows.append(_decode_one(vid, uri, options, storage, faults))
             continue
         import ray
 
@@ -109,7 +113,7 @@ def decode_videos(
             rows.append({S.VIDEO_ID: vid, S.URI: uri} | _failure("decode", error_type, message, time.perf_counter()))
         else:
             with _watchdog(ledger, vid, timeout_s):
-                rows.append(_decode_one(vid, uri, options, storage))
+                rows.append(_decode_one(vid, uri, options, storage, faults))
         ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
     return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(DECODE_SECONDS, pa.float32())))
 
@@ -136,15 +140,12 @@ def _watchdog(ledger, video_id: str, timeout_s: float | None):
         timer.cancel()
 
 
-def _decode_one(video_id: str, uri: str, options: DecodeOptions, storage: StorageSection) -> dict:
+def _decode_one(
+    video_id: str, uri: str, options: DecodeOptions, storage: StorageSection, faults: tuple[F.DecodeFault, ...]
+) -> dict:
     start = time.perf_counter()
     row = {S.VIDEO_ID: video_id, S.URI: uri}
-    for fault in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        kind, _, where = fault.partition(":")
-        if where and where in uri:
-            if kind == "crash":
-                os.kill(os.getpid(), signal.SIGSEGV)
-            time.sleep(10**6)  # hang
+    F.act_on_decode(faults, uri)
     try:
         with local_copy(uri, storage) as path:
             clip = sample_clip(path, options)
@@ -189,11 +190,6 @@ class TSNSpec:
     num_segments: int
     target_size: int
     out_dtype: str  # dtype of the features handed on
-
-
-def tsn_resources(config: Config, use_gpu: bool) -> dict:
-    res = config.resources
-    return {"num_cpus": res.tsn_cpus, "num_gpus": res.tsn_gpus if use_gpu else 0}
 
 
 class TSNStage:

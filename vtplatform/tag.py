@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
@@ -45,11 +46,11 @@ from vtplatform.pipeline import (
     STAGE_SECONDS,
     JobSummary,
     ResultSink,
+    blocks_dataset,
     finalize_output,
     input_blocks,
     output_state,
     plan_todo,
-    resolve_device,
     write_run_summary,
 )
 
@@ -166,24 +167,21 @@ class Tagger:
     def schema(self) -> pa.Schema:
         return S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(self.meta, sort_keys=True).encode()})
 
-    def stage(self, ds, config: Config):
+    def stage(self, ds, config: Config, plan: R.PipelinePlan):
         """Adds the AttentionLSTM actors to a dataset of rows with ``features`` bytes."""
-        from ray.data import ActorPoolStrategy
-
-        tag = config.tag
+        lstm = plan.models["AttentionLSTM"]
         return ds.map_batches(
             TagStage,
-            batch_size=tag.lstm_batch_size,
+            batch_size=config.tag.lstm_batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=tag.lstm_actors),
+            compute=lstm.compute(),
             fn_constructor_kwargs={"spec": self.spec},
-            num_cpus=tag.lstm_cpus,
-            num_gpus=tag.lstm_gpus if self.spec.lstm.use_gpu else 0,
+            **lstm.ray_args(),
         )
 
 
 def build_tagger(
-    config: Config, lstm_weights: str, prov: dict[str, Any], feature_dtype: str, use_gpu: bool, keep_features: bool
+    config: Config, lstm_weights: str, prov: dict[str, Any], feature_dtype: str, lstm: R.ActorStage, keep_features: bool
 ) -> Tagger:
     """Resolves the AttentionLSTM weights for features described by ``prov`` (their provenance),
     checks that the model was trained on such features, and reads the class names."""
@@ -215,9 +213,8 @@ def build_tagger(
         "threshold": tag.threshold,
         "label_fingerprint": label_fingerprint(names, model_config.num_classes),
     }
-    threads = tag.lstm_threads or max(1, int(tag.lstm_cpus))
     spec = TagSpec(
-        lstm=ModelSpec(model_config, loaded.source, config.storage, use_gpu, threads),
+        lstm=ModelSpec(model_config, loaded.source, config.storage, lstm.num_gpus > 0, lstm.threads),
         top_k=top_k,
         threshold=tag.threshold,
         feature_dtype=feature_dtype,
@@ -250,7 +247,6 @@ def run_tag(
     retry_failed: bool = False,
 ) -> JobSummary:
     """Tags every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
-    import ray
 
     start = time.perf_counter()
     unknown = set(formats) - set(FORMATS)
@@ -259,11 +255,12 @@ def run_tag(
     config = replace(config, storage=st.resolve_storage(config.storage))
     fs, root = st.filesystem(save_dir, config.storage)
     st.check_writable(fs, root, save_dir)
-    spec = tsn_spec(config, tsn_weights, resolve_device(config))
+    plan = R.size_pipeline(config, [R.tsn_need(config), R.lstm_tag_need(config)])
+    spec = tsn_spec(config, tsn_weights, plan.device, plan.models["TSN"].threads)
     fingerprint, feature_dim = weights_fingerprint(config, tsn_weights)
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
-    use_gpu = spec.device == "gpu" and config.tag.lstm_gpus > 0
-    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, use_gpu, config.tag.write_features)
+    lstm = plan.models["AttentionLSTM"]
+    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, lstm, config.tag.write_features)
     state = output_state(fs, root, TAGS_DIR)
     check_same_tagger(state.schema, tagger.meta, save_dir)
     if config.tag.write_features:
@@ -280,9 +277,9 @@ def run_tag(
             schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
             outputs.append(FeatureOutput(schema, write_npy=False))
         sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file, config.infer.seg_num)
-        ds = ray.data.from_arrow(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
-        tagger.stage(tsn_pipeline(ds, config, spec), config).write_datasink(
-            sink, concurrency=config.resources.writer_concurrency
+        ds = blocks_dataset(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
+        tagger.stage(tsn_pipeline(ds, config, spec, plan), config, plan).write_datasink(
+            sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
         )
         summary.add_sink_stats(sink.stats)
     finalize_output(fs, root, TAGS_DIR, expected=set(todo.column(S.VIDEO_ID).to_pylist()))
@@ -338,7 +335,6 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     """Tags every row of a feature table that ``save_dir`` has no tags for yet (the nightly run's
     last step); returns how many it tagged. Tags from different models share ``save_dir``; each
     part records its model in the schema metadata."""
-    import ray
 
     ffs, froot = st.filesystem(features, config.storage)
     parts = st.list_files(ffs, froot, ".parquet")
@@ -348,7 +344,9 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     done = frozenset(output_state(fs, root, TAGS_DIR).done)
     schema = pq.read_schema(parts[0], filesystem=ffs)
     dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
-    tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, use_gpu=False, keep_features=False)
+    plan = R.size_pipeline(config, [R.lstm_tag_need(config)])
+    lstm = plan.models["AttentionLSTM"]
+    tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, lstm, keep_features=False)
     tagger.meta["model_id"] = model_id
     sink = ResultSink(
         save_dir,
@@ -358,11 +356,15 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
         tagger.spec.num_segments,
     )
     uris = [p if ffs.type_name == "local" else f"s3://{p}" for p in parts]
-    ds = ray.data.from_arrow([pa.table({"path": [u]}) for u in uris])
+    ds = blocks_dataset([pa.table({"path": [u]}) for u in uris])
     ds = ds.map_batches(
-        _feature_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "skip": done}
+        _feature_rows,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=plan.task_cpus,
+        fn_kwargs={"storage": config.storage, "skip": done},
     )
-    tagger.stage(ds, config).write_datasink(sink)
+    tagger.stage(ds, config, plan).write_datasink(sink, ray_remote_args={"num_cpus": plan.writer_cpus})
     finalize_output(fs, root, TAGS_DIR, expected=set())
     log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
     return sink.stats.get("ok", 0)

@@ -5,7 +5,8 @@ Sources, all giving the same rows:
 * the seed's TSN lists, ``path label`` (exactly one integer label; local paths or ``s3://``),
   or any manifest form ``manifest.read_manifest`` accepts with one label per video;
 * the seed's frames layout (``MODEL.format: frames``): lists of ``dir num_frames label`` whose
-  folders hold ``img_00001.jpg`` ...;
+  folders hold ``img_00001.jpg`` ... (``dir`` may contain spaces: the trailing integers are
+  ``num_frames`` and the label);
 * the decoded-frame cache (``frame_cache``), looked up by ``video_id``; videos it lacks are decoded.
 
 The random choices of a training sample (segment offsets, crop, flip) come from a generator
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from vtplatform import schema as S
 from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.manifest import read_manifest
+from vtplatform.manifest import parse_list_line, read_manifest
 from vtplatform.storage import canonical_uri, derive_video_id, filesystem, local_copy, redact
 from vtplatform.video.decode import BadVideo
 from vtplatform.video.frames import ReadOptions, read_frames
@@ -147,7 +148,9 @@ def _rejected(uri: str, error_type: str, message: str, video_id: str | None = No
 
 
 def _frames_list(source: str, storage: StorageSection) -> tuple[list[dict], list[dict], int]:
-    """The seed's frames lists: ``dir num_frames [label]`` per line."""
+    """The seed's frames lists: ``DIR NUM_FRAMES [LABEL]`` per line. Split as
+    ``manifest.parse_list_line`` splits: the trailing integer tokens are NUM_FRAMES then the
+    labels, and DIR is the rest of the line, spaces included."""
     fs, path = filesystem(source, storage)
     try:
         with fs.open_input_stream(path) as f:
@@ -158,22 +161,12 @@ def _frames_list(source: str, storage: StorageSection) -> tuple[list[dict], list
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        tokens = line.split()
         try:
-            num_frames = int(tokens[1])
-            labels = [int(t) for t in tokens[2:]]
-            if num_frames < 1 or any(label < 0 for label in labels):
-                raise ValueError
-        except (IndexError, ValueError):
-            rejected.append(
-                _rejected(
-                    line.strip(),
-                    "ManifestParseError",
-                    f"line {number}: expected 'DIR NUM_FRAMES LABEL', got {line.strip()!r}",
-                )
-            )
+            directory, num_frames, labels = _frames_line(line)
+        except ValueError as exc:
+            rejected.append(_rejected(line.strip(), "ManifestParseError", f"line {number}: {exc}"))
             continue
-        uri = canonical_uri(tokens[0])
+        uri = canonical_uri(directory)
         video_id = derive_video_id(uri)
         if video_id in seen:
             duplicates += 1
@@ -181,6 +174,18 @@ def _frames_list(source: str, storage: StorageSection) -> tuple[list[dict], list
         seen.add(video_id)
         rows.append({S.VIDEO_ID: video_id, S.URI: uri, "labels": labels, S.NUM_FRAMES: num_frames})
     return rows, rejected, duplicates
+
+
+def _frames_line(line: str) -> tuple[str, int, list[int]]:
+    """``DIR NUM_FRAMES [LABEL ...]`` -> (DIR, NUM_FRAMES, labels); ValueError with the reason."""
+    expected = f"expected 'DIR NUM_FRAMES LABEL', got {line.strip()!r}"
+    try:
+        directory, numbers = parse_list_line(line)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {expected}") from None
+    if not numbers or numbers[0] < 1:
+        raise ValueError(expected)
+    return directory, numbers[0], numbers[1:]
 
 
 # -- plans -----------------------------------------------------------------------------------

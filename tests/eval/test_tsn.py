@@ -55,6 +55,42 @@ def test_classifier_stage_gives_top_k_and_label_probabilities(saved, tmp_path):
     assert out.column(S.CLASS_IDS)[1].as_py() is None
 
 
+def _plan(clip, labels: list[int]) -> pa.Table:
+    """One row per label, all of the same clip (so they share one set of probabilities)."""
+    rows = [
+        {S.VIDEO_ID: f"v{i}", S.URI: str(clip), S.LABEL: label, S.NUM_FRAMES: -1, EPOCH: 0}
+        | {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1}
+        for i, label in enumerate(labels)
+    ]
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def test_top5_over_eight_classes_from_the_stage_against_brute_force(tmp_path):
+    """TOP1 < TOP5 < 1: labels at ranks 0, 2, 4 and 7 of the model's 8 classes."""
+    from vtplatform.eval.classification import evaluate
+
+    model = tc.build(tc.TSNClassifierConfig(depth=18, num_classes=8), seed=4)
+    model.eval()
+    folder = tmp_path / "ckpt" / "epoch_001_step_0000000"
+    checkpoint.save(folder, model=model, optimizer=None, name_map=tc.name_map(model), meta={"model_name": "TSN"})
+    clip = write_indexed_clip(tmp_path / "clip.mp4", 40)
+    config = load_config(SEED / "configs" / "tsn.yaml", ["TEST.short_size=64", "TEST.target_size=56"])
+    probe = load_clips(_plan(clip, [0]), clip_spec(config, "test", 0))
+    with paddle.no_grad():
+        probs = paddle.nn.functional.softmax(model(paddle.to_tensor(clip_frames(probe, 7, 56))), -1).numpy()[0]
+    ranked = sorted(range(8), key=lambda c: -probs[c])
+    gaps = -np.diff(np.sort(probs)[::-1])
+    assert min(gaps[0], gaps[4]) > 1e-4, gaps  # clear top-1 and top-5 boundaries: the engine agrees on them
+    labels = [ranked[r] for r in (0, 2, 4, 7)]
+    spec = ClassifierSpec(18, 8, config.model.image_mean, config.model.image_std, str(folder), "cpu", 1, 5, 7, 56)
+    out = ClassifierStage(spec, StorageSection())(load_clips(_plan(clip, labels), clip_spec(config, "test", 0)))
+    assert all(len(ids) == 5 for ids in out.column(S.CLASS_IDS).to_pylist())
+    report = evaluate(np.array(out.column(S.CLASS_IDS).to_pylist()), np.array(labels), 8)
+    brute = [[int(label in ranked[:k]) for label in labels] for k in (1, 5)]  # the label among the k best
+    assert report["TOP1_ACC"] == pytest.approx(np.mean(brute[0])) == 0.25
+    assert report["TOP5_ACC"] == pytest.approx(np.mean(brute[1])) == 0.75
+
+
 def test_weights_from_a_run_a_checkpoint_or_a_file_and_never_another_model(saved, tmp_path):
     model, folder = saved
     state = read_weights(str(folder.parent), StorageSection())  # a run folder: its latest checkpoint

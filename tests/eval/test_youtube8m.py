@@ -1,5 +1,5 @@
 """YouTube-8M metrics against independent implementations: scikit-learn's AP definition written
-out here, and GAP by brute force over the pooled top-k predictions."""
+out here, and GAP and eval_util's per-class AP by brute force over the pooled top-k predictions."""
 
 from __future__ import annotations
 
@@ -64,17 +64,64 @@ def data():
     return probs, labels
 
 
-def test_per_class_ap_matches_sklearn_definition(data):
+def brute_force_eval_util_aps(probs: np.ndarray, labels: np.ndarray, k: int) -> list[float | None]:
+    """YouTube-8M eval_util's per-class AP, written out: each video gives its k highest-scored
+    (class, score, label) triplets; a class's AP ranks its own triplets and divides by ALL of the
+    class's positives (None for a class without any; no ties in the inputs used here)."""
+    num_classes = probs.shape[1]
+    by_class: dict[int, list[tuple[float, int]]] = {c: [] for c in range(num_classes)}
+    for row in range(len(probs)):
+        for c in sorted(range(num_classes), key=lambda c: -probs[row, c])[:k]:
+            by_class[c].append((float(probs[row, c]), int(labels[row, c])))
+    aps = []
+    for c in range(num_classes):
+        total = int(labels[:, c].sum())
+        if total == 0:
+            aps.append(None)
+            continue
+        hits, ap = 0, 0.0
+        for rank, (_, label) in enumerate(sorted(by_class[c], key=lambda p: -p[0]), start=1):
+            if label:
+                hits += 1
+                ap += hits / rank
+        aps.append(ap / total)
+    return aps
+
+
+def test_full_ranking_per_class_ap_matches_sklearn_definition(data):
     probs, labels = data
     result = compute_metrics(probs, labels)
     for c in range(labels.shape[1]):
         if labels[:, c].sum() == 0:
-            assert result["per_class_ap"][c] is None
+            assert result["per_class_ap_full_ranking"][c] is None
         else:
-            assert result["per_class_ap"][c] == pytest.approx(sklearn_style_ap(probs[:, c], labels[:, c]), abs=1e-12)
+            expected = sklearn_style_ap(probs[:, c], labels[:, c])
+            assert result["per_class_ap_full_ranking"][c] == pytest.approx(expected, abs=1e-12)
     expected_map = np.mean([sklearn_style_ap(probs[:, c], labels[:, c]) for c in range(9) if labels[:, c].sum()])
-    assert result["map"] == pytest.approx(expected_map, abs=1e-12)
+    assert result["map_full_ranking"] == pytest.approx(expected_map, abs=1e-12)
     assert result["num_classes_with_positives"] == 8
+
+
+@pytest.mark.parametrize("k", [20, 4])
+def test_per_class_ap_is_eval_utils_over_the_pooled_top_k(k):
+    rng = np.random.default_rng(3)
+    labels = (rng.random((60, 30)) < 0.15).astype(np.uint8)
+    labels[:, 7] = 0  # a class without positives
+    probs = (0.25 * labels + rng.random((60, 30)) * 0.75).astype(np.float32)
+    assert len(np.unique(probs)) == probs.size  # no ties
+    result = compute_metrics(probs, labels, top_k=k, losses=np.ones(60))
+    expected = brute_force_eval_util_aps(probs, labels, k)
+    assert result["per_class_ap"][7] is None and expected[7] is None
+    np.testing.assert_allclose(
+        [ap for ap in result["per_class_ap"] if ap is not None], [ap for ap in expected if ap is not None], atol=1e-12
+    )
+    assert result["map"] == pytest.approx(np.mean([ap for ap in expected if ap is not None]), abs=1e-12)
+    full = [sklearn_style_ap(probs[:, c], labels[:, c]) if labels[:, c].sum() else None for c in range(30)]
+    differ = [c for c in range(30) if full[c] is not None and abs(full[c] - expected[c]) > 1e-3]
+    assert len(differ) >= 10  # positives outside the top k count as missed: not the full-ranking AP
+    assert result["map"] != pytest.approx(result["map_full_ranking"], abs=1e-3)
+    aps = eval(seed_log_line(result).split("aps: ")[1].split(",\tgap")[0])  # what the seed's line prints
+    assert aps == [0.0 if ap is None else ap for ap in result["per_class_ap"]] and aps[7] == 0.0
 
 
 def test_ap_groups_tied_scores_like_sklearn():

@@ -10,8 +10,10 @@ import paddle
 import pytest
 
 from tests.conftest import GOLDEN, SEED
+from vtplatform.inference import frame_engine
 from vtplatform.models import weights as W
 from vtplatform.models.tsn import ResNet, TSNConfig, TSNExtractor, fluid_name_map, load_backbone
+from vtplatform.video.transforms import normalize
 
 
 def _golden_weights_module():
@@ -74,6 +76,27 @@ def test_stage_outputs_match_golden(r101):
         np.testing.assert_allclose(res2.mean(axis=[2, 3]).numpy(), g["stage_mean_res2c"], atol=1e-4)
         res5 = model.res5(model.res4(model.res3(res2)))
     np.testing.assert_allclose(res5.numpy()[:, :8], g["res5c_out_corner"], atol=1e-3)
+
+
+def test_cpu_engine_that_extraction_runs_reproduces_golden_features(r101):
+    """Paddle Inference with oneDNN, fed the uint8 crops extraction feeds it (normalised in the
+    graph): the golden synthetic frames (8-bit quantised, so they invert exactly) and the 2 real
+    demo frames (``preprocess_demo.npz``'s exact crops at positions 0 and 150)."""
+    model, _ = r101
+    g = np.load(GOLDEN / "tsn_r101.npz")
+    mean = np.asarray(model.config.image_mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(model.config.image_std, np.float32).reshape(1, 3, 1, 1)
+    synthetic = np.rint((g["input"][0] * std + mean) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    demo = np.load(GOLDEN / "preprocess_demo.npz")
+    positions = demo["keep_positions"].tolist()
+    real = demo["frames_crop_uint8"][[positions.index(0), positions.index(150)]]
+    for crops, inp in ((synthetic, "input"), (real, "input_demo")):  # the crops are the golden inputs, exactly
+        np.testing.assert_array_equal(normalize(crops, model.config.image_mean, model.config.image_std), g[inp][0])
+    engine = frame_engine(model, "cpu", "float32", threads=2)
+    for crops, out in ((synthetic, "features"), (real, "features_demo")):
+        feats = engine(crops)
+        assert feats.shape == (2, 2048) and feats.dtype == np.float32
+        np.testing.assert_allclose(feats, g[out][0], atol=1e-3)  # the golden tolerance; max |feature| is about 67
 
 
 @pytest.mark.parametrize(("depth", "dim"), [(18, 512), (34, 512), (50, 2048), (152, 2048)])

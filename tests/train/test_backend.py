@@ -22,6 +22,49 @@ def _batch(rank: int, step: int):
     return x, lengths, y
 
 
+def _one_ulp_up(values: np.ndarray) -> np.ndarray:
+    """``values`` with its first element moved to the next representable float."""
+    out = values.copy()
+    out.flat[0] = np.nextafter(out.flat[0], np.inf, dtype=out.dtype)
+    return out
+
+
+def _small_net():
+    import paddle
+
+    paddle.seed(0)
+    return paddle.nn.Sequential(paddle.nn.Linear(5, 4), paddle.nn.BatchNorm1D(4), paddle.nn.Linear(4, 3))
+
+
+def test_replica_digest_sees_one_ulp_in_any_trainable_parameter():
+    from vtplatform.train.backend import replica_digest
+
+    net = _small_net()
+    base = replica_digest(net)
+    assert base.dtype == np.int64 and base.shape == (4,)
+    np.testing.assert_array_equal(replica_digest(_small_net()), base)  # the same weights, the same digest
+    trainable = [p for p in net.parameters() if not p.stop_gradient]
+    assert len(trainable) == 6  # two Linear layers and the BN scale and shift
+    for param in trainable:
+        original = param.numpy()
+        param.set_value(_one_ulp_up(original))
+        assert not np.array_equal(replica_digest(net), base), param.name
+        param.set_value(original)
+        np.testing.assert_array_equal(replica_digest(net), base)
+
+
+def test_replica_digest_ignores_batch_norm_running_statistics():
+    from vtplatform.train.backend import replica_digest
+
+    net = _small_net()
+    base = replica_digest(net)
+    stats = [p for p in net.parameters() if p.stop_gradient]
+    assert len(stats) == 2  # BN running mean and variance: per-worker, as in the seed
+    for buffer in stats:
+        buffer.set_value(buffer.numpy() + 0.5)
+    np.testing.assert_array_equal(replica_digest(net), base)
+
+
 def test_two_cpu_workers_keep_identical_parameters(ray_cluster, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -54,8 +97,8 @@ def test_two_cpu_workers_keep_identical_parameters(ray_cluster, tmp_path):
         ]
         check_replicas(model, ctx.world_size)  # passes while in sync
         diverged = False
-        if ctx.rank == 1:
-            model.fc1.bias.set_value(model.fc1.bias.numpy() + 1.0)
+        if ctx.rank == 1:  # one ulp in one element: a float64 sum per parameter would not see it
+            model.fc1.bias.set_value(_one_ulp_up(model.fc1.bias.numpy()))
         try:
             check_replicas(model, ctx.world_size)
         except RuntimeError as exc:
@@ -78,7 +121,7 @@ def test_two_cpu_workers_keep_identical_parameters(ray_cluster, tmp_path):
     assert env0[4] == env1[4] == "True"  # check_replicas caught the perturbed copy on both ranks
     rank0, rank1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     for key in rank0.files:
-        expected = rank0[key] + (1.0 if key == "fc1.bias" else 0.0)  # the perturbation after training
+        expected = _one_ulp_up(rank0[key]) if key == "fc1.bias" else rank0[key]  # the perturbation after training
         np.testing.assert_array_equal(rank1[key], expected, err_msg=key)
 
     # One worker on the concatenated global batch takes the same steps (the seed's summed loss).

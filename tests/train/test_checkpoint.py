@@ -69,6 +69,39 @@ def test_weights_and_optimizer_state_round_trip_exactly(tmp_path):
         np.testing.assert_array_equal(other.state_dict()[key].numpy(), value, err_msg=key)
 
 
+def test_momentum_survives_a_round_trip_with_a_learning_rate_schedule(tmp_path):
+    """An optimizer driven by an LR scheduler (TSN's Momentum + PiecewiseDecay) has the
+    scheduler in its state dict from the start; the accumulators must still be restored (they
+    were silently dropped, so a TSN run resumed mid-epoch lost its momentum)."""
+
+    def momentum(model):
+        schedule = paddle.optimizer.lr.PiecewiseDecay([4], [0.1, 0.01])
+        return paddle.optimizer.Momentum(schedule, momentum=0.9, parameters=model.parameters(), weight_decay=1e-4)
+
+    model = build_model(TINY, seed=1)
+    model.eval()
+    opt = momentum(model)
+    for s in range(3):
+        _step(model, opt, s)
+    checkpoint.save(tmp_path / "ck", model=model, optimizer=opt, name_map=fluid_name_map(), meta={"epoch": 0})
+    saved = checkpoint.optimizer_state(model, opt)
+    assert saved and all(np.abs(v).max() > 0 for v in saved.values())
+
+    other = build_model(TINY, seed=99)
+    other.eval()
+    other_opt = momentum(other)
+    assert "LR_Scheduler" in other_opt.state_dict()
+    checkpoint.load(tmp_path / "ck", model=other, optimizer=other_opt, name_map=fluid_name_map())
+    restored = checkpoint.optimizer_state(other, other_opt)
+    assert restored.keys() == saved.keys()
+    for key, value in saved.items():
+        np.testing.assert_array_equal(restored[key], value, err_msg=key)
+    _step(model, opt, 7)
+    _step(other, other_opt, 7)
+    for key, value in _params(model).items():
+        np.testing.assert_array_equal(_params(other)[key], value, err_msg=key)
+
+
 def test_optimizer_state_is_keyed_by_parameter_names(tmp_path):
     model = build_model(TINY)
     opt = _opt(model)

@@ -1,21 +1,27 @@
 """The AttentionLSTM fine-tune: the seed's optimiser and schedule, and fault tolerance (a worker
-that raises midway, a driver restarted with the same run name) replaying an uninterrupted run."""
+process killed mid-epoch, a driver killed with its Ray and rerun) replaying an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 
-from tests.conftest import SEED
+from tests.conftest import ROOT, SEED
+from tests.ray_nodes import descendants, kill_later, kill_tree, pids_named, survivors
 from tests.synthetic_features import make_videos, write_feature_table, write_list
 from vtplatform.config import ConfigError, load_config
+from vtplatform.faults import TRAIN_ENV as FAULT_ENV
 from vtplatform.models import weights as W
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model
-from vtplatform.train.lstm import FAULT_ENV, make_optimizer, run_train, train_step
+from vtplatform.train.lstm import make_optimizer, run_train, train_step
 
 TINY = AttentionLSTMConfig(
     feature_dim=6, embedding_size=4, lstm_size=3, fc1_size=5, fc2_size=4, num_classes=3, drop_rate=0.0
@@ -141,38 +147,142 @@ def _final_weights(save_dir, run: str = "AttentionLSTM") -> dict[str, np.ndarray
     return W.read_state(f"{last}/model.pdparams")
 
 
-@pytest.mark.slow
-def test_worker_failure_and_driver_restart_replay_the_uninterrupted_run(ray_cluster, dataset, tmp_path, monkeypatch):
-    config = _config(dataset)
-    uninterrupted = run_train(config, str(tmp_path / "a"))
-    assert (
-        uninterrupted.epochs_done == 2 and uninterrupted.global_step == 6
-    )  # 28 videos / 2 workers / 4 per worker -> 3 steps
-    reference = _final_weights(tmp_path / "a")
+# --- real faults: processes killed at moments the training code did not choose ----------------
 
-    # Worker 1 raises before global step 6, mid epoch 1; Ray Train restarts the group from the
-    # checkpoint after step 5 (epoch 1, step 2), and the new workers skip the 2 batches already done.
+KILL_DIMS = [  # steps slow enough (tens of ms) that a kill lands mid-epoch
+    "MODEL.num_classes=4",
+    "MODEL.embedding_size=64",
+    "MODEL.lstm_size=64",
+    "MODEL.fc1_size=128",
+    "MODEL.fc2_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def long_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lstm_kill")
+    ids, feats, labels = make_videos(96, 40, 128, 4, seed=9)
+    table = write_feature_table(root, ids, feats, rows_per_file=8)
+    write_list(root / "train.list", [f"{v}.npy" for v in ids[:80]], labels[:80])
+    write_list(root / "val.list", [f"{v}.npy" for v in ids[80:]], labels[80:])
+    return root, table
+
+
+def _kill_overrides(long_dataset) -> list[str]:
+    root, table = long_dataset
+    return [
+        *KILL_DIMS,
+        f"data.features={table}",
+        f"TRAIN.filelist={root / 'train.list'}",
+        f"VALID.filelist={root / 'val.list'}",
+        "TRAIN.batch_size=8",
+        "VALID.batch_size=8",
+        "TRAIN.epoch=3",
+        "TRAIN.learning_rate=0.002",
+        "TRAIN.decay_epochs=[2]",
+        "train_run.num_workers=2",
+        "train_run.threads_per_worker=1",
+        "train_run.checkpoint_every_steps=3",
+        "train_run.keep_checkpoints=20",
+        "train_run.shuffle_buffer=8",
+        "resources.use_gpu=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, long_dataset, tmp_path_factory):
+    """The final weights and history of a run nothing happened to."""
+    out = tmp_path_factory.mktemp("lstm_plain")
+    config = load_config(ROOT / "configs" / "attention_lstm-single.yaml", _kill_overrides(long_dataset))
+    summary = run_train(config, str(out), run_name="AttentionLSTM")
+    assert summary.epochs_done == 3 and summary.global_step == 30  # 80 videos / 2 workers / 4 per worker
+    run = out / "AttentionLSTM"
+    return _last_weights(run), json.loads((run / "history.json").read_text())
+
+
+def _last_weights(run: Path) -> dict[str, np.ndarray]:
+    last = sorted(run.glob("epoch_*"))[-1]
+    assert last.name == "epoch_003_step_0000000"
+    return W.read_state(last / "model.pdparams")
+
+
+def _assert_same_weights(run: Path, reference: dict[str, np.ndarray]) -> None:
+    final = _last_weights(run)
+    assert final.keys() == reference.keys()
+    for key, value in final.items():
+        np.testing.assert_allclose(value, reference[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def _mid_epoch_checkpoint(run: Path):
+    return lambda: (run / "epoch_000_step_0000003" / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_resumes_to_the_uninterrupted_weights(
+    ray_cluster, long_dataset, uninterrupted, tmp_path
+):
+    """SIGKILL of one worker process, by pid, a random moment after the first mid-epoch
+    checkpoint: Ray Train restarts the group from the last checkpoint, and the new workers
+    replay the data order from there."""
+    config = load_config(ROOT / "configs" / "attention_lstm-single.yaml", _kill_overrides(long_dataset))
+    run = tmp_path / "AttentionLSTM"
+    seen: set[int] = set()
+
+    def kill_one() -> int:
+        workers = pids_named("ray::RayTrainWorker")
+        seen.update(workers)
+        os.kill(workers[-1], signal.SIGKILL)
+        return workers[-1]
+
+    killer = kill_later(_mid_epoch_checkpoint(run), kill_one, delay=(0.0, 1.0), seed=1)
+    summary = run_train(config, str(tmp_path), run_name="AttentionLSTM")
+    killer.join(timeout=5)
+    assert killer.fired, "no worker was killed"
+    assert summary.epochs_done == 3 and summary.global_step == 30
+    _assert_same_weights(run, uninterrupted[0])
+    history = json.loads((run / "history.json").read_text())
+    assert history == [pytest.approx(h, rel=1e-6) for h in uninterrupted[1]]  # the part-done epoch's loss too
+
+
+@pytest.mark.slow
+def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(long_dataset, uninterrupted, tmp_path):
+    """`python jobs/train.py` starts its own Ray; SIGKILL of the driver and everything it started
+    (its raylet, GCS and workers) mid-epoch, then the same command again resumes."""
+    command = [
+        sys.executable, str(ROOT / "jobs" / "train.py"), "--model_name=AttentionLSTM",
+        "--config", str(ROOT / "configs" / "attention_lstm-single.yaml"), "--save_dir", str(tmp_path), *[a for o in _kill_overrides(long_dataset) for a in ("-o", o)],
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    run = tmp_path / "AttentionLSTM"
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list[int] = []
+
+    def kill_driver() -> int:
+        family.extend(descendants(driver.pid))
+        kill_tree(driver.pid)
+        return driver.pid
+
+    killer = kill_later(lambda: (run / "epoch_001_step_0000003" / "meta.json").exists(), kill_driver, seed=2)
+    driver.wait(timeout=600)
+    killer.join(timeout=5)
+    assert killer.fired and driver.returncode == -signal.SIGKILL
+    assert len(family) > 3 and not survivors(family)  # its Ray died with it
+    assert not (run / "epoch_003_step_0000000").exists()  # it did not get to the end
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "resumed from" in rerun.stderr
+    _assert_same_weights(run, uninterrupted[0])
+
+
+def test_the_fault_drill_hook_makes_one_worker_raise_once(ray_cluster, dataset, tmp_path, monkeypatch):
+    """VTP_FAULT_INJECT (a Python-level drill; the tests above kill processes): worker 1 raises
+    before global step 5, once; Ray Train restarts the group from the step-4 checkpoint and the
+    run finishes."""
     monkeypatch.setenv(FAULT_ENV, "1:5")
-    faulted = run_train(config, str(tmp_path / "b"))
-    monkeypatch.delenv(FAULT_ENV)
+    faulted = run_train(_config(dataset), str(tmp_path / "b"))
     run_b = tmp_path / "b" / "AttentionLSTM"
     assert (run_b / "_fault_injected_1_5").exists() and (run_b / "epoch_001_step_0000002").is_dir()
-    assert faulted.global_step == 6
-    for key, value in _final_weights(tmp_path / "b").items():
-        np.testing.assert_array_equal(value, reference[key], err_msg=key)
-    ref_history = json.loads((tmp_path / "a" / "AttentionLSTM" / "history.json").read_text())
-    faulted_history = json.loads((run_b / "history.json").read_text())
-    assert faulted_history == [pytest.approx(h, rel=1e-12) for h in ref_history]  # the part-done epoch's loss too
-
-    # The driver stops after epoch 0; a new driver with the same run name and save_dir goes on.
-    run_train(_config(dataset, "TRAIN.epoch=1"), str(tmp_path / "c"))
-    resumed = run_train(config, str(tmp_path / "c"))
-    assert resumed.epochs_done == 2
-    for key, value in _final_weights(tmp_path / "c").items():
-        np.testing.assert_array_equal(value, reference[key], err_msg=key)
-    history = json.loads((tmp_path / "c" / "AttentionLSTM" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1]  # the first driver's epoch is in the history too
-    assert history == ref_history
+    assert faulted.global_step == 6 and faulted.epochs_done == 2
 
 
 def test_too_few_videos_for_a_batch_is_a_clear_error(ray_cluster, dataset):

@@ -4,19 +4,21 @@ synchronisation, dead letters, eval/predict on the result, kills, resume and S3.
 import json
 import os
 import signal
-import threading
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import SEED, run_job
+from tests.conftest import ROOT, SEED, run_job
+from tests.ray_nodes import descendants, kill_later, kill_tree, pids_named, survivors
 from tests.tsn_clips import write_class_clips, write_list
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.models import weights as W
+from vtplatform.resources import TrainPlan
 from vtplatform.train import tsn as T
 
 SMALL = [
@@ -101,7 +103,7 @@ def test_seed_configs_and_lists_as_they_are(tmp_path, monkeypatch):
         (lists / f"{name}.list").write_text("".join(f"data/mp4/{i}.mp4 {i % 400}\n" for i in range(300)))
     for name, workers in (("tsn.yaml", 8), ("tsn-single.yaml", 1)):
         config = load_config(SEED / "configs" / name)
-        spec, info = T.prepare(config, None, config.train.num_gpus, "labels")
+        spec, info = T.prepare(config, None, _plan(config.train.num_gpus), "labels")
         assert config.train.num_gpus == workers
         assert spec.batch_size == 32 and spec.model.depth == 101 and spec.model.num_classes == 400
         assert info["steps"] == 300 // workers // 32
@@ -111,13 +113,20 @@ def test_seed_configs_and_lists_as_they_are(tmp_path, monkeypatch):
     assert load_config(SEED / "configs" / "tsn.yaml").test.seg_num == 7
     (lists / "train.list").write_text("".join(f"frames/v{i} {40 + i} {i % 3}\n" for i in range(64)))
     config = load_config(SEED / "configs" / "tsn-single.yaml", ["MODEL.format=frames", "VALID.filelist=None"])
-    spec, info = T.prepare(config, None, 1, "labels")
+    spec, info = T.prepare(config, None, _plan(1), "labels")
     assert spec.train.source_format == "frames" and spec.valid is None
     assert spec.train_entries.column(S.NUM_FRAMES).to_pylist()[:2] == [40, 41]
     with pytest.raises(ConfigError, match="cannot fill one batch"):
         T.prepare(
-            load_config(SEED / "configs" / "tsn.yaml", ["VALID.filelist=None", "MODEL.format=frames"]), None, 8, "x"
+            load_config(SEED / "configs" / "tsn.yaml", ["VALID.filelist=None", "MODEL.format=frames"]),
+            None,
+            _plan(8),
+            "x",
         )
+
+
+def _plan(workers: int) -> TrainPlan:
+    return TrainPlan(workers, use_gpu=False, cpus_per_worker=0.5, threads=1, task_cpus=1.0)
 
 
 def _sync_probe(out_dir: Path):
@@ -184,52 +193,88 @@ def _final_weights(run: Path) -> dict:
     return W.read_state(last / "model.pdparams")
 
 
-@pytest.mark.slow
-def test_a_worker_killed_midway_resumes_to_the_uninterrupted_weights(ray_cluster, clips, tmp_path):
-    """SIGKILL one worker after the first mid-epoch checkpoint; Ray Train restarts the group from
-    it and the run ends with the weights of a run that was never interrupted.
+KILL = [
+    "TRAIN.epoch=2",
+    "TRAIN.learning_rate=0.002",
+    "train_run.checkpoint_every_steps=2",
+    "train_run.keep_checkpoints=10",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, clips, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The final weights of a run nothing happened to.
 
     The learning rate is low enough that training does not amplify rounding: CPU math kernels are
     not bit-reproducible across processes (memory alignment), and at 0.01 a 1e-7 difference grows
     500-fold in 8 steps. A resume that lost the momentum, the rate schedule or the data position
     differs by 1e-5 or more here."""
-    overrides = ["TRAIN.epoch=2", "TRAIN.learning_rate=0.002", "train_run.checkpoint_every_steps=4"]
-    overrides += ["train_run.keep_checkpoints=10"]
-    config = _config(clips, *overrides)
-    plain_probe = tmp_path / "plain_probe"
-    plain_probe.mkdir()
-    T.run_train(config, str(tmp_path / "plain"), train_fn=_sync_probe(plain_probe))
+    out = tmp_path_factory.mktemp("tsn_plain")
+    T.run_train(_config(clips, *KILL), str(out))
+    return _final_weights(out / "TSN")
 
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    run = tmp_path / "killed" / "TSN"
-    killed = []
 
-    def killer():
-        deadline = time.time() + 400
-        while time.time() < deadline and not killed:
-            if (run / "epoch_000_step_0000004" / "meta.json").exists() and (probe / "pid1").exists():
-                pid = int((probe / "pid1").read_text())
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = T.run_train(config, str(tmp_path / "killed"), train_fn=_sync_probe(probe))
-    thread.join(timeout=5)
-    assert killed, "the worker was never killed"
-    assert int((probe / "pid1").read_text()) != killed[0]  # a new worker took rank 1
-    assert summary.metrics["epoch"] == 1
-    plain, resumed = _final_weights(tmp_path / "plain" / "TSN"), _final_weights(run)
-    assert plain.keys() == resumed.keys()
+def _assert_resumed_to(run: Path, plain: dict[str, np.ndarray]) -> None:
+    resumed = _final_weights(run)
+    assert plain.keys() == resumed.keys() and sorted(run.glob("epoch_*"))[-1].name == "epoch_002_step_0000000"
     for name in plain:
         np.testing.assert_allclose(resumed[name], plain[name], rtol=0, atol=1e-6, err_msg=name)
     moved = max(
-        float(np.abs(plain[n] - W.read_state(run / "epoch_000_step_0000004" / "model.pdparams")[n]).max())
+        float(np.abs(plain[n] - W.read_state(run / "epoch_000_step_0000002" / "model.pdparams")[n]).max())
         for n in plain
     )
     assert moved > 1e-4  # the steps after the resume did change the weights
+
+
+@pytest.mark.slow
+def test_a_worker_killed_midway_resumes_to_the_uninterrupted_weights(ray_cluster, clips, uninterrupted, tmp_path):
+    """SIGKILL of one worker process by pid, a random moment after the first mid-epoch
+    checkpoint; Ray Train restarts the group from the last checkpoint and the run ends with the
+    weights of a run that was never interrupted."""
+    run = tmp_path / "killed" / "TSN"
+
+    def kill_one() -> int:
+        pid = pids_named("ray::RayTrainWorker")[-1]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    killer = kill_later(lambda: (run / "epoch_000_step_0000002" / "meta.json").exists(), kill_one, seed=3)
+    summary = T.run_train(_config(clips, *KILL), str(tmp_path / "killed"))
+    killer.join(timeout=5)
+    assert killer.fired, "the worker was never killed"
+    assert summary.metrics["epoch"] == 1
+    _assert_resumed_to(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(clips, uninterrupted, tmp_path):
+    """`python jobs/train.py --model_name=TSN` with its own Ray, SIGKILLed (driver, raylet, GCS
+    and workers) mid-epoch, then the same command again."""
+    files = [f"TRAIN.filelist={clips['lists']['train']}", f"VALID.filelist={clips['lists']['valid']}"]
+    command = [
+        sys.executable, str(ROOT / "jobs" / "train.py"), "--model_name=TSN", "--config", str(SEED / "configs" / "tsn.yaml"),
+        "--save_dir", str(tmp_path), *[a for o in [*SMALL, *files, *KILL] for a in ("-o", o)],
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    run = tmp_path / "TSN"
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list[int] = []
+
+    def kill_driver() -> int:
+        family.extend(descendants(driver.pid))
+        kill_tree(driver.pid)
+        return driver.pid
+
+    killer = kill_later(lambda: (run / "epoch_000_step_0000004" / "meta.json").exists(), kill_driver, seed=4)
+    driver.wait(timeout=900)
+    killer.join(timeout=5)
+    assert killer.fired and driver.returncode == -signal.SIGKILL
+    assert len(family) > 3 and not survivors(family)  # its Ray died with it
+    assert not (run / "epoch_002_step_0000000").exists()
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "resumed from" in rerun.stderr
+    _assert_resumed_to(run, uninterrupted)
 
 
 @pytest.mark.slow

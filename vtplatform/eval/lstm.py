@@ -19,9 +19,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 
 
-def run_eval(
-    config: Config, weights: str, save_dir: str, filelist: str | None = None, use_gpu: bool = False
-) -> dict[str, Any]:
+def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None = None) -> dict[str, Any]:
     """Metrics of ``weights`` on the labelled videos; writes ``save_dir/report.json``."""
     from vtplatform.lstm_data import plan_inputs
     from vtplatform.predict import LOSS, run_inference
@@ -29,7 +27,7 @@ def run_eval(
     start = time.perf_counter()
     inputs = plan_inputs(config, "test", filelist or config.test.filelist)
     model_config, loaded, batches = run_inference(
-        config, weights, inputs, use_gpu, None, config.test.batch_size, with_targets=True
+        config, weights, inputs, config.test.use_gpu, None, config.test.batch_size, with_targets=True
     )
     metrics = Youtube8mMetrics(model_config.num_classes, config.model.topk)
     for batch in batches:
@@ -60,7 +58,8 @@ def format_report(report: dict[str, Any], save_dir: str) -> str:
             f"  GAP@{report['top_k']:<5} {report['gap']:.4f}",
             f"  Hit@1     {report['hit_at_one']:.4f}",
             f"  PERR      {report['perr']:.4f}",
-            f"  mAP       {report['map']:.4f} over {report['num_classes_with_positives']} classes with positives",
+            f"  mAP       {report['map']:.4f} over {report['num_classes_with_positives']} classes with positives"
+            f" (eval_util: top-{report['top_k']} pairs; {report['map_full_ranking']:.4f} over all videos' ranking)",
             f"  avg loss  {report['avg_loss']:.4f}",
             f"  report    {save_dir.rstrip('/')}/{REPORT_FILE}",
         ]

@@ -149,12 +149,10 @@ class Results:
 
 def classify(config: Config, mode: str, weights: str, filelist: str | None, labelled: bool) -> Results:
     """Runs the pipeline over ``filelist`` (default: the phase's ``filelist``). Needs ``ray.init()``."""
-    import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
+    from vtplatform import resources as R
     from vtplatform.frame_cache import open_cache
-    from vtplatform.pipeline import input_blocks
-    from vtplatform.predict import wants_gpu
+    from vtplatform.pipeline import blocks_dataset, input_blocks, map_cpu_tasks
 
     start = time.perf_counter()
     phase = getattr(config, mode)
@@ -171,7 +169,8 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         entries, hits = attach_cache(entries, index)
         log.info("frame cache %s holds %d of %d videos", st.redact(config.frame_cache.path), hits, len(videos))
     spec = clip_spec(config, mode, seed=0, cache=cache)
-    use_gpu = wants_gpu(config, phase.use_gpu)
+    sizes = R.size_pipeline(config, [R.tsn_need(config)], phase.use_gpu)
+    model = sizes.models["TSN"]
     res = config.resources
     cspec = ClassifierSpec(
         depth=config.model.num_layers,
@@ -179,30 +178,30 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         image_mean=config.model.image_mean,
         image_std=config.model.image_std,
         weights=weights,
-        device="gpu" if use_gpu else "cpu",
-        threads=res.tsn_threads or max(1, int(res.tsn_cpus)),
+        device=sizes.device,
+        threads=model.threads,
         topk=config.model.topk,
         segments=spec.seg_num * spec.seglen,
         target_size=spec.target_size,
     )
     plan = eval_plan(entries)
-    ds = ray.data.from_arrow(input_blocks(plan, res.decode_batch_size))
-    ds = ds.map_batches(
+    ds = blocks_dataset(input_blocks(plan, res.decode_batch_size))
+    ds = map_cpu_tasks(
+        ds,
         load_clips,
-        batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=res.decode_concurrency),
-        fn_kwargs={"spec": spec},
-        num_cpus=res.decode_cpus,
+        batch_size=None,
+        num_cpus=sizes.task_cpus,
+        concurrency=sizes.task_concurrency,
         max_retries=res.decode_max_retries,
+        fn_kwargs={"spec": spec},
     )
     ds = ds.map_batches(
         ClassifierStage,
         batch_size=res.tsn_batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=res.tsn_actors),
+        compute=model.compute(),
         fn_constructor_kwargs={"spec": cspec, "storage": config.storage},
-        num_cpus=res.tsn_cpus,
-        num_gpus=res.tsn_gpus if use_gpu else 0,
+        **model.ray_args(),
     )
     parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()

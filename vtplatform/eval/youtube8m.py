@@ -1,21 +1,24 @@
 """YouTube-8M metrics, as VideoTag reports them: Hit@1, PERR, GAP, mAP and per-class AP.
 
-With probabilities P (N, C) and multi-hot labels Y (N, C):
+With probabilities P (N, C) and multi-hot labels Y (N, C), and k = ``top_k`` (20):
 
 * **Hit@1**: the fraction of videos whose top-scored class is a positive.
-* **PERR**: per video with k positives, the precision of its k top-scored classes (counting only
+* **PERR**: per video with n positives, the precision of its n top-scored classes (counting only
   scores > 0); a video without positives counts 0, as in YouTube-8M's ``eval_util``.
-* **GAP** (global average precision, top k = 20): every video's k top-scored (class, score)
-  pairs are pooled and ranked by score; GAP is the average precision of that ranking with **all**
-  positives of Y in the denominator, including those outside any top k.
-* **per-class AP**: the average precision of one class's ranking of all N videos, as
-  scikit-learn's ``average_precision_score`` defines it (sum over score thresholds of
-  (R_n - R_{n-1}) P_n); **mAP** is its mean over the classes that have a positive.
+* **GAP** (global average precision): every video's k top-scored (class, score) pairs are pooled
+  and ranked by score; GAP is the average precision of that ranking with **all** positives of Y
+  in the denominator, including those outside any top k.
+* **per-class AP** (``per_class_ap``), as ``eval_util.EvaluationMetrics`` computes it (its
+  ``map_calculator``, fed by ``top_k_by_class``): class c's AP ranks only the pooled top-k pairs
+  that are class c's (the videos where c made the video's top k), with **all** positives of
+  class c, in every video, in the denominator; a class without positives gets None (0.0 in the
+  seed's log line). **mAP** (``map``) is its mean over the classes that have a positive.
+* ``per_class_ap_full_ranking`` / ``map_full_ranking``: the AP of one class's ranking of all N
+  videos (scikit-learn's ``average_precision_score``), and its mean; not what VideoTag printed.
 
-Tied scores are grouped at one threshold (scikit-learn's rule) in both GAP and AP, so results do
-not depend on row order; YouTube-8M breaks ties by a random shuffle instead. Top-k selection
-breaks ties by the lower class id. The accumulator keeps the top-k pairs per video and the full
-probabilities (for per-class AP): N x C floats.
+Tied scores are grouped at one threshold (scikit-learn's rule) in every AP, so results do not
+depend on row order; YouTube-8M breaks ties by a random shuffle instead. Top-k selection breaks
+ties by the lower class id. The accumulator keeps the full probabilities: N x C floats.
 """
 
 from __future__ import annotations
@@ -107,29 +110,57 @@ def gap(probs: np.ndarray, labels: np.ndarray, top_k: int = 20) -> float:
     return average_precision(probs[rows, top].ravel(), labels[rows, top].ravel(), int(np.sum(labels > 0)))
 
 
+def per_class_ap_top_k(probs: np.ndarray, labels: np.ndarray, top_k: int = 20) -> list[float | None]:
+    """Per-class AP as YouTube-8M's ``eval_util`` computes it: over the class's share of the
+    pooled top-k pairs, with all of the class's positives in the denominator (None: no positives)."""
+    labels = (np.asarray(labels) > 0).astype(np.uint8)
+    positives = labels.sum(axis=0)
+    top = top_k_indices(probs, top_k)
+    rows = np.broadcast_to(np.arange(len(probs))[:, None], top.shape)
+    classes, scores, hits = top.ravel(), probs[rows, top].ravel(), labels[rows, top].ravel()
+    return [
+        average_precision(scores[classes == c], hits[classes == c], int(positives[c])) if positives[c] else None
+        for c in range(labels.shape[1])
+    ]
+
+
+def per_class_ap_full_ranking(probs: np.ndarray, labels: np.ndarray) -> list[float | None]:
+    """Per-class AP over the ranking of all videos (scikit-learn's definition; None: no positives)."""
+    labels = (np.asarray(labels) > 0).astype(np.uint8)
+    positives = labels.sum(axis=0)
+    return [average_precision(probs[:, c], labels[:, c]) if positives[c] else None for c in range(labels.shape[1])]
+
+
+def _mean_defined(values: list[float | None]) -> float:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else 0.0
+
+
 def compute_metrics(
     probs: np.ndarray, labels: np.ndarray, top_k: int = 20, losses: np.ndarray | None = None
 ) -> dict[str, Any]:
+    """Every metric of the module docstring, as one JSON-ready dict."""
     labels = (np.asarray(labels) > 0).astype(np.uint8)
-    positives = labels.sum(axis=0)
-    per_class = [average_precision(probs[:, c], labels[:, c]) if positives[c] else None for c in range(labels.shape[1])]
-    defined = [ap for ap in per_class if ap is not None]
+    per_class = per_class_ap_top_k(probs, labels, top_k)
+    full = per_class_ap_full_ranking(probs, labels)
     return {
         "num_videos": len(probs),
         "top_k": top_k,
         "gap": gap(probs, labels, top_k),
         "hit_at_one": float(hit_at_one(probs, labels).mean()),
         "perr": float(precision_at_equal_recall(probs, labels).mean()),
-        "map": float(np.mean(defined)) if defined else 0.0,
+        "map": _mean_defined(per_class),
         "avg_loss": float(losses.mean()) if losses is not None and len(losses) else None,
-        "num_classes_with_positives": len(defined),
+        "num_classes_with_positives": sum(ap is not None for ap in per_class),
         "per_class_ap": per_class,
+        "map_full_ranking": _mean_defined(full),
+        "per_class_ap_full_ranking": full,
     }
 
 
 def seed_log_line(metrics: dict[str, Any], info: str = "[TEST] Finish") -> str:
-    """The line VideoTag's ``Youtube8mMetrics.finalize_and_log_out`` logs (``aps``: per-class AP,
-    0.0 for classes without positives)."""
+    """The line VideoTag's ``Youtube8mMetrics.finalize_and_log_out`` logs (``aps``: the
+    ``eval_util`` per-class AP over the pooled top-k pairs, 0.0 for classes without positives)."""
     aps = [0.0 if ap is None else ap for ap in metrics["per_class_ap"]]
     return (
         f"{info}\tavg_hit_at_one: {metrics['hit_at_one']},\tavg_perr: {metrics['perr']},"

@@ -26,6 +26,7 @@ keeps its process groups: it selects the worker's device and calls
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -162,20 +163,34 @@ def all_reduce_sum(values: np.ndarray, world_size: int) -> np.ndarray:
     return tensor.numpy()
 
 
+def replica_digest(model) -> np.ndarray:
+    """sha256 of every trainable parameter (``stop_gradient`` False, in ``model.parameters()``
+    order: dtype, shape and raw bytes), as four int64 words. Buffers such as batch-norm running
+    statistics are left out: data-parallel workers keep their own."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        if param.stop_gradient:
+            continue
+        value = np.ascontiguousarray(param.numpy())
+        digest.update(f"{value.dtype.str}{value.shape}".encode())
+        digest.update(value.tobytes())
+    return np.frombuffer(digest.digest(), dtype="<i8").copy()
+
+
 def check_replicas(model, world_size: int) -> None:
-    """Raises if the workers' copies of ``model`` differ (a collective: every rank calls it).
-    Compares a float64 checksum of every parameter across ranks."""
+    """Raises RuntimeError if the workers' trainable parameters are not equal bit for bit (a
+    collective: every rank calls it). The all-reduced MAX and MIN of ``replica_digest`` differ
+    as soon as one element of one parameter differs on one worker."""
     if world_size == 1:
         return
     import paddle
 
-    sums = np.array([float(np.sum(p.numpy(), dtype=np.float64)) for p in model.parameters()])
-    tensor = paddle.to_tensor(np.concatenate([sums, -sums]))
-    paddle.distributed.all_reduce(tensor, op=paddle.distributed.ReduceOp.MAX)
-    high, neg_low = np.split(tensor.numpy(), 2)
-    spread = np.abs(high + neg_low)
-    if np.any(spread > 1e-6 * np.maximum(1.0, np.abs(high))):
+    mine = replica_digest(model)
+    high, low = paddle.to_tensor(mine), paddle.to_tensor(mine)
+    paddle.distributed.all_reduce(high, op=paddle.distributed.ReduceOp.MAX)
+    paddle.distributed.all_reduce(low, op=paddle.distributed.ReduceOp.MIN)
+    if not np.array_equal(high.numpy(), low.numpy()):
         raise RuntimeError(
-            f"model replicas diverged across workers (largest checksum spread {spread.max():.3g}): "
-            "gradients are not in sync"
+            f"model replicas diverged across {world_size} workers: the sha256 of the trainable parameters differs "
+            f"(this worker's begins {mine.tobytes().hex()[:16]}): gradients are not in sync"
         )

@@ -111,15 +111,18 @@ def load(directory: str | Path, *, model, optimizer, name_map: Mapping[str, str]
 _COUNTER = re.compile(r"_\d+$")
 
 
+def _accumulator_names(optimizer) -> list[str]:
+    """The optimizer's own tensors: its state dict without the LR scheduler's entry."""
+    return [k for k in optimizer.state_dict() if k not in ("LR_Scheduler", "master_weights")]
+
+
 def _accumulator_keys(model, optimizer) -> dict[str, str]:
     """{optimizer tensor name: "<state_dict key>/<accumulator>"}. Paddle names accumulators
     ``<param.name>_<accumulator>_<counter>`` with process-global counters; we do not."""
     by_param_name = {p.name: key for key, p in model.named_parameters()}
     names = sorted(by_param_name, key=len, reverse=True)
     out = {}
-    for var_name in optimizer.state_dict():
-        if var_name in ("LR_Scheduler", "master_weights"):
-            continue
+    for var_name in _accumulator_names(optimizer):
         owner = next((n for n in names if var_name.startswith(n + "_")), None)
         if owner is None:
             raise RuntimeError(f"optimizer tensor {var_name} belongs to no parameter of the model")
@@ -138,7 +141,7 @@ def materialize_optimizer(model, optimizer) -> None:
     import paddle
 
     params = [p for p in model.parameters() if not p.stop_gradient]
-    if not params or len(optimizer.state_dict()) > 0:
+    if not params or _accumulator_names(optimizer):
         return
     loss = paddle.add_n([(p * 0.0).sum() for p in params])
     loss.backward()
@@ -152,6 +155,8 @@ def load_optimizer_state(model, optimizer, saved: Mapping[str, np.ndarray]) -> N
     current = optimizer.state_dict()
     keys = _accumulator_keys(model, optimizer)
     missing = sorted(set(keys.values()) - set(saved))
+    if saved and not keys:
+        raise RuntimeError(f"the optimizer has no accumulators to restore {len(saved)} saved tensors into")
     if missing:
         raise ValueError(
             f"optimizer state lacks {len(missing)} entries, e.g. {missing[:3]} (a different optimizer or model?)"

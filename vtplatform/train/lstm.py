@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from vtplatform import faults
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.models.attention_lstm import AttentionLSTMConfig
@@ -36,7 +37,6 @@ MODEL_NAME = "AttentionLSTM"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
 HISTORY_FILE = "history.json"
-FAULT_ENV = "VTP_FAULT_INJECT"  # "RANK:GLOBAL_STEP": that worker raises once there (fault-tolerance drills)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TrainSpec:
     top_k: int
     label_fingerprint: str
     features: dict[str, Any] | None
-    fault: str | None = None  # VTP_FAULT_INJECT of the driver
+    fault: tuple[int, int] | None = None  # (rank, global step): the driver's VTP_FAULT_INJECT drill
 
     def lr_at(self, epoch: int) -> float:
         """Piecewise decay: the base rate times decay_gamma per decay epoch reached."""
@@ -125,8 +125,9 @@ def run_train(
     from ray.train import DataConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from vtplatform import resources as R
     from vtplatform.lstm_data import make_dataset, plan_inputs
-    from vtplatform.predict import check_label_names, label_fingerprint, read_label_names, wants_gpu
+    from vtplatform.predict import check_label_names, label_fingerprint, read_label_names
     from vtplatform.train import checkpoint
     from vtplatform.train.backend import PaddleBackendConfig
 
@@ -149,26 +150,25 @@ def run_train(
         check_label_names(names, model_config.num_classes, label_file)
     if pretrain:
         _check_pretrain(model_config, pretrain, config.storage)
-    use_gpu = wants_gpu(config, config.train.use_gpu)
-    workers = config.train_run.num_workers or config.train.num_gpus
-    cpus = _cpus_per_worker(config, workers)
+    plan = R.size_training(config, config.train.use_gpu)
+    workers, use_gpu = plan.workers, plan.use_gpu
     spec = _spec(
         config,
         model_config,
         train_inputs,
         pretrain,
-        workers,
-        cpus,
-        use_gpu,
+        plan,
         label_fingerprint(names, model_config.num_classes),
     )
     if valid_inputs is None:
         spec = dataclasses.replace(spec, valid_interval=0)
     datasets = {
-        "train": make_dataset(train_inputs, config, cache=True).randomize_block_order(seed=config.train_run.seed)
+        "train": make_dataset(train_inputs, config, cache=True, task_cpus=plan.task_cpus).randomize_block_order(
+            seed=config.train_run.seed
+        )
     }
     if valid_inputs is not None:
-        datasets["valid"] = make_dataset(valid_inputs, config, cache=True)
+        datasets["valid"] = make_dataset(valid_inputs, config, cache=True, task_cpus=plan.task_cpus)
     for ds in datasets.values():
         ds.context.enable_progress_bars = False  # the workers' logs carry the progress
     ingest = DataConfig.default_ingest_options()
@@ -177,7 +177,9 @@ def run_train(
         train_loop,
         train_loop_config={"spec": spec},
         backend_config=PaddleBackendConfig(),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=plan.worker_resources()
+        ),
         run_config=checkpoint.run_config(
             save_dir, run_name, config.storage, config.train_run.keep_checkpoints, config.train_run.max_failures
         ),
@@ -224,12 +226,11 @@ def _spec(
     model: AttentionLSTMConfig,
     inputs,
     pretrain: str | None,
-    workers: int,
-    cpus: float,
-    use_gpu: bool,
+    plan,
     labels: str,
 ) -> TrainSpec:
     train, run = config.train, config.train_run
+    workers, use_gpu = plan.workers, plan.use_gpu
     local = train.batch_size // workers
     if local == 0:
         raise ConfigError(
@@ -267,28 +268,12 @@ def _spec(
         log_interval=run.log_interval,
         valid_interval=run.valid_interval,
         shuffle_buffer=run.shuffle_buffer,
-        threads=run.threads_per_worker or max(1, int(cpus)),
+        threads=plan.threads,
         top_k=config.model.topk,
         label_fingerprint=labels,
         features=inputs.provenance,
-        fault=os.environ.get(FAULT_ENV),
+        fault=faults.train_fault(),
     )
-
-
-def _cpus_per_worker(config: Config, workers: int) -> float:
-    """train_run.cpus_per_worker, else 1, scaled down when the cluster has fewer CPUs than that
-    (a laptop running the seed's 8-worker config), leaving room for the data tasks."""
-    import ray
-
-    if config.train_run.cpus_per_worker:
-        return config.train_run.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 1.0)
-    cpus = min(1.0, 0.75 * total / workers)
-    if cpus < 1.0:
-        log.warning(
-            "%d workers on %g CPUs: %.2f CPU reserved per worker (set train_run.cpus_per_worker)", workers, total, cpus
-        )
-    return round(cpus, 3)
 
 
 def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: StorageSection) -> None:
@@ -531,12 +516,12 @@ def _validate(model, valid, spec: TrainSpec) -> dict[str, float]:
     return {f"valid_{k}": float(result[k]) for k in ("gap", "hit_at_one", "perr", "map", "avg_loss")}
 
 
-def _maybe_inject_fault(fault: str | None, rank: int, global_step: int) -> None:
+def _maybe_inject_fault(fault: tuple[int, int] | None, rank: int, global_step: int) -> None:
     """``VTP_FAULT_INJECT=RANK:STEP`` in the driver's environment makes that worker raise once at
     that step of the run (a marker in the run folder keeps the restarted worker from raising again)."""
-    if not fault:
+    if fault is None:
         return
-    target_rank, target_step = (int(v) for v in fault.split(":"))
+    target_rank, target_step = fault
     if rank != target_rank or global_step != target_step:
         return
     from vtplatform.train.checkpoint import experiment_location
@@ -546,7 +531,7 @@ def _maybe_inject_fault(fault: str | None, rank: int, global_step: int) -> None:
     if st.exists(fs, marker):
         return
     st.write_bytes(b"", fs, marker)
-    raise RuntimeError(f"injected fault on worker {rank} at step {global_step} ({FAULT_ENV})")
+    raise RuntimeError(f"injected fault on worker {rank} at step {global_step} ({faults.TRAIN_ENV})")
 
 
 class _Board:

@@ -117,10 +117,10 @@ def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int)
     """Batches of loaded samples (``CLIP_SCHEMA`` tables) in plan order, loaded by Ray Data CPU tasks."""
     import ray
 
-    from vtplatform.pipeline import input_blocks, map_cpu_tasks
+    from vtplatform.pipeline import blocks_dataset, input_blocks, map_cpu_tasks
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_arrow(input_blocks(plan, load.videos_per_task))
+    ds = blocks_dataset(input_blocks(plan, load.videos_per_task))
     ds = map_cpu_tasks(
         ds,
         load_clips,
@@ -250,38 +250,13 @@ def validate(model, spec: TSNTrainSpec, rank: int, world: int, dead: DeadLetters
     }
 
 
-def _trainable_crc(model) -> int:
-    import zlib
-
-    crc = 0
-    for p in model.parameters():
-        if not p.stop_gradient:
-            crc = zlib.crc32(np.ascontiguousarray(p.numpy()).tobytes(), crc)
-    return crc
-
-
-def check_replicas(model, world: int) -> None:
-    """Raises when the workers' trainable parameters differ: they must stay equal bit for bit.
-    (A sum of equal 32-bit CRCs is exact in float64, so every worker can check it.)"""
-    from vtplatform.train.backend import all_reduce_sum
-
-    if world == 1:
-        return
-    mine = _trainable_crc(model)
-    total = int(all_reduce_sum(np.array([float(mine)]), world)[0])
-    if total != mine * world:
-        raise RuntimeError(
-            f"data-parallel replicas diverged: parameter CRC {mine} here, sum {total} over {world} workers"
-        )
-
-
 def train_loop(spec: TSNTrainSpec):
     """Runs on every Ray Train worker; returns the trained model (useful to tests)."""
     import paddle
 
     from vtplatform.models import tsn_classifier as tc
     from vtplatform.train import checkpoint
-    from vtplatform.train.backend import setup_paddle
+    from vtplatform.train.backend import check_replicas, setup_paddle
 
     ctx = setup_paddle(spec.threads)
     rank, world = ctx.rank, ctx.world_size
@@ -442,40 +417,12 @@ class TrainSummary:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class Placement:
-    workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-
-
-def placement(config: Config) -> Placement:
-    """Workers: ``train_run.num_workers``, else the seed's ``TRAIN.num_gpus``. GPUs when the
-    cluster has them (``resources.use_gpu``). On CPU, each worker gets at most a third of the
-    cluster's CPUs unless ``cpus_per_worker`` says otherwise, leaving the rest to decoding."""
-    import ray
-
-    from vtplatform.pipeline import resolve_device
-
-    run = config.train_run
-    workers = run.num_workers or config.train.num_gpus
-    use_gpu = resolve_device(config) == "gpu"
-    cpus = run.cpus_per_worker
-    if cpus is None:
-        total = ray.cluster_resources().get("CPU", 1.0)
-        cpus = 1.0 if use_gpu else min(1.0, total / (3 * workers))
-    if config.train.use_gpu and not use_gpu:
-        log.info(
-            "TRAIN.use_gpu is set but no GPU is used (resources.use_gpu=%s): training on CPU", config.resources.use_gpu
-        )
-    return Placement(workers, use_gpu, cpus)
-
-
-def prepare(config: Config, pretrain: str | None, workers: int, labels: str) -> tuple[TSNTrainSpec, dict[str, Any]]:
+def prepare(config: Config, pretrain: str | None, plan, labels: str) -> tuple[TSNTrainSpec, dict[str, Any]]:
     """Reads the lists (and the frame cache) and checks the recipe, before any worker starts."""
     from vtplatform.frame_cache import open_cache
 
     train, valid, run = config.train, config.valid, config.train_run
+    workers = plan.workers
     if not train.filelist:
         raise ConfigError("TRAIN.filelist is not set: point it at a TSN list ('path label' per line)")
     batch, valid_batch = train.batch_size // workers, max(1, valid.batch_size // workers)
@@ -532,8 +479,8 @@ def prepare(config: Config, pretrain: str | None, workers: int, labels: str) -> 
         valid=clip_spec(config, "valid", run.seed, cache) if valid_entries is not None else None,
         train_entries=train_entries,
         valid_entries=valid_entries,
-        load=LoadResources(res.decode_cpus, res.decode_concurrency, res.decode_batch_size, res.decode_max_retries),
-        threads=run.threads_per_worker,
+        load=LoadResources(plan.task_cpus, res.decode_concurrency, res.decode_batch_size, res.decode_max_retries),
+        threads=plan.threads,
         amp=run.amp,
         checkpoint_every_steps=run.checkpoint_every_steps,
         log_interval=run.log_interval,
@@ -566,6 +513,7 @@ def run_train(
     from ray.train import ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from vtplatform import resources as R
     from vtplatform.pipeline import dead_letter_table
     from vtplatform.predict import check_label_names, label_fingerprint, read_label_names
     from vtplatform.train import checkpoint
@@ -575,13 +523,17 @@ def run_train(
     if config.model.name != MODEL_NAME:
         raise ConfigError(f"MODEL.name is {config.model.name!r}; this trainer fine-tunes TSN")
     run = config.train_run
-    where = placement(config)
+    where = R.size_training(config, config.train.use_gpu)
+    if config.train.use_gpu and not where.use_gpu:
+        log.info(
+            "TRAIN.use_gpu is set but no GPU is used (resources.use_gpu=%s): training on CPU", config.resources.use_gpu
+        )
     if pretrain:
         checkpoint.read_weights(pretrain, config.storage)  # a bad path fails here, not in every worker
     names = read_label_names(label_file, config.storage) if label_file else None
     if names is not None:
         check_label_names(names, config.model.num_classes, label_file)
-    spec, info = prepare(config, pretrain, where.workers, label_fingerprint(names, config.model.num_classes))
+    spec, info = prepare(config, pretrain, where, label_fingerprint(names, config.model.num_classes))
     name = run_name or run.run_name or MODEL_NAME
     run_uri = checkpoint.run_uri(save_dir, name)
     fs, root = st.filesystem(run_uri, config.storage)
@@ -594,7 +546,7 @@ def run_train(
         where.workers, "GPU" if where.use_gpu else "CPU", where.cpus_per_worker, where.workers, spec.batch_size,
         info["steps"], spec.epochs, st.redact(run_uri),
     )  # fmt: skip
-    resources = {"CPU": where.cpus_per_worker} | ({"GPU": 1} if where.use_gpu else {})
+    resources = where.worker_resources()
     trainer = DataParallelTrainer(
         train_fn or _worker,
         train_loop_config={"spec": spec},

@@ -1,0 +1,119 @@
+"""Losing a node mid-job, as a spot instance is lost: a multi-node cluster on loopback (a head that
+runs no tasks and two 1-CPU worker nodes, no more CPUs than this machine has), one worker node
+SIGKILLed with everything on it, and a replacement node added."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import EXAMPLES, ROOT
+from tests.ray_nodes import Node, descendants, kill_later, pids_named, start_cluster
+from tests.synthetic_features import make_videos, write_feature_table, write_list
+from vtplatform import schema as S
+from vtplatform.config import load_config
+from vtplatform.models import weights as W
+from vtplatform.storage import derive_video_id
+from vtplatform.train.lstm import run_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = start_cluster(head_cpus=0)
+    try:
+        for n in (1, 2):  # one at a time: two raylets starting at once on 2 cores can time out
+            c.add_worker(num_cpus=1)
+            c.wait_for_cpus(n)
+        yield c
+    finally:
+        c.stop()
+
+
+def node_running(cluster, title: str) -> Node:
+    """The worker node that hosts a process titled ``title`` (else the first worker node)."""
+    for node in cluster.workers:
+        if node.proc.poll() is None and pids_named(title, under=node.proc.pid):
+            return node
+    return cluster.workers[0]
+
+
+def lose_a_node(cluster, title: str):
+    def kill() -> int:
+        node = node_running(cluster, title)
+        lost = len(descendants(node.proc.pid))
+        node.kill()
+        cluster.add_worker(num_cpus=1)  # the autoscaler's replacement
+        return lost
+
+    return kill
+
+
+def run(command: list[str], cluster) -> subprocess.Popen:
+    """A job's driver on this machine, joining the cluster (as `ray job submit` runs it on the head)."""
+    env = {**os.environ, "RAY_ADDRESS": cluster.gcs, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_extraction_finishes_with_one_row_per_video_after_losing_a_node(cluster, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    names = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv", "mmaction2_test.mp4"]
+    paths = []
+    for i in range(3):
+        for name in names:
+            paths.append(lib / f"{i}_{name}")
+            shutil.copy(EXAMPLES / name, paths[-1])
+    (tmp_path / "m.list").write_text("".join(f"{p}\n" for p in paths))
+    out = tmp_path / "out"
+    command = [sys.executable, "jobs/extract.py", "--config", "configs/tsn.yaml", "--filelist", str(tmp_path / "m.list"),
+               "--save_dir", str(out), "-o", "MODEL.num_layers=18", "-o", "INFER.seg_num=8", "-o", "output.rows_per_file=2"]  # fmt: skip
+    job = run(command, cluster)
+    killer = kill_later(lambda: any((out / "features").glob("part-*.parquet")), lose_a_node(cluster, "MapWorker"))
+    stdout, stderr = job.communicate(timeout=900)
+    killer.join(timeout=30)
+    assert killer.fired and killer.fired[0] > 0, "no node was lost"
+    assert job.returncode == 0, stderr[-4000:]
+    ids = pq.read_table(out / "features").column(S.VIDEO_ID).to_pylist()
+    assert sorted(ids) == sorted(derive_video_id(str(p)) for p in paths)  # one row each, no duplicates
+    assert not (out / "dead_letters").exists() or pq.read_table(out / "dead_letters").num_rows == 0
+    assert f"{len(paths)} ok, 0 failed" in stdout
+
+
+def test_training_resumes_from_its_last_checkpoint_after_losing_a_node(ray_cluster, cluster, tmp_path):
+    ids, feats, labels = make_videos(96, 40, 128, 4, seed=9)
+    table = write_feature_table(tmp_path, ids, feats, rows_per_file=8)
+    write_list(tmp_path / "train.list", [f"{v}.npy" for v in ids[:80]], labels[:80])
+    overrides = ["MODEL.num_classes=4", "MODEL.embedding_size=64", "MODEL.lstm_size=64", "MODEL.fc1_size=128"]
+    overrides += ["MODEL.fc2_size=64", f"data.features={table}", f"TRAIN.filelist={tmp_path / 'train.list'}"]
+    overrides += ["VALID.filelist=null", "TRAIN.batch_size=8", "TRAIN.epoch=2", "TRAIN.learning_rate=0.002"]
+    overrides += ["train_run.num_workers=1", "train_run.cpus_per_worker=1", "train_run.threads_per_worker=1"]
+    overrides += ["train_run.checkpoint_every_steps=3", "train_run.keep_checkpoints=20", "resources.use_gpu=false"]
+    config_file = ROOT / "configs" / "attention_lstm-single.yaml"
+
+    run_train(load_config(config_file, overrides), str(tmp_path / "plain"))  # on the test session's Ray
+    command = [sys.executable, "jobs/train.py", "--model_name=AttentionLSTM", "--config", str(config_file)]
+    command += ["--save_dir", str(tmp_path / "lost"), *[a for o in overrides for a in ("-o", o)]]
+    job = run(command, cluster)
+    ckpt = tmp_path / "lost" / "AttentionLSTM" / "epoch_000_step_0000003" / "meta.json"
+    killer = kill_later(ckpt.exists, lose_a_node(cluster, "RayTrainWorker"))
+    _, stderr = job.communicate(timeout=900)
+    killer.join(timeout=30)
+    assert killer.fired and killer.fired[0] > 0, "no node was lost"
+    assert job.returncode == 0, stderr[-4000:]
+    assert "resumed from" in stderr
+    last = sorted((tmp_path / "lost" / "AttentionLSTM").glob("epoch_*"))[-1]
+    plain = W.read_state(tmp_path / "plain" / "AttentionLSTM" / last.name / "model.pdparams")
+    assert last.name == "epoch_002_step_0000000"
+    for key, value in W.read_state(last / "model.pdparams").items():
+        np.testing.assert_allclose(value, plain[key], rtol=0, atol=1e-6, err_msg=key)
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["global_step"] == 20
