@@ -181,3 +181,18 @@ def test_a_malformed_fault_hook_is_a_configuration_error_naming_it(files, tmp_pa
     assert res.returncode == 2 and variable in res.stderr, res.stderr[-2000:]
     assert time.monotonic() - start < 30
     assert not os.listdir(tmp_path)  # nothing ran
+
+
+@pytest.mark.parametrize("script", ["extract.py", "train.py"])
+def test_gpus_the_cluster_does_not_have_fail_in_seconds_naming_the_keys(files, tmp_path, script):
+    """`resources.use_gpu=true` on a machine without GPUs: exit 2 in seconds, never a wait."""
+    tsn_list, start = str(files["root"] / "tsn.list"), time.monotonic()
+    args = {
+        "extract.py": ["--config", "configs/tsn.yaml", "--filelist", tsn_list],
+        "train.py": ["--model_name=TSN", "--config", "configs/tsn.yaml", "-o", f"TRAIN.filelist={tsn_list}"],
+    }[script]
+    res = run_job(script, *args, "--save_dir", str(tmp_path), "-o", "resources.use_gpu=true",
+                  env={"RAY_ADDRESS": ""}, timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "no GPUs" in res.stderr and "resources.use_gpu=auto or false" in res.stderr
+    assert time.monotonic() - start < 45
