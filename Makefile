@@ -11,14 +11,14 @@ export RAY_AUTH_MODE ?= disabled
 .PHONY: demo test test-fast test-slow bench lint clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	touch $@
 
 # moto lives in its own environment: its botocore clashes with the one s3fs's aiobotocore pins.
 $(MOTO_VENV)/.installed:
-	$(PYTHON) -m venv $(MOTO_VENV)
+	$(PYTHON) -m venv --clear $(MOTO_VENV)
 	$(MOTO_VENV)/bin/pip install --quiet 'moto[server]>=5,<6'
 	touch $@
 

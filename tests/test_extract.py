@@ -279,7 +279,11 @@ def test_killed_midway_then_rerun_ends_with_exactly_one_row_per_video(ray_cluste
         "--save_dir",
         str(out),
     ]
-    cmd += [a for o in [*SMALL, "output.rows_per_file=2", "resources.tsn_batch_size=1"] for a in ("-o", o)]
+    cmd += [
+        a
+        for o in [*SMALL, "output.rows_per_file=2", "resources.tsn_batch_size=1", "resources.decode_batch_size=1"]
+        for a in ("-o", o)
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -327,12 +331,12 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
     pq.write_table(part(["a", "b"]), tmp_path / FEATURES_DIR / "part-1.parquet")
     pq.write_table(part(["b", "c"]), tmp_path / FEATURES_DIR / "part-2.parquet")
     pq.write_table(part(["c"]), tmp_path / FEATURES_DIR / "part-3.parquet")
-    finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected={"a", "b", "c"})
+    finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected=pa.array(["a", "b", "c"]))
     assert sorted(read_table(tmp_path).column(S.VIDEO_ID).to_pylist()) == ["a", "b", "c"]
     assert not (tmp_path / FEATURES_DIR / "part-3.parquet").exists()
     assert S.read_provenance(pq.read_schema(tmp_path / FEATURES_DIR / "part-2.parquet")) == {"weights": "x"}
     with pytest.raises(RuntimeError, match="neither features nor dead letters"):
-        finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected={"a", "zzz"})
+        finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected=pa.array(["a", "zzz"]))
 
 
 def test_videos_that_crash_or_hang_the_decoder_process_become_dead_letters(library, tmp_path):

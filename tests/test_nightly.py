@@ -179,7 +179,7 @@ def test_a_nightly_driver_killed_during_the_fine_tune_ends_with_one_row_and_one_
     into the fine-tune, then the same command again."""
     tmp_path, _, overrides = setup
     registry = tmp_path / "registry"
-    overrides = [*overrides, "TRAIN.epoch=4", "train_run.checkpoint_every_steps=1"]  # a fine-tune of 8 steps
+    overrides = [*overrides, "TRAIN.epoch=8", "train_run.checkpoint_every_steps=1"]  # a fine-tune of 16 steps
     command = [sys.executable, str(ROOT / "jobs" / "nightly.py"), "--config", str(ROOT / "configs" / "nightly.yaml")]
     command += [a for o in overrides for a in ("-o", o)]
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -188,7 +188,7 @@ def test_a_nightly_driver_killed_during_the_fine_tune_ends_with_one_row_and_one_
     def fine_tuning() -> bool:
         return any((registry / "models").glob("*/epoch_000_step_0000001/meta.json"))
 
-    killer = kill_later(fine_tuning, lambda: kill_tree(driver.pid), delay=(0.0, 2.0), seed=5)
+    killer = kill_later(fine_tuning, lambda: kill_tree(driver.pid), delay=(0.0, 1.0), seed=5)
     driver.wait(timeout=900)
     killer.join(timeout=5)
     assert killer.fired and driver.returncode == -signal.SIGKILL

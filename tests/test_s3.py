@@ -117,3 +117,29 @@ def test_missing_bucket_and_manifest_are_configuration_errors(ray_cluster, moto_
     )
     assert res.returncode == 2 and "manifest not found" in res.stderr
     assert FAKE_SECRET not in res.stderr
+
+
+def test_a_prefix_or_glob_of_more_than_a_page_of_keys_is_listed_page_by_page(moto_endpoint, s3_bucket):
+    """1,050 videos (S3 lists 1,000 keys a page) plus other files under a prefix: every video once,
+    with the size the listing gave, and nothing else."""
+    import concurrent.futures
+
+    from vtplatform.config import StorageSection
+    from vtplatform.manifest import read_manifest
+
+    fs = _fs(moto_endpoint)
+    keys = [f"lib/{'a' if i % 2 else 'b'}/clip {i:04d}.mp4" for i in range(1050)] + ["lib/notes.txt", "lib/a/x.json"]
+
+    def put(key: str) -> None:
+        with fs.open_output_stream(f"{s3_bucket}/{key}") as f:
+            f.write(b"v" * (len(key) + 7))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, keys))
+    storage = StorageSection(endpoint_url=moto_endpoint)
+    listed = read_manifest(f"s3://{s3_bucket}/lib/", storage).entries
+    videos = sorted(f"s3://{s3_bucket}/{k}" for k in keys if k.endswith(".mp4"))
+    assert listed.column(S.URI).to_pylist() == videos
+    assert listed.column(S.SIZE_BYTES).to_pylist() == [len(u.split("/", 3)[3]) + 7 for u in videos]
+    globbed = read_manifest(f"s3://{s3_bucket}/lib/a/*.mp4", storage).entries
+    assert globbed.num_rows == 525 and all("/lib/a/" in u for u in globbed.column(S.URI).to_pylist())

@@ -111,14 +111,15 @@ class ResourcesSection:
     use_gpu: str = "auto"  # auto | true | false
     decode_cpus: float = 1.0  # CPUs per decode task
     decode_concurrency: int | None = None  # max decode tasks at once (None: as many as CPUs allow)
-    decode_batch_size: int = 1  # videos per decode task
-    decode_max_retries: int = 3  # retries of a decode task whose worker died (Ray Data's default is forever);
-    # extraction and tagging dead-letter a video on which 2 attempts died, so keep it >= 2 there
+    decode_batch_size: int = 16  # videos per decode task, at most (samples per load task in TSN training)
+    decode_task_mb: int = 512  # ... and at most this much video per task where sizes are known: long ones go alone
+    decode_max_retries: int = 3  # retries of a decode task whose worker died (Ray Data's default is forever),
+    # beyond those extraction and tagging charge to a video: one that killed its worker twice is dead-lettered
     tsn_actors: int = 1  # TSN actors (1 GPU each when GPUs are used)
     tsn_cpus: float = 1.0  # CPUs Ray reserves per TSN actor
     tsn_threads: int | None = None  # Paddle math threads per TSN actor on CPU (None: max(1, tsn_cpus))
     tsn_gpus: float = 1.0  # GPUs per TSN actor when GPUs are used
-    tsn_batch_size: int = 1  # videos per TSN call
+    tsn_batch_size: int | None = None  # videos per TSN call (None: about 512 frames' worth)
     tsn_frames_per_forward: int = 32  # frames per forward pass
     writer_concurrency: int | None = None
     wait_for_resources_s: float = 0.0  # a cluster short of CPUs/GPUs: ask its autoscaler and wait this long (0: fail)
@@ -127,7 +128,10 @@ class ResourcesSection:
         _choice("resources", "use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
         if self.wait_for_resources_s < 0:
             raise ConfigError(f"resources.wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
-        _positive("resources", self, "decode_cpus", "decode_batch_size", "tsn_actors", "tsn_cpus", "tsn_batch_size")
+        _positive(
+            "resources", self, "decode_cpus", "decode_batch_size", "decode_task_mb", "tsn_actors", "tsn_cpus",
+            "tsn_batch_size",
+        )  # fmt: skip
         _positive(
             "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"
         )

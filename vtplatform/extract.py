@@ -39,18 +39,21 @@ from vtplatform.pipeline import (
     ResultSink,
     blocks_dataset,
     finalize_output,
-    input_blocks,
+    first_stage_input,
     map_cpu_tasks,
     output_state,
+    peak_rss_mb,
     plan_todo,
     write_run_summary,
 )
 from vtplatform.stages import (
+    CRASHES_BEFORE_DEAD_LETTER,
     TSNSpec,
     TSNStage,
     decode_ledger,
     decode_options,
     decode_videos,
+    videos_per_call,
 )
 
 log = logging.getLogger(__name__)
@@ -180,10 +183,10 @@ def tsn_pipeline(ds, config: Config, spec: TSNSpec, plan: R.PipelinePlan):
     ds = map_cpu_tasks(
         ds,
         decode_videos,
-        batch_size=res.decode_batch_size,
+        batch_size=None,  # a block per task, as first_stage_input made them
         num_cpus=plan.task_cpus,
         concurrency=plan.task_concurrency,
-        max_retries=res.decode_max_retries,
+        max_retries=res.decode_max_retries + CRASHES_BEFORE_DEAD_LETTER * res.decode_batch_size,
         fn_kwargs={
             "options": decode_options(config),
             "storage": config.storage,
@@ -195,7 +198,7 @@ def tsn_pipeline(ds, config: Config, spec: TSNSpec, plan: R.PipelinePlan):
     tsn = plan.models["TSN"]
     return ds.map_batches(
         TSNStage,
-        batch_size=res.tsn_batch_size,
+        batch_size=res.tsn_batch_size or videos_per_call(config.infer.seg_num),
         batch_format="pyarrow",
         compute=tsn.compute(),  # grows as the cluster makes room
         fn_constructor_kwargs={"spec": spec, "storage": config.storage},
@@ -232,13 +235,14 @@ def run_extract(
         schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
         output = FeatureOutput(schema, config.output.format == "npy")
         sink = ResultSink(save_dir, config.storage, [output], config.output.rows_per_file, config.infer.seg_num)
-        ds = blocks_dataset(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
+        ds = blocks_dataset(first_stage_input(todo, config))
         tsn_pipeline(ds, config, spec, plan).write_datasink(
             sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
         )
         summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, FEATURES_DIR, expected=set(todo.column(S.VIDEO_ID).to_pylist()))
+    finalize_output(fs, root, FEATURES_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
     summary.elapsed_seconds = time.perf_counter() - start
+    summary.driver_peak_mb = peak_rss_mb()
     write_run_summary(summary, fs, root)
     return summary
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, StorageSection
-from vtplatform.storage import canonical_uri, derive_video_id, filesystem, is_s3, redact
+from vtplatform.storage import canonical_uri, derive_video_id, filesystem, is_s3, list_s3, redact
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ def read_manifest(source: str, storage: StorageSection) -> Manifest:
     """Reads any manifest form; raises ``ConfigError`` if ``source`` does not exist or is empty."""
     fs, path = filesystem(source, storage)
     if _has_glob(source):
-        rows, rejected = _from_paths(_glob(fs, source)), []
+        rows, rejected = _from_paths(_glob(fs, source, storage)), []
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise ConfigError(f"manifest not found: {redact(source)}")
         if info.type == pafs.FileType.Directory:
-            rows, rejected = _from_paths(_list_videos(fs, path, is_s3(source))), []
+            rows, rejected = _from_paths(_list_videos(fs, path, is_s3(source), storage)), []
         elif path.lower().endswith(TABLE_EXTENSIONS):
             rows, rejected = _from_table(fs, path)
         else:
@@ -97,9 +97,9 @@ def parse_list_line(line: str) -> tuple[str, list[int]]:
     return path, [int(t.group()) for t in tokens[first_label:]]
 
 
-def _row(uri: str, labels: list[int] | None = None, video_id: str | None = None) -> dict:
+def _row(uri: str, labels: list[int] | None = None, video_id: str | None = None, size: int | None = None) -> dict:
     uri = canonical_uri(uri)
-    return {S.VIDEO_ID: video_id or derive_video_id(uri), S.URI: uri, S.LABELS: labels or []}
+    return {S.VIDEO_ID: video_id or derive_video_id(uri), S.URI: uri, S.LABELS: labels or [], S.SIZE_BYTES: size}
 
 
 def _rejected(raw: str, error_type: str, message: str, video_id: str | None = None) -> dict:
@@ -199,31 +199,39 @@ def _parse_labels(value) -> list[int]:
     return labels
 
 
-def _from_paths(uris: list[str]) -> list[dict]:
-    return [_row(uri) for uri in uris]
+def _from_paths(files: list[tuple[str, int]]) -> list[dict]:
+    return [_row(uri, size=size) for uri, size in files]
 
 
 def _has_glob(source: str) -> bool:
     return any(ch in source for ch in "*?[")
 
 
-def _list_videos(fs: pafs.FileSystem, path: str, s3: bool) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    found = [i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(VIDEO_EXTENSIONS)]
-    return sorted(("s3://" + p) if s3 else p for p in found)
+def _list_videos(fs: pafs.FileSystem, path: str, s3: bool, storage: StorageSection) -> list[tuple[str, int]]:
+    """(path or URI, size) of every video file under a folder or prefix."""
+    return _listing(fs, path, s3, storage, lambda p: p.lower().endswith(VIDEO_EXTENSIONS))
 
 
-def _glob(fs: pafs.FileSystem, source: str) -> list[str]:
+def _glob(fs: pafs.FileSystem, source: str, storage: StorageSection) -> list[tuple[str, int]]:
     s3 = is_s3(source)
     pattern = canonical_uri(source)[5:] if s3 else canonical_uri(source)
     base = pattern
     while _has_glob(base):
         base = os.path.dirname(base)
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
+    if not s3 and fs.get_file_info(base).type != pafs.FileType.Directory:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    found = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)]
-    return sorted(("s3://" + p) if s3 else p for p in found)
+    return _listing(fs, base, s3, storage, lambda p: fnmatch.fnmatchcase(p, pattern))
+
+
+def _listing(fs: pafs.FileSystem, base: str, s3: bool, storage: StorageSection, keep) -> list[tuple[str, int]]:
+    """The files under ``base`` that ``keep`` accepts, sorted; an S3 prefix is listed a page of
+    1,000 keys at a time, keeping only the matches of each page."""
+    if s3:
+        found = [(f"s3://{p}", size) for page in list_s3(base, storage) for p, size in page if keep(p)]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        found = [(i.path, i.size) for i in infos if i.type == pafs.FileType.File and keep(i.path)]
+    return sorted(found)
 
 
 def _dedupe(rows: list[dict], rejected: list[dict]) -> Manifest:

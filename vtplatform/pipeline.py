@@ -14,11 +14,13 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -95,10 +97,47 @@ def blocks_dataset(blocks: list[pa.Table]):
     return ray.data.from_blocks(blocks)
 
 
-def input_blocks(table: pa.Table, rows_per_task: int, max_blocks: int = 10_000) -> list[pa.Table]:
-    """Blocks for the first stage: one per task, at most ``max_blocks`` of them."""
-    rows = max(rows_per_task, -(-table.num_rows // max_blocks))
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+def first_stage_input(todo: pa.Table, config) -> list[pa.Table]:
+    """The per-video jobs' input blocks: ``(video_id, uri, size_bytes)`` rows, sizes filled in for
+    local files, grouped by ``resources.decode_batch_size`` and ``resources.decode_task_mb``."""
+    table = with_local_sizes(todo.select([S.VIDEO_ID, S.URI, S.SIZE_BYTES]))
+    res = config.resources
+    return input_blocks(table, res.decode_batch_size, res.decode_task_mb << 20)
+
+
+def with_local_sizes(table: pa.Table) -> pa.Table:
+    """Fills unknown sizes of local files from the disk (a stat costs microseconds; on S3 only
+    a listing gives sizes, and a HEAD per object would cost more than it saves)."""
+    sizes = table.column(S.SIZE_BYTES).to_pylist()
+    uris = table.column(S.URI).to_pylist()
+    for i, (uri, size) in enumerate(zip(uris, sizes, strict=True)):
+        if size is None and not st.is_s3(uri):
+            try:
+                sizes[i] = os.stat(uri).st_size
+            except OSError:
+                sizes[i] = 0  # it fails at read, quickly
+    return table.set_column(table.schema.get_field_index(S.SIZE_BYTES), S.SIZE_BYTES, pa.array(sizes, pa.int64()))
+
+
+def input_blocks(
+    table: pa.Table, videos_per_task: int, bytes_per_task: int | None = None, max_blocks: int = 10_000
+) -> list[pa.Table]:
+    """The first stage's blocks, one per task: at most ``videos_per_task`` videos and, where file
+    sizes are known (a ``size_bytes`` column), at most ``bytes_per_task`` of video unless one
+    file alone is bigger, so that long videos get tasks of their own. At most ``max_blocks``."""
+    rows = max(videos_per_task, -(-table.num_rows // max_blocks))
+    if bytes_per_task is None or S.SIZE_BYTES not in table.column_names:
+        return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+    sizes = pc.fill_null(table.column(S.SIZE_BYTES), 0).to_numpy()
+    blocks, start, total = [], 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and (i - start >= rows or total + size > bytes_per_task):
+            blocks.append(table.slice(start, i - start))
+            start, total = i, 0
+        total += size
+    if table.num_rows > start:
+        blocks.append(table.slice(start))
+    return blocks
 
 
 class ResultSink(Datasink):
@@ -169,18 +208,19 @@ class ResultSink(Datasink):
 
 @dataclass
 class OutputState:
-    """What an output folder already holds."""
+    """What an output folder already holds (video ids as Arrow arrays: a million of them as Python
+    strings in sets would cost the driver hundreds of MB)."""
 
-    done: set[str]
-    dead: set[str]
+    done: pa.Array
+    dead: pa.Array
     schema: pa.Schema | None  # of the first part of the result table
 
 
 def output_state(fs: pafs.FileSystem, root: str, result_dir: str) -> OutputState:
     parts = st.list_files(fs, f"{root}/{result_dir}", ".parquet")
     schema = pq.read_schema(parts[0], filesystem=fs) if parts else None
-    done = set(st.read_column(fs, f"{root}/{result_dir}", S.VIDEO_ID).to_pylist())
-    dead = set(st.read_column(fs, f"{root}/{DEAD_LETTERS_DIR}", S.VIDEO_ID).to_pylist())
+    done = st.read_column(fs, f"{root}/{result_dir}", S.VIDEO_ID).combine_chunks()
+    dead = st.read_column(fs, f"{root}/{DEAD_LETTERS_DIR}", S.VIDEO_ID).combine_chunks()
     return OutputState(done, dead, schema)
 
 
@@ -201,6 +241,7 @@ class JobSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per-video time of each stage
     frames_per_video: int = 0
     elapsed_seconds: float = 0.0
+    driver_peak_mb: float = 0.0  # the driver process's peak resident memory (VmHWM)
 
     @property
     def failed_total(self) -> int:
@@ -230,6 +271,7 @@ class JobSummary:
         lines += [
             f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "
             f"{self.succeeded * self.frames_per_video / wall:.1f} frames/s",
+            f"  driver peak memory    {self.driver_peak_mb:.0f} MB",
             f"  {self.result_dir:<21} {self.save_dir.rstrip('/')}/{self.result_dir}",
             f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{DEAD_LETTERS_DIR}",
         ]
@@ -247,20 +289,20 @@ def plan_todo(
     entries: Manifest, state: OutputState, retry_failed: bool, fs: pafs.FileSystem, root: str, summary: JobSummary
 ) -> pa.Table:
     """The manifest entries still to process; records rejected manifest lines as dead letters."""
-    skip = state.done if retry_failed else state.done | state.dead
-    new = [r for r in entries.rejected if r[S.VIDEO_ID] not in skip]
-    for r in entries.rejected:
-        if r[S.VIDEO_ID] in skip:
-            summary.skipped += 1
-        else:
-            reason = f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"
-            summary.failed[reason] = summary.failed.get(reason, 0) + 1
-            log.warning("manifest entry rejected: %s", r[S.MESSAGE])
+    skip = state.done if retry_failed else pa.concat_arrays([state.done, state.dead])
+    rejected_ids = pa.array([r[S.VIDEO_ID] for r in entries.rejected], pa.string())
+    known = pc.is_in(rejected_ids, value_set=skip).to_pylist()
+    new = [r for r, done in zip(entries.rejected, known, strict=True) if not done]
+    summary.skipped += len(entries.rejected) - len(new)
+    for r in new:
+        reason = f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"
+        summary.failed[reason] = summary.failed.get(reason, 0) + 1
+        log.warning("manifest entry rejected: %s", r[S.MESSAGE])
     if new:
         name = part_name([r[S.VIDEO_ID] for r in new], prefix="manifest")
         st.write_parquet(dead_letter_table(new), fs, f"{root}/{DEAD_LETTERS_DIR}/{name}")
-    ids = entries.entries.column(S.VIDEO_ID).to_pylist()
-    todo = entries.entries.filter(pa.array([v not in skip for v in ids], pa.bool_())) if ids else entries.entries
+    ids = entries.entries.column(S.VIDEO_ID)
+    todo = entries.entries.filter(pc.invert(pc.is_in(ids, value_set=skip))) if len(skip) else entries.entries
     summary.manifest_entries = len(entries) + len(entries.rejected) + entries.duplicates
     summary.duplicates = entries.duplicates
     summary.skipped += len(ids) - todo.num_rows
@@ -268,32 +310,36 @@ def plan_todo(
     return todo
 
 
-def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: set[str]) -> None:
-    """Checks that every submitted video landed somewhere, removes repeated result rows a retried
-    write task could leave, and compacts the dead letters: one row per video, the latest attempt,
-    none for videos that have results now."""
+def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: pa.Array | None) -> None:
+    """Checks that every submitted video (``expected``) landed somewhere, removes repeated result
+    rows a retried write task could leave, and compacts the dead letters: one row per video, the
+    latest attempt, none for videos that have results now."""
     results, dead_dir = f"{root}/{result_dir}", f"{root}/{DEAD_LETTERS_DIR}"
     _drop_repeated_rows(fs, results)
-    done = set(st.read_column(fs, results, S.VIDEO_ID).to_pylist())
+    done = st.read_column(fs, results, S.VIDEO_ID).combine_chunks()
     files = st.list_files(fs, dead_dir, ".parquet")
     dead = (
         pa.concat_tables([pq.read_table(f, filesystem=fs, schema=S.DEAD_LETTER_SCHEMA) for f in files])
         if files
         else S.DEAD_LETTER_SCHEMA.empty_table()
     )
-    lost = expected - done - set(dead.column(S.VIDEO_ID).to_pylist())
-    if lost:
-        raise RuntimeError(
-            f"{len(lost)} submitted videos reached neither {result_dir} nor dead letters, e.g. {sorted(lost)[:3]}"
-        )
-    latest: dict[str, dict] = {}
-    for row in sorted(dead.to_pylist(), key=lambda r: r[S.FAILED_AT]):
-        if row[S.VIDEO_ID] not in done:
-            latest[row[S.VIDEO_ID]] = row
-    if len(files) <= 1 and len(latest) == dead.num_rows:
+    if expected is not None and len(expected):
+        landed = pa.concat_arrays([done, dead.column(S.VIDEO_ID).combine_chunks().cast(pa.string())])
+        lost = expected.filter(pc.invert(pc.is_in(expected, value_set=landed)))
+        if len(lost):
+            raise RuntimeError(
+                f"{len(lost)} submitted videos reached neither {result_dir} nor dead letters, "
+                f"e.g. {sorted(lost.to_pylist())[:3]}"
+            )
+    # The latest failure of each video that has no result: the first row of each id, sorted.
+    rows_before = dead.num_rows
+    dead = dead.filter(pc.invert(pc.is_in(dead.column(S.VIDEO_ID), value_set=done)))
+    dead = dead.take(pc.sort_indices(dead, [(S.VIDEO_ID, "ascending"), (S.FAILED_AT, "descending")]))
+    ids = dead.column(S.VIDEO_ID).to_numpy()
+    compacted = dead.filter(pa.array(np.r_[True, ids[1:] != ids[:-1]][: len(ids)]))
+    if len(files) <= 1 and compacted.num_rows == rows_before:
         return
-    compacted = pa.Table.from_pylist(list(latest.values()), schema=S.DEAD_LETTER_SCHEMA)
-    name = part_name(list(latest), prefix="compacted")
+    name = part_name(compacted.column(S.VIDEO_ID).to_pylist(), prefix="compacted")
     if compacted.num_rows:
         st.write_parquet(compacted, fs, f"{dead_dir}/{name}")
     for f in files:
@@ -302,11 +348,20 @@ def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: s
 
 
 def _drop_repeated_rows(fs: pafs.FileSystem, directory: str) -> None:
+    """Rewrites the parts holding rows whose video_id an earlier part holds already."""
+    parts = st.list_files(fs, directory, ".parquet")
+    ids = [pq.read_table(p, columns=[S.VIDEO_ID], filesystem=fs).column(S.VIDEO_ID).combine_chunks() for p in parts]
+    if not ids:
+        return
+    counts = pc.value_counts(pa.concat_arrays(ids))
+    repeated_anywhere = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated_anywhere):
+        return
     seen: set[str] = set()
-    for path in st.list_files(fs, directory, ".parquet"):
-        ids = pq.read_table(path, columns=[S.VIDEO_ID], filesystem=fs).column(S.VIDEO_ID).to_pylist()
-        repeated = [i for i in ids if i in seen]
-        seen.update(ids)
+    for path, part_ids in zip(parts, ids, strict=True):
+        mine = part_ids.filter(pc.is_in(part_ids, value_set=repeated_anywhere)).to_pylist()
+        repeated = [i for i in mine if i in seen]
+        seen.update(mine)
         if not repeated:
             continue
         log.warning("%s repeats %d rows already written elsewhere; rewriting it without them", path, len(repeated))
@@ -316,6 +371,15 @@ def _drop_repeated_rows(fs: pafs.FileSystem, directory: str) -> None:
             st.write_parquet(keep.replace_schema_metadata(table.schema.metadata), fs, path)
         else:
             fs.delete_file(path)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), in MB; 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:

@@ -53,7 +53,11 @@ PROBS = "probs"
 
 STAGES = ("manifest", "read", "decode", "infer")
 
-MANIFEST_SCHEMA = pa.schema([(VIDEO_ID, pa.string()), (URI, pa.string()), (LABELS, pa.list_(pa.int32()))])
+SIZE_BYTES = "size_bytes"  # of the video file, where a listing gave it (null: unknown)
+
+MANIFEST_SCHEMA = pa.schema(
+    [(VIDEO_ID, pa.string()), (URI, pa.string()), (LABELS, pa.list_(pa.int32())), (SIZE_BYTES, pa.int64())]
+)
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [

@@ -8,11 +8,13 @@ and the writer turns into a dead letter.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,30 +34,47 @@ CRASHES_BEFORE_DEAD_LETTER = 2
 
 
 class DecodeLedger:
-    """Counts, per video, the decode attempts that started and never finished.
+    """Which videos killed the process decoding them, so that a poison video becomes a dead letter
+    instead of failing its task again and again, and the job with it.
 
-    A decoder that segfaults or hangs (the watchdog then kills its worker), or a worker killed for
-    memory, takes its Ray task down, and Ray retries the task. Before each video, a decode task asks
-    here how many earlier attempts died on it; at ``CRASHES_BEFORE_DEAD_LETTER`` the video becomes a
-    dead letter instead of taking the next attempt, and the job, down with it. One per pipeline,
-    created by ``decode_ledger()``.
+    A decoder that segfaults or hangs (the watchdog then kills its worker), or a worker killed
+    for memory, takes its Ray task down, and Ray retries the task. A task asks here once, with
+    its whole block (``begin``): on its first attempt it decodes with no further calls, so the
+    ledger costs one round trip per block, not per video. A retried block is decoded carefully,
+    recording each video's start (``start``) before decoding it and its end after (``finish``):
+    a video left started when the next attempt begins is the one that killed the process. A hang
+    the watchdog catches names its video itself (``timed_out``). At ``CRASHES_BEFORE_DEAD_LETTER``
+    deaths a video becomes a dead letter. A block's task may so die ``1 + CRASHES_BEFORE_DEAD_LETTER
+    * videos`` times, so its Ray retries are that many plus ``resources.decode_max_retries`` for
+    deaths no video is charged with. One per pipeline, created by ``decode_ledger()``.
     """
 
     def __init__(self) -> None:
-        self.open: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}  # block key -> attempts begun
+        self.open: set[str] = set()  # videos started by a careful attempt and not finished
+        self.deaths: dict[str, int] = {}
         self.timeouts: dict[str, int] = {}
 
-    def start(self, video_id: str) -> tuple[int, int]:
-        died = self.open.get(video_id, 0)
-        self.open[video_id] = died + 1
-        return died, self.timeouts.get(video_id, 0)
+    def begin(self, block: str, video_ids: list[str]) -> tuple[int, dict[str, tuple[int, int]]]:
+        """(earlier attempts of this block, {video_id: (deaths, timeouts)} for its videos with deaths)."""
+        for vid in self.open & set(video_ids):  # an earlier attempt died while decoding it
+            self.open.discard(vid)
+            self.deaths[vid] = self.deaths.get(vid, 0) + 1
+        attempt = self.attempts.get(block, 0)
+        self.attempts[block] = attempt + 1
+        counts = {v: (self.deaths[v], self.timeouts.get(v, 0)) for v in video_ids if v in self.deaths}
+        return attempt, counts
+
+    def start(self, video_id: str) -> None:
+        self.open.add(video_id)
+
+    def finish(self, video_id: str) -> None:
+        self.open.discard(video_id)
 
     def timed_out(self, video_id: str) -> None:
         self.timeouts[video_id] = self.timeouts.get(video_id, 0) + 1
-
-    def finish(self, video_id: str) -> None:
-        self.open.pop(video_id, None)
-        self.timeouts.pop(video_id, None)
+        if video_id not in self.open:  # a first attempt: nothing else records this death
+            self.deaths[video_id] = self.deaths.get(video_id, 0) + 1
 
 
 def decode_ledger():
@@ -80,6 +99,14 @@ def decode_options(config: Config) -> DecodeOptions:
     )
 
 
+FRAMES_PER_BLOCK = 512  # decoded crops per output block (about 77 MB at 224x224): one long video, many short ones
+
+
+def videos_per_call(num_segments: int) -> int:
+    """Videos per model call when the config leaves it open: about ``FRAMES_PER_BLOCK`` frames."""
+    return max(1, -(-FRAMES_PER_BLOCK // num_segments))
+
+
 def decode_videos(
     batch: pa.Table,
     options: DecodeOptions,
@@ -87,35 +114,56 @@ def decode_videos(
     ledger=None,
     timeout_s: float | None = None,
     faults: tuple[F.DecodeFault, ...] = (),
-) -> pa.Table:
-    """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure.
+) -> Iterator[pa.Table]:
+    """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure, yielded
+    in blocks of about ``FRAMES_PER_BLOCK`` crops, so that a task holds at most one block of
+    crops whatever the length and number of its videos.
 
     With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter,
     and a watchdog kills the process when one video takes over ``timeout_s`` (a hung decoder
     cannot be interrupted from Python). ``faults``: the driver's ``VTP_FAULT_DECODE`` drill.
     """
-    rows = []
-    for vid, uri in zip(batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist(), strict=True):
-        if ledger is None:
-            rows.append(_decode_one(vid, uri, options, storage, faults))
-            continue
+    ids, uris = batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist()
+    careful, deaths = False, {}
+    if ledger is not None:
         import ray
 
-        died, timeouts = ray.get(ledger.start.remote(vid))
+        block = hashlib.sha1("\n".join(ids).encode()).hexdigest()
+        attempt, deaths = ray.get(ledger.begin.remote(block, ids))
+        careful = attempt > 0
+    rows, frames = [], 0
+    for vid, uri in zip(ids, uris, strict=True):
+        died, timeouts = deaths.get(vid, (0, 0))
         if died >= CRASHES_BEFORE_DEAD_LETTER:
-            if timeouts:
-                error_type = "DecodeTimeout"
-                message = f"reading and decoding this video took over {timeout_s} s in {timeouts} of {died} attempts"
-            else:
-                error_type = "DecoderCrashed"
-                message = "a crash in the decoder library, or a worker killed for memory"
-            message = f"the process decoding this video died {died} times ({message}); it is not tried again"
-            rows.append({S.VIDEO_ID: vid, S.URI: uri} | _failure("decode", error_type, message, time.perf_counter()))
-        else:
-            with _watchdog(ledger, vid, timeout_s):
-                rows.append(_decode_one(vid, uri, options, storage, faults))
-        ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
+            rows.append(_crashed(vid, uri, died, timeouts, timeout_s))
+            continue
+        if careful:
+            ray.get(ledger.start.remote(vid))
+        with _watchdog(ledger, vid, timeout_s):
+            rows.append(_decode_one(vid, uri, options, storage, faults))
+        if careful:
+            ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
+        frames += options.num_segments if rows[-1].get(S.ERROR_TYPE) is None else 0
+        if frames >= FRAMES_PER_BLOCK:
+            yield _clip_table(rows)
+            rows, frames = [], 0
+    if rows:
+        yield _clip_table(rows)
+
+
+def _clip_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(DECODE_SECONDS, pa.float32())))
+
+
+def _crashed(vid: str, uri: str, died: int, timeouts: int, timeout_s: float | None) -> dict:
+    if timeouts:
+        error_type = "DecodeTimeout"
+        reason = f"reading and decoding this video took over {timeout_s} s in {timeouts} of {died} attempts"
+    else:
+        error_type = "DecoderCrashed"
+        reason = "a crash in the decoder library, or a worker killed for memory"
+    message = f"the process decoding this video died {died} times ({reason}); it is not tried again"
+    return {S.VIDEO_ID: vid, S.URI: uri} | _failure("decode", error_type, message, time.perf_counter())
 
 
 @contextlib.contextmanager
@@ -128,7 +176,8 @@ def _watchdog(ledger, video_id: str, timeout_s: float | None):
         import ray
 
         log.error("decoding %s took over %s s: killing this worker", video_id, timeout_s)
-        ray.get(ledger.timed_out.remote(video_id))
+        if ledger is not None:
+            ray.get(ledger.timed_out.remote(video_id))
         os.kill(os.getpid(), signal.SIGKILL)
 
     timer = threading.Timer(timeout_s, kill)

@@ -100,6 +100,27 @@ def s3_filesystem(storage: StorageSection) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def list_s3(prefix: str, storage: StorageSection) -> Iterator[list[tuple[str, int]]]:
+    """Pages of ("bucket/key", size) under ``bucket/prefix``, 1,000 keys a page as S3 returns
+    them, so that a prefix of millions of videos is never held as one list of listing objects."""
+    import botocore.exceptions
+    import botocore.session
+
+    bucket, _, key_prefix = prefix.partition("/")
+    key_prefix = key_prefix.rstrip("/") + "/" if key_prefix else ""
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint = endpoint_url(storage)
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint or None, region_name=region)
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+            keys = page.get("Contents", ())
+            yield [(f"{bucket}/{o['Key']}", int(o["Size"])) for o in keys if not o["Key"].endswith("/")]
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise OSError(f"cannot list s3://{prefix}: {exc}") from exc
+
+
 def redact(text: str) -> str:
     """Removes credentials (the AWS secret values from the environment, access key ids, and
     ``user:password@`` in URLs) from a message before it is logged or stored."""

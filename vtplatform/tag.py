@@ -48,8 +48,9 @@ from vtplatform.pipeline import (
     ResultSink,
     blocks_dataset,
     finalize_output,
-    input_blocks,
+    first_stage_input,
     output_state,
+    peak_rss_mb,
     plan_todo,
     write_run_summary,
 )
@@ -277,15 +278,16 @@ def run_tag(
             schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
             outputs.append(FeatureOutput(schema, write_npy=False))
         sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file, config.infer.seg_num)
-        ds = blocks_dataset(input_blocks(todo.select([S.VIDEO_ID, S.URI]), config.resources.decode_batch_size))
+        ds = blocks_dataset(first_stage_input(todo, config))
         tagger.stage(tsn_pipeline(ds, config, spec, plan), config, plan).write_datasink(
             sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
         )
         summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, TAGS_DIR, expected=set(todo.column(S.VIDEO_ID).to_pylist()))
+    finalize_output(fs, root, TAGS_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
     if "hub" in formats:
         write_hub_list(fs, root, config.tag.hub_threshold, config.tag.hub_top_k)
     summary.elapsed_seconds = time.perf_counter() - start
+    summary.driver_peak_mb = peak_rss_mb()
     write_run_summary(summary, fs, root)
     return summary
 
@@ -341,7 +343,7 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     if not parts:
         return 0
     fs, root = st.filesystem(save_dir, config.storage)
-    done = frozenset(output_state(fs, root, TAGS_DIR).done)
+    done = frozenset(output_state(fs, root, TAGS_DIR).done.to_pylist())
     schema = pq.read_schema(parts[0], filesystem=ffs)
     dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
     plan = R.size_pipeline(config, [R.lstm_tag_need(config)])
@@ -365,6 +367,6 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
         fn_kwargs={"storage": config.storage, "skip": done},
     )
     tagger.stage(ds, config, plan).write_datasink(sink, ray_remote_args={"num_cpus": plan.writer_cpus})
-    finalize_output(fs, root, TAGS_DIR, expected=set())
+    finalize_output(fs, root, TAGS_DIR, expected=None)
     log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
     return sink.stats.get("ok", 0)

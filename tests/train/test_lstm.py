@@ -213,6 +213,11 @@ def _assert_same_weights(run: Path, reference: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(value, reference[key], rtol=0, atol=1e-6, err_msg=key)
 
 
+def _numbers(history: list[dict]) -> list[dict]:
+    """History without what depends on the machine's speed and memory."""
+    return [{k: v for k, v in h.items() if k not in ("epoch_seconds", "worker_peak_mb")} for h in history]
+
+
 def _mid_epoch_checkpoint(run: Path):
     return lambda: (run / "epoch_000_step_0000003" / "meta.json").exists()
 
@@ -240,8 +245,8 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_uninterrupted_weights(
     assert killer.fired, "no worker was killed"
     assert summary.epochs_done == 3 and summary.global_step == 30
     _assert_same_weights(run, uninterrupted[0])
-    history = json.loads((run / "history.json").read_text())
-    assert history == [pytest.approx(h, rel=1e-6) for h in uninterrupted[1]]  # the part-done epoch's loss too
+    history = _numbers(json.loads((run / "history.json").read_text()))
+    assert history == [pytest.approx(h, rel=1e-6) for h in _numbers(uninterrupted[1])]  # the part-done epoch's too
 
 
 @pytest.mark.slow

@@ -153,6 +153,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
     from vtplatform import resources as R
     from vtplatform.frame_cache import open_cache
     from vtplatform.pipeline import blocks_dataset, input_blocks, map_cpu_tasks
+    from vtplatform.stages import videos_per_call
 
     start = time.perf_counter()
     phase = getattr(config, mode)
@@ -197,7 +198,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
     )
     ds = ds.map_batches(
         ClassifierStage,
-        batch_size=res.tsn_batch_size,
+        batch_size=res.tsn_batch_size or videos_per_call(spec.seg_num * spec.seglen),
         batch_format="pyarrow",
         compute=model.compute(),
         fn_constructor_kwargs={"spec": cspec, "storage": config.storage},

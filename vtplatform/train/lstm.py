@@ -334,6 +334,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from vtplatform.eval.youtube8m import batch_log_line
     from vtplatform.lstm_data import collate
     from vtplatform.models.attention_lstm import build_model, fluid_name_map, load_state
+    from vtplatform.pipeline import peak_rss_mb
     from vtplatform.train import checkpoint
     from vtplatform.train.backend import all_reduce_sum, check_replicas, setup_paddle
 
@@ -444,12 +445,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "epoch": epoch,
             "global_step": state.global_step,
             "train_loss": float(totals[0] / max(totals[1], 1)),
+            "epoch_seconds": time.perf_counter() - started,  # of this process: a resumed epoch's remainder
+            "worker_peak_mb": peak_rss_mb(),  # the chief's peak resident memory so far
         }
         if ctx.is_chief:
             log.info(
                 "[TRAIN] Epoch %d training finished, %.1f s, loss %.6f",
                 epoch,
-                time.perf_counter() - started,
+                metrics["epoch_seconds"],
                 metrics["train_loss"],
             )
         if valid is not None and (epoch + 1) % spec.valid_interval == 0:
