@@ -13,6 +13,8 @@ from vtplatform import schema as S
 from vtplatform.config import StorageSection, load_config
 from vtplatform.manifest import Manifest
 from vtplatform.pipeline import (
+    ABSENT,
+    ABSENT_PER_TASK,
     JobSummary,
     dead_letter_table,
     finalize_output,
@@ -45,13 +47,16 @@ def test_input_blocks_give_long_videos_tasks_of_their_own():
     unknown = input_blocks(_manifest(10), videos_per_task=4, bytes_per_task=512 * mb)
     assert [b.num_rows for b in unknown] == [4, 4, 2]  # no sizes: by count
     assert len(input_blocks(_manifest(10_000), videos_per_task=1, max_blocks=100)) == 100
+    gone = input_blocks(_manifest(5000, [ABSENT if i % 2 else mb for i in range(5000)]), 4, 512 * mb)
+    assert [b.num_rows for b in gone] == [4] * 625 + [ABSENT_PER_TASK, 2500 - ABSENT_PER_TASK]  # files that are not there: in bulk
+    assert sorted(pa.concat_tables(gone).column(S.VIDEO_ID).to_pylist()) == sorted(f"v{i}" for i in range(5000))
 
 
 def test_local_sizes_come_from_the_disk(tmp_path):
     clip = tmp_path / "a.mp4"
     clip.write_bytes(b"x" * 1234)
     table = _manifest(2).set_column(1, S.URI, pa.array([str(clip), str(tmp_path / "missing.mp4")]))
-    assert with_local_sizes(table).column(S.SIZE_BYTES).to_pylist() == [1234, 0]
+    assert with_local_sizes(table).column(S.SIZE_BYTES).to_pylist() == [1234, ABSENT]
 
 
 def test_the_ledger_charges_a_death_to_the_video_that_was_being_decoded():

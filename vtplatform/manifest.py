@@ -15,12 +15,15 @@ counted.
 from __future__ import annotations
 
 import fnmatch
+import io
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -97,9 +100,22 @@ def parse_list_line(line: str) -> tuple[str, list[int]]:
     return path, [int(t.group()) for t in tokens[first_label:]]
 
 
-def _row(uri: str, labels: list[int] | None = None, video_id: str | None = None, size: int | None = None) -> dict:
-    uri = canonical_uri(uri)
-    return {S.VIDEO_ID: video_id or derive_video_id(uri), S.URI: uri, S.LABELS: labels or [], S.SIZE_BYTES: size}
+class _Columns:
+    """Manifest rows gathered column by column: a dict per row would cost about half a KB each,
+    and a manifest may have millions of rows."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.uris: list[str] = []
+        self.labels: list = []
+        self.sizes: list[int | None] = []
+
+    def add(self, uri: str, labels: list[int] | None = None, video_id: str | None = None, size: int | None = None):
+        uri = canonical_uri(uri)
+        self.ids.append(video_id or derive_video_id(uri))
+        self.uris.append(uri)
+        self.labels.append(labels or ())  # one shared empty tuple for the many rows without labels
+        self.sizes.append(size)
 
 
 def _rejected(raw: str, error_type: str, message: str, video_id: str | None = None) -> dict:
@@ -121,9 +137,10 @@ def _check_scheme(uri: str) -> str | None:
     return None
 
 
-def _from_list(data: bytes) -> tuple[list[dict], list[dict]]:
-    rows, rejected = [], []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+def _from_list(data: bytes) -> tuple[_Columns, list[dict]]:
+    rows, rejected = _Columns(), []
+    for number, raw in enumerate(io.BytesIO(data), start=1):
+        raw = raw.rstrip(b"\n")
         try:
             line = raw.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError:
@@ -141,11 +158,11 @@ def _from_list(data: bytes) -> tuple[list[dict], list[dict]]:
         if problem:
             rejected.append(_rejected(uri, "UnsupportedURI", f"line {number}: {problem}"))
             continue
-        rows.append(_row(uri, labels))
+        rows.add(uri, labels)
     return rows, rejected
 
 
-def _from_table(fs: pafs.FileSystem, path: str) -> tuple[list[dict], list[dict]]:
+def _from_table(fs: pafs.FileSystem, path: str) -> tuple[_Columns, list[dict]]:
     if path.lower().endswith(".csv"):
         with fs.open_input_stream(path) as f:
             table = pacsv.read_csv(
@@ -158,7 +175,8 @@ def _from_table(fs: pafs.FileSystem, path: str) -> tuple[list[dict], list[dict]]
     uris = table.column(S.URI).to_pylist()
     ids = table.column(S.VIDEO_ID).to_pylist() if S.VIDEO_ID in table.column_names else [None] * len(uris)
     labels = table.column(S.LABELS).to_pylist() if S.LABELS in table.column_names else [None] * len(uris)
-    rows, rejected = [], []
+    del table
+    rows, rejected = _Columns(), []
     for number, (uri, video_id, label) in enumerate(zip(uris, ids, labels, strict=True), start=1):
         if not uri or not str(uri).strip():
             rejected.append(_rejected(f"row {number}", "ManifestParseError", f"row {number}: empty uri", video_id))
@@ -172,7 +190,7 @@ def _from_table(fs: pafs.FileSystem, path: str) -> tuple[list[dict], list[dict]]
         except ValueError as exc:
             rejected.append(_rejected(uri, "ManifestParseError", f"row {number}: {exc}", video_id))
             continue
-        rows.append(_row(uri.strip(), parsed, video_id))
+        rows.add(uri.strip(), parsed, video_id)
     return rows, rejected
 
 
@@ -199,8 +217,11 @@ def _parse_labels(value) -> list[int]:
     return labels
 
 
-def _from_paths(files: list[tuple[str, int]]) -> list[dict]:
-    return [_row(uri, size=size) for uri, size in files]
+def _from_paths(files: list[tuple[str, int]]) -> _Columns:
+    rows = _Columns()
+    for uri, size in files:
+        rows.add(uri, size=size)
+    return rows
 
 
 def _has_glob(source: str) -> bool:
@@ -234,26 +255,41 @@ def _listing(fs: pafs.FileSystem, base: str, s3: bool, storage: StorageSection, 
     return sorted(found)
 
 
-def _dedupe(rows: list[dict], rejected: list[dict]) -> Manifest:
-    seen: dict[str, str] = {}
-    unique, duplicates = [], 0
-    for row in rows:
-        vid, uri = row[S.VIDEO_ID], row[S.URI]
-        if vid not in seen:
-            seen[vid] = uri
-            unique.append(row)
-        elif seen[vid] == uri:
-            duplicates += 1
-        else:
+def _dedupe(rows: _Columns, rejected: list[dict]) -> Manifest:
+    """One entry per video_id, in first-seen order: a repeat of the same URI is collapsed and
+    counted; another URI claiming a taken video_id is a dead letter. Vectorized: the driver's
+    memory per entry stays that of the Arrow columns."""
+    table = pa.table(
+        {
+            S.VIDEO_ID: pa.array(rows.ids, pa.string()),
+            S.URI: pa.array(rows.uris, pa.string()),
+            S.LABELS: pa.array(rows.labels, pa.list_(pa.int32())),
+            S.SIZE_BYTES: pa.array(rows.sizes, pa.int64()),
+        }
+    ).cast(S.MANIFEST_SCHEMA)
+    rows.ids = rows.uris = rows.labels = rows.sizes = []
+    codes = pc.dictionary_encode(table.column(S.VIDEO_ID).combine_chunks()).indices.to_numpy()  # first seen: 0, ...
+    _, first = np.unique(codes, return_index=True)
+    duplicates = 0
+    if len(first) < len(codes):
+        keep = np.zeros(len(codes), bool)
+        keep[first] = True
+        repeats = np.flatnonzero(~keep)
+        uris = table.column(S.URI)
+        firsts = first[codes[repeats]]
+        same = pc.equal(uris.take(pa.array(repeats)), uris.take(pa.array(firsts))).to_numpy(zero_copy_only=False)
+        duplicates = int(same.sum())
+        for row, owner in zip(repeats[~same].tolist(), firsts[~same].tolist(), strict=True):
+            vid, uri, taken = table.column(S.VIDEO_ID)[row].as_py(), uris[row].as_py(), uris[owner].as_py()
             rejected.append(
                 _rejected(
                     uri,
                     "DuplicateVideoId",
-                    f"video_id {vid!r} already belongs to {seen[vid]!r}",
+                    f"video_id {vid!r} already belongs to {taken!r}",
                     f"{vid}@{derive_video_id(uri)}",
                 )
             )
+        table = table.take(pa.array(np.sort(first)))
     if duplicates:
         log.warning("manifest: %d duplicate entries collapsed (each video is processed once)", duplicates)
-    table = pa.Table.from_pylist(unique, schema=S.MANIFEST_SCHEMA)
     return Manifest(table, rejected, duplicates)

@@ -105,18 +105,28 @@ def first_stage_input(todo: pa.Table, config) -> list[pa.Table]:
     return input_blocks(table, res.decode_batch_size, res.decode_task_mb << 20)
 
 
-def with_local_sizes(table: pa.Table) -> pa.Table:
+def with_local_sizes(table: pa.Table, chunk: int = 8192) -> pa.Table:
     """Fills unknown sizes of local files from the disk (a stat costs microseconds; on S3 only
-    a listing gives sizes, and a HEAD per object would cost more than it saves)."""
-    sizes = table.column(S.SIZE_BYTES).to_pylist()
-    uris = table.column(S.URI).to_pylist()
-    for i, (uri, size) in enumerate(zip(uris, sizes, strict=True)):
-        if size is None and not st.is_s3(uri):
-            try:
-                sizes[i] = os.stat(uri).st_size
-            except OSError:
-                sizes[i] = 0  # it fails at read, quickly
-    return table.set_column(table.schema.get_field_index(S.SIZE_BYTES), S.SIZE_BYTES, pa.array(sizes, pa.int64()))
+    a listing gives sizes, and a HEAD per object would cost more than it saves). A file the
+    driver cannot stat gets ``ABSENT`` (-1): it will fail at read, in a batch of its own kind.
+    A slice at a time, so that the Python strings of a long manifest never exist all at once."""
+    filled = []
+    for offset in range(0, table.num_rows, chunk):
+        part = table.slice(offset, chunk)
+        sizes = part.column(S.SIZE_BYTES).to_pylist()
+        for i, uri in enumerate(part.column(S.URI).to_pylist()):
+            if sizes[i] is None and not st.is_s3(uri):
+                try:
+                    sizes[i] = os.stat(uri).st_size
+                except OSError:
+                    sizes[i] = ABSENT
+        filled.append(pa.array(sizes, pa.int64()))
+    column = pa.chunked_array(filled, pa.int64())
+    return table.set_column(table.schema.get_field_index(S.SIZE_BYTES), S.SIZE_BYTES, column)
+
+
+ABSENT = -1  # size_bytes of a local file the driver could not stat
+ABSENT_PER_TASK = 2048  # such entries cost a failed open each: many share a task and a block
 
 
 def input_blocks(
@@ -129,6 +139,12 @@ def input_blocks(
     if bytes_per_task is None or S.SIZE_BYTES not in table.column_names:
         return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
     sizes = pc.fill_null(table.column(S.SIZE_BYTES), 0).to_numpy()
+    absent = sizes == ABSENT
+    if absent.any():  # entries that fail at open: thousands to a task, not one task per few videos
+        gone = table.filter(pa.array(absent))
+        step = max(rows, ABSENT_PER_TASK)
+        rest = input_blocks(table.filter(pa.array(~absent)), videos_per_task, bytes_per_task, max_blocks)
+        return rest + [gone.slice(i, step) for i in range(0, gone.num_rows, step)]
     blocks, start, total = [], 0, 0
     for i, size in enumerate(sizes.tolist()):
         if i > start and (i - start >= rows or total + size > bytes_per_task):
@@ -310,19 +326,31 @@ def plan_todo(
     return todo
 
 
+COMPACTED_ROWS_PER_FILE = 25_000  # dead letters per compacted part (a few MB held at a time)
+
+
 def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: pa.Array | None) -> None:
     """Checks that every submitted video (``expected``) landed somewhere, removes repeated result
     rows a retried write task could leave, and compacts the dead letters: one row per video, the
-    latest attempt, none for videos that have results now."""
+    latest attempt, none for videos that have results now. Only the ids and times of the dead
+    letters are held at once; their rows are read and written a part at a time."""
     results, dead_dir = f"{root}/{result_dir}", f"{root}/{DEAD_LETTERS_DIR}"
     _drop_repeated_rows(fs, results)
     done = st.read_column(fs, results, S.VIDEO_ID).combine_chunks()
     files = st.list_files(fs, dead_dir, ".parquet")
+    keys = [pq.read_table(f, columns=[S.VIDEO_ID, S.FAILED_AT], filesystem=fs) for f in files]
+    sizes = np.array([k.num_rows for k in keys], np.int64)
     dead = (
-        pa.concat_tables([pq.read_table(f, filesystem=fs, schema=S.DEAD_LETTER_SCHEMA) for f in files])
-        if files
-        else S.DEAD_LETTER_SCHEMA.empty_table()
+        pa.concat_tables(keys).combine_chunks()
+        if keys
+        else pa.table(
+            {
+                S.VIDEO_ID: pa.array([], pa.string()),
+                S.FAILED_AT: pa.array([], S.DEAD_LETTER_SCHEMA.field(S.FAILED_AT).type),
+            }
+        )
     )
+    del keys
     if expected is not None and len(expected):
         landed = pa.concat_arrays([done, dead.column(S.VIDEO_ID).combine_chunks().cast(pa.string())])
         lost = expected.filter(pc.invert(pc.is_in(expected, value_set=landed)))
@@ -331,19 +359,41 @@ def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: p
                 f"{len(lost)} submitted videos reached neither {result_dir} nor dead letters, "
                 f"e.g. {sorted(lost.to_pylist())[:3]}"
             )
+        del landed
     # The latest failure of each video that has no result: the first row of each id, sorted.
-    rows_before = dead.num_rows
+    dead = dead.append_column("row", pa.array(np.arange(dead.num_rows, dtype=np.int64)))
     dead = dead.filter(pc.invert(pc.is_in(dead.column(S.VIDEO_ID), value_set=done)))
     dead = dead.take(pc.sort_indices(dead, [(S.VIDEO_ID, "ascending"), (S.FAILED_AT, "descending")]))
-    ids = dead.column(S.VIDEO_ID).to_numpy()
-    compacted = dead.filter(pa.array(np.r_[True, ids[1:] != ids[:-1]][: len(ids)]))
-    if len(files) <= 1 and compacted.num_rows == rows_before:
+    ids = dead.column(S.VIDEO_ID).to_numpy(zero_copy_only=False)
+    first = np.r_[True, ids[1:] != ids[:-1]][: len(ids)]
+    keep = np.sort(dead.column("row").to_numpy()[first])
+    compacted_already = all(f.rsplit("/", 1)[-1].startswith("compacted-") for f in files)
+    if len(keep) == sizes.sum() and (len(files) <= 1 or compacted_already):
         return
-    name = part_name(compacted.column(S.VIDEO_ID).to_pylist(), prefix="compacted")
-    if compacted.num_rows:
-        st.write_parquet(compacted, fs, f"{dead_dir}/{name}")
+    name = part_name(ids[first].tolist(), prefix="compacted")
+    del dead, ids, first
+    offsets = np.r_[0, np.cumsum(sizes)]
+    pending: list[pa.Table] = []
+    written: set[str] = set()
+
+    def flush() -> None:
+        part = pa.concat_tables(pending)
+        pending.clear()
+        path = f"{dead_dir}/{name[:-8]}-{len(written):05d}.parquet"
+        st.write_parquet(part, fs, path)
+        written.add(path)
+
+    for i, f in enumerate(files):
+        rows = keep[np.searchsorted(keep, offsets[i]) : np.searchsorted(keep, offsets[i + 1])] - offsets[i]
+        if len(rows):
+            pending.append(pq.read_table(f, filesystem=fs, schema=S.DEAD_LETTER_SCHEMA).take(pa.array(rows)))
+        if sum(t.num_rows for t in pending) >= COMPACTED_ROWS_PER_FILE:
+            flush()
+    if pending:
+        flush()
+    written_names = {w.rsplit("/", 1)[-1] for w in written}
     for f in files:
-        if not f.endswith(name):
+        if f.rsplit("/", 1)[-1] not in written_names:
             fs.delete_file(f)
 
 
