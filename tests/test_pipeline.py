@@ -48,7 +48,8 @@ def test_input_blocks_give_long_videos_tasks_of_their_own():
     assert [b.num_rows for b in unknown] == [4, 4, 2]  # no sizes: by count
     assert len(input_blocks(_manifest(10_000), videos_per_task=1, max_blocks=100)) == 100
     gone = input_blocks(_manifest(5000, [ABSENT if i % 2 else mb for i in range(5000)]), 4, 512 * mb)
-    assert [b.num_rows for b in gone] == [4] * 625 + [ABSENT_PER_TASK, 2500 - ABSENT_PER_TASK]  # files that are not there: in bulk
+    # files that are not there: in bulk
+    assert [b.num_rows for b in gone] == [4] * 625 + [ABSENT_PER_TASK, 2500 - ABSENT_PER_TASK]
     assert sorted(pa.concat_tables(gone).column(S.VIDEO_ID).to_pylist()) == sorted(f"v{i}" for i in range(5000))
 
 
