@@ -159,7 +159,7 @@ class ExtractSection:
 class OutputSection:
     dtype: str = "float16"  # feature dtype in the table
     format: str = "parquet"  # parquet | npy (the table plus the seed's per-video .npy files)
-    rows_per_file: int = 64
+    rows_per_file: int = 64  # rows per file, and the bound on finished videos not yet on storage
 
     def __post_init__(self) -> None:
         _choice("output", "dtype", self.dtype, ("float16", "float32"))
