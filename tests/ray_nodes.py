@@ -236,3 +236,24 @@ def kill_later(ready, kill, *, delay: tuple[float, float] = (0.0, 1.0), timeout:
     thread.fired: list = []
     thread.start()
     return thread
+
+
+def kill_job_midway(command: list[str], cwd: Path, marker: Path, *, seed: int, timeout: float = 900) -> list[int]:
+    """Runs ``command`` (a job that starts its own Ray), SIGKILLs it and every process it started
+    a random moment after ``marker`` appears, and returns the pids killed, having checked that the
+    kill landed and that nothing it started survived."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family: list[int] = []
+
+    def kill_driver() -> int:
+        family.extend(descendants(driver.pid))
+        kill_tree(driver.pid)
+        return driver.pid
+
+    killer = kill_later(marker.exists, kill_driver, seed=seed)
+    driver.wait(timeout=timeout)
+    killer.join(timeout=5)
+    assert killer.fired and driver.returncode == -signal.SIGKILL
+    assert len(family) > 3 and not survivors(family)  # its Ray died with it
+    return family

@@ -15,7 +15,7 @@ import paddle
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tests.ray_nodes import descendants, kill_later, kill_tree, pids_named, survivors
+from tests.ray_nodes import kill_job_midway, kill_later, pids_named
 from tests.synthetic_features import make_videos, write_feature_table, write_list
 from vtplatform.config import ConfigError, load_config
 from vtplatform.faults import TRAIN_ENV as FAULT_ENV
@@ -257,21 +257,9 @@ def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(long_dat
         sys.executable, str(ROOT / "jobs" / "train.py"), "--model_name=AttentionLSTM",
         "--config", str(ROOT / "configs" / "attention_lstm-single.yaml"), "--save_dir", str(tmp_path), *[a for o in _kill_overrides(long_dataset) for a in ("-o", o)],
     ]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}
     run = tmp_path / "AttentionLSTM"
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    family: list[int] = []
-
-    def kill_driver() -> int:
-        family.extend(descendants(driver.pid))
-        kill_tree(driver.pid)
-        return driver.pid
-
-    killer = kill_later(lambda: (run / "epoch_001_step_0000003" / "meta.json").exists(), kill_driver, seed=2)
-    driver.wait(timeout=600)
-    killer.join(timeout=5)
-    assert killer.fired and driver.returncode == -signal.SIGKILL
-    assert len(family) > 3 and not survivors(family)  # its Ray died with it
+    kill_job_midway(command, ROOT, run / "epoch_001_step_0000003" / "meta.json", seed=2, timeout=600)
+    env = {**os.environ, "RAY_ADDRESS": ""}
     assert not (run / "epoch_003_step_0000000").exists()  # it did not get to the end
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-4000:]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, SEED, run_job
-from tests.ray_nodes import descendants, kill_later, kill_tree, pids_named, survivors
+from tests.ray_nodes import kill_job_midway, kill_later, pids_named
 from tests.tsn_clips import write_class_clips, write_list
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
@@ -255,21 +255,9 @@ def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(clips, u
         sys.executable, str(ROOT / "jobs" / "train.py"), "--model_name=TSN", "--config", str(SEED / "configs" / "tsn.yaml"),
         "--save_dir", str(tmp_path), *[a for o in [*SMALL, *files, *KILL] for a in ("-o", o)],
     ]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}
     run = tmp_path / "TSN"
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    family: list[int] = []
-
-    def kill_driver() -> int:
-        family.extend(descendants(driver.pid))
-        kill_tree(driver.pid)
-        return driver.pid
-
-    killer = kill_later(lambda: (run / "epoch_000_step_0000004" / "meta.json").exists(), kill_driver, seed=4)
-    driver.wait(timeout=900)
-    killer.join(timeout=5)
-    assert killer.fired and driver.returncode == -signal.SIGKILL
-    assert len(family) > 3 and not survivors(family)  # its Ray died with it
+    kill_job_midway(command, ROOT, run / "epoch_000_step_0000004" / "meta.json", seed=4)
+    env = {**os.environ, "RAY_ADDRESS": ""}
     assert not (run / "epoch_001_step_0000000").exists()
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
