@@ -20,7 +20,7 @@ from tests.clips import truncate, write_audio_only, write_indexed_clip, write_no
 from tests.conftest import EXAMPLES, ROOT, run_job
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
-from vtplatform.extract import FEATURES_DIR, run_extract
+from vtplatform.extract import run_extract
 from vtplatform.pipeline import finalize_output
 from vtplatform.storage import derive_video_id
 
@@ -86,7 +86,7 @@ def library(tmp_path_factory):
 
 
 def read_table(out: Path) -> pa.Table:
-    return pq.read_table(out / FEATURES_DIR)
+    return pq.read_table(out / S.FEATURES_DIR)
 
 
 def read_dead(out: Path) -> pa.Table:
@@ -178,7 +178,7 @@ def test_table_reads_with_plain_pyarrow_and_pandas_without_ray(ray_cluster, libr
     (tmp_path / "m.list").write_text("\n".join(map(str, clips)))
     run_extract(small_config(), str(tmp_path / "m.list"), str(out))
     res = json.loads(
-        subprocess.check_output([sys.executable, "-c", READ_WITHOUT_RAY, str(out / FEATURES_DIR)], text=True)
+        subprocess.check_output([sys.executable, "-c", READ_WITHOUT_RAY, str(out / S.FEATURES_DIR)], text=True)
     )
     assert res["shape"] == [3, SEGMENTS, 512] and res["one"] == [SEGMENTS, 512]
     assert res["dtype"] == "float16" and res["pandas_equal"] and res["rows"] == 3
@@ -190,8 +190,10 @@ def test_table_reads_with_plain_pyarrow_and_pandas_without_ray(ray_cluster, libr
     # The tensor is stored without a dictionary (reading a dictionary-encoded float16 tensor back
     # runs at a fifth of the speed, which starves a training worker streaming the table); the
     # ids keep theirs.
-    part = pq.ParquetFile(next((out / FEATURES_DIR).glob("*.parquet")))
-    chunks = {part.schema.column(i).path: part.metadata.row_group(0).column(i) for i in range(part.metadata.num_columns)}
+    part = pq.ParquetFile(next((out / S.FEATURES_DIR).glob("*.parquet")))
+    chunks = {
+        part.schema.column(i).path: part.metadata.row_group(0).column(i) for i in range(part.metadata.num_columns)
+    }
     assert not chunks["features.list.element"].has_dictionary_page
     assert chunks[S.VIDEO_ID].has_dictionary_page
 
@@ -206,11 +208,11 @@ def test_rerun_is_incremental_and_retry_failed_redoes_dead_letters(ray_cluster, 
     out = tmp_path / "out"
     first = run_extract(small_config(), str(root / "m.list"), str(out))
     assert (first.succeeded, first.failed_total) == (1, 1)
-    files = sorted(p.name for p in (out / FEATURES_DIR).iterdir())
+    files = sorted(p.name for p in (out / S.FEATURES_DIR).iterdir())
 
     again = run_extract(small_config(), str(root / "m.list"), str(out))
     assert (again.skipped, again.submitted, again.succeeded, again.failed_total) == (2, 0, 0, 0)
-    assert sorted(p.name for p in (out / FEATURES_DIR).iterdir()) == files  # nothing rewritten
+    assert sorted(p.name for p in (out / S.FEATURES_DIR).iterdir()) == files  # nothing rewritten
 
     write_indexed_clip(later, 12)  # the bad file got fixed upstream
     plain = run_extract(small_config(), str(root / "m.list"), str(out))
@@ -296,7 +298,7 @@ def test_killed_midway_then_rerun_ends_with_exactly_one_row_per_video(ray_cluste
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 300
-    while not (out / FEATURES_DIR).exists() or not any((out / FEATURES_DIR).glob("part-*.parquet")):
+    while not (out / S.FEATURES_DIR).exists() or not any((out / S.FEATURES_DIR).glob("part-*.parquet")):
         assert proc.poll() is None, "the job ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.2)
@@ -334,16 +336,16 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
             schema=schema,
         )
 
-    (tmp_path / FEATURES_DIR).mkdir()
-    pq.write_table(part(["a", "b"]), tmp_path / FEATURES_DIR / "part-1.parquet")
-    pq.write_table(part(["b", "c"]), tmp_path / FEATURES_DIR / "part-2.parquet")
-    pq.write_table(part(["c"]), tmp_path / FEATURES_DIR / "part-3.parquet")
-    finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected=pa.array(["a", "b", "c"]))
+    (tmp_path / S.FEATURES_DIR).mkdir()
+    pq.write_table(part(["a", "b"]), tmp_path / S.FEATURES_DIR / "part-1.parquet")
+    pq.write_table(part(["b", "c"]), tmp_path / S.FEATURES_DIR / "part-2.parquet")
+    pq.write_table(part(["c"]), tmp_path / S.FEATURES_DIR / "part-3.parquet")
+    finalize_output(pafs.LocalFileSystem(), str(tmp_path), S.FEATURES_DIR, expected=pa.array(["a", "b", "c"]))
     assert sorted(read_table(tmp_path).column(S.VIDEO_ID).to_pylist()) == ["a", "b", "c"]
-    assert not (tmp_path / FEATURES_DIR / "part-3.parquet").exists()
-    assert S.read_provenance(pq.read_schema(tmp_path / FEATURES_DIR / "part-2.parquet")) == {"weights": "x"}
+    assert not (tmp_path / S.FEATURES_DIR / "part-3.parquet").exists()
+    assert S.read_provenance(pq.read_schema(tmp_path / S.FEATURES_DIR / "part-2.parquet")) == {"weights": "x"}
     with pytest.raises(RuntimeError, match="neither features nor dead letters"):
-        finalize_output(pafs.LocalFileSystem(), str(tmp_path), FEATURES_DIR, expected=pa.array(["a", "zzz"]))
+        finalize_output(pafs.LocalFileSystem(), str(tmp_path), S.FEATURES_DIR, expected=pa.array(["a", "zzz"]))
 
 
 def test_videos_that_crash_or_hang_the_decoder_process_become_dead_letters(library, tmp_path):

@@ -183,7 +183,7 @@ def test_large_row_groups_stream_in_slices(ray_cluster, tmp_path):
     cfg = config(f"data.features={tmp_path / 'features'}")
     inputs = D.plan_inputs(cfg, "train", str(filelist))
     assert inputs.table_units == [(str(tmp_path / "features" / "part-00000.parquet"), 0)]
-    unit = pa.table({D.PATH: [inputs.table_units[0][0]], "row_group": [0]})
+    unit = pa.table({S.PATH: [inputs.table_units[0][0]], "row_group": [0]})
     index = {
         "ids": inputs.rows.column(S.VIDEO_ID).combine_chunks(),
         "labels": inputs.rows.column(S.LABELS).combine_chunks(),

@@ -17,7 +17,7 @@ from vtplatform import schema as S
 from vtplatform.config import StorageSection
 from vtplatform.eval.youtube8m import compute_metrics
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, load_state
-from vtplatform.train.checkpoint import read_weights
+from vtplatform.models.weights import read_weights
 
 CLASSES, DIM, SEG = 4, 10, 6
 DIMS = [

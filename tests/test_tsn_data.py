@@ -15,7 +15,6 @@ from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.frame_cache import CacheTask, cache_settings, read_index, write_shard
 from vtplatform.tsn_data import (
-    EPOCH,
     attach_cache,
     clip_frames,
     clip_spec,
@@ -47,11 +46,9 @@ def indexed(tmp_path_factory):
 
 
 def _plan(uri, label=1, epoch=0, video_id="vid"):
-    from vtplatform.tsn_data import PLAN_SCHEMA
-
-    row = {S.VIDEO_ID: video_id, S.URI: str(uri), S.LABEL: label, S.NUM_FRAMES: -1, EPOCH: epoch}
+    row = {S.VIDEO_ID: video_id, S.URI: str(uri), S.LABEL: label, S.NUM_FRAMES: -1, S.EPOCH: epoch}
     row |= {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1}
-    return pa.Table.from_pylist([row], schema=PLAN_SCHEMA)
+    return pa.Table.from_pylist([row], schema=S.TRAIN_PLAN_SCHEMA)
 
 
 def _ordinals(frames):
@@ -132,9 +129,9 @@ def test_train_plan_shuffles_per_epoch_and_deals_equal_disjoint_shares():
     plans = [train_plan(entries, range(0, 3), seed=5, rank=r, world_size=2, batch_size=4) for r in range(2)]
     for plan in plans:
         assert plan.num_rows == 3 * 8  # (23 // 2) // 4 = 2 batches of 4 per epoch
-        assert plan.column(EPOCH).to_pylist() == [0] * 8 + [1] * 8 + [2] * 8
+        assert plan.column(S.EPOCH).to_pylist() == [0] * 8 + [1] * 8 + [2] * 8
     for epoch in range(3):
-        shares = [set(p.filter(pa.compute.equal(p[EPOCH], epoch)).column(S.VIDEO_ID).to_pylist()) for p in plans]
+        shares = [set(p.filter(pa.compute.equal(p[S.EPOCH], epoch)).column(S.VIDEO_ID).to_pylist()) for p in plans]
         assert len(shares[0]) == len(shares[1]) == 8 and not shares[0] & shares[1]
     orders = [plans[0].column(S.VIDEO_ID).to_pylist()[8 * e : 8 * e + 8] for e in range(3)]
     assert orders[0] != orders[1] != orders[2]

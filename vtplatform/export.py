@@ -109,7 +109,7 @@ def export_tsn(config: Config, weights: str | None, save_dir: str) -> dict[str, 
     from vtplatform.extract import weights_fingerprint
     from vtplatform.models.tsn import FrameFeatures, TSNConfig, load_backbone
 
-    tsn_config = TSNConfig(config.model.num_layers, config.model.image_mean, config.model.image_std)
+    tsn_config = TSNConfig.from_model_section(config.model)
     fingerprint, _ = weights_fingerprint(config, weights)
     with st.local_copy(weights, config.storage) if weights else contextlib.nullcontext() as local:
         backbone, _ = load_backbone(tsn_config, local, config.extract.seed)
@@ -150,7 +150,7 @@ def run_export(
             raise ConfigError("exporting the AttentionLSTM needs its weights")
         dim = manifest["tsn"]["feature_dim"] if "tsn" in manifest else config.model.feature_dims[0]
         if name == "VideoTag":
-            dim = TSNConfig(config.model.num_layers).feature_dim
+            dim = TSNConfig.from_model_section(config.model).feature_dim
         manifest["attention_lstm"] = export_lstm(config, lstm_weights, save_dir, dim)
     fs, root = st.filesystem(save_dir, config.storage)
     st.write_bytes(json.dumps(manifest, indent=1).encode(), fs, f"{root}/{MANIFEST}")

@@ -58,11 +58,6 @@ from vtplatform.stages import (
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"
-DEAD_LETTERS_DIR = "dead_letters"
-NPY_DIR = "npy"
-RUNS_DIR = "runs"
-
 
 def provenance(config: Config, fingerprint: str, feature_dim: int, precision: str) -> dict[str, Any]:
     """What the schema metadata records about how the features were made."""
@@ -91,7 +86,7 @@ class FeatureOutput:
     """Good rows -> one ``features`` part (the ``feature_schema`` table), plus the seed's
     ``npy/<video_id>.npy`` files when asked."""
 
-    directory = FEATURES_DIR
+    directory = S.FEATURES_DIR
 
     def __init__(self, schema: pa.Schema, write_npy: bool):
         self.schema = schema
@@ -105,7 +100,7 @@ class FeatureOutput:
             for video_id, array in zip(features.column(S.VIDEO_ID).to_pylist(), arrays, strict=True):
                 buf = io.BytesIO()
                 np.save(buf, array.astype(np.float32))
-                st.write_bytes(buf.getvalue(), fs, f"{root}/{NPY_DIR}/{st.safe_filename(video_id)}.npy")
+                st.write_bytes(buf.getvalue(), fs, f"{root}/{S.NPY_DIR}/{st.safe_filename(video_id)}.npy")
 
     def table(self, good: pa.Table) -> pa.Table:
         tensor_type = self.schema.field(S.FEATURES).type
@@ -168,7 +163,7 @@ def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
     from vtplatform.models.tsn import TSNConfig, load_backbone
     from vtplatform.models.weights import WeightsError
 
-    tsn_config = TSNConfig(config.model.num_layers, config.model.image_mean, config.model.image_std)
+    tsn_config = TSNConfig.from_model_section(config.model)
     try:
         with st.local_copy(weights, config.storage) if weights else contextlib.nullcontext() as local:
             _, fingerprint = load_backbone(tsn_config, local, config.extract.seed)
@@ -219,13 +214,13 @@ def run_extract(
     spec = tsn_spec(config, weights, plan.device, plan.models["TSN"].threads)
     fingerprint, feature_dim = weights_fingerprint(config, weights)
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
-    state = output_state(fs, root, FEATURES_DIR)
+    state = output_state(fs, root, S.FEATURES_DIR)
     check_same_extractor(state.schema, prov, save_dir)
     entries = read_manifest_or_fail(manifest, config)
     summary = JobSummary(
         "extraction",
         st.redact(st.canonical_uri(save_dir)),
-        FEATURES_DIR,
+        S.FEATURES_DIR,
         spec.device,
         frames_per_video=config.infer.seg_num,
     )
@@ -240,7 +235,7 @@ def run_extract(
             sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
         )
         summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, FEATURES_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
+    finalize_output(fs, root, S.FEATURES_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
     summary.elapsed_seconds = time.perf_counter() - start
     summary.driver_peak_mb = peak_rss_mb()
     write_run_summary(summary, fs, root)

@@ -47,9 +47,6 @@ from vtplatform.video.transforms import scale
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "cache.json"
-FRAMES_DIR = "frames"
-INDEX_DIR = "index"
-DEAD_LETTERS_DIR = "dead_letters"
 CACHE_VERSION = 1
 
 
@@ -88,7 +85,7 @@ def open_cache(root_uri: str, storage: StorageSection) -> tuple[dict[str, Any], 
 
 
 def read_index(fs: pafs.FileSystem, root: str) -> pa.Table:
-    files = st.list_files(fs, f"{root}/{INDEX_DIR}", ".parquet")
+    files = st.list_files(fs, f"{root}/{S.INDEX_DIR}", ".parquet")
     if not files:
         return S.FRAME_CACHE_INDEX_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, filesystem=fs, schema=S.FRAME_CACHE_INDEX_SCHEMA) for f in files])
@@ -223,7 +220,7 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
 
     rows = batch.to_pylist()
     ids = [r[S.VIDEO_ID] for r in rows]
-    shard_rel = f"{FRAMES_DIR}/{part_name(ids, 'shard')}"
+    shard_rel = f"{S.FRAMES_DIR}/{part_name(ids, 'shard')}"
     fs, root = st.filesystem(task.root, task.storage)
     indexed, failed, results = [], [], []
     with tempfile.TemporaryDirectory(prefix="vtp-cache-") as tmp:
@@ -260,13 +257,13 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
             st.write_parquet(
                 pa.Table.from_pylist(indexed, schema=S.FRAME_CACHE_INDEX_SCHEMA),
                 fs,
-                f"{root}/{INDEX_DIR}/{part_name(ids)}",
+                f"{root}/{S.INDEX_DIR}/{part_name(ids)}",
             )
     if failed:
         dead = dead_letter_table(
             [{k: r[k] for k in (S.VIDEO_ID, S.URI, S.STAGE, S.ERROR_TYPE, S.MESSAGE)} for r in failed]
         )
-        st.write_parquet(dead, fs, f"{root}/{DEAD_LETTERS_DIR}/{part_name(ids)}")
+        st.write_parquet(dead, fs, f"{root}/{S.DEAD_LETTERS_DIR}/{part_name(ids)}")
     results += [
         {
             S.VIDEO_ID: r[S.VIDEO_ID],
@@ -278,19 +275,7 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
         }
         for r in failed
     ]
-    return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
-
-
-RESULT_SCHEMA = pa.schema(
-    [
-        (S.VIDEO_ID, pa.string()),
-        ("frames", pa.int64()),
-        ("bytes", pa.int64()),
-        ("seconds", pa.float64()),
-        (S.STAGE, pa.string()),
-        (S.ERROR_TYPE, pa.string()),
-    ]
-)
+    return pa.Table.from_pylist(results, schema=S.CACHE_RESULT_SCHEMA)
 
 
 def _upload(local: str, fs: pafs.FileSystem, path: str) -> None:
@@ -361,7 +346,7 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
         summary.failed[f"manifest/{r[S.ERROR_TYPE]}"] = summary.failed.get(f"manifest/{r[S.ERROR_TYPE]}", 0) + 1
     done = set(read_index(fs, root).column(S.VIDEO_ID).to_pylist())
     if not retry_failed:
-        done |= set(st.read_column(fs, f"{root}/{DEAD_LETTERS_DIR}", S.VIDEO_ID).to_pylist())
+        done |= set(st.read_column(fs, f"{root}/{S.DEAD_LETTERS_DIR}", S.VIDEO_ID).to_pylist())
     ids = videos.entries.column(S.VIDEO_ID).to_pylist()
     todo = videos.entries.filter(pa.array([v not in done for v in ids], pa.bool_()))
     summary.skipped = len(ids) - todo.num_rows

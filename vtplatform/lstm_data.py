@@ -43,8 +43,6 @@ from vtplatform.pipeline import blocks_dataset
 
 log = logging.getLogger(__name__)
 
-PATH = "path"  # seed layout: the .npy file of a row
-STEPS = "steps"  # seed layout: the time steps in a row's .npy file
 ROWS_PER_BLOCK = 16  # rows per Ray Data block in the seed layout (one .npy read task)
 READ_ROWS = 32  # feature-table rows read at once (about 40 MB at 300 x 2048 float16)
 
@@ -252,7 +250,7 @@ def plan_inputs(config: Config, phase: str, filelist: str | None, need_labels: b
     if inputs.num_segments is not None:
         inputs.nbytes = len(inputs) * inputs.num_segments * inputs.feature_dim * itemsize
     else:
-        inputs.nbytes = int(pc.sum(inputs.rows.column(STEPS)).as_py() or 0) * inputs.feature_dim * 4
+        inputs.nbytes = int(pc.sum(inputs.rows.column(S.STEPS)).as_py() or 0) * inputs.feature_dim * 4
     log.info("%s", inputs.summary())
     return inputs
 
@@ -349,23 +347,23 @@ def _plan_npy(filelist: str, phase: str, config: Config) -> FeatureInputs:
     feature_dim = config.model.feature_dims[0]
     inputs = FeatureInputs(phase, filelist, S.LABEL_SCHEMA.empty_table(), feature_dim, None, None)
     _bad_rows(config, inputs, BAD_LINE, problems)
-    rows = labels.append_column(PATH, labels.column(S.URI))
-    ds = blocks_dataset(_blocks(rows.select([S.VIDEO_ID, PATH]), 256))
+    rows = labels.append_column(S.PATH, labels.column(S.URI))
+    ds = blocks_dataset(_blocks(rows.select([S.VIDEO_ID, S.PATH]), 256))
     checked = ds.map_batches(
         _check_npy, batch_format="pyarrow", fn_kwargs={"storage": config.storage, "feature_dim": feature_dim}
     ).to_arrow_refs()
     status = pa.concat_tables(ray.get(checked)) if checked else pa.table({"status": pa.array([], pa.string())})
     reasons = dict(
         zip(
-            status.column(PATH).to_pylist(),
+            status.column(S.PATH).to_pylist(),
             zip(status.column("status").to_pylist(), status.column("detail").to_pylist(), strict=True),
             strict=True,
         )
     )
-    steps = dict(zip(status.column(PATH).to_pylist(), status.column(STEPS).to_pylist(), strict=True))
+    steps = dict(zip(status.column(S.PATH).to_pylist(), status.column(S.STEPS).to_pylist(), strict=True))
     good = []
     by_reason: dict[str, list[str]] = collections.defaultdict(list)
-    for i, path in enumerate(rows.column(PATH).to_pylist()):
+    for i, path in enumerate(rows.column(S.PATH).to_pylist()):
         reason, detail = reasons[path]
         if reason == "ok":
             good.append(i)
@@ -373,14 +371,14 @@ def _plan_npy(filelist: str, phase: str, config: Config) -> FeatureInputs:
             by_reason[reason].append(f"{st.redact(path)}: {detail}")
     for reason, examples in sorted(by_reason.items()):
         _bad_rows(config, inputs, reason, examples)
-    rows = rows.append_column(STEPS, pa.array([steps[p] for p in rows.column(PATH).to_pylist()], pa.int64()))
+    rows = rows.append_column(S.STEPS, pa.array([steps[p] for p in rows.column(S.PATH).to_pylist()], pa.int64()))
     inputs.rows = rows.take(pa.array(good, pa.int64()))
     return inputs
 
 
 def _check_npy(batch: pa.Table, storage: StorageSection, feature_dim: int) -> pa.Table:
     statuses, details, steps = [], [], []
-    for path in batch.column(PATH).to_pylist():
+    for path in batch.column(S.PATH).to_pylist():
         shape: tuple[int, ...] = ()
         try:
             shape, dtype = _npy_header(path, storage)
@@ -401,7 +399,7 @@ def _check_npy(batch: pa.Table, storage: StorageSection, feature_dim: int) -> pa
                 details.append("")
         steps.append(int(shape[0]) if len(shape) == 2 else 0)
     return pa.table(
-        {PATH: batch.column(PATH), "status": statuses, "detail": details, STEPS: pa.array(steps, pa.int64())}
+        {S.PATH: batch.column(S.PATH), "status": statuses, "detail": details, S.STEPS: pa.array(steps, pa.int64())}
     )
 
 
@@ -448,7 +446,7 @@ def _dataset(inputs: FeatureInputs, config: Config, with_targets: bool, task_cpu
     }
     kwargs = {"num_classes": num_classes, "with_targets": with_targets}
     if inputs.table_units:
-        units = pa.table({PATH: [u[0] for u in inputs.table_units], "row_group": [u[1] for u in inputs.table_units]})
+        units = pa.table({S.PATH: [u[0] for u in inputs.table_units], "row_group": [u[1] for u in inputs.table_units]})
         ds = blocks_dataset(_blocks(units, 1))  # one read task per row group, in table order
         return ds.map_batches(
             _table_rows,
@@ -457,7 +455,7 @@ def _dataset(inputs: FeatureInputs, config: Config, with_targets: bool, task_cpu
             num_cpus=task_cpus,
             fn_kwargs={"table": inputs.table, "storage": config.storage, "index": index, **kwargs},
         )
-    rows = inputs.rows.select([S.VIDEO_ID, PATH, S.LABELS])
+    rows = inputs.rows.select([S.VIDEO_ID, S.PATH, S.LABELS])
     ds = blocks_dataset(_blocks(rows, ROWS_PER_BLOCK))
     return ds.map_batches(
         _npy_rows,
@@ -479,7 +477,7 @@ def _targets(labels: pa.ListArray, num_classes: int) -> np.ndarray:
 def _table_rows(unit: pa.Table, table: str, storage: StorageSection, index: dict, num_classes: int, with_targets: bool):
     """Reads one row group of the feature table in slices of READ_ROWS rows, keeping the planned rows."""
     fs, _ = st.filesystem(table, storage)
-    path, group = unit.column(PATH)[0].as_py(), unit.column("row_group")[0].as_py()
+    path, group = unit.column(S.PATH)[0].as_py(), unit.column("row_group")[0].as_py()
     with fs.open_input_file(path) as f:
         for batch in pq.ParquetFile(f).iter_batches(
             batch_size=READ_ROWS, row_groups=[group], columns=[S.VIDEO_ID, S.FEATURES]
@@ -502,7 +500,7 @@ def _table_rows(unit: pa.Table, table: str, storage: StorageSection, index: dict
 
 def _npy_rows(batch: pa.Table, storage: StorageSection, num_classes: int, with_targets: bool) -> dict[str, np.ndarray]:
     feats = []
-    for path in batch.column(PATH).to_pylist():
+    for path in batch.column(S.PATH).to_pylist():
         fs, inner = st.filesystem(path, storage)
         with fs.open_input_file(inner) as f:
             feats.append(np.load(io.BytesIO(f.read()), allow_pickle=False).astype(np.float32, copy=False))

@@ -81,7 +81,7 @@ def locations(config: Config) -> dict[str, str]:
     return {
         "features": n.features or R.join(n.registry, "features"),
         "tags": n.tags or R.join(n.registry, "tags"),
-        "models": R.join(n.registry, R.MODELS_DIR),
+        "models": R.join(n.registry, S.MODELS_DIR),
     }
 
 
@@ -114,7 +114,7 @@ def data_fingerprint(config: Config, features: str) -> str:
 
 def _find_run(config: Config, fingerprint: str) -> tuple[str | None, dict | None]:
     """The run with this fingerprint, if any: (run_id, state)."""
-    fs, root = st.filesystem(R.join(config.nightly.registry, R.RUNS_DIR), config.storage)
+    fs, root = st.filesystem(R.join(config.nightly.registry, S.RUNS_DIR), config.storage)
     for path in st.list_files(fs, root, "state.json"):
         with fs.open_input_stream(path) as f:
             state = json.loads(f.read())
@@ -218,7 +218,7 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
     from vtplatform.train.lstm import run_train
 
     registry, run_id = config.nightly.registry, state["run_id"]
-    run_dir = R.join(registry, R.RUNS_DIR, run_id)
+    run_dir = R.join(registry, S.RUNS_DIR, run_id)
     train_labels = R.join(run_dir, "train_labels.parquet")
     cfg = _training_config(config, where["features"], train_labels)
     champion = state["champion_before"]
@@ -330,7 +330,7 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vtplatform.predict import read_label_names
+    from vtplatform.labels import read_label_names
 
     names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
     cand, champ = evaluated["candidate"], evaluated.get("champion")
@@ -381,7 +381,7 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
 
-    run_dir = R.join(config.nightly.registry, R.RUNS_DIR, run_id)
+    run_dir = R.join(config.nightly.registry, S.RUNS_DIR, run_id)
     fs, root = st.filesystem(run_dir, config.storage)
     st.write_bytes(png.getvalue(), fs, f"{root}/report.png")
     st.write_bytes("\n".join(lines).encode("utf-8"), fs, f"{root}/report.md")

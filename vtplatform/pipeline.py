@@ -34,11 +34,9 @@ from vtplatform.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTERS_DIR = "dead_letters"
-RUNS_DIR = "runs"
 
 # Per-video seconds each stage adds to its rows, summed by the writer for the summary.
-STAGE_SECONDS = {"decode": "decode_seconds", "tsn": "infer_seconds", "lstm": "tag_seconds"}
+STAGE_SECONDS = {"decode": S.DECODE_SECONDS, "tsn": S.INFER_SECONDS, "lstm": S.TAG_SECONDS}
 
 
 class Output(Protocol):
@@ -200,7 +198,7 @@ class ResultSink(Datasink):
             st.write_parquet(
                 dead_letter_table(rows),
                 fs,
-                f"{root}/{DEAD_LETTERS_DIR}/{part_name(bad.column(S.VIDEO_ID).to_pylist())}",
+                f"{root}/{S.DEAD_LETTERS_DIR}/{part_name(bad.column(S.VIDEO_ID).to_pylist())}",
             )
         reasons = collections.Counter(
             f"{s}/{e}"
@@ -236,7 +234,7 @@ def output_state(fs: pafs.FileSystem, root: str, result_dir: str) -> OutputState
     parts = st.list_files(fs, f"{root}/{result_dir}", ".parquet")
     schema = pq.read_schema(parts[0], filesystem=fs) if parts else None
     done = st.read_column(fs, f"{root}/{result_dir}", S.VIDEO_ID).combine_chunks()
-    dead = st.read_column(fs, f"{root}/{DEAD_LETTERS_DIR}", S.VIDEO_ID).combine_chunks()
+    dead = st.read_column(fs, f"{root}/{S.DEAD_LETTERS_DIR}", S.VIDEO_ID).combine_chunks()
     return OutputState(done, dead, schema)
 
 
@@ -289,7 +287,7 @@ class JobSummary:
             f"{self.succeeded * self.frames_per_video / wall:.1f} frames/s",
             f"  driver peak memory    {self.driver_peak_mb:.0f} MB",
             f"  {self.result_dir:<21} {self.save_dir.rstrip('/')}/{self.result_dir}",
-            f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{DEAD_LETTERS_DIR}",
+            f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{S.DEAD_LETTERS_DIR}",
         ]
         return "\n".join(lines)
 
@@ -316,7 +314,7 @@ def plan_todo(
         log.warning("manifest entry rejected: %s", r[S.MESSAGE])
     if new:
         name = part_name([r[S.VIDEO_ID] for r in new], prefix="manifest")
-        st.write_parquet(dead_letter_table(new), fs, f"{root}/{DEAD_LETTERS_DIR}/{name}")
+        st.write_parquet(dead_letter_table(new), fs, f"{root}/{S.DEAD_LETTERS_DIR}/{name}")
     ids = entries.entries.column(S.VIDEO_ID)
     todo = entries.entries.filter(pc.invert(pc.is_in(ids, value_set=skip))) if len(skip) else entries.entries
     summary.manifest_entries = len(entries) + len(entries.rejected) + entries.duplicates
@@ -334,7 +332,7 @@ def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: p
     rows a retried write task could leave, and compacts the dead letters: one row per video, the
     latest attempt, none for videos that have results now. Only the ids and times of the dead
     letters are held at once; their rows are read and written a part at a time."""
-    results, dead_dir = f"{root}/{result_dir}", f"{root}/{DEAD_LETTERS_DIR}"
+    results, dead_dir = f"{root}/{result_dir}", f"{root}/{S.DEAD_LETTERS_DIR}"
     _drop_repeated_rows(fs, results)
     done = st.read_column(fs, results, S.VIDEO_ID).combine_chunks()
     files = st.list_files(fs, dead_dir, ".parquet")
@@ -448,4 +446,6 @@ def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:
     from dataclasses import asdict
 
     stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
-    st.write_bytes(json.dumps(asdict(summary), indent=2).encode(), fs, f"{root}/{RUNS_DIR}/{summary.job}-{stamp}.json")
+    st.write_bytes(
+        json.dumps(asdict(summary), indent=2).encode(), fs, f"{root}/{S.RUNS_DIR}/{summary.job}-{stamp}.json"
+    )

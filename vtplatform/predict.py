@@ -13,7 +13,6 @@ label_3396.txt has 10 repeated names), so every output keeps the class ids.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -26,41 +25,11 @@ import pyarrow as pa
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.labels import check_label_names, label_fingerprint, read_label_names, top_k_indices
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_DIR = "predictions"
-JSON_DIR = "json"
 ROWS_PER_PART = 10_000
-LOGITS = "logits"
-LOSS = "loss"
-
-
-def read_label_names(path: str, storage: StorageSection) -> list[str]:
-    """The seed's label file: UTF-8, one name per line, line index = class id."""
-    fs, inner = st.filesystem(path, storage)
-    try:
-        with fs.open_input_stream(inner) as f:
-            text = f.read().decode("utf-8")
-    except (FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"cannot read label file {st.redact(path)}: {exc}") from exc
-    names = text.split("\n")
-    if names and names[-1] == "":
-        names.pop()
-    return [n.rstrip("\r") for n in names]
-
-
-def label_fingerprint(names: list[str] | None, num_classes: int) -> str:
-    """Identifies a label set: sha256 of the names, or of the class count when there are none."""
-    text = "\n".join(names) if names is not None else f"num_classes={num_classes}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def check_label_names(names: list[str], num_classes: int, path: str) -> None:
-    if len(names) != num_classes:
-        raise ConfigError(
-            f"label file {st.redact(path)} has {len(names)} names, the model {num_classes} classes (MODEL.num_classes)"
-        )
 
 
 @dataclass(frozen=True)
@@ -78,9 +47,9 @@ def resolve_model(config: Config, weights: str, feature_dim: int):
     """(AttentionLSTMConfig, LoadedWeights): the checkpoint's own dims when it records them,
     else the config's (with ``feature_dim`` from the features)."""
     from vtplatform.models.attention_lstm import AttentionLSTMConfig
-    from vtplatform.train.checkpoint import read_weights
+    from vtplatform.models.weights import read_weights
 
-    loaded = read_weights(weights, config.storage)
+    loaded = read_weights(weights, config.storage).require("AttentionLSTM")
     from_config = AttentionLSTMConfig.from_model_section(config.model, feature_dim)
     recorded = (loaded.meta or {}).get("model")
     if recorded:
@@ -128,7 +97,7 @@ class LSTMStage:
         import paddle
 
         from vtplatform.models.attention_lstm import build_model, load_state
-        from vtplatform.train.checkpoint import read_weights
+        from vtplatform.models.weights import read_weights
 
         paddle.set_device("gpu" if spec.use_gpu else "cpu")
         if not spec.use_gpu:
@@ -146,8 +115,6 @@ class LSTMStage:
         probs = 1.0 / (1.0 + np.exp(-logits))
         out = {S.VIDEO_ID: batch[S.VIDEO_ID]}
         if self.top_k is not None:
-            from vtplatform.eval.youtube8m import top_k_indices
-
             top = top_k_indices(probs, self.top_k)
             out[S.CLASS_IDS] = top.astype(np.int32)
             out[S.PROBS] = np.take_along_axis(probs, top, axis=1).astype(np.float32)
@@ -155,7 +122,7 @@ class LSTMStage:
             out[S.PROBS] = probs.astype(np.float32)
             if targets is not None:
                 out[S.TARGETS] = targets.astype(np.uint8)
-                out[LOSS] = sigmoid_cross_entropy(logits, targets).sum(axis=1)
+                out[S.LOSS] = sigmoid_cross_entropy(logits, targets).sum(axis=1)
         return out
 
 
@@ -209,7 +176,7 @@ class PredictSummary:
             "prediction summary",
             f"  weights      {self.weights}",
             f"  videos       {self.videos} ({rate:.1f}/s)",
-            f"  predictions  {self.save_dir.rstrip('/')}/{PREDICTIONS_DIR}",
+            f"  predictions  {self.save_dir.rstrip('/')}/{S.PREDICTIONS_DIR}",
         ]
         lines += [f"  skipped      {n} {reason}" for reason, n in sorted(self.skipped.items())]
         return "\n".join(lines)
@@ -262,7 +229,7 @@ def run_predict(
                 S.PROBS: probs.tolist(),
             }
             if seed_json:
-                st.write_bytes(seed_json_bytes(row), fs, f"{root}/{JSON_DIR}/result{count}.json")
+                st.write_bytes(seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/result{count}.json")
             if count < 3:
                 log.info(
                     "%s: %s",
@@ -276,12 +243,12 @@ def run_predict(
             count += 1
         if len(rows) >= ROWS_PER_PART:
             st.write_parquet(
-                pa.Table.from_pylist(rows, schema=schema), fs, f"{root}/{PREDICTIONS_DIR}/part-{part:05d}.parquet"
+                pa.Table.from_pylist(rows, schema=schema), fs, f"{root}/{S.PREDICTIONS_DIR}/part-{part:05d}.parquet"
             )
             rows, part = [], part + 1
     if rows or part == 0:
         st.write_parquet(
-            pa.Table.from_pylist(rows, schema=schema), fs, f"{root}/{PREDICTIONS_DIR}/part-{part:05d}.parquet"
+            pa.Table.from_pylist(rows, schema=schema), fs, f"{root}/{S.PREDICTIONS_DIR}/part-{part:05d}.parquet"
         )
     return PredictSummary(
         st.redact(save_dir), count, dict(inputs.skipped), time.perf_counter() - start, st.redact(loaded.source)

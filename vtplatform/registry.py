@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import ConfigError, StorageSection
 
 CHAMPION_FILE = "champion.json"
-HISTORY_DIR = "history"
-MODELS_DIR = "models"
-RUNS_DIR = "runs"
 
 
 def _read_json(uri: str, storage: StorageSection) -> dict[str, Any] | None:
@@ -50,11 +48,11 @@ def write_champion(registry: str, record: dict[str, Any], storage: StorageSectio
 
 
 def write_history(registry: str, run_id: str, record: dict[str, Any], storage: StorageSection) -> None:
-    _write_json(join(registry, HISTORY_DIR, f"{run_id}.json"), record, storage)
+    _write_json(join(registry, S.HISTORY_DIR, f"{run_id}.json"), record, storage)
 
 
 def history(registry: str, storage: StorageSection) -> list[dict[str, Any]]:
-    fs, root = st.filesystem(join(registry, HISTORY_DIR), storage)
+    fs, root = st.filesystem(join(registry, S.HISTORY_DIR), storage)
     records = []
     for path in st.list_files(fs, root, ".json"):
         with fs.open_input_stream(path) as f:
@@ -63,11 +61,11 @@ def history(registry: str, storage: StorageSection) -> list[dict[str, Any]]:
 
 
 def read_run_state(registry: str, run_id: str, storage: StorageSection) -> dict[str, Any] | None:
-    return _read_json(join(registry, RUNS_DIR, run_id, "state.json"), storage)
+    return _read_json(join(registry, S.RUNS_DIR, run_id, "state.json"), storage)
 
 
 def write_run_state(registry: str, run_id: str, state: dict[str, Any], storage: StorageSection) -> None:
-    _write_json(join(registry, RUNS_DIR, run_id, "state.json"), state, storage)
+    _write_json(join(registry, S.RUNS_DIR, run_id, "state.json"), state, storage)
 
 
 def resolve_model_dir(model_dir: str, storage: StorageSection) -> tuple[str | None, str]:

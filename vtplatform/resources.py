@@ -177,8 +177,7 @@ def plan_pipeline(config: Config, cluster: Cluster, needs: list[ModelNeed], devi
         if g == 0 and c > 0:  # CPU actors: more only as far as the CPUs kept for models allow
             most = min(most, 1 + int(spare // c))
             spare -= (max(1, most) - 1) * c
-        threads = need.threads or max(1, int(c + 1e-9))
-        stages[need.name] = ActorStage(need.name, c, g, 1, max(1, most), threads)
+        stages[need.name] = ActorStage(need.name, c, g, 1, max(1, most), threads_for(c, need.threads))
     task_cpus = _floor(min(res.decode_cpus, cluster.cpus - sum(cpus), cluster.node_cpus))
     plan = PipelinePlan(device_, max(task_cpus, STEP), res.decode_concurrency, stages)
     log.info("%s", plan.describe(cluster))
@@ -245,8 +244,7 @@ def plan_training(config: Config, cluster: Cluster, phase_use_gpu: bool = True) 
                 "lower train_run.num_workers (or TRAIN.num_gpus)"
             )
     task_cpus = _floor(min(config.resources.decode_cpus, cluster.cpus - cpus * workers, cluster.node_cpus))
-    threads = run.threads_per_worker or max(1, int(cpus + 1e-9))
-    plan = TrainPlan(workers, where == "gpu", cpus, threads, max(task_cpus, STEP))
+    plan = TrainPlan(workers, where == "gpu", cpus, threads_for(cpus, run.threads_per_worker), max(task_cpus, STEP))
     log.info("training: %s", plan.describe(cluster))
     return plan
 
@@ -304,6 +302,11 @@ def _request(bundles: list[dict[str, float]]) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def threads_for(cpus: float, configured: int | None) -> int:
+    """The math threads of an actor or worker holding ``cpus``: as configured, else one per whole CPU."""
+    return configured or max(1, int(cpus + 1e-9))
 
 
 def _floor(x: float) -> float:

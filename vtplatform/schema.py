@@ -23,6 +23,21 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 METADATA_KEY = b"vtplatform"
 
+# Folders under a job's OUT (extraction, tagging, prediction, the frame cache, evaluation) and
+# under a model registry.
+FEATURES_DIR = "features"
+DEAD_LETTERS_DIR = "dead_letters"
+NPY_DIR = "npy"
+RUNS_DIR = "runs"  # one JSON summary per run
+TAGS_DIR = "tags"
+PREDICTIONS_DIR = "predictions"
+JSON_DIR = "json"  # the seed's per-video JSON predictions
+FRAMES_DIR = "frames"  # frame cache: the frames
+INDEX_DIR = "index"  # frame cache: one row per video
+MODELS_DIR = "models"  # registry: one folder per registered model
+HISTORY_DIR = "history"  # registry: champion changes
+REPORT_FILE = "report.json"  # evaluation: the metrics
+
 # Identity columns, shared by every table.
 VIDEO_ID = "video_id"
 URI = "uri"
@@ -45,6 +60,16 @@ FAILED_AT = "failed_at"
 
 # Between stages only.
 FRAMES = "frames"  # raw (seg, 224, 224, 3) uint8 crops, as bytes
+DECODE_SECONDS = "decode_seconds"  # per-video busy time of each stage, summed for the summary
+INFER_SECONDS = "infer_seconds"
+TAG_SECONDS = "tag_seconds"
+LOAD_SECONDS = "load_seconds"  # TSN training and evaluation: loading one sample
+EPOCH = "epoch"  # TSN training: the epoch whose random draws a sample uses
+PATH = "path"  # the seed's layout: a row's .npy feature file
+STEPS = "steps"  # the seed's layout: the time steps in a row's .npy file
+LOGITS = "logits"  # AttentionLSTM inference, before the sigmoid
+LOSS = "loss"  # AttentionLSTM evaluation: a video's loss
+LABEL_PROB = "label_prob"  # TSN evaluation: the probability of the true label
 
 # Predictions.
 CLASS_IDS = "class_ids"
@@ -200,5 +225,65 @@ TAG_SCHEMA = pa.schema(
         *PREDICTION_SCHEMA,
         (LABELS, pa.list_(pa.int32())),
         (LABEL_NAMES, pa.list_(pa.string())),
+    ]
+)
+
+
+# TSN training and evaluation (tsn_data): one row per sample to load, a video and the epoch
+# whose random draws it uses.
+TRAIN_PLAN_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (LABEL, pa.int32()),
+        (NUM_FRAMES, pa.int32()),  # known for frames-layout lists and cached videos; -1 otherwise
+        (EPOCH, pa.int32()),
+        (SHARD, pa.string()),  # the frame-cache shard holding the video, or null
+        (FIRST_ROW_GROUP, pa.int32()),
+        (POOL_SIZE, pa.int32()),
+        (HEIGHT, pa.int32()),
+        (WIDTH, pa.int32()),
+    ]
+)
+
+# What TSN's load stage hands on: uint8 (seg * seglen, target, target, 3) segments, or the failure.
+TRAIN_CLIP_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (LABEL, pa.int32()),
+        (FRAMES, pa.large_binary()),
+        (FRAME_INDICES, pa.list_(pa.int32())),
+        (STAGE, pa.string()),
+        (ERROR_TYPE, pa.string()),
+        (MESSAGE, pa.string()),
+        (LOAD_SECONDS, pa.float32()),
+    ]
+)
+
+# TSN evaluation and prediction: one row per video of the list, with its top classes or failure.
+EVAL_RESULT_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (LABEL, pa.int32()),
+        (CLASS_IDS, pa.list_(pa.int32())),
+        (PROBS, pa.list_(pa.float32())),
+        (LABEL_PROB, pa.float32()),
+        (STAGE, pa.string()),
+        (ERROR_TYPE, pa.string()),
+        (MESSAGE, pa.string()),
+    ]
+)
+
+# What a frame-cache task reports per video (its summary's counts).
+CACHE_RESULT_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        ("frames", pa.int64()),
+        ("bytes", pa.int64()),
+        ("seconds", pa.float64()),
+        (STAGE, pa.string()),
+        (ERROR_TYPE, pa.string()),
     ]
 )

@@ -28,8 +28,6 @@ from vtplatform.video.decode import BadVideo, DecodeOptions, sample_clip
 
 log = logging.getLogger(__name__)
 
-DECODE_SECONDS = "decode_seconds"
-INFER_SECONDS = "infer_seconds"
 CRASHES_BEFORE_DEAD_LETTER = 2
 
 
@@ -115,7 +113,7 @@ def decode_videos(
     timeout_s: float | None = None,
     faults: tuple[F.DecodeFault, ...] = (),
 ) -> Iterator[pa.Table]:
-    """(video_id, uri) rows -> ``CLIP_SCHEMA`` rows with the sampled crops or the failure, yielded
+    """(video_id, uri) rows -> ``schema.CLIP_SCHEMA`` rows with the sampled crops or the failure, yielded
     in blocks of about ``FRAMES_PER_BLOCK`` crops, so that a task holds at most one block of
     crops whatever the length and number of its videos.
 
@@ -152,7 +150,7 @@ def decode_videos(
 
 
 def _clip_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(DECODE_SECONDS, pa.float32())))
+    return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(S.DECODE_SECONDS, pa.float32())))
 
 
 def _crashed(vid: str, uri: str, died: int, timeouts: int, timeout_s: float | None) -> dict:
@@ -210,7 +208,7 @@ def _decode_one(
         S.WIDTH: clip.width,
         S.HEIGHT: clip.height,
         S.DECODER: clip.decoder,
-        DECODE_SECONDS: time.perf_counter() - start,
+        S.DECODE_SECONDS: time.perf_counter() - start,
     }
 
 
@@ -219,7 +217,7 @@ def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
         S.STAGE: stage,
         S.ERROR_TYPE: error_type,
         S.MESSAGE: redact(message)[:2000],
-        DECODE_SECONDS: time.perf_counter() - start,
+        S.DECODE_SECONDS: time.perf_counter() - start,
     }
 
 
@@ -276,4 +274,4 @@ class TSNStage:
             pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
         )
         seconds = [elapsed if f is not None else 0.0 for f in frames]
-        return table.append_column(pa.field(INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
+        return table.append_column(pa.field(S.INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))

@@ -33,7 +33,6 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
 from vtplatform.extract import (
-    FEATURES_DIR,
     FeatureOutput,
     check_same_extractor,
     provenance,
@@ -43,7 +42,6 @@ from vtplatform.extract import (
     weights_fingerprint,
 )
 from vtplatform.pipeline import (
-    STAGE_SECONDS,
     JobSummary,
     ResultSink,
     blocks_dataset,
@@ -57,11 +55,8 @@ from vtplatform.pipeline import (
 
 log = logging.getLogger(__name__)
 
-TAGS_DIR = "tags"
-JSON_DIR = "json"
 HUB_FILE = "hub_results.json"
 FORMATS = ("json", "hub")
-TAG_SECONDS = STAGE_SECONDS["lstm"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class TagStage:
         self.model = LSTMStage(spec.lstm, top_k=spec.top_k).model
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from vtplatform.eval.youtube8m import top_k_indices
+        from vtplatform.labels import top_k_indices
         from vtplatform.predict import forward_logits
 
         start = time.perf_counter()
@@ -119,14 +114,14 @@ class TagStage:
         out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
         out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
         return out.append_column(
-            TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32())
+            S.TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32())
         )
 
 
 class TagOutput:
     """Good rows -> one ``tags`` part, plus the seed's per-video JSON files when asked."""
 
-    directory = TAGS_DIR
+    directory = S.TAGS_DIR
 
     def __init__(self, schema: pa.Schema, names: list[str] | None, seed_json: bool):
         self.schema = schema
@@ -154,7 +149,9 @@ class TagOutput:
             from vtplatform.predict import seed_json_bytes
 
             for row in rows:
-                st.write_bytes(seed_json_bytes(row), fs, f"{root}/{JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json")
+                st.write_bytes(
+                    seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json"
+                )
 
 
 @dataclass
@@ -262,13 +259,13 @@ def run_tag(
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
     lstm = plan.models["AttentionLSTM"]
     tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, lstm, config.tag.write_features)
-    state = output_state(fs, root, TAGS_DIR)
+    state = output_state(fs, root, S.TAGS_DIR)
     check_same_tagger(state.schema, tagger.meta, save_dir)
     if config.tag.write_features:
-        check_same_extractor(output_state(fs, root, FEATURES_DIR).schema, prov, save_dir)
+        check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
     entries = read_manifest_or_fail(manifest, config)
     summary = JobSummary(
-        "tagging", st.redact(st.canonical_uri(save_dir)), TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num
+        "tagging", st.redact(st.canonical_uri(save_dir)), S.TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num
     )
     todo = plan_todo(entries, state, retry_failed, fs, root, summary)
     log.info("%d videos to tag, %d already done, on %s", todo.num_rows, summary.skipped, spec.device)
@@ -283,7 +280,7 @@ def run_tag(
             sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
         )
         summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, TAGS_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
+    finalize_output(fs, root, S.TAGS_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
     if "hub" in formats:
         write_hub_list(fs, root, config.tag.hub_threshold, config.tag.hub_top_k)
     summary.elapsed_seconds = time.perf_counter() - start
@@ -295,7 +292,7 @@ def run_tag(
 def write_hub_list(fs: pafs.FileSystem, root: str, threshold: float, top_k: int) -> None:
     """PaddleHub's videotag output for the whole tags table: ``[{"path": uri, "prediction": {name: p}}]``
     with the tags at or above ``threshold``, at most ``top_k`` per video (names, or ids without a label file)."""
-    files = st.list_files(fs, f"{root}/{TAGS_DIR}", ".parquet")
+    files = st.list_files(fs, f"{root}/{S.TAGS_DIR}", ".parquet")
     items = []
     for path in files:
         table = pq.read_table(path, filesystem=fs, columns=[S.URI, S.CLASS_IDS, S.CLASS_NAMES, S.PROBS])
@@ -343,7 +340,7 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     if not parts:
         return 0
     fs, root = st.filesystem(save_dir, config.storage)
-    done = frozenset(output_state(fs, root, TAGS_DIR).done.to_pylist())
+    done = frozenset(output_state(fs, root, S.TAGS_DIR).done.to_pylist())
     schema = pq.read_schema(parts[0], filesystem=ffs)
     dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
     plan = R.size_pipeline(config, [R.lstm_tag_need(config)])
@@ -367,6 +364,6 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
         fn_kwargs={"storage": config.storage, "skip": done},
     )
     tagger.stage(ds, config, plan).write_datasink(sink, ray_remote_args={"num_cpus": plan.writer_cpus})
-    finalize_output(fs, root, TAGS_DIR, expected=None)
+    finalize_output(fs, root, S.TAGS_DIR, expected=None)
     log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
     return sink.stats.get("ok", 0)

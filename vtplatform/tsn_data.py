@@ -37,46 +37,14 @@ from vtplatform.video.transforms import centre_crop, scale, scale_and_crop, trai
 
 log = logging.getLogger(__name__)
 
-MODES = ("train", "valid", "test", "infer")
-EPOCH = "epoch"
-LOAD_SECONDS = "load_seconds"
 IMAGE_TEMPLATE = "img_{:05d}.jpg"  # the seed's frames layout, 1-based
 
-# One row per sample to load: a video and the epoch whose random draws it uses.
-PLAN_SCHEMA = pa.schema(
-    [
-        (S.VIDEO_ID, pa.string()),
-        (S.URI, pa.string()),
-        (S.LABEL, pa.int32()),
-        (S.NUM_FRAMES, pa.int32()),  # known for frames-layout lists and cached videos; -1 otherwise
-        (EPOCH, pa.int32()),
-        (S.SHARD, pa.string()),  # the frame-cache shard holding the video, or null
-        (S.FIRST_ROW_GROUP, pa.int32()),
-        (S.POOL_SIZE, pa.int32()),
-        (S.HEIGHT, pa.int32()),
-        (S.WIDTH, pa.int32()),
-    ]
-)
-
-# What the load stage hands on: uint8 (seg * seglen, target, target, 3) segments, or the failure.
-CLIP_SCHEMA = pa.schema(
-    [
-        (S.VIDEO_ID, pa.string()),
-        (S.URI, pa.string()),
-        (S.LABEL, pa.int32()),
-        (S.FRAMES, pa.large_binary()),
-        (S.FRAME_INDICES, pa.list_(pa.int32())),
-        (S.STAGE, pa.string()),
-        (S.ERROR_TYPE, pa.string()),
-        (S.MESSAGE, pa.string()),
-        (LOAD_SECONDS, pa.float32()),
-    ]
-)
+MODES = ("train", "valid", "test", "infer")
 
 
 @dataclass
 class LabelledList:
-    entries: pa.Table  # PLAN_SCHEMA without the epoch (epoch 0), unique video_id
+    entries: pa.Table  # S.TRAIN_PLAN_SCHEMA without the epoch (epoch 0), unique video_id
     rejected: list[dict] = field(default_factory=list)  # dead-letter rows, stage "manifest"
     duplicates: int = 0
 
@@ -106,7 +74,7 @@ def read_list(source: str, config: Config, labelled: bool = True) -> LabelledLis
         kept.append(row | {S.LABEL: labels[0] if len(labels) == 1 else -1})
     for r in rejected:
         log.warning("list entry rejected: %s", r[S.MESSAGE])
-    entries = pa.Table.from_pylist([_plan_row(r) for r in kept], schema=PLAN_SCHEMA)
+    entries = pa.Table.from_pylist([_plan_row(r) for r in kept], schema=S.TRAIN_PLAN_SCHEMA)
     if not len(entries):
         raise ConfigError(
             f"{redact(source)} lists no usable {'labelled ' if labelled else ''}videos ({len(rejected)} rejected)"
@@ -128,7 +96,7 @@ def _plan_row(row: dict) -> dict:
         S.URI: row[S.URI],
         S.LABEL: row[S.LABEL],
         S.NUM_FRAMES: row[S.NUM_FRAMES],
-        EPOCH: 0,
+        S.EPOCH: 0,
         S.SHARD: None,
         S.FIRST_ROW_GROUP: -1,
         S.POOL_SIZE: -1,
@@ -217,7 +185,9 @@ def train_plan(
             mine = mine[skip_steps * batch_size :]
         part = entries.take(pa.array(mine, pa.int64()))
         parts.append(
-            part.set_column(part.schema.get_field_index(EPOCH), EPOCH, pa.array(np.full(len(mine), epoch, np.int32)))
+            part.set_column(
+                part.schema.get_field_index(S.EPOCH), S.EPOCH, pa.array(np.full(len(mine), epoch, np.int32))
+            )
         )
     return pa.concat_tables(parts) if parts else entries.slice(0, 0)
 
@@ -240,7 +210,7 @@ def attach_cache(entries: pa.Table, cache_index: pa.Table | None) -> tuple[pa.Ta
             row |= {k: hit[k] for k in (S.SHARD, S.FIRST_ROW_GROUP, S.POOL_SIZE, S.HEIGHT, S.WIDTH, S.NUM_FRAMES)}
         rows.append(row)
     hits = sum(1 for r in rows if r[S.SHARD] is not None)
-    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA), hits
+    return pa.Table.from_pylist(rows, schema=S.TRAIN_PLAN_SCHEMA), hits
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -319,20 +289,20 @@ def positions(pool_size: int, spec: ClipSpec, rng: np.random.Generator | None) -
 
 
 def load_clips(batch: pa.Table, spec: ClipSpec) -> pa.Table:
-    """``PLAN_SCHEMA`` rows -> ``CLIP_SCHEMA`` rows (a Ray Data CPU stage)."""
+    """``S.TRAIN_PLAN_SCHEMA`` rows -> ``S.TRAIN_CLIP_SCHEMA`` rows (a Ray Data CPU stage)."""
     shards: dict[str, Any] = {}  # cache shards opened by this call
     try:
         rows = [_load_one(row, spec, shards) for row in batch.to_pylist()]
     finally:
         for shard in shards.values():
             shard.close()
-    return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=S.TRAIN_CLIP_SCHEMA)
 
 
 def _load_one(row: dict, spec: ClipSpec, shards: dict[str, Any]) -> dict:
     start = time.perf_counter()
     out = {S.VIDEO_ID: row[S.VIDEO_ID], S.URI: row[S.URI], S.LABEL: row[S.LABEL]}
-    rng = sample_rng(spec.seed, row[EPOCH], row[S.VIDEO_ID]) if spec.training else None
+    rng = sample_rng(spec.seed, row[S.EPOCH], row[S.VIDEO_ID]) if spec.training else None
     try:
         if row[S.SHARD] is not None:
             frames, indices = _from_cache(row, spec, rng, shards)
@@ -353,7 +323,7 @@ def _load_one(row: dict, spec: ClipSpec, shards: dict[str, Any]) -> dict:
     return out | {
         S.FRAMES: np.ascontiguousarray(frames).tobytes(),
         S.FRAME_INDICES: np.asarray(indices, np.int32).tolist(),
-        LOAD_SECONDS: time.perf_counter() - start,
+        S.LOAD_SECONDS: time.perf_counter() - start,
     }
 
 
@@ -362,7 +332,7 @@ def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
         S.STAGE: stage,
         S.ERROR_TYPE: error_type,
         S.MESSAGE: redact(message)[:2000],
-        LOAD_SECONDS: time.perf_counter() - start,
+        S.LOAD_SECONDS: time.perf_counter() - start,
     }
 
 

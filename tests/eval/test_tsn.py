@@ -11,10 +11,10 @@ from tests.clips import write_indexed_clip
 from tests.conftest import SEED
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, StorageSection, load_config
-from vtplatform.eval.tsn import LABEL_PROB, ClassifierSpec, ClassifierStage, read_weights
+from vtplatform.eval.tsn import ClassifierSpec, ClassifierStage, read_weights
 from vtplatform.models import tsn_classifier as tc
 from vtplatform.train import checkpoint
-from vtplatform.tsn_data import EPOCH, PLAN_SCHEMA, clip_frames, clip_spec, load_clips
+from vtplatform.tsn_data import clip_frames, clip_spec, load_clips
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,12 @@ def test_classifier_stage_gives_top_k_and_label_probabilities(saved, tmp_path):
     clip = write_indexed_clip(tmp_path / "clip.mp4", 40)
     config = load_config(SEED / "configs" / "tsn.yaml", ["TEST.short_size=64", "TEST.target_size=56"])
     rows = [
-        {S.VIDEO_ID: "a", S.URI: str(clip), S.LABEL: 2, S.NUM_FRAMES: -1, EPOCH: 0},
-        {S.VIDEO_ID: "b", S.URI: str(tmp_path / "missing.mp4"), S.LABEL: 1, S.NUM_FRAMES: -1, EPOCH: 0},
+        {S.VIDEO_ID: "a", S.URI: str(clip), S.LABEL: 2, S.NUM_FRAMES: -1, S.EPOCH: 0},
+        {S.VIDEO_ID: "b", S.URI: str(tmp_path / "missing.mp4"), S.LABEL: 1, S.NUM_FRAMES: -1, S.EPOCH: 0},
     ]
     plan = pa.Table.from_pylist(
         [r | {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1} for r in rows],
-        schema=PLAN_SCHEMA,
+        schema=S.TRAIN_PLAN_SCHEMA,
     )
     clips = load_clips(plan, clip_spec(config, "test", 0))
     spec = ClassifierSpec(18, 3, config.model.image_mean, config.model.image_std, str(folder), "cpu", 1, 5, 7, 56)
@@ -51,18 +51,18 @@ def test_classifier_stage_gives_top_k_and_label_probabilities(saved, tmp_path):
     ids, top = out.column(S.CLASS_IDS)[0].as_py(), out.column(S.PROBS)[0].as_py()
     assert ids == np.argsort(-probs, kind="stable").tolist()  # 3 classes: top-5 is all of them
     np.testing.assert_allclose(top, probs[ids], atol=1e-5)
-    assert out.column(LABEL_PROB)[0].as_py() == pytest.approx(float(probs[2]), abs=1e-5)
+    assert out.column(S.LABEL_PROB)[0].as_py() == pytest.approx(float(probs[2]), abs=1e-5)
     assert out.column(S.CLASS_IDS)[1].as_py() is None
 
 
 def _plan(clip, labels: list[int]) -> pa.Table:
     """One row per label, all of the same clip (so they share one set of probabilities)."""
     rows = [
-        {S.VIDEO_ID: f"v{i}", S.URI: str(clip), S.LABEL: label, S.NUM_FRAMES: -1, EPOCH: 0}
+        {S.VIDEO_ID: f"v{i}", S.URI: str(clip), S.LABEL: label, S.NUM_FRAMES: -1, S.EPOCH: 0}
         | {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1}
         for i, label in enumerate(labels)
     ]
-    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=S.TRAIN_PLAN_SCHEMA)
 
 
 def test_top5_over_eight_classes_from_the_stage_against_brute_force(tmp_path):
@@ -99,8 +99,18 @@ def test_weights_from_a_run_a_checkpoint_or_a_file_and_never_another_model(saved
     other = tmp_path / "lstm"
     other.mkdir()
     (other / "model.pdparams").write_bytes((folder / "model.pdparams").read_bytes())
-    (other / "meta.json").write_text(json.dumps({"model_name": "AttentionLSTM"}))
-    with pytest.raises(ConfigError, match="AttentionLSTM checkpoint, not a TSN one"):
-        read_weights(str(other), StorageSection())
+    lstm_dims = {"feature_dim": 8, "embedding_size": 4, "lstm_size": 4, "fc1_size": 4, "fc2_size": 4, "num_classes": 3}
+    for meta in (
+        {"model_name": "AttentionLSTM", "model": lstm_dims},
+        {"model": lstm_dims},
+    ):  # as written now, and by older versions
+        (other / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(ConfigError, match="is an AttentionLSTM checkpoint, not a TSN one"):
+            read_weights(str(other), StorageSection())
     with pytest.raises(ConfigError, match="not found"):
         read_weights(str(tmp_path / "nothing"), StorageSection())
+    from vtplatform.predict import resolve_model  # and the other way round
+
+    lstm_config = load_config(SEED / "configs" / "attention_lstm.yaml")
+    with pytest.raises(ConfigError, match="is a TSN checkpoint, not an AttentionLSTM one"):
+        resolve_model(lstm_config, str(folder), 1024)

@@ -115,6 +115,17 @@ def test_rejects_unknown_depth():
         TSNConfig(77)
 
 
+def test_config_from_the_model_section():
+    from tests.conftest import ROOT
+    from vtplatform.config import load_config
+
+    model = load_config(ROOT / "configs" / "tsn.yaml", ["MODEL.num_layers=18", "MODEL.image_mean=[0.5,0.4,0.3]"]).model
+    config = TSNConfig.from_model_section(model)
+    assert config == TSNConfig(18, (0.5, 0.4, 0.3), tuple(model.image_std)) and config.feature_dim == 512
+    with pytest.raises(ValueError, match="num_layers"):
+        TSNConfig.from_model_section(load_config(ROOT / "configs" / "tsn.yaml", ["MODEL.num_layers=77"]).model)
+
+
 def test_loads_its_own_saved_weights(tmp_path):
     model, fp = load_backbone(TSNConfig(18), None, seed=3)
     assert fp == W.RANDOM_INIT

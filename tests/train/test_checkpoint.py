@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import GOLDEN
 from vtplatform.config import ConfigError, StorageSection
+from vtplatform.models import weights as W
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map
 from vtplatform.train import checkpoint
 
@@ -114,51 +115,43 @@ def test_optimizer_state_is_keyed_by_parameter_names(tmp_path):
 def test_checkpoint_files_are_official_format_weights(tmp_path):
     model = build_model(TINY)
     checkpoint.save(tmp_path / "ck", model=model, optimizer=None, name_map=fluid_name_map(), meta={})
-    with open(tmp_path / "ck" / checkpoint.MODEL_FILE, "rb") as f:
+    with open(tmp_path / "ck" / W.MODEL_FILE, "rb") as f:
         state = pickle.load(f)  # plain pickle of {fluid name: ndarray}, as fluid 1.8 wrote
     assert list(state) == list(fluid_name_map())
     assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", "model.pdparams"]
 
 
 def _fake_run(root, names: list[str], best: str | None = None) -> None:
-    for name in names + ([checkpoint.BEST_DIR] if best else []):
+    for name in names + ([W.BEST_DIR] if best else []):
         d = root / name
         d.mkdir(parents=True)
-        (d / checkpoint.MODEL_FILE).write_bytes(
-            pickle.dumps({"w": np.full(2, float(len(name)), np.float32)}, protocol=2)
-        )
-        (d / checkpoint.META_FILE).write_text(json.dumps({"name": best if name == checkpoint.BEST_DIR else name}))
+        (d / W.MODEL_FILE).write_bytes(pickle.dumps({"w": np.full(2, float(len(name)), np.float32)}, protocol=2))
+        (d / W.META_FILE).write_text(json.dumps({"name": best if name == W.BEST_DIR else name}))
 
 
 def test_read_weights_finds_files_checkpoints_and_runs(tmp_path):
     storage = StorageSection()
-    loaded = checkpoint.read_weights(str(GOLDEN / "attention_lstm_small.pdparams"), storage)
+    loaded = W.read_weights(str(GOLDEN / "attention_lstm_small.pdparams"), storage)
     assert loaded.meta is None and "output.w_0" in loaded.state
-    seedlike = checkpoint.read_weights(
-        str(GOLDEN / "attention_lstm_small"), storage
-    )  # the seed's --pretrain without suffix
+    seedlike = W.read_weights(str(GOLDEN / "attention_lstm_small"), storage)  # the seed's --pretrain without suffix
     assert seedlike.source.endswith(".pdparams")
 
     run = tmp_path / "run"
     _fake_run(run, ["epoch_001_step_0000000", "epoch_002_step_0000000", "epoch_001_step_0000005"])
-    assert [p.rsplit("/", 1)[1] for p in checkpoint.list_checkpoints(str(run), storage)] == [
+    assert [p.rsplit("/", 1)[1] for p in W.list_checkpoints(str(run), storage)] == [
         "epoch_001_step_0000000",
         "epoch_001_step_0000005",
         "epoch_002_step_0000000",
     ]
-    assert checkpoint.read_weights(str(run), storage).meta == {"name": "epoch_002_step_0000000"}  # the latest
-    assert checkpoint.read_weights(str(run / "epoch_001_step_0000005"), storage).meta == {
-        "name": "epoch_001_step_0000005"
-    }
+    assert W.read_weights(str(run), storage).meta == {"name": "epoch_002_step_0000000"}  # the latest
+    assert W.read_weights(str(run / "epoch_001_step_0000005"), storage).meta == {"name": "epoch_001_step_0000005"}
     _fake_run(tmp_path / "run2", ["epoch_001_step_0000000"], best="epoch_000_step_0000003")
-    assert checkpoint.read_weights(str(tmp_path / "run2"), storage).meta == {
-        "name": "epoch_000_step_0000003"
-    }  # best/ wins
+    assert W.read_weights(str(tmp_path / "run2"), storage).meta == {"name": "epoch_000_step_0000003"}  # best/ wins
     with pytest.raises(ConfigError, match="not found"):
-        checkpoint.read_weights(str(tmp_path / "nope"), storage)
+        W.read_weights(str(tmp_path / "nope"), storage)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no checkpoint"):
-        checkpoint.read_weights(str(tmp_path / "empty"), storage)
+        W.read_weights(str(tmp_path / "empty"), storage)
 
 
 def test_read_weights_from_s3(moto_endpoint, s3_bucket, tmp_path):
@@ -166,7 +159,7 @@ def test_read_weights_from_s3(moto_endpoint, s3_bucket, tmp_path):
     _fake_run(tmp_path / "run", ["epoch_000_step_0000002", "epoch_001_step_0000000"])
     fs = pafs.S3FileSystem(endpoint_override=moto_endpoint.split("://")[1], scheme="http", region="us-east-1")
     pafs.copy_files(str(tmp_path / "run"), f"{s3_bucket}/runs/r1", destination_filesystem=fs)
-    loaded = checkpoint.read_weights(f"s3://{s3_bucket}/runs/r1", storage)
+    loaded = W.read_weights(f"s3://{s3_bucket}/runs/r1", storage)
     assert (
         loaded.meta == {"name": "epoch_001_step_0000000"}
         and loaded.source == f"s3://{s3_bucket}/runs/r1/epoch_001_step_0000000"

@@ -140,7 +140,7 @@ def _config(dataset, *extra: str):
 
 def _final_weights(save_dir, run: str = "AttentionLSTM") -> dict[str, np.ndarray]:
     from vtplatform.config import StorageSection
-    from vtplatform.train.checkpoint import list_checkpoints
+    from vtplatform.models.weights import list_checkpoints
 
     last = list_checkpoints(f"{save_dir}/{run}", StorageSection())[-1]
     assert last.endswith("epoch_002_step_0000000")

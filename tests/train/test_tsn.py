@@ -275,13 +275,13 @@ def test_driver_restart_resumes_and_s3_checkpoints(ray_cluster, clips, moto_endp
     assert first.metrics["epoch"] == 0
     second = T.run_train(_config(clips, "TRAIN.epoch=2", f"storage.endpoint_url={moto_endpoint}"), save)
     assert second.metrics["epoch"] == 1  # only epoch 1 ran: epoch 0 came from the checkpoint
-    from vtplatform.train import checkpoint
+    from vtplatform.models.weights import list_checkpoints, read_weights
 
-    names = [c.rsplit("/", 1)[1] for c in checkpoint.list_checkpoints(f"{save}/TSN", config.storage)]
+    names = [c.rsplit("/", 1)[1] for c in list_checkpoints(f"{save}/TSN", config.storage)]
     assert names == ["epoch_001_step_0000000", "epoch_002_step_0000000"]
-    meta = checkpoint.read_weights(f"{save}/TSN", config.storage).meta
+    meta = read_weights(f"{save}/TSN", config.storage).meta
     assert [h["epoch"] for h in meta["history"]] == [0, 1][: len(meta["history"])]
-    weights = checkpoint.read_weights(f"{save}/TSN", config.storage)  # what eval and predict load, from S3
+    weights = read_weights(f"{save}/TSN", config.storage)  # what eval and predict load, from S3
     assert weights.meta["model_name"] == "TSN" and weights.meta["num_classes"] == 3
 
 

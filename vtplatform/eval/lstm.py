@@ -16,13 +16,11 @@ from vtplatform.eval.youtube8m import Youtube8mMetrics, seed_log_line
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.json"
-
 
 def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None = None) -> dict[str, Any]:
     """Metrics of ``weights`` on the labelled videos; writes ``save_dir/report.json``."""
     from vtplatform.lstm_data import plan_inputs
-    from vtplatform.predict import LOSS, run_inference
+    from vtplatform.predict import run_inference
 
     start = time.perf_counter()
     inputs = plan_inputs(config, "test", filelist or config.test.filelist)
@@ -31,7 +29,7 @@ def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None =
     )
     metrics = Youtube8mMetrics(model_config.num_classes, config.model.topk)
     for batch in batches:
-        metrics.accumulate(batch[S.PROBS], batch[S.TARGETS], batch[LOSS])
+        metrics.accumulate(batch[S.PROBS], batch[S.TARGETS], batch[S.LOSS])
         log.info("evaluated %d videos", len(metrics))
     result = metrics.result()
     log.info("%s", seed_log_line(result))
@@ -45,7 +43,7 @@ def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None =
         **result,
     }
     fs, root = st.filesystem(save_dir, config.storage)
-    st.write_bytes(json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"), fs, f"{root}/{REPORT_FILE}")
+    st.write_bytes(json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"), fs, f"{root}/{S.REPORT_FILE}")
     return report
 
 
@@ -61,6 +59,6 @@ def format_report(report: dict[str, Any], save_dir: str) -> str:
             f"  mAP       {report['map']:.4f} over {report['num_classes_with_positives']} classes with positives"
             f" (eval_util: top-{report['top_k']} pairs; {report['map_full_ranking']:.4f} over all videos' ranking)",
             f"  avg loss  {report['avg_loss']:.4f}",
-            f"  report    {save_dir.rstrip('/')}/{REPORT_FILE}",
+            f"  report    {save_dir.rstrip('/')}/{S.REPORT_FILE}",
         ]
     )

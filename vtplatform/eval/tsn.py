@@ -32,24 +32,6 @@ from vtplatform.tsn_data import (
 
 log = logging.getLogger(__name__)
 
-LABEL_PROB = "label_prob"
-DEAD_LETTERS_DIR = "dead_letters"
-REPORT_FILE = "report.json"
-
-RESULT_SCHEMA = pa.schema(
-    [
-        (S.VIDEO_ID, pa.string()),
-        (S.URI, pa.string()),
-        (S.LABEL, pa.int32()),
-        (S.CLASS_IDS, pa.list_(pa.int32())),
-        (S.PROBS, pa.list_(pa.float32())),
-        (LABEL_PROB, pa.float32()),
-        (S.STAGE, pa.string()),
-        (S.ERROR_TYPE, pa.string()),
-        (S.MESSAGE, pa.string()),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class ClassifierSpec:
@@ -68,12 +50,9 @@ class ClassifierSpec:
 def read_weights(uri: str, storage: StorageSection) -> dict[str, np.ndarray]:
     """TSN classifier weights from a checkpoint, a run folder (its ``best/``) or a weight file
     (local or ``s3://``); refuses a checkpoint of another model."""
-    from vtplatform.train import checkpoint
+    from vtplatform.models.weights import read_weights as read_any
 
-    loaded = checkpoint.read_weights(uri, storage)
-    name = (loaded.meta or {}).get("model_name")
-    if name is not None and name != "TSN":
-        raise ConfigError(f"{st.redact(loaded.source)} is a {name} checkpoint, not a TSN one")
+    loaded = read_any(uri, storage).require("TSN")
     log.info("weights: %s", st.redact(loaded.source))
     return loaded.state
 
@@ -131,17 +110,17 @@ class ClassifierStage:
             S.LABEL: batch.column(S.LABEL),
             S.CLASS_IDS: pa.array(ids, pa.list_(pa.int32())),
             S.PROBS: pa.array(top, pa.list_(pa.float32())),
-            LABEL_PROB: pa.array(label_prob, pa.float32()),
+            S.LABEL_PROB: pa.array(label_prob, pa.float32()),
             S.STAGE: batch.column(S.STAGE),
             S.ERROR_TYPE: batch.column(S.ERROR_TYPE),
             S.MESSAGE: batch.column(S.MESSAGE),
         }
-        return pa.table(columns, schema=RESULT_SCHEMA)
+        return pa.table(columns, schema=S.EVAL_RESULT_SCHEMA)
 
 
 @dataclass
 class Results:
-    table: pa.Table  # RESULT_SCHEMA rows, in list order, loaded videos only
+    table: pa.Table  # S.EVAL_RESULT_SCHEMA rows, in list order, loaded videos only
     failed: list[dict] = field(default_factory=list)  # dead-letter rows
     rejected: int = 0
     elapsed_seconds: float = 0.0
@@ -205,7 +184,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         **model.ray_args(),
     )
     parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    table = pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
+    table = pa.concat_tables(parts) if parts else S.EVAL_RESULT_SCHEMA.empty_table()
     order = {v: i for i, v in enumerate(plan.column(S.VIDEO_ID).to_pylist())}
     ranks = [order[v] for v in table.column(S.VIDEO_ID).to_pylist()]
     table = table.take(pa.array(np.argsort(ranks, kind="stable"), pa.int64()))
@@ -228,11 +207,11 @@ def _write_dead_letters(failed: list[dict], save_dir: str | None, storage: Stora
     from vtplatform.pipeline import dead_letter_table
 
     fs, root = st.filesystem(save_dir, storage)
-    st.write_parquet(dead_letter_table(failed), fs, f"{root}/{DEAD_LETTERS_DIR}/part-{time.time_ns()}.parquet")
+    st.write_parquet(dead_letter_table(failed), fs, f"{root}/{S.DEAD_LETTERS_DIR}/part-{time.time_ns()}.parquet")
 
 
 def _label_names(label_file: str | None, config: Config) -> list[str] | None:
-    from vtplatform.predict import check_label_names, read_label_names
+    from vtplatform.labels import check_label_names, read_label_names
 
     if not label_file:
         return None
@@ -257,7 +236,7 @@ def run_eval(
         np.array(results.table.column(S.CLASS_IDS).to_pylist(), np.int64),
         np.array(results.table.column(S.LABEL).to_pylist(), np.int64),
         config.model.num_classes,
-        label_probs=np.array(results.table.column(LABEL_PROB).to_pylist(), np.float64),
+        label_probs=np.array(results.table.column(S.LABEL_PROB).to_pylist(), np.float64),
         class_names=_label_names(label_file, config),
     )
     report |= {
@@ -269,7 +248,7 @@ def run_eval(
     }
     log.info("%s", C.format_report(report))
     if save_dir:
-        C.write_json(report, save_dir.rstrip("/") + "/" + REPORT_FILE, config.storage)
+        C.write_json(report, save_dir.rstrip("/") + "/" + S.REPORT_FILE, config.storage)
         _write_dead_letters(results.failed, save_dir, config.storage)
     return report
 
@@ -287,7 +266,8 @@ def run_predict(
     ``save_dir/predictions/part-00000.parquet`` and, with ``seed_json``, ``json/result<i>.json``."""
     import json
 
-    from vtplatform.predict import JSON_DIR, PREDICTIONS_DIR, PredictSummary, label_fingerprint, seed_json_bytes
+    from vtplatform.labels import label_fingerprint
+    from vtplatform.predict import PredictSummary, seed_json_bytes
 
     k = min(top_k or config.model.topk, config.model.num_classes)
     results = classify(config, "infer", weights, filelist, labelled=False)
@@ -305,10 +285,10 @@ def run_predict(
     }
     table = table.replace_schema_metadata({S.METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
     fs, root = st.filesystem(save_dir, config.storage)
-    st.write_parquet(table, fs, f"{root}/{PREDICTIONS_DIR}/part-00000.parquet")
+    st.write_parquet(table, fs, f"{root}/{S.PREDICTIONS_DIR}/part-00000.parquet")
     if seed_json:
         for i, row in enumerate(table.to_pylist()):
-            st.write_bytes(seed_json_bytes(row), fs, f"{root}/{JSON_DIR}/result{i}.json")
+            st.write_bytes(seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/result{i}.json")
     _write_dead_letters(results.failed, save_dir, config.storage)
     log.info("top-%d predictions:\n%s", k, C.format_predictions(table))
     return PredictSummary(

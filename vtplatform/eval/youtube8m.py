@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from vtplatform.labels import top_k_indices
+
 log = logging.getLogger(__name__)
 
 
@@ -49,12 +51,6 @@ def average_precision(scores: np.ndarray, labels: np.ndarray, num_positives: int
     precision = tp / seen
     recall_gain = np.diff(np.r_[0, tp]) / total
     return float(np.sum(precision * recall_gain))
-
-
-def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) class ids per row, best first; ties go to the lower class id."""
-    k = min(k, probs.shape[1])
-    return np.argsort(-probs, axis=1, kind="stable")[:, :k]
 
 
 def hit_at_one(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -29,6 +29,11 @@ class TSNConfig:
         if self.depth not in STAGE_DEPTHS:
             raise ValueError(f"MODEL.num_layers must be one of {sorted(STAGE_DEPTHS)}, got {self.depth}")
 
+    @classmethod
+    def from_model_section(cls, model) -> TSNConfig:
+        """From the config's MODEL section (``num_layers``, ``image_mean``, ``image_std``)."""
+        return cls(model.num_layers, tuple(model.image_mean), tuple(model.image_std))
+
     @property
     def bottleneck(self) -> bool:
         return self.depth >= 50

@@ -1,20 +1,35 @@
 """Weight files: read them (official fluid files, ``.npz``, our checkpoints), map them onto a
-model by name, and fingerprint what was loaded."""
+model by name, and fingerprint what was loaded. ``read_weights`` opens a weight file or a
+checkpoint folder of a fine-tune (written by ``train.checkpoint``), local or on S3."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
+import os
 import pickle
-from collections.abc import Iterable, Mapping
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from vtplatform import storage as st
+from vtplatform.config import ConfigError, StorageSection
 
 log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
 MODEL_FILE = "model.pdparams"
+META_FILE = "meta.json"  # a checkpoint's config, epoch, step, metrics, model name
+BEST_DIR = "best"  # a run's copy of its best checkpoint
+CHECKPOINT_PATTERN = re.compile(r"^epoch_\d+_step_\d+$")
 
 
 class WeightsError(ValueError):
@@ -90,3 +105,84 @@ def save_state(model, name_map: Mapping[str, str], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(state, f, protocol=2)
+
+
+# --- checkpoints of a fine-tune -------------------------------------------------------------
+
+
+def list_checkpoints(run: str, storage: StorageSection) -> list[str]:
+    """The run's checkpoint directories (URIs or paths as given), oldest first."""
+    fs, root = st.filesystem(run, storage)
+    if not st.exists(fs, root):
+        return []
+    from pyarrow import fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root))
+    names = sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and CHECKPOINT_PATTERN.match(i.base_name)
+    )
+    return [f"{run.rstrip('/')}/{n}" for n in names if st.exists(fs, f"{root}/{n}/{META_FILE}")]
+
+
+@dataclass
+class LoadedWeights:
+    state: dict[str, np.ndarray]
+    meta: dict[str, Any] | None  # None for a bare weight file
+    source: str
+
+    @property
+    def model_name(self) -> str | None:
+        """The model a checkpoint holds: its ``model_name`` (AttentionLSTM checkpoints written
+        before they recorded one carry their dims under ``model``); None for a bare weight file."""
+        meta = self.meta or {}
+        return meta.get("model_name") or ("AttentionLSTM" if isinstance(meta.get("model"), dict) else None)
+
+    def require(self, model_name: str) -> LoadedWeights:
+        """These weights, unless they are a checkpoint of another model."""
+        if self.model_name not in (None, model_name):
+
+            def a(name: str) -> str:
+                return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
+
+            raise ConfigError(f"{st.redact(self.source)} is {a(self.model_name)} checkpoint, not {a(model_name)} one")
+        return self
+
+
+def read_weights(uri: str, storage: StorageSection) -> LoadedWeights:
+    """Weights for evaluation or inference from any of: a checkpoint directory, a run folder
+    (its ``best/``, else its latest checkpoint), a weight file (``.pdparams``, ``.npz``), or the
+    seed's path without the ``.pdparams`` suffix. Local or ``s3://``."""
+    fs, path = st.filesystem(uri, storage)
+    from pyarrow import fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and st.exists(fs, path + ".pdparams"):
+        uri, path, info = uri + ".pdparams", path + ".pdparams", fs.get_file_info(path + ".pdparams")
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"weights not found: {st.redact(uri)}")
+    if info.type == pafs.FileType.File:
+        with _local(fs, path, uri, storage) as local:
+            return LoadedWeights(read_state(local), None, uri)
+    for candidate in (uri, f"{uri.rstrip('/')}/{BEST_DIR}", *reversed(list_checkpoints(uri, storage))):
+        cfs, cpath = st.filesystem(candidate, storage)
+        if st.exists(cfs, f"{cpath}/{META_FILE}") and st.exists(cfs, f"{cpath}/{MODEL_FILE}"):
+            meta = json.loads(cfs.open_input_stream(f"{cpath}/{META_FILE}").read().decode("utf-8"))
+            with _local(cfs, f"{cpath}/{MODEL_FILE}", candidate, storage) as local:
+                return LoadedWeights(read_state(local), meta, candidate)
+    raise ConfigError(
+        f"{st.redact(uri)} holds no checkpoint ({META_FILE} + {MODEL_FILE}), best/ or epoch_* checkpoints"
+    )
+
+
+@contextlib.contextmanager
+def _local(fs, path: str, uri: str, storage: StorageSection) -> Iterator[str]:
+    from pyarrow import fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vtp-weights-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        yield local

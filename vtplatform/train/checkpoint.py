@@ -20,19 +20,18 @@ In a training function (model-agnostic; ``name_map`` maps file names to state_di
 
 and in the driver ``run_config(save_dir, run_name, storage, keep_last, max_failures)`` gives the
 ``RunConfig`` (retention of the last N, ``FailureConfig`` restarts, rerun with the same name to
-resume after a driver restart). ``read_weights`` opens any of these for evaluation or inference.
+resume after a driver restart). ``models.weights.read_weights`` opens any of these for evaluation
+or inference.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,16 +39,17 @@ from typing import Any
 import numpy as np
 
 from vtplatform import storage as st
-from vtplatform.config import ConfigError, StorageSection
+from vtplatform.config import StorageSection
 from vtplatform.models import weights as wts
+from vtplatform.models.weights import (  # reading checkpoints is the models' side
+    BEST_DIR,
+    META_FILE,
+    MODEL_FILE,
+)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = wts.MODEL_FILE
 OPTIMIZER_FILE = "optimizer.npz"
-META_FILE = "meta.json"
-BEST_DIR = "best"
-CHECKPOINT_PATTERN = re.compile(r"^epoch_\d+_step_\d+$")
 
 
 @dataclass
@@ -259,64 +259,3 @@ def run_config(save_dir: str, run_name: str, storage: StorageSection, keep_last:
 
 def run_uri(save_dir: str, run_name: str) -> str:
     return f"{save_dir.rstrip('/')}/{run_name}"
-
-
-def list_checkpoints(run: str, storage: StorageSection) -> list[str]:
-    """The run's checkpoint directories (URIs or paths as given), oldest first."""
-    fs, root = st.filesystem(run, storage)
-    if not st.exists(fs, root):
-        return []
-    from pyarrow import fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(root))
-    names = sorted(
-        i.base_name for i in infos if i.type == pafs.FileType.Directory and CHECKPOINT_PATTERN.match(i.base_name)
-    )
-    return [f"{run.rstrip('/')}/{n}" for n in names if st.exists(fs, f"{root}/{n}/{META_FILE}")]
-
-
-@dataclass
-class LoadedWeights:
-    state: dict[str, np.ndarray]
-    meta: dict[str, Any] | None  # None for a bare weight file
-    source: str
-
-
-def read_weights(uri: str, storage: StorageSection) -> LoadedWeights:
-    """Weights for evaluation or inference from any of: a checkpoint directory, a run folder
-    (its ``best/``, else its latest checkpoint), a weight file (``.pdparams``, ``.npz``), or the
-    seed's path without the ``.pdparams`` suffix. Local or ``s3://``."""
-    fs, path = st.filesystem(uri, storage)
-    from pyarrow import fs as pafs
-
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound and st.exists(fs, path + ".pdparams"):
-        uri, path, info = uri + ".pdparams", path + ".pdparams", fs.get_file_info(path + ".pdparams")
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"weights not found: {st.redact(uri)}")
-    if info.type == pafs.FileType.File:
-        with _local(fs, path, uri, storage) as local:
-            return LoadedWeights(wts.read_state(local), None, uri)
-    for candidate in (uri, f"{uri.rstrip('/')}/{BEST_DIR}", *reversed(list_checkpoints(uri, storage))):
-        cfs, cpath = st.filesystem(candidate, storage)
-        if st.exists(cfs, f"{cpath}/{META_FILE}") and st.exists(cfs, f"{cpath}/{MODEL_FILE}"):
-            meta = json.loads(cfs.open_input_stream(f"{cpath}/{META_FILE}").read().decode("utf-8"))
-            with _local(cfs, f"{cpath}/{MODEL_FILE}", candidate, storage) as local:
-                return LoadedWeights(wts.read_state(local), meta, candidate)
-    raise ConfigError(
-        f"{st.redact(uri)} holds no checkpoint ({META_FILE} + {MODEL_FILE}), best/ or epoch_* checkpoints"
-    )
-
-
-@contextlib.contextmanager
-def _local(fs, path: str, uri: str, storage: StorageSection) -> Iterator[str]:
-    from pyarrow import fs as pafs
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="vtp-weights-") as tmp:
-        local = os.path.join(tmp, os.path.basename(path))
-        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
-        yield local

@@ -126,8 +126,8 @@ def run_train(
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from vtplatform import resources as R
+    from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
     from vtplatform.lstm_data import make_dataset, plan_inputs
-    from vtplatform.predict import check_label_names, label_fingerprint, read_label_names
     from vtplatform.train import checkpoint
     from vtplatform.train.backend import PaddleBackendConfig
 
@@ -279,8 +279,7 @@ def _spec(
 def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: StorageSection) -> None:
     """Loads the pretrained weights once in the driver, so a bad file fails before any worker starts."""
     from vtplatform.models.attention_lstm import build_model, load_state
-    from vtplatform.models.weights import WeightsError
-    from vtplatform.train.checkpoint import read_weights
+    from vtplatform.models.weights import WeightsError, read_weights
 
     try:
         load_state(build_model(model_config), read_weights(pretrain, storage).state, st.redact(pretrain))
@@ -346,7 +345,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, spec.lr_at(0), spec.weight_decay)
     meta = checkpoint.restore(model, optimizer, name_map)
     if meta is None and spec.pretrain:
-        from vtplatform.train.checkpoint import read_weights
+        from vtplatform.models.weights import read_weights
 
         summary = load_state(
             model, read_weights(spec.pretrain, spec.storage).state, st.redact(spec.pretrain), spec.seed
@@ -372,6 +371,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         meta_out = {
             **state.to_meta(),
             "epoch_partial": None if partial is None else partial.tolist(),  # (loss sum, videos) of a part-done epoch
+            "model_name": MODEL_NAME,
             "model": asdict(spec.model),
             "config": spec.config,
             "metrics": metrics,

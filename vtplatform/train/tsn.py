@@ -44,7 +44,6 @@ from vtplatform.tsn_data import (
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "TSN"
-DEAD_LETTERS_DIR = "dead_letters"
 BEST_METRIC = "valid_top1"
 
 
@@ -114,7 +113,7 @@ def make_optimizer(spec: TSNTrainSpec, parameters, steps: int):
 
 
 def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int):
-    """Batches of loaded samples (``CLIP_SCHEMA`` tables) in plan order, loaded by Ray Data CPU tasks."""
+    """Batches of loaded samples (``schema.TRAIN_CLIP_SCHEMA`` tables) in plan order, loaded by Ray Data CPU tasks."""
     import ray
 
     from vtplatform.pipeline import blocks_dataset, input_blocks, map_cpu_tasks
@@ -172,7 +171,7 @@ class DeadLetters:
         buf = io.BytesIO()
         pq.write_table(dead_letter_table(self.pending), buf)
         checkpoint.write_run_file(
-            f"{DEAD_LETTERS_DIR}/train-e{epoch:04d}-r{self.rank:03d}-{time.time_ns()}.parquet", buf.getvalue()
+            f"{S.DEAD_LETTERS_DIR}/train-e{epoch:04d}-r{self.rank:03d}-{time.time_ns()}.parquet", buf.getvalue()
         )
         self.pending = []
 
@@ -255,6 +254,7 @@ def train_loop(spec: TSNTrainSpec):
     import paddle
 
     from vtplatform.models import tsn_classifier as tc
+    from vtplatform.models.weights import read_weights
     from vtplatform.train import checkpoint
     from vtplatform.train.backend import check_replicas, setup_paddle
 
@@ -269,7 +269,7 @@ def train_loop(spec: TSNTrainSpec):
     if meta is not None:
         schedule.step(state.global_step)  # the rate where the run left off
     elif spec.pretrain:
-        tc.load_pretrained(model, checkpoint.read_weights(spec.pretrain, spec.train.storage).state)
+        tc.load_pretrained(model, read_weights(spec.pretrain, spec.train.storage).state)
     amp = spec.amp if ctx.use_gpu else "none"  # mixed precision is a GPU feature
     scaler = paddle.amp.GradScaler() if amp == "float16" else None
     net = paddle.DataParallel(model) if world > 1 else model
@@ -514,8 +514,9 @@ def run_train(
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from vtplatform import resources as R
+    from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
+    from vtplatform.models.weights import read_weights
     from vtplatform.pipeline import dead_letter_table
-    from vtplatform.predict import check_label_names, label_fingerprint, read_label_names
     from vtplatform.train import checkpoint
     from vtplatform.train.backend import PaddleBackendConfig
 
@@ -529,7 +530,7 @@ def run_train(
             "TRAIN.use_gpu is set but no GPU is used (resources.use_gpu=%s): training on CPU", config.resources.use_gpu
         )
     if pretrain:
-        checkpoint.read_weights(pretrain, config.storage)  # a bad path fails here, not in every worker
+        read_weights(pretrain, config.storage)  # a bad path fails here, not in every worker
     names = read_label_names(label_file, config.storage) if label_file else None
     if names is not None:
         check_label_names(names, config.model.num_classes, label_file)
@@ -539,7 +540,7 @@ def run_train(
     fs, root = st.filesystem(run_uri, config.storage)
     if info["rejected"]:
         st.write_parquet(
-            dead_letter_table(info["rejected"]), fs, f"{root}/{DEAD_LETTERS_DIR}/manifest-{time.time_ns()}.parquet"
+            dead_letter_table(info["rejected"]), fs, f"{root}/{S.DEAD_LETTERS_DIR}/manifest-{time.time_ns()}.parquet"
         )
     log.info(
         "TSN fine-tune: %d workers (%s, %.2f CPUs each), %d x %d videos per step, %d steps per epoch, %d epochs -> %s",
@@ -555,7 +556,7 @@ def run_train(
         run_config=checkpoint.run_config(save_dir, name, config.storage, run.keep_checkpoints, run.max_failures),
     )
     result = trainer.fit()
-    dead = {v for f in st.list_files(fs, f"{root}/{DEAD_LETTERS_DIR}", ".parquet") for v in _ids(fs, f)}
+    dead = {v for f in st.list_files(fs, f"{root}/{S.DEAD_LETTERS_DIR}", ".parquet") for v in _ids(fs, f)}
     return TrainSummary(
         run=st.redact(run_uri),
         workers=where.workers,

@@ -1,0 +1,104 @@
+"""The house rules of the code, checked from its source: the packages import each other one way
+only (no cycles, function-level imports included), and a name of the data contract (a folder, a
+column, a schema) is defined once, in ``vtplatform/schema.py``."""
+
+from __future__ import annotations
+
+import ast
+import collections
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "vtplatform"
+
+# The README's "Code layout" table, top to bottom: a module imports from its own row and those above.
+LAYERS = [
+    {"schema", "config", "storage", "labels"},
+    {"models"},
+    {"video"},
+    {"manifest", "resources", "inference", "faults"},
+    {"pipeline", "stages"},
+    {"lstm_data", "tsn_data", "predict"},
+    {"extract", "tag", "frame_cache"},
+    {"eval"},
+    {"train"},
+    {"export", "registry", "nightly", "cli"},
+]
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        out[name] = ast.parse(path.read_text(encoding="utf-8"))
+    return out
+
+
+def _unit(module: str) -> str:
+    """A subpackage (``vtplatform.train``) or a top-level module (``vtplatform.predict``)."""
+    return ".".join(module.split(".")[:2])
+
+
+def _imports(tree: ast.Module, modules: dict) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):  # imports inside functions count: they hide cycles, not remove them
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vtplatform"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("vtplatform."))
+    return {m for m in found if m in modules}
+
+
+def test_packages_import_each_other_one_way_only():
+    modules = _modules()
+    edges = collections.defaultdict(set)
+    for name, tree in modules.items():
+        for target in _imports(tree, modules):
+            if _unit(target) != _unit(name) and _unit(target) != "vtplatform":
+                edges[_unit(name)].add(_unit(target))
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in edges[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    cycles = sorted(f"{a} -> {b}" for a in list(edges) for b in edges[a] if a in reaches(b))
+    assert not cycles, f"import cycles between packages: {cycles}"
+    # and the check itself sees imports, inside functions too
+    assert "vtplatform.labels" in edges["vtplatform.train"] and "vtplatform.predict" in edges["vtplatform.eval"]
+
+
+def test_modules_import_only_from_their_layer_and_those_above():
+    modules = _modules()
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    names = {_unit(m).removeprefix("vtplatform.") for m in modules} - {"vtplatform", "__init__"}
+    assert names == set(layer), f"the layers and the package disagree: {names ^ set(layer)}"
+    upward = []
+    for name, tree in modules.items():
+        here = _unit(name).removeprefix("vtplatform.")
+        for target in _imports(tree, modules):
+            there = _unit(target).removeprefix("vtplatform.")
+            if here in layer and there in layer and layer[there] > layer[here]:
+                upward.append(f"{name} imports {target}")
+    assert not upward, upward
+
+
+def test_contract_names_are_defined_once_in_schema():
+    definitions = collections.defaultdict(list)
+    for name, tree in _modules().items():
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                const = node.targets[0].id
+                if const.isupper() and (const.endswith("_SCHEMA") or const.endswith("_DIR")):
+                    definitions[const].append(name)
+                elif const.isupper() and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                    definitions[f"{const}={node.value.value!r}"].append(name)
+    twice = {k: v for k, v in definitions.items() if len(v) > 1}
+    assert not twice, f"defined in more than one module: {twice}"
+    outside = {k: v for k, v in definitions.items() if k.endswith("_SCHEMA") and v != ["vtplatform.schema"]}
+    assert not outside, f"schemas belong in vtplatform/schema.py: {outside}"
+    assert definitions["DEAD_LETTERS_DIR"] == ["vtplatform.schema"]
