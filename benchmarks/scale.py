@@ -230,7 +230,8 @@ def bench_streaming(work: Path, table_gb: float) -> None:
         ("cached", table, int(size_mb * 2)),
         ("streaming, half the table", half, int(size_mb / 10)),
     ):
-        r = _train(work / f"run_{name.split(',')[0]}_{cache_mb}", source / "features", work / "train.list", cache_mb)
+        run = work / ("run_" + "_".join(name.replace(",", "").split()))  # one folder per run: a rerun would resume
+        r = _train(run, source / "features", work / "train.list", cache_mb)
         print(f"  {name:<26} cache_mb {cache_mb:5d}: {r['samples_per_s']:6.1f} samples/s (2nd epoch), "
               f"worker peak RSS {r['worker_peak_mb']:6.0f} MB, own memory at most {r['private_mb']:6.0f} MB")  # fmt: skip
         results[name] = r

@@ -111,10 +111,21 @@ def _join_timed_out(address: str) -> None:
     os._exit(EXIT_CONFIG)
 
 
+def use_system_allocator() -> None:
+    """Arrow buffers in this process (the driver) come from the C library's malloc, which hands
+    freed memory back. Arrow's default allocator (mimalloc) keeps it: a driver that had read and
+    compacted 20,000 dead letters held about 40 MB more at its peak. Ray's workers keep the
+    default, which is faster for their large buffers."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def run(main: Callable[[], int]) -> None:
     """Runs ``main`` and exits: its code, 2 for a configuration error (one clear line), 130 on Ctrl-C."""
     try:
         faults.check_environment()
+        use_system_allocator()
         code = main()
     except ConfigError as exc:
         log.error("configuration error: %s", redact(str(exc)))
