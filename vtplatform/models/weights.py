@@ -140,12 +140,14 @@ class LoadedWeights:
     def require(self, model_name: str) -> LoadedWeights:
         """These weights, unless they are a checkpoint of another model."""
         if self.model_name not in (None, model_name):
-
-            def a(name: str) -> str:
-                return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
-
-            raise ConfigError(f"{st.redact(self.source)} is {a(self.model_name)} checkpoint, not {a(model_name)} one")
+            raise ConfigError(
+                f"{st.redact(self.source)} is {_article(self.model_name)} checkpoint, not {_article(model_name)} one"
+            )
         return self
+
+
+def _article(name: str) -> str:
+    return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
 
 
 def read_weights(uri: str, storage: StorageSection) -> LoadedWeights:
