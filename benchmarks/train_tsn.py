@@ -113,6 +113,7 @@ def main() -> None:
     logging.basicConfig(level="WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    from vtplatform import schema as S
     from vtplatform.frame_cache import run_cache
     from vtplatform.train.tsn import run_train
 
@@ -130,8 +131,8 @@ def main() -> None:
             start = time.perf_counter()
             summary = run_cache(config_for(args, filelist, None), str(filelist), str(cache_dir))
             build = time.perf_counter() - start
-            print(f"\n(a) cache build: {build:.1f} s for {summary.cached} videos, {summary.frames} frames, "
-                  f"{summary.bytes / 2**20:.0f} MiB ({args.encoding}); a one-off cost")  # fmt: skip
+            print(f"\n(a) cache build: {build:.1f} s for {summary.succeeded} videos, {summary.counts[S.CACHED_FRAMES]} frames, "
+                  f"{summary.counts[S.CACHED_BYTES] / 2**20:.0f} MiB ({args.encoding}); a one-off cost")  # fmt: skip
 
             video_cfg, cache_cfg = config_for(args, filelist, None), config_for(args, filelist, cache_dir)
             rates = {"video": [], "cache": []}

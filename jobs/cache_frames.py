@@ -32,8 +32,9 @@ def main() -> int:
     cli.init_ray()
     summary = run_cache(config, filelist, args.save_dir, retry_failed=args.retry_failed)
     print(summary.format(), flush=True)
-    attempted = summary.cached + sum(summary.failed.values())
-    return cli.EXIT_NOTHING_SUCCEEDED if attempted and summary.cached == 0 else cli.EXIT_OK
+    if summary.submitted + summary.failed_total > 0 and summary.succeeded == 0:
+        return cli.EXIT_NOTHING_SUCCEEDED
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

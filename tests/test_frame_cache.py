@@ -51,8 +51,9 @@ def test_cache_job_indexes_good_videos_dead_letters_bad_ones_and_resumes(ray_clu
         "frame_cache.encoding=uint8", "frame_cache.frames_per_row_group=8", "frame_cache.videos_per_file=3"
     )
     summary = run_cache(config, str(videos["list"]), str(tmp_path / "cache"))
-    assert (summary.cached, summary.failed) == (10, {"decode/DecodeError": 1})
-    assert summary.frames == 9 * 20 + 30
+    assert (summary.succeeded, summary.failed) == (10, {"decode/DecodeError": 1})
+    assert summary.counts[S.CACHED_FRAMES] == 9 * 20 + 30
+    assert summary.counts[S.CACHED_BYTES] == (9 * 20 + 30) * 64 * 85 * 3  # raw uint8 frames of 64x85
     settings, index = open_cache(str(tmp_path / "cache"), config.storage)
     assert settings["encoding"] == "uint8" and settings["short_size"] == 64 and settings["keep_frames"] is None
     assert index.num_rows == 10 and set(index.column(S.HEIGHT).to_pylist()) == {64}
@@ -67,7 +68,7 @@ def test_cache_job_indexes_good_videos_dead_letters_bad_ones_and_resumes(ray_clu
     dead = pq.read_table(tmp_path / "cache" / "dead_letters").to_pylist()
     assert [d[S.URI].rsplit("/", 1)[1] for d in dead] == ["broken.mp4"]
     again = run_cache(config, str(videos["list"]), str(tmp_path / "cache"))
-    assert (again.skipped, again.cached) == (11, 0)
+    assert (again.skipped, again.submitted, again.succeeded) == (11, 0, 0)
     with pytest.raises(ConfigError, match="encoding: 'uint8' != 'jpeg'"):
         run_cache(_config(), str(videos["list"]), str(tmp_path / "cache"))
 
@@ -106,7 +107,7 @@ def test_cache_on_s3_through_the_job(ray_cluster, videos, moto_endpoint, s3_buck
         "cache_frames.py", *args, *[a for o in overrides for a in ("-o", o)], env={"RAY_ADDRESS": ray_cluster}
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "cached now            10" in res.stdout and "decode/DecodeError" in res.stdout
+    assert "processed now         10 ok, 1 failed" in res.stdout and "decode/DecodeError" in res.stdout
     config = _config(f"storage.endpoint_url={moto_endpoint}", f"frame_cache.path={cache}")
     settings, index = open_cache(cache, config.storage)
     assert settings["encoding"] == "jpeg" and index.num_rows == 10

@@ -19,7 +19,6 @@ import datetime as dt
 import io
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,19 +32,7 @@ from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
-from vtplatform.manifest import Manifest, read_manifest
-from vtplatform.pipeline import (
-    JobSummary,
-    ResultSink,
-    blocks_dataset,
-    finalize_output,
-    first_stage_input,
-    map_cpu_tasks,
-    output_state,
-    peak_rss_mb,
-    plan_todo,
-    write_run_summary,
-)
+from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, prepare_output, run_video_job
 from vtplatform.stages import (
     CRASHES_BEFORE_DEAD_LETTER,
     TSNSpec,
@@ -205,45 +192,21 @@ def run_extract(
     config: Config, manifest: str, save_dir: str, weights: str | None = None, retry_failed: bool = False
 ) -> JobSummary:
     """Extracts features for every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
-
     start = time.perf_counter()
-    config = replace(config, storage=st.resolve_storage(config.storage))
-    fs, root = st.filesystem(save_dir, config.storage)
-    st.check_writable(fs, root, save_dir)
+    config = prepare_output(config, save_dir)
     plan = R.size_pipeline(config, [R.tsn_need(config)])
     spec = tsn_spec(config, weights, plan.device, plan.models["TSN"].threads)
     fingerprint, feature_dim = weights_fingerprint(config, weights)
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
-    state = output_state(fs, root, S.FEATURES_DIR)
-    check_same_extractor(state.schema, prov, save_dir)
-    entries = read_manifest_or_fail(manifest, config)
-    summary = JobSummary(
+    schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
+    job = VideoJob(
         "extraction",
-        st.redact(st.canonical_uri(save_dir)),
         S.FEATURES_DIR,
         spec.device,
+        stages=lambda ds: tsn_pipeline(ds, config, spec, plan),
+        outputs=[FeatureOutput(schema, config.output.format == "npy")],
+        writer_cpus=plan.writer_cpus,
         frames_per_video=config.infer.seg_num,
+        check_output=lambda fs, root, state: check_same_extractor(state.schema, prov, save_dir),
     )
-    todo = plan_todo(entries, state, retry_failed, fs, root, summary)
-    log.info("%d videos to process, %d already done, on %s", todo.num_rows, summary.skipped, spec.device)
-    if todo.num_rows:
-        schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
-        output = FeatureOutput(schema, config.output.format == "npy")
-        sink = ResultSink(save_dir, config.storage, [output], config.output.rows_per_file, config.infer.seg_num)
-        ds = blocks_dataset(first_stage_input(todo, config))
-        tsn_pipeline(ds, config, spec, plan).write_datasink(
-            sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
-        )
-        summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, S.FEATURES_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
-    summary.elapsed_seconds = time.perf_counter() - start
-    summary.driver_peak_mb = peak_rss_mb()
-    write_run_summary(summary, fs, root)
-    return summary
-
-
-def read_manifest_or_fail(manifest: str, config: Config) -> Manifest:
-    try:
-        return read_manifest(manifest, config.storage)
-    except OSError as exc:  # the store refused to list or read the manifest
-        raise ConfigError(f"cannot read manifest {st.redact(manifest)}: {st.redact(str(exc))}") from exc
+    return run_video_job(config, manifest, save_dir, job, retry_failed, start)

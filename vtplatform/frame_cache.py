@@ -17,8 +17,6 @@ shard, then its index part; a rerun skips every video already indexed.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import datetime as dt
 import io
 import json
@@ -27,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,8 @@ import vtplatform
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, part_name, prepare_output, run_video_job
+from vtplatform.resources import plan_tasks, sized
 from vtplatform.tsn_data import pool_indices, read_list
 from vtplatform.video.decode import BadVideo
 from vtplatform.video.frames import ReadOptions, iter_all_frames, read_frames
@@ -65,7 +65,10 @@ def cache_settings(config: Config) -> dict[str, Any]:
 
 
 def read_settings(root_uri: str, storage: StorageSection) -> dict[str, Any] | None:
-    fs, root = st.filesystem(root_uri, storage)
+    return _settings_at(*st.filesystem(root_uri, storage))
+
+
+def _settings_at(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
     path = f"{root}/{SETTINGS_FILE}"
     if not st.exists(fs, path):
         return None
@@ -213,43 +216,31 @@ def _cache_one(row: dict, task: CacheTask, shard: _ShardWriter) -> dict:
 def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
     """A Ray Data task: decodes the batch's videos into one shard, then indexes them.
 
-    Returns one row per video: ``video_id``, ``frames`` cached, ``bytes``, and the failure
-    columns. A video that fails halfway leaves unindexed row groups behind, never a bad entry.
+    Returns one ``schema.CACHE_RESULT_SCHEMA`` row per video for the writer stage, which turns
+    the failed ones into dead letters. A video that fails halfway leaves unindexed row groups
+    behind, never a bad entry.
     """
-    from vtplatform.pipeline import dead_letter_table, part_name
-
     rows = batch.to_pylist()
     ids = [r[S.VIDEO_ID] for r in rows]
     shard_rel = f"{S.FRAMES_DIR}/{part_name(ids, 'shard')}"
     fs, root = st.filesystem(task.root, task.storage)
-    indexed, failed, results = [], [], []
+    indexed, results = [], []
     with tempfile.TemporaryDirectory(prefix="vtp-cache-") as tmp:
         shard = _ShardWriter(os.path.join(tmp, "shard.parquet"), task.settings["encoding"])
         try:
             for row in rows:
                 start, before = time.perf_counter(), shard.bytes
+                result = {S.VIDEO_ID: row[S.VIDEO_ID], S.URI: row[S.URI], S.CACHED_FRAMES: 0, S.CACHED_BYTES: 0}
                 try:
                     entry = _cache_one(row, task, shard)
                 except BadVideo as bad:
-                    failed.append(
-                        row
-                        | {S.STAGE: bad.stage, S.ERROR_TYPE: bad.error_type, S.MESSAGE: st.redact(bad.message)[:2000]}
-                    )
-                    continue
+                    result |= {S.STAGE: bad.stage, S.ERROR_TYPE: bad.error_type, S.MESSAGE: st.redact(bad.message)}
                 except OSError as exc:
-                    failed.append(
-                        row | {S.STAGE: "read", S.ERROR_TYPE: type(exc).__name__, S.MESSAGE: st.redact(str(exc))[:2000]}
-                    )
-                    continue
-                indexed.append(entry | {S.SHARD: shard_rel})
-                results.append(
-                    {
-                        S.VIDEO_ID: row[S.VIDEO_ID],
-                        "frames": entry[S.POOL_SIZE],
-                        "bytes": shard.bytes - before,
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
+                    result |= {S.STAGE: "read", S.ERROR_TYPE: type(exc).__name__, S.MESSAGE: st.redact(str(exc))}
+                else:
+                    indexed.append(entry | {S.SHARD: shard_rel})
+                    result |= {S.CACHED_FRAMES: entry[S.POOL_SIZE], S.CACHED_BYTES: shard.bytes - before}
+                results.append(result | {S.DECODE_SECONDS: time.perf_counter() - start})
         finally:
             shard.close()
         if indexed:
@@ -259,22 +250,9 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
                 fs,
                 f"{root}/{S.INDEX_DIR}/{part_name(ids)}",
             )
-    if failed:
-        dead = dead_letter_table(
-            [{k: r[k] for k in (S.VIDEO_ID, S.URI, S.STAGE, S.ERROR_TYPE, S.MESSAGE)} for r in failed]
-        )
-        st.write_parquet(dead, fs, f"{root}/{S.DEAD_LETTERS_DIR}/{part_name(ids)}")
-    results += [
-        {
-            S.VIDEO_ID: r[S.VIDEO_ID],
-            "frames": 0,
-            "bytes": 0,
-            "seconds": 0.0,
-            S.STAGE: r[S.STAGE],
-            S.ERROR_TYPE: r[S.ERROR_TYPE],
-        }
-        for r in failed
-    ]
+    for r in results:
+        if r.get(S.MESSAGE):
+            r[S.MESSAGE] = r[S.MESSAGE][:2000]
     return pa.Table.from_pylist(results, schema=S.CACHE_RESULT_SCHEMA)
 
 
@@ -291,44 +269,53 @@ def _upload(local: str, fs: pafs.FileSystem, path: str) -> None:
         shutil.copyfileobj(src, dst, 8 << 20)
 
 
-@dataclass
-class CacheSummary:
-    save_dir: str
-    listed: int = 0
-    skipped: int = 0  # already cached by an earlier run
-    cached: int = 0
-    frames: int = 0
-    bytes: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
-    elapsed_seconds: float = 0.0
-
-    def format(self) -> str:
-        lines = [
-            "frame cache summary",
-            f"  listed videos         {self.listed}",
-            f"  skipped (done before) {self.skipped}",
-            f"  cached now            {self.cached} ({self.frames} frames, {self.bytes / 2**20:.1f} MiB)",
-            f"  failed                {sum(self.failed.values())}",
-        ]
-        lines += [f"    failed {reason:<26} {count}" for reason, count in sorted(self.failed.items())]
-        lines += [f"  wall time             {self.elapsed_seconds:.1f} s", f"  cache                 {self.save_dir}"]
-        return "\n".join(lines)
-
-
-def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool = False) -> CacheSummary:
+def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool = False) -> JobSummary:
     """Caches every listed video not yet in ``save_dir``. Needs ``ray.init()``."""
-
-    from vtplatform.pipeline import blocks_dataset, map_cpu_tasks
-    from vtplatform.resources import plan_tasks, sized
-
     start = time.perf_counter()
     if config.model.format == "frames":
         raise ConfigError(
             "MODEL.format is frames: those lists are decoded frames already; the cache is built from videos"
         )
-    fs, root = st.filesystem(save_dir, config.storage)
+    config = prepare_output(config, save_dir)
     settings = cache_settings(config)
-    existing = read_settings(save_dir, config.storage)
+    res, per_file = config.resources, config.frame_cache.videos_per_file
+    sizes = sized(config, lambda c: plan_tasks(config, c), [{"CPU": res.decode_cpus}])
+    task = CacheTask(
+        save_dir,
+        settings,
+        ReadOptions(config.extract.decoder, config.extract.decode_threads, config.extract.chunk_frames),
+        config.storage,
+    )
+    job = VideoJob(
+        "frame cache",
+        S.INDEX_DIR,
+        "cpu",
+        stages=lambda ds: map_cpu_tasks(
+            ds,
+            write_shard,
+            batch_size=per_file,
+            num_cpus=sizes.task_cpus,
+            concurrency=sizes.task_concurrency,
+            max_retries=res.decode_max_retries,
+            fn_kwargs={"task": task},
+        ),
+        outputs=[],  # a task writes its shard and index part itself; the writer takes the dead letters
+        writer_cpus=sizes.writer_cpus,
+        read_entries=lambda: read_list(filelist, config, labelled=False),
+        input_blocks=lambda todo: _blocks(todo.select([S.VIDEO_ID, S.URI, S.LABEL]), per_file),
+        check_output=lambda fs, root, state: _check_settings(fs, root, settings, save_dir),
+        counters=(S.CACHED_FRAMES, S.CACHED_BYTES),
+    )
+    return run_video_job(config, filelist, save_dir, job, retry_failed, start)
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+
+
+def _check_settings(fs: pafs.FileSystem, root: str, settings: dict[str, Any], save_dir: str) -> None:
+    """Refuses a cache made with other settings; records the settings in a new one."""
+    existing = _settings_at(fs, root)
     if existing is not None and {k: existing.get(k) for k in settings} != settings:
         diff = [f"{k}: {existing.get(k)!r} != {v!r}" for k, v in settings.items() if existing.get(k) != v]
         raise ConfigError(
@@ -340,53 +327,3 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         st.write_bytes(json.dumps(record, indent=2).encode(), fs, f"{root}/{SETTINGS_FILE}")
-    videos = read_list(filelist, config, labelled=False)
-    summary = CacheSummary(save_dir=st.redact(save_dir), listed=len(videos) + len(videos.rejected))
-    for r in videos.rejected:
-        summary.failed[f"manifest/{r[S.ERROR_TYPE]}"] = summary.failed.get(f"manifest/{r[S.ERROR_TYPE]}", 0) + 1
-    done = set(read_index(fs, root).column(S.VIDEO_ID).to_pylist())
-    if not retry_failed:
-        done |= set(st.read_column(fs, f"{root}/{S.DEAD_LETTERS_DIR}", S.VIDEO_ID).to_pylist())
-    ids = videos.entries.column(S.VIDEO_ID).to_pylist()
-    todo = videos.entries.filter(pa.array([v not in done for v in ids], pa.bool_()))
-    summary.skipped = len(ids) - todo.num_rows
-    log.info("frame cache: %d videos to decode, %d done before", todo.num_rows, summary.skipped)
-    if todo.num_rows:
-        res, per_file = config.resources, config.frame_cache.videos_per_file
-        sizes = sized(config, lambda c: plan_tasks(config, c), [{"CPU": res.decode_cpus}])
-        task = CacheTask(
-            save_dir,
-            settings,
-            ReadOptions(config.extract.decoder, config.extract.decode_threads, config.extract.chunk_frames),
-            config.storage,
-        )
-        plan = todo.select([S.VIDEO_ID, S.URI, S.LABEL])
-        ds = blocks_dataset([plan.slice(i, per_file) for i in range(0, plan.num_rows, per_file)])
-        ds = map_cpu_tasks(
-            ds,
-            write_shard,
-            batch_size=per_file,
-            num_cpus=sizes.task_cpus,
-            concurrency=sizes.task_concurrency,
-            max_retries=res.decode_max_retries,
-            fn_kwargs={"task": task},
-        )
-        reasons: collections.Counter = collections.Counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for r in batch.to_pylist():
-                if r[S.ERROR_TYPE] is None:
-                    summary.cached += 1
-                    summary.frames += r["frames"]
-                    summary.bytes += r["bytes"]
-                else:
-                    reasons[f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"] += 1
-        for reason, count in reasons.items():
-            summary.failed[reason] = summary.failed.get(reason, 0) + count
-    summary.elapsed_seconds = time.perf_counter() - start
-    with contextlib.suppress(OSError):
-        st.write_bytes(
-            json.dumps(asdict(summary), indent=2).encode(),
-            fs,
-            f"{root}/runs/{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.json",
-        )
-    return summary

@@ -1,10 +1,13 @@
-"""What every per-video Ray Data job shares (extraction, tagging): the input blocks, the writer
-stage, dead letters, resuming, the final checks and the summary table.
+"""The per-video job runner: extraction, tagging and the frame cache are each a ``VideoJob``
+(its stages and its outputs), and ``run_video_job`` does the rest, the same way for all three::
+
+    manifest -> plan (skip what is done) -> the job's stages -> ResultSink -> finalize -> summary
 
 A job's rows travel with ``stage``/``error_type``/``message`` columns that are null for good
 rows. The writer (``ResultSink``) writes the good rows through the job's ``Output`` objects and
 the failed ones to ``dead_letters/``; part files are named from the videos they hold and
-written atomically, so a rerun can skip everything already written.
+written atomically, so a rerun can skip everything already written. ``finalize_output`` then
+checks that every submitted video landed somewhere and compacts the dead letters.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import collections
 import datetime as dt
 import functools
 import hashlib
+import json
 import logging
 import os
+import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,12 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasink
+import ray
+from ray.data import Datasink, TaskPoolStrategy
 
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.config import StorageSection
-from vtplatform.manifest import Manifest
+from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +74,6 @@ def map_cpu_tasks(
     silenced here. A ``ray_remote_args_fn`` also keeps these tasks from being fused into a
     following actor stage: they stay parallel CPU tasks.
     """
-    from ray.data import TaskPoolStrategy
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
         return ds.map_batches(
@@ -90,8 +94,6 @@ def blocks_dataset(blocks: list[pa.Table]):
     whole CPU, which never comes on a small cluster whose CPUs the job's own actors or training
     workers hold (a TSN worker streaming its samples on a 1-CPU Ray waited forever). This reads
     it here."""
-    import ray
-
     return ray.data.from_blocks(blocks)
 
 
@@ -164,13 +166,13 @@ class ResultSink(Datasink):
         storage: StorageSection,
         outputs: Sequence[Output],
         rows_per_file: int,
-        frames_per_video: int,
+        counters: Sequence[str] = (),
     ):
         self.save_dir = save_dir.rstrip("/")
         self.storage = storage
         self.outputs = list(outputs)
         self.rows_per_file = rows_per_file
-        self.frames_per_video = frames_per_video
+        self.counters = tuple(counters)  # numeric columns of the good rows, summed for the summary
         self.stats: dict[str, Any] = {}
 
     @property
@@ -184,7 +186,7 @@ class ResultSink(Datasink):
         tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"ok": 0, "failed": {}, "seconds": {}}
+            return {"ok": 0, "failed": {}, "seconds": {}, "counts": {}}
         table = pa.concat_tables(tables)
         fs, root = st.filesystem(self.save_dir, self.storage)
         failed_mask = pc.is_valid(table.column(S.ERROR_TYPE))
@@ -209,15 +211,17 @@ class ResultSink(Datasink):
             for stage, col in STAGE_SECONDS.items()
             if col in table.column_names
         }
-        return {"ok": good.num_rows, "failed": dict(reasons), "seconds": seconds}
+        counts = {c: int(pc.sum(good.column(c)).as_py() or 0) for c in self.counters}
+        return {"ok": good.num_rows, "failed": dict(reasons), "seconds": seconds, "counts": counts}
 
     def on_write_complete(self, write_result) -> None:
-        ok, failed, seconds = 0, collections.Counter(), collections.Counter()
+        ok, failed, seconds, counts = 0, collections.Counter(), collections.Counter(), collections.Counter()
         for r in write_result.write_returns:
             ok += r["ok"]
             failed.update(r["failed"])
             seconds.update(r["seconds"])
-        self.stats = {"ok": ok, "failed": dict(failed), "seconds": dict(seconds)}
+            counts.update(r["counts"])
+        self.stats = {"ok": ok, "failed": dict(failed), "seconds": dict(seconds), "counts": dict(counts)}
 
 
 @dataclass
@@ -253,6 +257,7 @@ class JobSummary:
     succeeded: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # "stage/error_type" -> count
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per-video time of each stage
+    counts: dict[str, int] = field(default_factory=dict)  # the job's own totals (the cache: frames, bytes)
     frames_per_video: int = 0
     elapsed_seconds: float = 0.0
     driver_peak_mb: float = 0.0  # the driver process's peak resident memory (VmHWM)
@@ -282,9 +287,11 @@ class JobSummary:
             lines.append(f"  {stage:<10} {entering:>8} {lost:>8} {entering - lost:>8} {busy_text} {per}")
             entering -= lost
         lines += [f"    failed {reason:<28} {count}" for reason, count in sorted(self.failed.items())]
+        lines += [f"  {name:<21} {count}" for name, count in sorted(self.counts.items())]
+        frames = self.counts.get(S.CACHED_FRAMES, self.succeeded * self.frames_per_video)
         lines += [
             f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "
-            f"{self.succeeded * self.frames_per_video / wall:.1f} frames/s",
+            f"{frames / wall:.1f} frames/s",
             f"  driver peak memory    {self.driver_peak_mb:.0f} MB",
             f"  {self.result_dir:<21} {self.save_dir.rstrip('/')}/{self.result_dir}",
             f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{S.DEAD_LETTERS_DIR}",
@@ -297,6 +304,8 @@ class JobSummary:
             self.failed[reason] = self.failed.get(reason, 0) + count
         for stage, seconds in stats["seconds"].items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        for name, count in stats.get("counts", {}).items():
+            self.counts[name] = self.counts.get(name, 0) + count
 
 
 def plan_todo(
@@ -442,10 +451,81 @@ def _proc_status_mb(key: str) -> float:
 
 
 def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:
-    import json
-    from dataclasses import asdict
-
     stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
     st.write_bytes(
-        json.dumps(asdict(summary), indent=2).encode(), fs, f"{root}/{S.RUNS_DIR}/{summary.job}-{stamp}.json"
+        json.dumps(asdict(summary), indent=2).encode(),
+        fs,
+        f"{root}/{S.RUNS_DIR}/{summary.job.replace(' ', '-')}-{stamp}.json",
     )
+
+
+# -- the runner ------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoJob:
+    """What one per-video job supplies to ``run_video_job``: its stages and its outputs."""
+
+    name: str  # in the summary: "extraction", "tagging", "frame cache"
+    result_dir: str  # the folder whose video ids mean "done"
+    device: str
+    stages: Callable[[Any], Any]  # the input Dataset -> the rows the writer takes
+    outputs: list[Output]
+    writer_cpus: float
+    frames_per_video: int = 0
+    read_entries: Callable[[], Any] | None = None  # -> a Manifest-like list; default: the manifest
+    input_blocks: Callable[[pa.Table], list[pa.Table]] | None = None  # todo -> blocks; default first_stage_input
+    check_output: Callable[[pafs.FileSystem, str, OutputState], None] | None = None  # refuses a foreign folder
+    counters: tuple[str, ...] = ()  # numeric columns of the good rows summed into ``JobSummary.counts``
+    finish: Callable[[pafs.FileSystem, str], None] | None = None  # after finalize (tagging's hub list)
+
+
+def prepare_output(config: Config, save_dir: str) -> Config:
+    """Checks that a job can write ``save_dir`` before anything else is loaded; returns the config
+    with its storage resolved."""
+    config = replace(config, storage=st.resolve_storage(config.storage))
+    fs, root = st.filesystem(save_dir, config.storage)
+    st.check_writable(fs, root, save_dir)
+    return config
+
+
+def read_entries(manifest: str, config: Config) -> Manifest:
+    try:
+        return read_manifest(manifest, config.storage)
+    except OSError as exc:  # the store refused to list or read the manifest
+        raise ConfigError(f"cannot read manifest {st.redact(manifest)}: {st.redact(str(exc))}") from exc
+
+
+def run_video_job(
+    config: Config, manifest: str, save_dir: str, job: VideoJob, retry_failed: bool, start: float
+) -> JobSummary:
+    """Runs ``job`` over every manifest entry not yet done in ``save_dir`` (``config`` from
+    ``prepare_output``; ``start``: when the job began, for the summary). Needs ``ray.init()``."""
+    fs, root = st.filesystem(save_dir, config.storage)
+    state = output_state(fs, root, job.result_dir)
+    if job.check_output is not None:
+        job.check_output(fs, root, state)
+    entries = job.read_entries() if job.read_entries is not None else read_entries(manifest, config)
+    summary = JobSummary(
+        job.name,
+        st.redact(st.canonical_uri(save_dir)),
+        job.result_dir,
+        job.device,
+        frames_per_video=job.frames_per_video,
+    )
+    todo = plan_todo(entries, state, retry_failed, fs, root, summary)
+    log.info("%s: %d videos to process, %d already done, on %s", job.name, todo.num_rows, summary.skipped, job.device)
+    if todo.num_rows:
+        sink = ResultSink(save_dir, config.storage, job.outputs, config.output.rows_per_file, job.counters)
+        blocks = job.input_blocks(todo) if job.input_blocks is not None else first_stage_input(todo, config)
+        job.stages(blocks_dataset(blocks)).write_datasink(
+            sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": job.writer_cpus}
+        )
+        summary.add_sink_stats(sink.stats)
+    finalize_output(fs, root, job.result_dir, expected=todo.column(S.VIDEO_ID).combine_chunks())
+    if job.finish is not None:
+        job.finish(fs, root)
+    summary.elapsed_seconds = time.perf_counter() - start
+    summary.driver_peak_mb = peak_rss_mb()
+    write_run_summary(summary, fs, root)
+    return summary

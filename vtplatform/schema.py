@@ -277,13 +277,17 @@ EVAL_RESULT_SCHEMA = pa.schema(
 )
 
 # What a frame-cache task reports per video (its summary's counts).
-CACHE_RESULT_SCHEMA = pa.schema(
+CACHED_FRAMES = "cached_frames"  # frames a cache task stored for a video
+CACHED_BYTES = "cached_bytes"
+CACHE_RESULT_SCHEMA = pa.schema(  # a frame cache task's row per video, for the writer stage
     [
         (VIDEO_ID, pa.string()),
-        ("frames", pa.int64()),
-        ("bytes", pa.int64()),
-        ("seconds", pa.float64()),
+        (URI, pa.string()),
+        (CACHED_FRAMES, pa.int64()),
+        (CACHED_BYTES, pa.int64()),
+        (DECODE_SECONDS, pa.float32()),
         (STAGE, pa.string()),
         (ERROR_TYPE, pa.string()),
+        (MESSAGE, pa.string()),
     ]
 )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,21 +36,20 @@ from vtplatform.extract import (
     FeatureOutput,
     check_same_extractor,
     provenance,
-    read_manifest_or_fail,
     tsn_pipeline,
     tsn_spec,
     weights_fingerprint,
 )
 from vtplatform.pipeline import (
     JobSummary,
+    OutputState,
     ResultSink,
+    VideoJob,
     blocks_dataset,
     finalize_output,
-    first_stage_input,
     output_state,
-    peak_rss_mb,
-    plan_todo,
-    write_run_summary,
+    prepare_output,
+    run_video_job,
 )
 
 log = logging.getLogger(__name__)
@@ -245,48 +244,44 @@ def run_tag(
     retry_failed: bool = False,
 ) -> JobSummary:
     """Tags every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
-
     start = time.perf_counter()
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ConfigError(f"--format takes {list(FORMATS)}, got {sorted(unknown)}")
-    config = replace(config, storage=st.resolve_storage(config.storage))
-    fs, root = st.filesystem(save_dir, config.storage)
-    st.check_writable(fs, root, save_dir)
+    config = prepare_output(config, save_dir)
     plan = R.size_pipeline(config, [R.tsn_need(config), R.lstm_tag_need(config)])
     spec = tsn_spec(config, tsn_weights, plan.device, plan.models["TSN"].threads)
     fingerprint, feature_dim = weights_fingerprint(config, tsn_weights)
     prov = provenance(config, fingerprint, feature_dim, spec.precision)
+    keep_features = config.tag.write_features
     lstm = plan.models["AttentionLSTM"]
-    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, lstm, config.tag.write_features)
-    state = output_state(fs, root, S.TAGS_DIR)
-    check_same_tagger(state.schema, tagger.meta, save_dir)
-    if config.tag.write_features:
-        check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
-    entries = read_manifest_or_fail(manifest, config)
-    summary = JobSummary(
-        "tagging", st.redact(st.canonical_uri(save_dir)), S.TAGS_DIR, spec.device, frames_per_video=config.infer.seg_num
+    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, lstm, keep_features)
+    outputs: list = [TagOutput(tagger.schema(), tagger.names, "json" in formats)]
+    if keep_features:
+        schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
+        outputs.append(FeatureOutput(schema, write_npy=False))
+
+    def check_output(fs: pafs.FileSystem, root: str, state: OutputState) -> None:
+        check_same_tagger(state.schema, tagger.meta, save_dir)
+        if keep_features:
+            check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
+
+    def finish(fs: pafs.FileSystem, root: str) -> None:
+        if "hub" in formats:
+            write_hub_list(fs, root, config.tag.hub_threshold, config.tag.hub_top_k)
+
+    job = VideoJob(
+        "tagging",
+        S.TAGS_DIR,
+        spec.device,
+        stages=lambda ds: tagger.stage(tsn_pipeline(ds, config, spec, plan), config, plan),
+        outputs=outputs,
+        writer_cpus=plan.writer_cpus,
+        frames_per_video=config.infer.seg_num,
+        check_output=check_output,
+        finish=finish,
     )
-    todo = plan_todo(entries, state, retry_failed, fs, root, summary)
-    log.info("%d videos to tag, %d already done, on %s", todo.num_rows, summary.skipped, spec.device)
-    if todo.num_rows:
-        outputs: list = [TagOutput(tagger.schema(), tagger.names, "json" in formats)]
-        if config.tag.write_features:
-            schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
-            outputs.append(FeatureOutput(schema, write_npy=False))
-        sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file, config.infer.seg_num)
-        ds = blocks_dataset(first_stage_input(todo, config))
-        tagger.stage(tsn_pipeline(ds, config, spec, plan), config, plan).write_datasink(
-            sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": plan.writer_cpus}
-        )
-        summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, S.TAGS_DIR, expected=todo.column(S.VIDEO_ID).combine_chunks())
-    if "hub" in formats:
-        write_hub_list(fs, root, config.tag.hub_threshold, config.tag.hub_top_k)
-    summary.elapsed_seconds = time.perf_counter() - start
-    summary.driver_peak_mb = peak_rss_mb()
-    write_run_summary(summary, fs, root)
-    return summary
+    return run_video_job(config, manifest, save_dir, job, retry_failed, start)
 
 
 def write_hub_list(fs: pafs.FileSystem, root: str, threshold: float, top_k: int) -> None:
@@ -348,11 +343,7 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, lstm, keep_features=False)
     tagger.meta["model_id"] = model_id
     sink = ResultSink(
-        save_dir,
-        config.storage,
-        [TagOutput(tagger.schema(), tagger.names, False)],
-        config.output.rows_per_file,
-        tagger.spec.num_segments,
+        save_dir, config.storage, [TagOutput(tagger.schema(), tagger.names, False)], config.output.rows_per_file
     )
     uris = [p if ffs.type_name == "local" else f"s3://{p}" for p in parts]
     ds = blocks_dataset([pa.table({"path": [u]}) for u in uris])
