@@ -185,7 +185,7 @@ def bench_sequential(clips: list[str], pipeline: dict, threads: int) -> None:
     from vtplatform.config import load_config
     from vtplatform.inference import frame_engine
     from vtplatform.models.tsn import TSNConfig, load_backbone
-    from vtplatform.stages import decode_options
+    from vtplatform.stages.decode import decode_options
     from vtplatform.video.decode import sample_clip
 
     config = load_config(ROOT / "configs" / "tsn.yaml", TINY)
@@ -288,10 +288,11 @@ def _plan_line() -> str:
     """The TSN actor's thread count as the pipeline chose it on this machine."""
     from vtplatform import resources as R
     from vtplatform.config import load_config
+    from vtplatform.stages import tsn
 
     config = load_config(ROOT / "configs" / "tsn.yaml")
     cluster = R.Cluster(os.cpu_count() or 1, 0, os.cpu_count() or 1, 0)
-    return R.plan_pipeline(config, cluster, [R.tsn_need(config)], "cpu").describe(cluster)
+    return R.plan_pipeline(config, cluster, [tsn.need(config)], "cpu").describe(cluster)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ def attention_lstm(config, args) -> int:
 
 
 def tsn(config, args) -> int:
-    from vtplatform.eval.tsn import run_predict
+    from vtplatform.predict import run_predict_tsn
 
-    summary = run_predict(
+    summary = run_predict_tsn(
         config,
         args.weights,
         args.save_dir,

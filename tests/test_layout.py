@@ -17,9 +17,10 @@ LAYERS = [
     {"models"},
     {"video"},
     {"manifest", "resources", "inference", "faults"},
-    {"pipeline", "stages"},
-    {"lstm_data", "tsn_data", "predict"},
-    {"extract", "tag", "frame_cache"},
+    {"pipeline"},
+    {"lstm_data", "tsn_data", "frame_cache"},
+    {"stages"},
+    {"predict", "extract", "tag"},
     {"eval"},
     {"train"},
     {"export", "registry", "nightly", "cli"},
@@ -102,3 +103,20 @@ def test_contract_names_are_defined_once_in_schema():
     outside = {k: v for k, v in definitions.items() if k.endswith("_SCHEMA") and v != ["vtplatform.schema"]}
     assert not outside, f"schemas belong in vtplatform/schema.py: {outside}"
     assert definitions["DEAD_LETTERS_DIR"] == ["vtplatform.schema"]
+
+
+def test_the_readme_layout_table_lists_the_layers_in_order():
+    """The README's "Code layout" rows name the same units as ``LAYERS``, in the same order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Code layout") :].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `vtplatform/")]
+    named = [
+        {cell.strip("`").removeprefix("vtplatform/").strip("/").removesuffix(".py") for cell in _cells(row)}
+        for row in rows
+    ]
+    assert named == LAYERS
+
+
+def _cells(row: str) -> list[str]:
+    first = row.split("|")[1]
+    return [part.strip() for part in first.split(",")]

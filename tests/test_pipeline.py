@@ -23,7 +23,13 @@ from vtplatform.pipeline import (
     plan_todo,
     with_local_sizes,
 )
-from vtplatform.stages import CRASHES_BEFORE_DEAD_LETTER, FRAMES_PER_BLOCK, DecodeLedger, decode_options, decode_videos
+from vtplatform.stages.decode import (
+    CRASHES_BEFORE_DEAD_LETTER,
+    FRAMES_PER_BLOCK,
+    DecodeLedger,
+    decode_options,
+    decode_videos,
+)
 
 
 def _manifest(n: int, sizes: list[int | None] | None = None) -> pa.Table:

@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import ROOT
 from vtplatform import resources as R
 from vtplatform.config import ConfigError, load_config
+from vtplatform.stages import lstm, tsn
 
 CONFIGS = ROOT / "configs"
 
@@ -28,9 +29,9 @@ def fits(plan: R.PipelinePlan, cluster: R.Cluster) -> bool:
 def test_shipped_configs_fit_any_cpu_only_cluster(job, n):
     config = load_config(CONFIGS / ("tag.yaml" if job == "tag" else "tsn.yaml"))
     needs = {
-        "extract": [R.tsn_need(config)],
-        "tag": [R.tsn_need(config), R.lstm_tag_need(config)],
-        "lstm_inference": [R.lstm_inference_need(config)],
+        "extract": [tsn.need(config)],
+        "tag": [tsn.need(config), lstm.tag_need(config)],
+        "lstm_inference": [lstm.inference_need(config)],
     }[job]
     cluster = cpus(n)
     plan = R.plan_pipeline(config, cluster, needs, R.device(config, cluster))
@@ -46,18 +47,18 @@ def test_tag_on_two_cpus_leaves_room_to_decode():
     """The hang users hit: TSN and AttentionLSTM actors at 1 CPU each took both CPUs."""
     config = load_config(CONFIGS / "tag.yaml")
     cluster = cpus(2)
-    plan = R.plan_pipeline(config, cluster, [R.tsn_need(config), R.lstm_tag_need(config)], "cpu")
-    tsn, lstm = plan.models["TSN"], plan.models["AttentionLSTM"]
-    assert tsn.num_cpus + lstm.num_cpus == pytest.approx(1.0)
-    assert tsn.num_cpus == pytest.approx(0.5) and lstm.num_cpus == pytest.approx(0.5)  # tag.lstm_cpus = tsn_cpus
+    plan = R.plan_pipeline(config, cluster, [tsn.need(config), lstm.tag_need(config)], "cpu")
+    tsn_actor, lstm_actor = plan.models["TSN"], plan.models["AttentionLSTM"]
+    assert tsn_actor.num_cpus + lstm_actor.num_cpus == pytest.approx(1.0)
+    assert tsn_actor.num_cpus == pytest.approx(0.5) and lstm_actor.num_cpus == pytest.approx(0.5)  # lstm = tsn cpus
     assert plan.task_cpus == pytest.approx(1.0)
 
 
 def test_more_cpu_actors_only_where_cpus_allow():
     config = load_config(CONFIGS / "tsn.yaml", ["resources.tsn_actors=8", "resources.tsn_cpus=2"])
     small, big = cpus(4), cpus(64, per_node=16)
-    assert R.plan_pipeline(config, small, [R.tsn_need(config)], "cpu").models["TSN"].max_actors == 1
-    assert R.plan_pipeline(config, big, [R.tsn_need(config)], "cpu").models["TSN"].max_actors == 8
+    assert R.plan_pipeline(config, small, [tsn.need(config)], "cpu").models["TSN"].max_actors == 1
+    assert R.plan_pipeline(config, big, [tsn.need(config)], "cpu").models["TSN"].max_actors == 8
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -79,9 +80,9 @@ def test_gpu_requests_a_cluster_cannot_meet_fail_at_once_naming_the_keys():
         R.plan_training(config, one_gpu)  # tsn.yaml: TRAIN.num_gpus 8
     two = load_config(CONFIGS / "tsn.yaml", ["resources.use_gpu=true", "resources.tsn_gpus=2"])
     with pytest.raises(ConfigError, match=r"resources\.tsn_gpus=2.*no node"):
-        R.plan_pipeline(two, one_gpu, [R.tsn_need(two)], "gpu")
+        R.plan_pipeline(two, one_gpu, [tsn.need(two)], "gpu")
     with pytest.raises(ConfigError, match=r"no CPUs.*resources\.wait_for_resources_s"):
-        R.plan_pipeline(config, R.Cluster(0, 0, 0, 0), [R.tsn_need(config)], "cpu")
+        R.plan_pipeline(config, R.Cluster(0, 0, 0, 0), [tsn.need(config)], "cpu")
     with pytest.raises(ConfigError, match=r"train_run\.cpus_per_worker=2 x 1 workers"):
         R.plan_training(load_config(CONFIGS / "tsn-single.yaml", ["train_run.cpus_per_worker=2"]), cpus(2))
 
@@ -90,7 +91,7 @@ def test_gpu_actors_share_one_gpu_instead_of_waiting_for_a_second():
     """TSN (1 GPU) and the tagger's AttentionLSTM (0.25 GPU) on a 1-GPU machine."""
     config = load_config(CONFIGS / "tag.yaml")
     cluster = R.Cluster(cpus=8, gpus=1, node_cpus=8, node_gpus=1)
-    plan = R.plan_pipeline(config, cluster, [R.tsn_need(config), R.lstm_tag_need(config)], R.device(config, cluster))
+    plan = R.plan_pipeline(config, cluster, [tsn.need(config), lstm.tag_need(config)], R.device(config, cluster))
     gpus = [m.num_gpus for m in plan.models.values()]
     assert plan.device == "gpu" and sum(gpus) <= 1.0 and all(g > 0 for g in gpus)
     assert plan.models["TSN"].max_actors == config.resources.tsn_actors  # an autoscaler may add GPUs later
@@ -102,5 +103,5 @@ def test_waiting_for_resources_gives_up_after_the_configured_time(ray_cluster):
     config = load_config(CONFIGS / "tsn.yaml", ["resources.use_gpu=true", "resources.wait_for_resources_s=2"])
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"no GPUs.*waited resources\.wait_for_resources_s=2"):
-        R.size_pipeline(config, [R.tsn_need(config)])
+        R.size_pipeline(config, [tsn.need(config)])
     assert 2 <= time.monotonic() - start < 15

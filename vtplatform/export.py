@@ -106,8 +106,8 @@ def _save(layer: nn.Layer, spec: list, save_dir: str, name: str, config: Config)
 
 
 def export_tsn(config: Config, weights: str | None, save_dir: str) -> dict[str, Any]:
-    from vtplatform.extract import weights_fingerprint
     from vtplatform.models.tsn import FrameFeatures, TSNConfig, load_backbone
+    from vtplatform.stages.tsn import weights_fingerprint
 
     tsn_config = TSNConfig.from_model_section(config.model)
     fingerprint, _ = weights_fingerprint(config, weights)
@@ -122,7 +122,7 @@ def export_tsn(config: Config, weights: str | None, save_dir: str) -> dict[str, 
 def export_lstm(config: Config, weights: str, save_dir: str, feature_dim: int) -> dict[str, Any]:
     from vtplatform.models.attention_lstm import build_model, load_state
     from vtplatform.models.weights import fingerprint
-    from vtplatform.predict import resolve_model
+    from vtplatform.stages.lstm import resolve_model
 
     model_config, loaded = resolve_model(config, weights, feature_dim)
     model = build_model(model_config)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vtplatform.models.tsn import FrameFeatures
+
 log = logging.getLogger(__name__)
 
 FrameFn = Callable[[np.ndarray], np.ndarray]
@@ -64,33 +66,39 @@ class Predictor:
 
 
 def frame_engine(backbone, device: str, precision: str, threads: int, runtime: str = "auto") -> FrameFn:
-    """uint8 crops (N, 224, 224, 3) -> float32 features (N, C).
+    """uint8 crops (N, 224, 224, 3) -> float32 features (N, C): ``engine`` over the backbone.
 
     ``runtime`` "auto" picks Paddle Inference on CPU and dygraph on GPU; "dygraph" forces the
     dygraph path (float16 autocast needs a GPU either way).
     """
-    import paddle
+    return engine(FrameFeatures(backbone), [None, 224, 224, 3], device, precision, threads, runtime, "TSN")
 
-    from vtplatform.models.tsn import FrameFeatures
+
+def engine(
+    layer, input_shape: list, device: str, precision: str, threads: int, runtime: str = "auto", name: str = "model"
+) -> FrameFn:
+    """A Paddle layer taking one uint8 array of ``input_shape`` (None: any size) as a function of
+    numpy arrays: Paddle Inference (oneDNN, ``threads``) on CPU, dygraph on GPU, float16
+    autocast with ``precision`` float16 (GPU only)."""
+    import paddle
 
     if precision == "float16" and device == "cpu":
         raise ValueError("float16 inference needs a GPU; use extract.precision=float32 (or auto) on CPU")
-    frames_model = FrameFeatures(backbone)
-    frames_model.eval()
+    layer.eval()
     if device == "cpu" and runtime != "dygraph":
-        spec = [paddle.static.InputSpec([None, 224, 224, 3], "uint8", "frames")]
+        spec = [paddle.static.InputSpec(input_shape, "uint8", "frames")]
         with tempfile.TemporaryDirectory(prefix="vtp-export-") as tmp:
-            predictor = Predictor(export_model(frames_model, spec, tmp), threads=threads)
-        log.info("TSN on CPU through Paddle Inference (oneDNN, %d threads)", threads)
+            predictor = Predictor(export_model(layer, spec, tmp), threads=threads)
+        log.info("%s on CPU through Paddle Inference (oneDNN, %d threads)", name, threads)
         return predictor
     place = paddle.CPUPlace() if device == "cpu" else paddle.CUDAPlace(0)
-    frames_model.to(device=place)
+    layer.to(device=place)
     use_fp16 = precision == "float16"
-    log.info("TSN on %s in dygraph, %s", device, "float16 autocast" if use_fp16 else "float32")
+    log.info("%s on %s in dygraph, %s", name, device, "float16 autocast" if use_fp16 else "float32")
 
     def run(frames: np.ndarray) -> np.ndarray:
         with paddle.no_grad(), paddle.amp.auto_cast(enable=use_fp16, dtype="float16", level="O1"):
             x = paddle.to_tensor(frames, place=place)
-            return frames_model(x).astype("float32").numpy()
+            return layer(x).astype("float32").numpy()
 
     return run

@@ -1,12 +1,15 @@
-"""Label sets: the seed's label file (one class name per line), its fingerprint, and the top
-classes of a prediction. Training, evaluation, prediction, tagging and the nightly run share them."""
+"""Label sets: the seed's label file (one class name per line), its fingerprint, the top
+classes of a prediction, and the seed's per-video JSON of them. Training, evaluation, prediction, tagging and the nightly run share them."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import numpy as np
 
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import ConfigError, StorageSection
 
@@ -42,3 +45,21 @@ def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
     """(N, k) class ids per row, best first; ties go to the lower class id."""
     k = min(k, probs.shape[1])
     return np.argsort(-probs, axis=1, kind="stable")[:, :k]
+
+
+def seed_json_bytes(row: dict) -> bytes:
+    """The seed's per-video JSON, with the key ``class_id`` (the original wrote ``'class_id``)."""
+    items: list[Any] = [row[S.VIDEO_ID]]
+    names = row[S.CLASS_NAMES] or [None] * len(row[S.CLASS_IDS])
+    for class_id, name, prob in zip(row[S.CLASS_IDS], names, row[S.PROBS], strict=True):
+        items.append({"class_id": int(class_id), "class_name": name, "probability": float(prob)})
+    return json.dumps(items, ensure_ascii=False).encode("utf-8")
+
+
+def label_names_for(label_file: str | None, num_classes: int, storage: StorageSection) -> list[str] | None:
+    """The class names of ``label_file`` checked against ``num_classes``; None without a file."""
+    if not label_file:
+        return None
+    names = read_label_names(label_file, storage)
+    check_label_names(names, num_classes, label_file)
+    return names

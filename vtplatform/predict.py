@@ -1,4 +1,9 @@
-"""AttentionLSTM inference: top-k tags per video from a feature table or the seed's .npy files.
+"""Prediction with either model, side by side: top-k tags per video.
+
+* ``run_predict``: AttentionLSTM, from a feature table or the seed's .npy files (the LSTM stage,
+  ``stages.lstm``, over ``lstm_data``'s batches; ``run_inference`` is shared with its evaluation);
+* ``run_predict_tsn``: the TSN classifier, from videos (``stages.classifier.classify``, shared
+  with its evaluation).
 
 Output under ``save_dir`` (a local folder or ``s3://`` prefix)::
 
@@ -15,150 +20,39 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.labels import check_label_names, label_fingerprint, read_label_names, top_k_indices
+from vtplatform.config import Config
+from vtplatform.labels import label_fingerprint, label_names_for, seed_json_bytes
+from vtplatform.lstm_data import make_dataset, plan_inputs
+from vtplatform.stages import lstm
+from vtplatform.stages.classifier import classify
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_PART = 10_000
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything an inference actor needs to build and load the model."""
-
-    model: Any  # AttentionLSTMConfig
-    weights: str
-    storage: StorageSection
-    use_gpu: bool = False
-    threads: int = 1
-
-
-def resolve_model(config: Config, weights: str, feature_dim: int):
-    """(AttentionLSTMConfig, LoadedWeights): the checkpoint's own dims when it records them,
-    else the config's (with ``feature_dim`` from the features)."""
-    from vtplatform.models.attention_lstm import AttentionLSTMConfig
-    from vtplatform.models.weights import read_weights
-
-    loaded = read_weights(weights, config.storage).require("AttentionLSTM")
-    from_config = AttentionLSTMConfig.from_model_section(config.model, feature_dim)
-    recorded = (loaded.meta or {}).get("model")
-    if recorded:
-        model_config = AttentionLSTMConfig(**recorded)
-        if model_config != from_config:
-            log.info("using the checkpoint's model dimensions %s (the config says %s)", model_config, from_config)
-    else:
-        model_config = from_config
-        classes = loaded.state.get("output.w_0")
-        if classes is not None and classes.shape[-1] != model_config.num_classes:
-            raise ConfigError(
-                f"{st.redact(weights)} predicts {classes.shape[-1]} classes, "
-                f"MODEL.num_classes is {model_config.num_classes}"
-            )
-    if model_config.feature_dim != feature_dim:
-        raise ConfigError(f"the model takes {model_config.feature_dim}-dim features, the inputs have {feature_dim}")
-    return model_config, loaded
-
-
-def check_feature_provenance(config: Config, meta: dict | None, provenance: dict | None, source: str) -> None:
-    """Refuses features made differently from those the checkpoint was trained on."""
-    trained = (meta or {}).get("features")
-    if not config.data.check_provenance or not trained or provenance is None:
-        if trained and provenance is None:
-            log.warning(
-                "cannot check that %s match the features the model was trained on (no provenance)", st.redact(source)
-            )
-        return
-    diff = S.signature_diff(trained, provenance)
-    if diff:
-        raise ConfigError(
-            f"{st.redact(source)} were made differently from the features the model was trained on: {'; '.join(diff)} "
-            "(set -o data.check_provenance=false to override)"
-        )
-
-
-class LSTMStage:
-    """Ray Data stage: loads the model once, then numpy batches -> probabilities.
-
-    ``top_k`` set: ``class_ids``/``probs`` (N, k); unset: ``probs`` (N, C) plus per-video ``loss``
-    (sigmoid cross-entropy summed over classes) when the batch has targets.
-    """
-
-    def __init__(self, spec: ModelSpec, top_k: int | None):
-        import paddle
-
-        from vtplatform.models.attention_lstm import build_model, load_state
-        from vtplatform.models.weights import read_weights
-
-        paddle.set_device("gpu" if spec.use_gpu else "cpu")
-        if not spec.use_gpu:
-            paddle.base.core.set_num_threads(spec.threads)
-        self.model = build_model(spec.model)
-        self.model.eval()
-        load_state(self.model, read_weights(spec.weights, spec.storage).state, spec.weights)
-        self.top_k = top_k
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from vtplatform.lstm_data import collate
-
-        x, lengths, targets = collate(batch)
-        logits = forward_logits(self.model, x, lengths)
-        probs = 1.0 / (1.0 + np.exp(-logits))
-        out = {S.VIDEO_ID: batch[S.VIDEO_ID]}
-        if self.top_k is not None:
-            top = top_k_indices(probs, self.top_k)
-            out[S.CLASS_IDS] = top.astype(np.int32)
-            out[S.PROBS] = np.take_along_axis(probs, top, axis=1).astype(np.float32)
-        else:
-            out[S.PROBS] = probs.astype(np.float32)
-            if targets is not None:
-                out[S.TARGETS] = targets.astype(np.uint8)
-                out[S.LOSS] = sigmoid_cross_entropy(logits, targets).sum(axis=1)
-        return out
-
-
-def forward_logits(model, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    import paddle
-
-    with paddle.no_grad():
-        return model(paddle.to_tensor(x), paddle.to_tensor(lengths)).numpy().astype(np.float64)
-
-
-def sigmoid_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Element-wise, in the numerically stable form max(x, 0) - x*z + log(1 + exp(-|x|))."""
-    return np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
-
-
 def run_inference(
     config: Config, weights: str, inputs, phase_use_gpu: bool, top_k: int | None, batch_size: int, with_targets: bool
 ):
     """The planned ``inputs`` through the model on an actor pool; yields numpy batches."""
-    from vtplatform import resources as R
-    from vtplatform.lstm_data import make_dataset
-
-    model_config, loaded = resolve_model(config, weights, inputs.feature_dim)
-    check_feature_provenance(config, loaded.meta, inputs.provenance, inputs.source)
-    plan = R.size_pipeline(config, [R.lstm_inference_need(config)], phase_use_gpu)
-    model = plan.models["AttentionLSTM"]
-    spec = ModelSpec(model_config, loaded.source, config.storage, model.num_gpus > 0, model.threads)
+    model_config, loaded = lstm.resolve_model(config, weights, inputs.feature_dim)
+    lstm.check_feature_provenance(config, loaded.meta, inputs.provenance, inputs.source)
+    plan = R.size_pipeline(config, [lstm.inference_need(config)], phase_use_gpu)
+    actors = plan.models[lstm.MODEL_NAME]
+    spec = lstm.ModelSpec(model_config, loaded.source, config.storage, actors.num_gpus > 0, actors.threads)
     ds = make_dataset(inputs, config, with_targets=with_targets, task_cpus=plan.task_cpus)
-    ds = ds.map_batches(
-        LSTMStage,
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=model.compute(),
-        fn_constructor_kwargs={"spec": spec, "top_k": top_k},
-        **model.ray_args(),
-    )
+    ds = lstm.inference_stage(ds, spec, top_k, batch_size, actors)
     return model_config, loaded, ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -194,17 +88,14 @@ def run_predict(
 ) -> PredictSummary:
     """Top-k tags for every video of ``filelist`` (default INFER.filelist), or with ``whole_table``
     for every row of the feature table ``data.features``."""
-    from vtplatform.lstm_data import plan_inputs
-
     start = time.perf_counter()
     top_k = top_k or config.model.topk
     inputs = plan_inputs(config, "infer", None if whole_table else filelist or config.infer.filelist, need_labels=False)
     model_config, loaded, batches = run_inference(
         config, weights, inputs, config.infer.use_gpu, top_k, config.infer.batch_size, with_targets=False
     )
-    names = read_label_names(label_file, config.storage) if label_file else None
+    names = label_names_for(label_file, model_config.num_classes, config.storage)
     if names is not None:
-        check_label_names(names, model_config.num_classes, label_file)
         trained = (loaded.meta or {}).get("label_fingerprint")
         if trained and trained != label_fingerprint(names, model_config.num_classes):
             log.warning("label file %s differs from the one the model was trained with", st.redact(label_file))
@@ -255,10 +146,73 @@ def run_predict(
     )
 
 
-def seed_json_bytes(row: dict) -> bytes:
-    """The seed's per-video JSON, with the key ``class_id`` (the original wrote ``'class_id``)."""
-    items: list[Any] = [row[S.VIDEO_ID]]
-    names = row[S.CLASS_NAMES] or [None] * len(row[S.CLASS_IDS])
-    for class_id, name, prob in zip(row[S.CLASS_IDS], names, row[S.PROBS], strict=True):
-        items.append({"class_id": int(class_id), "class_name": name, "probability": float(prob)})
-    return json.dumps(items, ensure_ascii=False).encode("utf-8")
+def run_predict_tsn(
+    config: Config,
+    weights: str,
+    save_dir: str,
+    label_file: str | None = None,
+    filelist: str | None = None,
+    top_k: int | None = None,
+    seed_json: bool = False,
+):
+    """Top-k (``MODEL.topk``) classes of every INFER video (``INFER.seg_num`` centred segments):
+    ``save_dir/predictions/part-00000.parquet`` and, with ``seed_json``, ``json/result<i>.json``."""
+    k = min(top_k or config.model.topk, config.model.num_classes)
+    results = classify(config, "infer", weights, filelist, labelled=False)
+    names = label_names_for(label_file, config.model.num_classes, config.storage)
+    top_ids = np.array([ids[:k] for ids in results.table.column(S.CLASS_IDS).to_pylist()], np.int64).reshape(-1, k)
+    top_probs = np.array([p[:k] for p in results.table.column(S.PROBS).to_pylist()], np.float32).reshape(-1, k)
+    table = predictions_table(
+        results.table.column(S.VIDEO_ID).to_pylist(), results.table.column(S.URI).to_pylist(), top_ids, top_probs, names
+    )
+    metadata = {
+        "model": "TSN",
+        "weights": st.redact(weights),
+        "label_fingerprint": label_fingerprint(names, config.model.num_classes),
+        "top_k": k,
+    }
+    table = table.replace_schema_metadata({S.METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    fs, root = st.filesystem(save_dir, config.storage)
+    st.write_parquet(table, fs, f"{root}/{S.PREDICTIONS_DIR}/part-00000.parquet")
+    if seed_json:
+        for i, row in enumerate(table.to_pylist()):
+            st.write_bytes(seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/result{i}.json")
+    results.write_dead_letters(save_dir, config.storage)
+    log.info("top-%d predictions:\n%s", k, format_predictions(table))
+    return PredictSummary(
+        st.redact(save_dir),
+        table.num_rows,
+        results.failure_counts(),
+        results.elapsed_seconds,
+        st.redact(weights),
+    )
+
+
+def predictions_table(
+    video_ids: list[str], uris: list[str], top_ids: np.ndarray, top_probs: np.ndarray, class_names: Sequence[str] | None
+) -> pa.Table:
+    """``schema.PREDICTION_SCHEMA`` rows; ``class_names`` null without a label file."""
+    names = [[class_names[c] for c in row] for row in top_ids.tolist()] if class_names is not None else None
+    return pa.table(
+        {
+            S.VIDEO_ID: video_ids,
+            S.URI: uris,
+            S.CLASS_IDS: pa.array(top_ids.tolist(), pa.list_(pa.int32())),
+            S.CLASS_NAMES: pa.array(names or [None] * len(video_ids), pa.list_(pa.string())),
+            S.PROBS: pa.array(top_probs.astype(np.float32).tolist(), pa.list_(pa.float32())),
+        },
+        schema=S.PREDICTION_SCHEMA,
+    )
+
+
+def format_predictions(table: pa.Table, limit: int | None = 20) -> str:
+    """A readable table: one line per (video, rank)."""
+    lines = [f"{'video':<40} {'rank':>4} {'class_id':>8}  {'probability':>11}  class_name"]
+    for row in table.slice(0, limit if limit is not None else table.num_rows).to_pylist():
+        names = row[S.CLASS_NAMES] or [""] * len(row[S.CLASS_IDS])
+        for rank, (c, n, p) in enumerate(zip(row[S.CLASS_IDS], names, row[S.PROBS], strict=True), start=1):
+            video = os.path.basename(row[S.URI]) if rank == 1 else ""
+            lines.append(f"{video[:40]:<40} {rank:>4} {c:>8}  {p:>11.6f}  {n}")
+    if limit is not None and table.num_rows > limit:
+        lines.append(f"... {table.num_rows - limit} more videos")
+    return "\n".join(lines)

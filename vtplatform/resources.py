@@ -128,40 +128,6 @@ class PipelinePlan:
         return f"stages on {cluster.describe()}, models on {self.device}: " + "; ".join(parts)
 
 
-def tsn_need(config: Config) -> ModelNeed:
-    res = config.resources
-    return ModelNeed(
-        "TSN", res.tsn_cpus, res.tsn_gpus, res.tsn_actors, res.tsn_threads, "resources.tsn_cpus", "resources.tsn_gpus"
-    )
-
-
-def lstm_tag_need(config: Config) -> ModelNeed:
-    tag = config.tag
-    return ModelNeed(
-        "AttentionLSTM",
-        tag.lstm_cpus,
-        tag.lstm_gpus,
-        tag.lstm_actors,
-        tag.lstm_threads,
-        "tag.lstm_cpus",
-        "tag.lstm_gpus",
-    )
-
-
-def lstm_inference_need(config: Config) -> ModelNeed:
-    """AttentionLSTM evaluation and prediction: ``train_run.num_workers`` actors, 1 GPU each on GPUs."""
-    run = config.train_run
-    return ModelNeed(
-        "AttentionLSTM",
-        run.cpus_per_worker or 1.0,
-        1.0,
-        run.num_workers or 1,
-        run.threads_per_worker,
-        "train_run.cpus_per_worker",
-        "train_run.num_workers",
-    )
-
-
 def plan_pipeline(config: Config, cluster: Cluster, needs: list[ModelNeed], device_: str) -> PipelinePlan:
     """Stage sizes for decode/read tasks feeding ``needs`` (in pipeline order) on ``cluster``."""
     res = config.resources

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+MODEL_TSN = "TSN"  # the model names configs, checkpoints and actor stages use
+MODEL_ATTENTION_LSTM = "AttentionLSTM"
 SCHEMA_VERSION = 1
 METADATA_KEY = b"vtplatform"
 

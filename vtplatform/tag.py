@@ -32,14 +32,8 @@ from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
-from vtplatform.extract import (
-    FeatureOutput,
-    check_same_extractor,
-    provenance,
-    tsn_pipeline,
-    tsn_spec,
-    weights_fingerprint,
-)
+from vtplatform.labels import check_label_names, label_fingerprint, read_label_names, seed_json_bytes
+from vtplatform.models.weights import fingerprint
 from vtplatform.pipeline import (
     JobSummary,
     OutputState,
@@ -51,70 +45,13 @@ from vtplatform.pipeline import (
     prepare_output,
     run_video_job,
 )
+from vtplatform.stages import lstm, tsn
+from vtplatform.stages.decode import decode_stage
 
 log = logging.getLogger(__name__)
 
 HUB_FILE = "hub_results.json"
 FORMATS = ("json", "hub")
-
-
-@dataclass(frozen=True)
-class TagSpec:
-    """What an AttentionLSTM tagging actor needs."""
-
-    lstm: Any  # predict.ModelSpec
-    top_k: int
-    threshold: float
-    feature_dtype: str
-    num_segments: int
-    feature_dim: int
-    keep_features: bool
-
-
-class TagStage:
-    """Features (as bytes, from the TSN stage) -> top-k class ids and probabilities, plus the classes
-    at or above the threshold. Rows that failed earlier pass through untouched."""
-
-    def __init__(self, spec: TagSpec):
-        from vtplatform.predict import LSTMStage
-
-        self.spec = spec
-        self.model = LSTMStage(spec.lstm, top_k=spec.top_k).model
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from vtplatform.labels import top_k_indices
-        from vtplatform.predict import forward_logits
-
-        start = time.perf_counter()
-        spec = self.spec
-        feats = batch.column(S.FEATURES).to_pylist()
-        ok = [i for i, f in enumerate(feats) if f is not None]
-        ids: list[list[int] | None] = [None] * len(feats)
-        probs: list[list[float] | None] = [None] * len(feats)
-        labels: list[list[int] | None] = [None] * len(feats)
-        if ok:
-            shape = (spec.num_segments, spec.feature_dim)
-            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok]).astype(
-                np.float32
-            )
-            lengths = np.full(len(ok), spec.num_segments, dtype=np.int64)
-            all_probs = 1.0 / (
-                1.0 + np.exp(-forward_logits(self.model, x, lengths))
-            )  # (n, C), as predict computes them
-            top = top_k_indices(all_probs, spec.top_k)
-            for j, i in enumerate(ok):
-                ids[i] = top[j].tolist()
-                probs[i] = all_probs[j, top[j]].astype(np.float32).tolist()
-                above = np.flatnonzero(all_probs[j] >= spec.threshold)
-                labels[i] = above[np.argsort(-all_probs[j, above], kind="stable")].tolist()
-        per_video = (time.perf_counter() - start) / max(len(ok), 1)
-        out = batch if spec.keep_features else batch.drop_columns([S.FEATURES])
-        out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
-        out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
-        out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
-        return out.append_column(
-            S.TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32())
-        )
 
 
 class TagOutput:
@@ -145,8 +82,6 @@ class TagOutput:
             )
         st.write_parquet(pa.Table.from_pylist(rows, schema=self.schema), fs, f"{root}/{self.directory}/{part}")
         if self.seed_json:
-            from vtplatform.predict import seed_json_bytes
-
             for row in rows:
                 st.write_bytes(
                     seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json"
@@ -157,45 +92,28 @@ class TagOutput:
 class Tagger:
     """The AttentionLSTM side of tagging, resolved once in the driver."""
 
-    spec: TagSpec
+    spec: lstm.TagSpec
     names: list[str] | None
     meta: dict[str, Any]  # recorded in every tags part
 
     def schema(self) -> pa.Schema:
         return S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(self.meta, sort_keys=True).encode()})
 
-    def stage(self, ds, config: Config, plan: R.PipelinePlan):
-        """Adds the AttentionLSTM actors to a dataset of rows with ``features`` bytes."""
-        lstm = plan.models["AttentionLSTM"]
-        return ds.map_batches(
-            TagStage,
-            batch_size=config.tag.lstm_batch_size,
-            batch_format="pyarrow",
-            compute=lstm.compute(),
-            fn_constructor_kwargs={"spec": self.spec},
-            **lstm.ray_args(),
-        )
-
 
 def build_tagger(
-    config: Config, lstm_weights: str, prov: dict[str, Any], feature_dtype: str, lstm: R.ActorStage, keep_features: bool
+    config: Config,
+    lstm_weights: str,
+    prov: dict[str, Any],
+    feature_dtype: str,
+    actors: R.ActorStage,
+    keep_features: bool,
 ) -> Tagger:
     """Resolves the AttentionLSTM weights for features described by ``prov`` (their provenance),
     checks that the model was trained on such features, and reads the class names."""
-    from vtplatform.models.weights import fingerprint
-    from vtplatform.predict import (
-        ModelSpec,
-        check_feature_provenance,
-        check_label_names,
-        label_fingerprint,
-        read_label_names,
-        resolve_model,
-    )
-
     tag = config.tag
     segments, dim = prov["sampling"]["num_segments"], prov["model"]["feature_dim"]
-    model_config, loaded = resolve_model(config, lstm_weights, dim)
-    check_feature_provenance(config, loaded.meta, prov, "the TSN features")
+    model_config, loaded = lstm.resolve_model(config, lstm_weights, dim)
+    lstm.check_feature_provenance(config, loaded.meta, prov, "the TSN features")
     names = read_label_names(tag.label_file, config.storage) if tag.label_file else None
     if names is not None:
         check_label_names(names, model_config.num_classes, tag.label_file)
@@ -210,8 +128,8 @@ def build_tagger(
         "threshold": tag.threshold,
         "label_fingerprint": label_fingerprint(names, model_config.num_classes),
     }
-    spec = TagSpec(
-        lstm=ModelSpec(model_config, loaded.source, config.storage, lstm.num_gpus > 0, lstm.threads),
+    spec = lstm.TagSpec(
+        lstm=lstm.ModelSpec(model_config, loaded.source, config.storage, actors.num_gpus > 0, actors.threads),
         top_k=top_k,
         threshold=tag.threshold,
         feature_dtype=feature_dtype,
@@ -249,22 +167,22 @@ def run_tag(
     if unknown:
         raise ConfigError(f"--format takes {list(FORMATS)}, got {sorted(unknown)}")
     config = prepare_output(config, save_dir)
-    plan = R.size_pipeline(config, [R.tsn_need(config), R.lstm_tag_need(config)])
-    spec = tsn_spec(config, tsn_weights, plan.device, plan.models["TSN"].threads)
-    fingerprint, feature_dim = weights_fingerprint(config, tsn_weights)
-    prov = provenance(config, fingerprint, feature_dim, spec.precision)
+    plan = R.size_pipeline(config, [tsn.need(config), lstm.tag_need(config)])
+    spec = tsn.tsn_spec(config, tsn_weights, plan.device, plan.models[tsn.MODEL_NAME].threads)
+    tsn_fingerprint, feature_dim = tsn.weights_fingerprint(config, tsn_weights)
+    prov = tsn.provenance(config, tsn_fingerprint, feature_dim, spec.precision)
     keep_features = config.tag.write_features
-    lstm = plan.models["AttentionLSTM"]
-    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, lstm, keep_features)
+    actors = plan.models[lstm.MODEL_NAME]
+    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, keep_features)
     outputs: list = [TagOutput(tagger.schema(), tagger.names, "json" in formats)]
     if keep_features:
         schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
-        outputs.append(FeatureOutput(schema, write_npy=False))
+        outputs.append(tsn.FeatureOutput(schema, write_npy=False))
 
     def check_output(fs: pafs.FileSystem, root: str, state: OutputState) -> None:
         check_same_tagger(state.schema, tagger.meta, save_dir)
         if keep_features:
-            check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
+            tsn.check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
 
     def finish(fs: pafs.FileSystem, root: str) -> None:
         if "hub" in formats:
@@ -274,7 +192,9 @@ def run_tag(
         "tagging",
         S.TAGS_DIR,
         spec.device,
-        stages=lambda ds: tagger.stage(tsn_pipeline(ds, config, spec, plan), config, plan),
+        stages=lambda ds: lstm.tag_stage(
+            tsn.tsn_stage(decode_stage(ds, config, plan), config, spec, plan), config, tagger.spec, plan
+        ),
         outputs=outputs,
         writer_cpus=plan.writer_cpus,
         frames_per_video=config.infer.seg_num,
@@ -338,9 +258,9 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
     done = frozenset(output_state(fs, root, S.TAGS_DIR).done.to_pylist())
     schema = pq.read_schema(parts[0], filesystem=ffs)
     dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
-    plan = R.size_pipeline(config, [R.lstm_tag_need(config)])
-    lstm = plan.models["AttentionLSTM"]
-    tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, lstm, keep_features=False)
+    plan = R.size_pipeline(config, [lstm.tag_need(config)])
+    actors = plan.models[lstm.MODEL_NAME]
+    tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, actors, keep_features=False)
     tagger.meta["model_id"] = model_id
     sink = ResultSink(
         save_dir, config.storage, [TagOutput(tagger.schema(), tagger.names, False)], config.output.rows_per_file
@@ -354,7 +274,7 @@ def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str
         num_cpus=plan.task_cpus,
         fn_kwargs={"storage": config.storage, "skip": done},
     )
-    tagger.stage(ds, config, plan).write_datasink(sink, ray_remote_args={"num_cpus": plan.writer_cpus})
+    lstm.tag_stage(ds, config, tagger.spec, plan).write_datasink(sink, ray_remote_args={"num_cpus": plan.writer_cpus})
     finalize_output(fs, root, S.TAGS_DIR, expected=None)
     log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
     return sink.stats.get("ok", 0)

@@ -7,6 +7,7 @@ import pytest
 
 from vtplatform import schema as S
 from vtplatform.eval import classification as C
+from vtplatform.predict import format_predictions, predictions_table
 
 
 def _case(n=300, classes=12, seed=0):
@@ -86,12 +87,12 @@ def test_names_in_the_report_and_the_log_line():
 def test_predictions_table():
     ids = np.array([[2, 0], [1, 2]])
     probs = np.array([[0.7, 0.2], [0.5, 0.4]], np.float32)
-    table = C.predictions_table(["a-1", "b-2"], ["/v/a.mp4", "s3://b/v/b.mp4"], ids, probs, ["x", "y", "z"])
+    table = predictions_table(["a-1", "b-2"], ["/v/a.mp4", "s3://b/v/b.mp4"], ids, probs, ["x", "y", "z"])
     assert table.schema.equals(S.PREDICTION_SCHEMA)
     assert table.column(S.CLASS_IDS).to_pylist() == [[2, 0], [1, 2]]
     assert table.column(S.CLASS_NAMES).to_pylist() == [["z", "x"], ["y", "z"]]
     np.testing.assert_allclose(table.column(S.PROBS).to_pylist(), probs)
-    text = C.format_predictions(table)
+    text = format_predictions(table)
     assert "b.mp4" in text and text.count("\n") == 4
-    unnamed = C.predictions_table(["a"], ["/a.mp4"], ids[:1], probs[:1], None)
+    unnamed = predictions_table(["a"], ["/a.mp4"], ids[:1], probs[:1], None)
     assert unnamed.column(S.CLASS_NAMES).to_pylist() == [None]

@@ -11,8 +11,8 @@ from tests.clips import write_indexed_clip
 from tests.conftest import SEED
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, StorageSection, load_config
-from vtplatform.eval.tsn import ClassifierSpec, ClassifierStage, read_weights
 from vtplatform.models import tsn_classifier as tc
+from vtplatform.stages.classifier import ClassifierSpec, ClassifierStage, read_weights
 from vtplatform.train import checkpoint
 from vtplatform.tsn_data import clip_frames, clip_spec, load_clips
 
@@ -109,7 +109,7 @@ def test_weights_from_a_run_a_checkpoint_or_a_file_and_never_another_model(saved
             read_weights(str(other), StorageSection())
     with pytest.raises(ConfigError, match="not found"):
         read_weights(str(tmp_path / "nothing"), StorageSection())
-    from vtplatform.predict import resolve_model  # and the other way round
+    from vtplatform.stages.lstm import resolve_model  # and the other way round
 
     lstm_config = load_config(SEED / "configs" / "attention_lstm.yaml")
     with pytest.raises(ConfigError, match="is a TSN checkpoint, not an AttentionLSTM one"):

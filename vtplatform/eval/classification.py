@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import StorageSection
+from vtplatform.labels import top_k_indices
 
 log = logging.getLogger(__name__)
 
 
 def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, C) probabilities -> (ids, probs), each (N, min(k, C)), highest first."""
-    k = min(k, probs.shape[1])
-    ids = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    ids = top_k_indices(probs, k)
     return ids, np.take_along_axis(probs, ids, axis=1)
 
 
@@ -110,33 +107,3 @@ def format_report(report: dict[str, Any], prefix: str = "[EVAL] eval finished.")
 def write_json(obj: Any, uri: str, storage: StorageSection) -> None:
     fs, path = st.filesystem(uri, storage)
     st.write_bytes(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"), fs, path)
-
-
-def predictions_table(
-    video_ids: list[str], uris: list[str], top_ids: np.ndarray, top_probs: np.ndarray, class_names: Sequence[str] | None
-) -> pa.Table:
-    """``schema.PREDICTION_SCHEMA`` rows; ``class_names`` null without a label file."""
-    names = [[class_names[c] for c in row] for row in top_ids.tolist()] if class_names is not None else None
-    return pa.table(
-        {
-            S.VIDEO_ID: video_ids,
-            S.URI: uris,
-            S.CLASS_IDS: pa.array(top_ids.tolist(), pa.list_(pa.int32())),
-            S.CLASS_NAMES: pa.array(names or [None] * len(video_ids), pa.list_(pa.string())),
-            S.PROBS: pa.array(top_probs.astype(np.float32).tolist(), pa.list_(pa.float32())),
-        },
-        schema=S.PREDICTION_SCHEMA,
-    )
-
-
-def format_predictions(table: pa.Table, limit: int | None = 20) -> str:
-    """A readable table: one line per (video, rank)."""
-    lines = [f"{'video':<40} {'rank':>4} {'class_id':>8}  {'probability':>11}  class_name"]
-    for row in table.slice(0, limit if limit is not None else table.num_rows).to_pylist():
-        names = row[S.CLASS_NAMES] or [""] * len(row[S.CLASS_IDS])
-        for rank, (c, n, p) in enumerate(zip(row[S.CLASS_IDS], names, row[S.PROBS], strict=True), start=1):
-            video = os.path.basename(row[S.URI]) if rank == 1 else ""
-            lines.append(f"{video[:40]:<40} {rank:>4} {c:>8}  {p:>11.6f}  {n}")
-    if limit is not None and table.num_rows > limit:
-        lines.append(f"... {table.num_rows - limit} more videos")
-    return "\n".join(lines)

@@ -507,7 +507,7 @@ def _validate(model, valid, spec: TrainSpec) -> dict[str, float]:
     """Metrics over the whole validation set, on the chief worker."""
     from vtplatform.eval.youtube8m import Youtube8mMetrics, seed_log_line
     from vtplatform.lstm_data import collate
-    from vtplatform.predict import forward_logits, sigmoid_cross_entropy
+    from vtplatform.stages.lstm import forward_logits, sigmoid_cross_entropy
 
     model.eval()
     metrics = Youtube8mMetrics(spec.model.num_classes, spec.top_k)

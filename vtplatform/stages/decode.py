@@ -1,8 +1,9 @@
-"""Pipeline stages shared by extraction and tagging: decode (CPU tasks) and TSN (an actor).
+"""The decode stage of extraction and tagging: ``(video_id, uri)`` rows -> sampled crops, in
+Ray CPU tasks, with the ledger that turns a video that kills its decoder into a dead letter.
 
-Batches are Arrow tables (``schema.CLIP_SCHEMA`` between the two). A video that fails becomes
-a row with ``stage``/``error_type``/``message`` set, which later stages pass through untouched
-and the writer turns into a dead letter.
+Batches are Arrow tables (``schema.CLIP_SCHEMA`` out). A video that fails becomes a row with
+``stage``/``error_type``/``message`` set, which later stages pass through untouched and the
+writer turns into a dead letter.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vtplatform import faults as F
+from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform.config import Config, StorageSection
+from vtplatform.pipeline import map_cpu_tasks
 from vtplatform.storage import local_copy, redact
 from vtplatform.video.decode import BadVideo, DecodeOptions, sample_clip
 
@@ -78,9 +81,6 @@ class DecodeLedger:
 def decode_ledger():
     """A ``DecodeLedger`` on the driver's node (the head under ``ray job submit``), so that losing a
     worker node (a spot instance) never takes the ledger, and the job, with it."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(DecodeLedger).options(num_cpus=0, scheduling_strategy=here).remote()
 
@@ -124,8 +124,6 @@ def decode_videos(
     ids, uris = batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist()
     careful, deaths = False, {}
     if ledger is not None:
-        import ray
-
         block = hashlib.sha1("\n".join(ids).encode()).hexdigest()
         attempt, deaths = ray.get(ledger.begin.remote(block, ids))
         careful = attempt > 0
@@ -171,8 +169,6 @@ def _watchdog(ledger, video_id: str, timeout_s: float | None):
         return
 
     def kill() -> None:
-        import ray
-
         log.error("decoding %s took over %s s: killing this worker", video_id, timeout_s)
         if ledger is not None:
             ray.get(ledger.timed_out.remote(video_id))
@@ -221,57 +217,22 @@ def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class TSNSpec:
-    """Everything a TSN actor needs to build its model, decided once by the driver."""
-
-    depth: int
-    image_mean: tuple[float, ...]
-    image_std: tuple[float, ...]
-    weights: str | None
-    seed: int
-    device: str  # "cpu" or "gpu"
-    precision: str  # "float32" or "float16"
-    threads: int
-    frames_per_forward: int
-    num_segments: int
-    target_size: int
-    out_dtype: str  # dtype of the features handed on
-
-
-class TSNStage:
-    """Loads the TSN backbone once per actor; turns crops into (seg, C) features per video."""
-
-    def __init__(self, spec: TSNSpec, storage: StorageSection):
-        from vtplatform.inference import frame_engine
-        from vtplatform.models.tsn import TSNConfig, load_backbone
-
-        self.spec = spec
-        with local_copy(spec.weights, storage) if spec.weights else contextlib.nullcontext() as weights:
-            backbone, self.fingerprint = load_backbone(
-                TSNConfig(spec.depth, spec.image_mean, spec.image_std), weights, spec.seed
-            )
-        self.engine = frame_engine(backbone, spec.device, spec.precision, spec.threads)
-
-    def features(self, frames: np.ndarray) -> np.ndarray:
-        """(N, 224, 224, 3) uint8 -> (N, C) float32, ``frames_per_forward`` frames at a time."""
-        step = self.spec.frames_per_forward
-        return np.concatenate([self.engine(frames[i : i + step]) for i in range(0, len(frames), step)])
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.perf_counter()
-        size = self.spec.target_size
-        frames = batch.column(S.FRAMES).to_pylist()
-        ok = [i for i, f in enumerate(frames) if f is not None]
-        out: list[bytes | None] = [None] * len(frames)
-        if ok:
-            stacked = np.concatenate([np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3) for i in ok])
-            feats = self.features(stacked).astype(self.spec.out_dtype)
-            for j, i in enumerate(ok):
-                out[i] = feats[j * self.spec.num_segments : (j + 1) * self.spec.num_segments].tobytes()
-        elapsed = (time.perf_counter() - start) / max(len(ok), 1)
-        table = batch.drop_columns([S.FRAMES]).append_column(
-            pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
-        )
-        seconds = [elapsed if f is not None else 0.0 for f in frames]
-        return table.append_column(pa.field(S.INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
+def decode_stage(ds, config: Config, plan: R.PipelinePlan):
+    """Adds the decode tasks to a dataset of ``(video_id, uri, size_bytes)`` blocks, one task a
+    block, sized by ``plan`` (``resources.decode_*``)."""
+    res = config.resources
+    return map_cpu_tasks(
+        ds,
+        decode_videos,
+        batch_size=None,  # a block per task, as pipeline.first_stage_input made them
+        num_cpus=plan.task_cpus,
+        concurrency=plan.task_concurrency,
+        max_retries=res.decode_max_retries + CRASHES_BEFORE_DEAD_LETTER * res.decode_batch_size,
+        fn_kwargs={
+            "options": decode_options(config),
+            "storage": config.storage,
+            "ledger": decode_ledger(),
+            "timeout_s": config.extract.decode_timeout_s,
+            "faults": F.decode_faults(),
+        },
+    )

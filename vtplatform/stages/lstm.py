@@ -1,0 +1,234 @@
+"""The AttentionLSTM stage: features -> class probabilities, on an actor pool that declares its
+own resources from the config (``tag.lstm_*`` when tagging, ``train_run.*`` when evaluating and
+predicting); and resolving the model a checkpoint describes.
+
+``LSTMStage`` takes numpy batches of a feature table (evaluation, prediction); ``TagStage`` takes
+the TSN stage's Arrow rows (tagging) and adds top-k ids, probabilities and the labels at or
+above the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from vtplatform import resources as R
+from vtplatform import schema as S
+from vtplatform import storage as st
+from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.labels import top_k_indices
+from vtplatform.lstm_data import collate
+from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, load_state
+from vtplatform.models.weights import read_weights
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = S.MODEL_ATTENTION_LSTM
+
+
+def tag_need(config: Config) -> R.ModelNeed:
+    tag = config.tag
+    return R.ModelNeed(
+        MODEL_NAME,
+        tag.lstm_cpus,
+        tag.lstm_gpus,
+        tag.lstm_actors,
+        tag.lstm_threads,
+        "tag.lstm_cpus",
+        "tag.lstm_gpus",
+    )
+
+
+def inference_need(config: Config) -> R.ModelNeed:
+    """AttentionLSTM evaluation and prediction: ``train_run.num_workers`` actors, 1 GPU each on GPUs."""
+    run = config.train_run
+    return R.ModelNeed(
+        MODEL_NAME,
+        run.cpus_per_worker or 1.0,
+        1.0,
+        run.num_workers or 1,
+        run.threads_per_worker,
+        "train_run.cpus_per_worker",
+        "train_run.num_workers",
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an inference actor needs to build and load the model."""
+
+    model: AttentionLSTMConfig
+    weights: str
+    storage: StorageSection
+    use_gpu: bool = False
+    threads: int = 1
+
+
+def resolve_model(config: Config, weights: str, feature_dim: int):
+    """(AttentionLSTMConfig, LoadedWeights): the checkpoint's own dims when it records them,
+    else the config's (with ``feature_dim`` from the features)."""
+    loaded = read_weights(weights, config.storage).require("AttentionLSTM")
+    from_config = AttentionLSTMConfig.from_model_section(config.model, feature_dim)
+    recorded = (loaded.meta or {}).get("model")
+    if recorded:
+        model_config = AttentionLSTMConfig(**recorded)
+        if model_config != from_config:
+            log.info("using the checkpoint's model dimensions %s (the config says %s)", model_config, from_config)
+    else:
+        model_config = from_config
+        classes = loaded.state.get("output.w_0")
+        if classes is not None and classes.shape[-1] != model_config.num_classes:
+            raise ConfigError(
+                f"{st.redact(weights)} predicts {classes.shape[-1]} classes, "
+                f"MODEL.num_classes is {model_config.num_classes}"
+            )
+    if model_config.feature_dim != feature_dim:
+        raise ConfigError(f"the model takes {model_config.feature_dim}-dim features, the inputs have {feature_dim}")
+    return model_config, loaded
+
+
+def check_feature_provenance(config: Config, meta: dict | None, provenance: dict | None, source: str) -> None:
+    """Refuses features made differently from those the checkpoint was trained on."""
+    trained = (meta or {}).get("features")
+    if not config.data.check_provenance or not trained or provenance is None:
+        if trained and provenance is None:
+            log.warning(
+                "cannot check that %s match the features the model was trained on (no provenance)", st.redact(source)
+            )
+        return
+    diff = S.signature_diff(trained, provenance)
+    if diff:
+        raise ConfigError(
+            f"{st.redact(source)} were made differently from the features the model was trained on: {'; '.join(diff)} "
+            "(set -o data.check_provenance=false to override)"
+        )
+
+
+class LSTMStage:
+    """Ray Data stage: loads the model once, then numpy batches -> probabilities.
+
+    ``top_k`` set: ``class_ids``/``probs`` (N, k); unset: ``probs`` (N, C) plus per-video ``loss``
+    (sigmoid cross-entropy summed over classes) when the batch has targets.
+    """
+
+    def __init__(self, spec: ModelSpec, top_k: int | None):
+        import paddle
+
+        paddle.set_device("gpu" if spec.use_gpu else "cpu")
+        if not spec.use_gpu:
+            paddle.base.core.set_num_threads(spec.threads)
+        self.model = build_model(spec.model)
+        self.model.eval()
+        load_state(self.model, read_weights(spec.weights, spec.storage).state, spec.weights)
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x, lengths, targets = collate(batch)
+        logits = forward_logits(self.model, x, lengths)
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        out = {S.VIDEO_ID: batch[S.VIDEO_ID]}
+        if self.top_k is not None:
+            top = top_k_indices(probs, self.top_k)
+            out[S.CLASS_IDS] = top.astype(np.int32)
+            out[S.PROBS] = np.take_along_axis(probs, top, axis=1).astype(np.float32)
+        else:
+            out[S.PROBS] = probs.astype(np.float32)
+            if targets is not None:
+                out[S.TARGETS] = targets.astype(np.uint8)
+                out[S.LOSS] = sigmoid_cross_entropy(logits, targets).sum(axis=1)
+        return out
+
+
+def forward_logits(model, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    import paddle
+
+    with paddle.no_grad():
+        return model(paddle.to_tensor(x), paddle.to_tensor(lengths)).numpy().astype(np.float64)
+
+
+def sigmoid_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Element-wise, in the numerically stable form max(x, 0) - x*z + log(1 + exp(-|x|))."""
+    return np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """What an AttentionLSTM tagging actor needs."""
+
+    lstm: ModelSpec
+    top_k: int
+    threshold: float
+    feature_dtype: str
+    num_segments: int
+    feature_dim: int
+    keep_features: bool
+
+
+class TagStage:
+    """Features (as bytes, from the TSN stage) -> top-k class ids and probabilities, plus the classes
+    at or above the threshold. Rows that failed earlier pass through untouched."""
+
+    def __init__(self, spec: TagSpec):
+        self.spec = spec
+        self.model = LSTMStage(spec.lstm, top_k=spec.top_k).model
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        spec = self.spec
+        feats = batch.column(S.FEATURES).to_pylist()
+        ok = [i for i, f in enumerate(feats) if f is not None]
+        ids: list[list[int] | None] = [None] * len(feats)
+        probs: list[list[float] | None] = [None] * len(feats)
+        labels: list[list[int] | None] = [None] * len(feats)
+        if ok:
+            shape = (spec.num_segments, spec.feature_dim)
+            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok]).astype(
+                np.float32
+            )
+            lengths = np.full(len(ok), spec.num_segments, dtype=np.int64)
+            all_probs = 1.0 / (
+                1.0 + np.exp(-forward_logits(self.model, x, lengths))
+            )  # (n, C), as predict computes them
+            top = top_k_indices(all_probs, spec.top_k)
+            for j, i in enumerate(ok):
+                ids[i] = top[j].tolist()
+                probs[i] = all_probs[j, top[j]].astype(np.float32).tolist()
+                above = np.flatnonzero(all_probs[j] >= spec.threshold)
+                labels[i] = above[np.argsort(-all_probs[j, above], kind="stable")].tolist()
+        per_video = (time.perf_counter() - start) / max(len(ok), 1)
+        out = batch if spec.keep_features else batch.drop_columns([S.FEATURES])
+        out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
+        out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
+        out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
+        return out.append_column(
+            S.TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32())
+        )
+
+
+def tag_stage(ds, config: Config, spec: TagSpec, plan: R.PipelinePlan):
+    """Adds the AttentionLSTM tagging actors to a dataset of rows with ``features`` bytes."""
+    actors = plan.models[MODEL_NAME]
+    return ds.map_batches(
+        TagStage,
+        batch_size=config.tag.lstm_batch_size,
+        batch_format="pyarrow",
+        compute=actors.compute(),
+        fn_constructor_kwargs={"spec": spec},
+        **actors.ray_args(),
+    )
+
+
+def inference_stage(ds, spec: ModelSpec, top_k: int | None, batch_size: int, actors: R.ActorStage):
+    """Adds the AttentionLSTM actors to a dataset of numpy feature batches (``lstm_data``)."""
+    return ds.map_batches(
+        LSTMStage,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=actors.compute(),
+        fn_constructor_kwargs={"spec": spec, "top_k": top_k},
+        **actors.ray_args(),
+    )

@@ -1,0 +1,220 @@
+"""The TSN stage: sampled crops -> (seg, C) features per video, on an actor pool that declares
+its own resources (``resources.tsn_*``); and what TSN features are: their provenance, the check
+that a table holds features made the same way, and the feature table output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+import vtplatform
+from vtplatform import resources as R
+from vtplatform import schema as S
+from vtplatform import storage as st
+from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.inference import frame_engine
+from vtplatform.models.tsn import TSNConfig, load_backbone
+from vtplatform.models.weights import WeightsError
+from vtplatform.stages.decode import videos_per_call
+
+MODEL_NAME = S.MODEL_TSN
+
+
+def need(config: Config) -> R.ModelNeed:
+    """The TSN actors' resources, from ``resources.tsn_*``."""
+    res = config.resources
+    return R.ModelNeed(
+        MODEL_NAME,
+        res.tsn_cpus,
+        res.tsn_gpus,
+        res.tsn_actors,
+        res.tsn_threads,
+        "resources.tsn_cpus",
+        "resources.tsn_gpus",
+    )
+
+
+@dataclass(frozen=True)
+class TSNSpec:
+    """Everything a TSN actor needs to build its model, decided once by the driver."""
+
+    depth: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    weights: str | None
+    seed: int
+    device: str  # "cpu" or "gpu"
+    precision: str  # "float32" or "float16"
+    threads: int
+    frames_per_forward: int
+    num_segments: int
+    target_size: int
+    out_dtype: str  # dtype of the features handed on
+
+
+class TSNStage:
+    """Loads the TSN backbone once per actor; turns crops into (seg, C) features per video."""
+
+    def __init__(self, spec: TSNSpec, storage: StorageSection):
+        self.spec = spec
+        with st.local_copy(spec.weights, storage) if spec.weights else contextlib.nullcontext() as weights:
+            backbone, self.fingerprint = load_backbone(
+                TSNConfig(spec.depth, spec.image_mean, spec.image_std), weights, spec.seed
+            )
+        self.engine = frame_engine(backbone, spec.device, spec.precision, spec.threads)
+
+    def features(self, frames: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 3) uint8 -> (N, C) float32, ``frames_per_forward`` frames at a time."""
+        step = self.spec.frames_per_forward
+        return np.concatenate([self.engine(frames[i : i + step]) for i in range(0, len(frames), step)])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        size = self.spec.target_size
+        frames = batch.column(S.FRAMES).to_pylist()
+        ok = [i for i, f in enumerate(frames) if f is not None]
+        out: list[bytes | None] = [None] * len(frames)
+        if ok:
+            stacked = np.concatenate([np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3) for i in ok])
+            feats = self.features(stacked).astype(self.spec.out_dtype)
+            for j, i in enumerate(ok):
+                out[i] = feats[j * self.spec.num_segments : (j + 1) * self.spec.num_segments].tobytes()
+        elapsed = (time.perf_counter() - start) / max(len(ok), 1)
+        table = batch.drop_columns([S.FRAMES]).append_column(
+            pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
+        )
+        seconds = [elapsed if f is not None else 0.0 for f in frames]
+        return table.append_column(pa.field(S.INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
+
+
+def tsn_spec(config: Config, weights: str | None, device: str, threads: int) -> TSNSpec:
+    precision = config.extract.precision
+    if precision == "auto":
+        precision = "float16" if device == "gpu" else "float32"
+    if precision == "float16" and device == "cpu":
+        raise ConfigError(
+            "extract.precision=float16 needs GPUs; none are used (resources.use_gpu, or no GPU in the cluster)"
+        )
+    res = config.resources
+    return TSNSpec(
+        depth=config.model.num_layers,
+        image_mean=config.model.image_mean,
+        image_std=config.model.image_std,
+        weights=weights,
+        seed=config.extract.seed,
+        device=device,
+        precision=precision,
+        threads=threads,
+        frames_per_forward=res.tsn_frames_per_forward,
+        num_segments=config.infer.seg_num,
+        target_size=config.infer.target_size,
+        out_dtype=config.output.dtype,
+    )
+
+
+def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
+    """Loads the weights once in the driver: a bad file fails here, before any video is touched."""
+    tsn_config = TSNConfig.from_model_section(config.model)
+    try:
+        with st.local_copy(weights, config.storage) if weights else contextlib.nullcontext() as local:
+            _, fingerprint = load_backbone(tsn_config, local, config.extract.seed)
+    except (WeightsError, OSError) as exc:
+        raise ConfigError(f"cannot load TSN weights {st.redact(str(weights))}: {st.redact(str(exc))}") from exc
+    return fingerprint, tsn_config.feature_dim
+
+
+def tsn_stage(ds, config: Config, spec: TSNSpec, plan: R.PipelinePlan):
+    """Adds the TSN actors to a dataset of decoded rows: rows with ``features`` bytes."""
+    tsn = plan.models[MODEL_NAME]
+    return ds.map_batches(
+        TSNStage,
+        batch_size=config.resources.tsn_batch_size or videos_per_call(config.infer.seg_num),
+        batch_format="pyarrow",
+        compute=tsn.compute(),  # grows as the cluster makes room
+        fn_constructor_kwargs={"spec": spec, "storage": config.storage},
+        **tsn.ray_args(),
+    )
+
+
+def provenance(config: Config, fingerprint: str, feature_dim: int, precision: str) -> dict[str, Any]:
+    """What the schema metadata records about how the features were made."""
+    infer = config.infer
+    return {
+        "schema_version": S.SCHEMA_VERSION,
+        "vtplatform_version": vtplatform.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": "TSN", "depth": config.model.num_layers, "feature_dim": feature_dim},
+        "weights": fingerprint,
+        "sampling": {"rule": "videotag-infer", "num_segments": infer.seg_num, "seglen": config.model.seglen},
+        "preprocessing": {
+            "short_size": infer.short_size,
+            "target_size": infer.target_size,
+            "resize": "pillow-bilinear, exactly 4:3 of the short side unless it already equals short_size",
+            "crop": "centre, round-half-even offsets",
+            "image_mean": list(config.model.image_mean),
+            "image_std": list(config.model.image_std),
+        },
+        "feature_dtype": config.output.dtype,
+        "inference_precision": precision,
+    }
+
+
+def check_same_extractor(existing: pa.Schema | None, prov: dict[str, Any], where: str) -> None:
+    """Refuses to add features to a table made with another model, weights or settings."""
+    old = S.read_provenance(existing) if existing is not None else None
+    diff = S.signature_diff(old, prov) if old is not None else []
+    if diff:
+        raise ConfigError(
+            f"{st.redact(where)} holds features made differently ({'; '.join(diff)}); "
+            "use another --save_dir or the same model, weights and settings"
+        )
+
+
+class FeatureOutput:
+    """Good rows -> one ``features`` part (the ``feature_schema`` table), plus the seed's
+    ``npy/<video_id>.npy`` files when asked."""
+
+    directory = S.FEATURES_DIR
+
+    def __init__(self, schema: pa.Schema, write_npy: bool):
+        self.schema = schema
+        self.write_npy = write_npy
+
+    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        features = self.table(good)
+        st.write_parquet(features, fs, f"{root}/{self.directory}/{part}")
+        if self.write_npy:
+            arrays = features.column(S.FEATURES).combine_chunks().to_numpy_ndarray()
+            for video_id, array in zip(features.column(S.VIDEO_ID).to_pylist(), arrays, strict=True):
+                buf = io.BytesIO()
+                np.save(buf, array.astype(np.float32))
+                st.write_bytes(buf.getvalue(), fs, f"{root}/{S.NPY_DIR}/{st.safe_filename(video_id)}.npy")
+
+    def table(self, good: pa.Table) -> pa.Table:
+        tensor_type = self.schema.field(S.FEATURES).type
+        seg, dim = tensor_type.shape
+        dtype = tensor_type.value_type.to_pandas_dtype()
+        feats = np.stack([np.frombuffer(b, dtype=dtype).reshape(seg, dim) for b in good.column(S.FEATURES).to_pylist()])
+        indices = pc.list_flatten(good.column(S.FRAME_INDICES).combine_chunks()).cast(pa.int32())
+        columns = {
+            S.VIDEO_ID: good.column(S.VIDEO_ID),
+            S.URI: good.column(S.URI),
+            S.FEATURES: S.features_array(feats, str(np.dtype(dtype))),
+            S.NUM_FRAMES: good.column(S.NUM_FRAMES),
+            S.FRAME_INDICES: pa.FixedSizeListArray.from_arrays(indices, seg),
+            S.FPS: good.column(S.FPS),
+            S.WIDTH: good.column(S.WIDTH),
+            S.HEIGHT: good.column(S.HEIGHT),
+            S.DECODER: good.column(S.DECODER),
+        }
+        return pa.table(columns, schema=self.schema)
