@@ -26,6 +26,12 @@ from paddle import nn
 
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
+from vtplatform.inference import export_model, program_file
+from vtplatform.models.attention_lstm import build_model, load_state
+from vtplatform.models.tsn import FrameFeatures, TSNConfig, load_backbone
+from vtplatform.models.weights import fingerprint
+from vtplatform.stages.lstm import resolve_model
+from vtplatform.stages.tsn import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +99,6 @@ class AttentionLSTMServing(nn.Layer):
 
 def _save(layer: nn.Layer, spec: list, save_dir: str, name: str, config: Config) -> str:
     """jit.save into a local temp folder, then copy to ``save_dir/name`` (local or S3)."""
-    from vtplatform.inference import export_model, program_file
-
     layer.eval()
     fs, root = st.filesystem(save_dir, config.storage)
     with tempfile.TemporaryDirectory(prefix="vtp-export-") as tmp:
@@ -106,9 +110,6 @@ def _save(layer: nn.Layer, spec: list, save_dir: str, name: str, config: Config)
 
 
 def export_tsn(config: Config, weights: str | None, save_dir: str) -> dict[str, Any]:
-    from vtplatform.models.tsn import FrameFeatures, TSNConfig, load_backbone
-    from vtplatform.stages.tsn import weights_fingerprint
-
     tsn_config = TSNConfig.from_model_section(config.model)
     fingerprint, _ = weights_fingerprint(config, weights)
     with st.local_copy(weights, config.storage) if weights else contextlib.nullcontext() as local:
@@ -120,10 +121,6 @@ def export_tsn(config: Config, weights: str | None, save_dir: str) -> dict[str, 
 
 
 def export_lstm(config: Config, weights: str, save_dir: str, feature_dim: int) -> dict[str, Any]:
-    from vtplatform.models.attention_lstm import build_model, load_state
-    from vtplatform.models.weights import fingerprint
-    from vtplatform.stages.lstm import resolve_model
-
     model_config, loaded = resolve_model(config, weights, feature_dim)
     model = build_model(model_config)
     load_state(model, loaded.state, loaded.source)
@@ -139,8 +136,6 @@ def run_export(
     config: Config, save_dir: str, tsn_weights: str | None = None, lstm_weights: str | None = None
 ) -> dict[str, Any]:
     """Exports TSN for MODEL.name TSN, AttentionLSTM for AttentionLSTM, and both for VideoTag."""
-    from vtplatform.models.tsn import TSNConfig
-
     name = config.model.name
     manifest: dict[str, Any] = {"model": name, "segments": config.infer.seg_num}
     if name in ("TSN", "VideoTag"):

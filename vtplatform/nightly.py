@@ -29,6 +29,12 @@ from vtplatform import registry as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
+from vtplatform.eval.lstm import run_eval
+from vtplatform.extract import run_extract
+from vtplatform.labels import read_label_names
+from vtplatform.lstm_data import read_labels
+from vtplatform.tag import tag_features
+from vtplatform.train.lstm import run_train
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +143,6 @@ def _training_config(config: Config, features: str, train_labels: str) -> Config
 
 def _write_train_labels(config: Config, path: str) -> int:
     """The training labels minus every holdout video (matched by video_id or uri)."""
-    from vtplatform.lstm_data import read_labels
-
     labels, problems = read_labels(config.nightly.labels, config.storage)
     holdout, _ = read_labels(config.nightly.holdout, config.storage)
     for problem in problems:
@@ -156,8 +160,6 @@ def _write_train_labels(config: Config, path: str) -> int:
 
 def run_nightly(config: Config) -> NightlySummary:
     """One nightly run (see the module docstring). Needs ``ray.init()``."""
-    from vtplatform.extract import run_extract
-
     _require(config)
     config = replace(config, storage=st.resolve_storage(config.storage))
     where = locations(config)
@@ -214,9 +216,6 @@ def _step(config: Config, state: dict, name: str, summary: NightlySummary, fn) -
 
 
 def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, summary: NightlySummary) -> None:
-    from vtplatform.eval.lstm import run_eval
-    from vtplatform.train.lstm import run_train
-
     registry, run_id = config.nightly.registry, state["run_id"]
     run_dir = R.join(registry, S.RUNS_DIR, run_id)
     train_labels = R.join(run_dir, "train_labels.parquet")
@@ -330,8 +329,6 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vtplatform.labels import read_label_names
-
     names = read_label_names(config.tag.label_file, config.storage) if config.tag.label_file else None
     cand, champ = evaluated["candidate"], evaluated.get("champion")
     key = "per_class_ap_full_ranking"
@@ -390,8 +387,6 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
 
 def tag_untagged(config: Config, where: dict[str, str]) -> int:
     """Tags, with the current champion, every video of the feature store that has no tags yet."""
-    from vtplatform.tag import tag_features
-
     champion = R.read_champion(config.nightly.registry, config.storage)
     if champion is None:
         log.warning("no champion yet: nothing to tag with")

@@ -13,15 +13,14 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config
 from vtplatform.eval.youtube8m import Youtube8mMetrics, seed_log_line
+from vtplatform.lstm_data import plan_inputs
+from vtplatform.predict import run_inference
 
 log = logging.getLogger(__name__)
 
 
 def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None = None) -> dict[str, Any]:
     """Metrics of ``weights`` on the labelled videos; writes ``save_dir/report.json``."""
-    from vtplatform.lstm_data import plan_inputs
-    from vtplatform.predict import run_inference
-
     start = time.perf_counter()
     inputs = plan_inputs(config, "test", filelist or config.test.filelist)
     model_config, loaded, batches = run_inference(
