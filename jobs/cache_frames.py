@@ -25,8 +25,8 @@ def main() -> int:
     from vtplatform.config import ConfigError, load_config
     from vtplatform.frame_cache import run_cache
 
-    config = load_config(args.config, args.override)
-    filelist = args.filelist or config.train.filelist
+    config = load_config(args.config, cli.overrides(args, {"filelist": "TRAIN.filelist"}))
+    filelist = config.train.filelist
     if not filelist:
         raise ConfigError("no list to cache: pass --filelist or set TRAIN.filelist")
     cli.init_ray()

@@ -18,7 +18,7 @@ from vtplatform import cli
 def attention_lstm(config, args) -> int:
     from vtplatform.eval.lstm import format_report, run_eval
 
-    report = run_eval(config, args.weights, args.save_dir, filelist=args.filelist)
+    report = run_eval(config, args.weights, args.save_dir)
     print(format_report(report, args.save_dir), flush=True)
     return cli.EXIT_OK
 
@@ -27,7 +27,7 @@ def tsn(config, args) -> int:
     from vtplatform.eval.classification import format_report
     from vtplatform.eval.tsn import run_eval
 
-    report = run_eval(config, args.weights, args.save_dir, filelist=args.filelist)
+    report = run_eval(config, args.weights, args.save_dir)
     print(format_report(report), flush=True)
     return cli.EXIT_OK
 
@@ -62,7 +62,7 @@ def main() -> int:
 
     from vtplatform.config import load_config
 
-    config = load_config(args.config, args.override + ([f"data.features={args.features}"] if args.features else []))
+    config = load_config(args.config, cli.overrides(args, {"filelist": "TEST.filelist", "features": "data.features"}))
     evaluate = pick(args.model_name, config)
     args.save_dir = args.save_dir or f"data/eval_results/{config.model.name.lower()}"
     cli.init_ray()

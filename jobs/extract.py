@@ -31,8 +31,7 @@ def main() -> int:
     from vtplatform.config import load_config
     from vtplatform.extract import run_extract
 
-    overrides = args.override + ([f"output.format={args.format}"] if args.format else [])
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, cli.overrides(args, {"format": "output.format"}))
     cli.init_ray()
     summary = run_extract(config, args.filelist, args.save_dir, weights=args.weights, retry_failed=args.retry_failed)
     print(summary.format(), flush=True)

@@ -23,8 +23,6 @@ def attention_lstm(config, args) -> int:
         args.weights,
         args.save_dir,
         label_file=args.label_file,
-        filelist=args.filelist,
-        top_k=args.infer_topk,
         seed_json=args.seed_json,
         whole_table=bool(args.features and not args.filelist),
     )
@@ -40,8 +38,6 @@ def tsn(config, args) -> int:
         args.weights,
         args.save_dir,
         label_file=args.label_file,
-        filelist=args.filelist,
-        top_k=args.infer_topk,
         seed_json=args.seed_json,
     )
     print(summary.format(), flush=True)
@@ -83,7 +79,8 @@ def main() -> int:
 
     from vtplatform.config import load_config
 
-    config = load_config(args.config, args.override + ([f"data.features={args.features}"] if args.features else []))
+    flags = {"filelist": "INFER.filelist", "features": "data.features", "infer_topk": "MODEL.topk"}
+    config = load_config(args.config, cli.overrides(args, flags))
     predict = pick(args.model_name, config)
     cli.init_ray()
     return predict(config, args)

@@ -40,9 +40,7 @@ def main() -> int:
     from vtplatform.registry import resolve_model_dir
     from vtplatform.tag import run_tag
 
-    config = load_config(
-        args.config, args.override + ([f"tag.label_file={args.label_file}"] if args.label_file else [])
-    )
+    config = load_config(args.config, cli.overrides(args, {"label_file": "tag.label_file"}))
     tsn, lstm = args.tsn_weights, args.lstm_weights
     if args.model_dir:
         if lstm:

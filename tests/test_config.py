@@ -66,3 +66,33 @@ def test_bad_files(tmp_path):
 def test_override_values_are_yaml():
     assert parse_override("MODEL.image_mean=[0.5, 0.5, 0.5]") == ("model", "image_mean", [0.5, 0.5, 0.5])
     assert parse_override("output.dtype=float32") == ("output", "dtype", "float32")
+
+
+def test_moved_keys_still_work_and_name_their_new_place(tmp_path, caplog):
+    """Actor sizes moved under ``resources``; a config or override with the old name still runs."""
+    old = tmp_path / "old.yaml"
+    old.write_text("tag:\n  lstm_cpus: 0.5\n  lstm_batch_size: 3\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="vtplatform.config"):
+        config = load_config(old, ["tag.lstm_gpus=0.125"])
+    assert (config.resources.lstm_cpus, config.resources.lstm_batch_size) == (0.5, 3)
+    assert config.resources.lstm_gpus == 0.125
+    assert "tag.lstm_cpus is now resources.lstm_cpus" in caplog.text
+    assert not hasattr(config.tag, "lstm_cpus")
+    with pytest.raises(ConfigError, match=r"tag\.lstm_cpus and resources\.lstm_cpus are both set"):
+        load_config(old, ["resources.lstm_cpus=2"])
+
+
+def test_job_flags_that_set_config_values_are_overrides_and_win():
+    import argparse
+
+    from vtplatform import cli
+
+    args = argparse.Namespace(
+        override=["INFER.filelist=other.txt", "MODEL.topk=3"],
+        filelist="s3://b/list: 1.txt",
+        infer_topk=7,
+        features=None,
+    )
+    flags = {"filelist": "INFER.filelist", "infer_topk": "MODEL.topk", "features": "data.features"}
+    config = load_config(SEED / "configs" / "attention_lstm.yaml", cli.overrides(args, flags))
+    assert (config.infer.filelist, config.model.topk, config.data.features) == ("s3://b/list: 1.txt", 7, None)

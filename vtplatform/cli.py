@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -34,6 +35,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--log_level", default=os.environ.get("VTP_LOG_LEVEL", "INFO"))
     return p
+
+
+def overrides(args: argparse.Namespace, flags: dict[str, str] | None = None) -> list[str]:
+    """The ``-o`` overrides, then the job's flags that set config values, as overrides too
+    (``flags``: argument name -> ``SECTION.key``); a flag given on the command line wins."""
+    out = list(args.override)
+    for name, key in (flags or {}).items():
+        value = getattr(args, name)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return out
 
 
 def setup_logging(level: str) -> None:

@@ -8,6 +8,7 @@ Section names are case-insensitive. Command-line overrides look like ``-o INFER.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -121,6 +124,11 @@ class ResourcesSection:
     tsn_gpus: float = 1.0  # GPUs per TSN actor when GPUs are used
     tsn_batch_size: int | None = None  # videos per TSN call (None: about 512 frames' worth)
     tsn_frames_per_forward: int = 32  # frames per forward pass
+    lstm_actors: int = 1  # AttentionLSTM actors when tagging
+    lstm_cpus: float = 1.0  # CPUs Ray reserves per AttentionLSTM tagging actor
+    lstm_gpus: float = 0.0  # GPUs per AttentionLSTM tagging actor when GPUs are used (a fraction is plenty)
+    lstm_threads: int | None = None  # Paddle threads per AttentionLSTM actor on CPU (None: max(1, lstm_cpus))
+    lstm_batch_size: int = 8  # videos per AttentionLSTM call when tagging
     writer_concurrency: int | None = None
     wait_for_resources_s: float = 0.0  # a cluster short of CPUs/GPUs: ask its autoscaler and wait this long (0: fail)
 
@@ -135,6 +143,9 @@ class ResourcesSection:
         _positive(
             "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"
         )
+        _positive("resources", self, "lstm_actors", "lstm_cpus", "lstm_threads", "lstm_batch_size")
+        if self.lstm_gpus < 0:
+            raise ConfigError(f"resources.lstm_gpus must be >= 0, got {self.lstm_gpus}")
 
 
 @dataclass(frozen=True)
@@ -245,19 +256,12 @@ class TagSection:
     write_features: bool = False  # also write the TSN features table beside the tags
     hub_threshold: float = 0.5  # the PaddleHub-style list keeps tags at or above this ...
     hub_top_k: int = 10  # ... and at most this many per video
-    lstm_actors: int = 1
-    lstm_cpus: float = 1.0
-    lstm_gpus: float = 0.0  # a fraction of a GPU is plenty for the AttentionLSTM
-    lstm_threads: int | None = None  # Paddle threads per AttentionLSTM actor on CPU (None: lstm_cpus)
-    lstm_batch_size: int = 8  # videos per AttentionLSTM call
 
     def __post_init__(self) -> None:
         for key in ("threshold", "hub_threshold"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"tag.{key} must be in [0, 1], got {getattr(self, key)}")
-        _positive("tag", self, "topk", "hub_top_k", "lstm_actors", "lstm_cpus", "lstm_threads", "lstm_batch_size")
-        if self.lstm_gpus < 0:
-            raise ConfigError(f"tag.lstm_gpus must be >= 0, got {self.lstm_gpus}")
+        _positive("tag", self, "topk", "hub_top_k")
 
 
 @dataclass(frozen=True)
@@ -340,7 +344,31 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, yaml.safe_load(value) if value.strip() else None
 
 
+# Keys that moved: every actor and worker size lives under ``resources``. The old names still
+# work, with a warning, so that existing configs and scripts keep running.
+MOVED_KEYS = {
+    ("tag", "lstm_actors"): ("resources", "lstm_actors"),
+    ("tag", "lstm_cpus"): ("resources", "lstm_cpus"),
+    ("tag", "lstm_gpus"): ("resources", "lstm_gpus"),
+    ("tag", "lstm_threads"): ("resources", "lstm_threads"),
+    ("tag", "lstm_batch_size"): ("resources", "lstm_batch_size"),
+}
+
+
+def _move_renamed_keys(sections: dict[str, dict[str, Any]]) -> None:
+    for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
+        if old_key not in sections.get(old_section, {}):
+            continue
+        value = sections[old_section].pop(old_key)
+        if new_key in sections.get(new_section, {}):
+            raise ConfigError(f"{old_section}.{old_key} and {new_section}.{new_key} are both set; keep only the latter")
+        log.warning("%s.%s is now %s.%s; please rename it", old_section, old_key, new_section, new_key)
+        sections.setdefault(new_section, {})[new_key] = value
+
+
 def build_config(sections: dict[str, dict[str, Any]]) -> Config:
+    sections = {name: dict(values) if isinstance(values, dict) else values for name, values in sections.items()}
+    _move_renamed_keys(sections)
     kwargs = {}
     for name, values in sections.items():
         _check_section(name)

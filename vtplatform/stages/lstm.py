@@ -1,5 +1,5 @@
 """The AttentionLSTM stage: features -> class probabilities, on an actor pool that declares its
-own resources from the config (``tag.lstm_*`` when tagging, ``train_run.*`` when evaluating and
+own resources from the config (``resources.lstm_*`` when tagging, ``train_run.*`` when evaluating and
 predicting); and resolving the model a checkpoint describes.
 
 ``LSTMStage`` takes numpy batches of a feature table (evaluation, prediction); ``TagStage`` takes
@@ -31,15 +31,16 @@ MODEL_NAME = S.MODEL_ATTENTION_LSTM
 
 
 def tag_need(config: Config) -> R.ModelNeed:
-    tag = config.tag
+    """The tagging actors' resources, from ``resources.lstm_*``."""
+    res = config.resources
     return R.ModelNeed(
         MODEL_NAME,
-        tag.lstm_cpus,
-        tag.lstm_gpus,
-        tag.lstm_actors,
-        tag.lstm_threads,
-        "tag.lstm_cpus",
-        "tag.lstm_gpus",
+        res.lstm_cpus,
+        res.lstm_gpus,
+        res.lstm_actors,
+        res.lstm_threads,
+        "resources.lstm_cpus",
+        "resources.lstm_gpus",
     )
 
 
@@ -214,7 +215,7 @@ def tag_stage(ds, config: Config, spec: TagSpec, plan: R.PipelinePlan):
     actors = plan.models[MODEL_NAME]
     return ds.map_batches(
         TagStage,
-        batch_size=config.tag.lstm_batch_size,
+        batch_size=config.resources.lstm_batch_size,
         batch_format="pyarrow",
         compute=actors.compute(),
         fn_constructor_kwargs={"spec": spec},
