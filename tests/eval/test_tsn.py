@@ -41,7 +41,9 @@ def test_classifier_stage_gives_top_k_and_label_probabilities(saved, tmp_path):
         schema=S.TRAIN_PLAN_SCHEMA,
     )
     clips = load_clips(plan, clip_spec(config, "test", 0))
-    spec = ClassifierSpec(18, 3, config.model.image_mean, config.model.image_std, str(folder), "cpu", 1, 5, 7, 56)
+    spec = ClassifierSpec(
+        tc.TSNClassifierConfig(18, 3, config.model.image_mean, config.model.image_std), str(folder), "cpu", 1, 5, 7, 56
+    )
     out = ClassifierStage(spec, StorageSection())(clips)
     assert out.column(S.ERROR_TYPE).to_pylist() == [None, "FileNotFoundError"]
     with paddle.no_grad():
@@ -82,7 +84,9 @@ def test_top5_over_eight_classes_from_the_stage_against_brute_force(tmp_path):
     gaps = -np.diff(np.sort(probs)[::-1])
     assert min(gaps[0], gaps[4]) > 1e-4, gaps  # clear top-1 and top-5 boundaries: the engine agrees on them
     labels = [ranked[r] for r in (0, 2, 4, 7)]
-    spec = ClassifierSpec(18, 8, config.model.image_mean, config.model.image_std, str(folder), "cpu", 1, 5, 7, 56)
+    spec = ClassifierSpec(
+        tc.TSNClassifierConfig(18, 8, config.model.image_mean, config.model.image_std), str(folder), "cpu", 1, 5, 7, 56
+    )
     out = ClassifierStage(spec, StorageSection())(load_clips(_plan(clip, labels), clip_spec(config, "test", 0)))
     assert all(len(ids) == 5 for ids in out.column(S.CLASS_IDS).to_pylist())
     report = evaluate(np.array(out.column(S.CLASS_IDS).to_pylist()), np.array(labels), 8)

@@ -37,6 +37,12 @@ class TSNClassifierConfig:
         if self.num_classes < 1:
             raise ValueError(f"MODEL.num_classes must be >= 1, got {self.num_classes}")
 
+    @classmethod
+    def from_model_section(cls, model) -> TSNClassifierConfig:
+        """From the config's MODEL section: the backbone's keys plus ``num_classes``."""
+        backbone = TSNConfig.from_model_section(model)
+        return cls(backbone.depth, model.num_classes, backbone.image_mean, backbone.image_std)
+
     @property
     def backbone(self) -> TSNConfig:
         return TSNConfig(self.depth, self.image_mean, self.image_std)

@@ -37,10 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    depth: int
-    num_classes: int
-    image_mean: tuple[float, ...]
-    image_std: tuple[float, ...]
+    model: tc.TSNClassifierConfig
     weights: str
     device: str  # cpu | gpu
     threads: int
@@ -62,7 +59,7 @@ class ClassifierStage:
 
     def __init__(self, spec: ClassifierSpec, storage: StorageSection):
         self.spec = spec
-        model = tc.build(tc.TSNClassifierConfig(spec.depth, spec.num_classes, spec.image_mean, spec.image_std))
+        model = tc.build(spec.model)
         tc.load_weights(model, read_weights(spec.weights, storage))
         shape = [None, spec.segments, spec.target_size, spec.target_size, 3]
         self.engine = engine(
@@ -137,10 +134,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
     model = sizes.models["TSN"]
     res = config.resources
     cspec = ClassifierSpec(
-        depth=config.model.num_layers,
-        num_classes=config.model.num_classes,
-        image_mean=config.model.image_mean,
-        image_std=config.model.image_std,
+        model=tc.TSNClassifierConfig.from_model_section(config.model),
         weights=weights,
         device=sizes.device,
         threads=model.threads,

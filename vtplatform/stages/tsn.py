@@ -48,9 +48,7 @@ def need(config: Config) -> R.ModelNeed:
 class TSNSpec:
     """Everything a TSN actor needs to build its model, decided once by the driver."""
 
-    depth: int
-    image_mean: tuple[float, ...]
-    image_std: tuple[float, ...]
+    model: TSNConfig
     weights: str | None
     seed: int
     device: str  # "cpu" or "gpu"
@@ -68,9 +66,7 @@ class TSNStage:
     def __init__(self, spec: TSNSpec, storage: StorageSection):
         self.spec = spec
         with st.local_copy(spec.weights, storage) if spec.weights else contextlib.nullcontext() as weights:
-            backbone, self.fingerprint = load_backbone(
-                TSNConfig(spec.depth, spec.image_mean, spec.image_std), weights, spec.seed
-            )
+            backbone, self.fingerprint = load_backbone(spec.model, weights, spec.seed)
         self.engine = frame_engine(backbone, spec.device, spec.precision, spec.threads)
 
     def features(self, frames: np.ndarray) -> np.ndarray:
@@ -107,9 +103,7 @@ def tsn_spec(config: Config, weights: str | None, device: str, threads: int) -> 
         )
     res = config.resources
     return TSNSpec(
-        depth=config.model.num_layers,
-        image_mean=config.model.image_mean,
-        image_std=config.model.image_std,
+        model=TSNConfig.from_model_section(config.model),
         weights=weights,
         seed=config.extract.seed,
         device=device,
