@@ -40,8 +40,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.tsn_data import pool_indices, read_list
-from vtplatform.video.decode import BadVideo
-from vtplatform.video.frames import ReadOptions, iter_all_frames, read_frames
+from vtplatform.video.reader import BadVideo, ReadOptions, iter_all_frames, read_frames, read_options
 from vtplatform.video.transforms import scale
 
 log = logging.getLogger(__name__)
@@ -354,12 +353,7 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
     if todo.num_rows:
         res, per_file = config.resources, config.frame_cache.videos_per_file
         sizes = sized(config, lambda c: plan_tasks(config, c), [{"CPU": res.decode_cpus}])
-        task = CacheTask(
-            save_dir,
-            settings,
-            ReadOptions(config.extract.decoder, config.extract.decode_threads, config.extract.chunk_frames),
-            config.storage,
-        )
+        task = CacheTask(save_dir, settings, read_options(config), config.storage)
         plan = todo.select([S.VIDEO_ID, S.URI, S.LABEL])
         ds = blocks_dataset([plan.slice(i, per_file) for i in range(0, plan.num_rows, per_file)])
         ds = map_cpu_tasks(
