@@ -22,7 +22,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GOLDEN_CLIPS = [("demo", "mmaction2_demo.mp4"), ("data_example", "paddlevideo_example.avi")]
 
 
-def sample_clip(path: str, num_segments: int = 300, short_size: int = 256, target_size: int = 224, **read):
+def read_as_extraction(path: str, num_segments: int = 300, short_size: int = 256, target_size: int = 224, **read):
     """Extraction's read: VideoTag's inference plan."""
     return read_frames(path, *infer_plan(num_segments, short_size, target_size), ReadOptions(**read))
 
@@ -32,7 +32,7 @@ def sample_clip(path: str, num_segments: int = 300, short_size: int = 256, targe
 def test_reproduces_golden_preprocessing(name, clip, decoder):
     g = np.load(GOLDEN / f"preprocess_{name}.npz")
     read = {"decord_max_frames": 10} if decoder == "pyav-stream" else {"decoder": decoder}  # the memory guard
-    out = sample_clip(str(EXAMPLES / clip), **read)
+    out = read_as_extraction(str(EXAMPLES / clip), **read)
     assert out.decoder == decoder
     assert out.num_frames == int(g["num_decoded_frames"])
     assert (out.height, out.width) == tuple(g["original_hw"])
@@ -63,7 +63,7 @@ def test_decoded_frames_match_golden_checksums():
 def test_samples_the_right_frames_of_a_long_clip(tmp_path, decoder):
     # 700 frames with B-frames: avg = 2, so the samples are frames 0, 2, 4, ... 598.
     clip = write_indexed_clip(tmp_path / "long.mp4", 700, bf="3")
-    out = sample_clip(str(clip), decoder=decoder)
+    out = read_as_extraction(str(clip), decoder=decoder)
     assert out.num_frames == 700
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist()
     assert out.indices.tolist() == list(range(0, 600, 2))
@@ -71,10 +71,10 @@ def test_samples_the_right_frames_of_a_long_clip(tmp_path, decoder):
 
 def test_long_videos_stream_through_pyav(tmp_path):
     clip = write_indexed_clip(tmp_path / "long.mp4", 700, bf="3")
-    streamed = sample_clip(str(clip), decord_max_frames=500)
+    streamed = read_as_extraction(str(clip), decord_max_frames=500)
     assert streamed.decoder == "pyav-stream" and streamed.num_frames == 700
     assert [frame_ordinal(f) for f in streamed.frames] == streamed.indices.tolist()
-    by_decord = sample_clip(str(clip), decoder="decord", decord_max_frames=500)
+    by_decord = read_as_extraction(str(clip), decoder="decord", decord_max_frames=500)
     assert by_decord.decoder == "decord"  # an explicit choice is kept
     np.testing.assert_array_equal(streamed.frames, by_decord.frames)
     np.testing.assert_array_equal(streamed.indices, by_decord.indices)
@@ -82,7 +82,7 @@ def test_long_videos_stream_through_pyav(tmp_path):
 
 def test_stream_falls_back_when_the_index_promises_more_frames():
     # decord indexes 50 packets; only 49 decode: the stream comes up short and PyAV counts first.
-    out = sample_clip(str(EXAMPLES / "decord_corrupted.mp4"), decord_max_frames=10)
+    out = read_as_extraction(str(EXAMPLES / "decord_corrupted.mp4"), decord_max_frames=10)
     assert (out.decoder, out.num_frames) == ("pyav", 49)
 
 
@@ -110,14 +110,14 @@ def test_codecs_and_containers_give_the_sampled_frames(tmp_path, name, codec, op
     """Sparse sampling (60 frames, 20 segments) on many codecs and containers returns exactly the
     frames the rule asks for, whichever decoder the file is routed to."""
     clip = write_indexed_clip(tmp_path / name, 60, 160, 128, codec=codec, **options)
-    out = sample_clip(str(clip), num_segments=20)
+    out = read_as_extraction(str(clip), num_segments=20)
     assert out.num_frames == 60
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist() == list(range(1, 60, 3)), out.decoder
 
 
 def test_short_clip_wraps_and_segments_option(tmp_path):
     clip = write_indexed_clip(tmp_path / "short.mkv", 7, width=160, height=120)
-    out = sample_clip(str(clip), num_segments=10)
+    out = read_as_extraction(str(clip), num_segments=10)
     assert out.frames.shape == (10, 224, 224, 3)
     assert [frame_ordinal(f) for f in out.frames] == [i % 7 for i in range(10)]
 
@@ -126,8 +126,8 @@ def test_short_clip_wraps_and_segments_option(tmp_path):
 def test_frames_follow_display_rotation(angle):
     """Both decoders return frames as a player shows them: portrait for 90/270, and the same pixels."""
     path = str(EXAMPLES / f"decord_rotation_{angle}.mov")
-    a = sample_clip(path, num_segments=3, decoder="decord")
-    b = sample_clip(path, num_segments=3, decoder="pyav")
+    a = read_as_extraction(path, num_segments=3, decoder="decord")
+    b = read_as_extraction(path, num_segments=3, decoder="pyav")
     assert (a.width, a.height) == ((320, 568) if angle in (90, 270) else (568, 320))
     assert (b.width, b.height) == (a.width, a.height)
     np.testing.assert_array_equal(a.frames, b.frames)
@@ -139,13 +139,13 @@ def test_rotation_is_applied_not_ignored():
     path = str(EXAMPLES / "decord_rotation_90.mov")
     with av.open(path) as c:
         raw = next(c.decode(video=0)).to_ndarray(format="rgb24")  # stored landscape
-    out = sample_clip(path, num_segments=3, short_size=256, target_size=224)
+    out = read_as_extraction(path, num_segments=3, short_size=256, target_size=224)
     np.testing.assert_array_equal(out.frames[0], scale_and_crop(np.ascontiguousarray(np.rot90(raw, 3))))
     assert not np.array_equal(out.frames[0], scale_and_crop(raw))
 
 
 def test_damaged_file_falls_back_to_pyav():
-    out = sample_clip(str(EXAMPLES / "decord_corrupted.mp4"))
+    out = read_as_extraction(str(EXAMPLES / "decord_corrupted.mp4"))
     assert out.decoder == "pyav"
     assert out.num_frames == 49  # ffmpeg decodes 49 of the 50 declared frames
     assert out.frames.shape == (300, 224, 224, 3)
@@ -154,14 +154,14 @@ def test_damaged_file_falls_back_to_pyav():
 def test_truncated_file_is_partly_decoded(tmp_path):
     clip = write_indexed_clip(tmp_path / "full.mp4", 400)
     cut = truncate(clip, tmp_path / "cut.mp4", 0.5)
-    out = sample_clip(str(cut))
+    out = read_as_extraction(str(cut))
     assert out.decoder == "pyav"  # decord fails whole on truncated files
     assert 100 < out.num_frames < 400
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist()
 
 
 def test_one_frame_video_is_valid(tmp_path):
-    out = sample_clip(str(write_indexed_clip(tmp_path / "one.mp4", 1)))
+    out = read_as_extraction(str(write_indexed_clip(tmp_path / "one.mp4", 1)))
     assert out.num_frames == 1 and set(out.indices.tolist()) == {0}
 
 
@@ -181,7 +181,7 @@ def test_bad_inputs_raise_bad_video(tmp_path, make, stage, error_type):
     path = tmp_path / "bad.mp4"
     make(path)
     with pytest.raises(BadVideo) as info:
-        sample_clip(str(path))
+        read_as_extraction(str(path))
     assert (info.value.stage, info.value.error_type) == (stage, error_type)
     assert info.value.message
 
@@ -193,7 +193,7 @@ def test_unreadable_file(tmp_path):
     else:
         write_indexed_clip(path, 5).chmod(0)
     with pytest.raises(BadVideo) as info:
-        sample_clip(str(path))
+        read_as_extraction(str(path))
     assert info.value.stage == "read"
     assert info.value.error_type in ("PermissionError", "OSError")
 
