@@ -75,19 +75,19 @@ def long_clips(workdir: Path) -> list[Path]:
 
 
 def bench_decode(clips: list[Path]) -> None:
-    from vtplatform.video.decode import DecodeOptions, sample_clip
+    from vtplatform.video.reader import ReadOptions, infer_plan, read_frames
 
     ffmpeg = ffmpeg_binary()
-    options = DecodeOptions(num_segments=300, threads=1)
+    plan, options = infer_plan(300), ReadOptions(threads=1)
     print("\n(a) sample+decode+preprocess (300 segments) vs `ffmpeg -threads 1 -i CLIP -f null -`, best of 3")
     print(f"    ffmpeg: {ffmpeg}")
     print(f"    {'clip':<42} {'frames':>6} {'ours s':>8} {'ffmpeg s':>9} {'ratio':>6}")
     ratios = []
     for clip in clips:
-        ours = best_of(lambda c=clip: sample_clip(str(c), options))
+        ours = best_of(lambda c=clip: read_frames(str(c), *plan, options))
         cmd = [ffmpeg, "-v", "error", "-threads", "1", "-i", str(clip), "-f", "null", "-"]
         theirs = best_of(lambda c=cmd: subprocess.run(c, check=True, capture_output=True))
-        frames = sample_clip(str(clip), options).num_frames
+        frames = read_frames(str(clip), *plan, options).num_frames
         ratios.append(ours / theirs)
         print(f"    {clip.name:<42} {frames:>6} {ours:>8.3f} {theirs:>9.3f} {ours / theirs:>6.2f}x")
     print(f"    geometric mean ratio {np.exp(np.mean(np.log(ratios))):.2f}x, worst {max(ratios):.2f}x (goal <= 1.5x)")
@@ -116,7 +116,7 @@ def bench_pipeline(clips: list[Path], depth: int, segments: int, videos: int, wo
     from vtplatform.extract import run_extract
     from vtplatform.inference import frame_engine
     from vtplatform.models.tsn import TSNConfig, load_backbone
-    from vtplatform.video.decode import DecodeOptions, sample_clip
+    from vtplatform.video.reader import ReadOptions, infer_plan, read_frames
 
     paths = []
     for i in range(videos):  # distinct files, so every one is a separate video
@@ -136,10 +136,10 @@ def bench_pipeline(clips: list[Path], depth: int, segments: int, videos: int, wo
     seed_time = time.perf_counter() - start
 
     engine = frame_engine(model, "cpu", "float32", threads=os.cpu_count() or 2)
-    options = DecodeOptions(num_segments=segments)
+    plan = infer_plan(segments)
     start = time.perf_counter()
     for p in paths:
-        engine(sample_clip(str(p), options).frames)
+        engine(read_frames(str(p), *plan, ReadOptions()).frames)
     ours_sequential = time.perf_counter() - start
 
     overrides = [
@@ -182,8 +182,8 @@ if mode == "seed":
     with av.open(path) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 else:
-    from vtplatform.video.decode import DecodeOptions, sample_clip
-    sample_clip(path, DecodeOptions(decoder=mode))
+    from vtplatform.video.reader import ReadOptions, infer_plan, read_frames
+    read_frames(path, *infer_plan(300), ReadOptions(decoder=mode))
 # VmHWM is this process's own peak (ru_maxrss would carry the parent's peak across fork+exec)
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) // 1024)
 """

@@ -45,14 +45,14 @@ def tsn() -> None:
 
 
 def preprocessing() -> None:
-    from vtplatform.video.decode import DecodeOptions, sample_clip
+    from vtplatform.video.reader import ReadOptions, infer_plan, read_frames
     from vtplatform.video.transforms import normalize
 
     print("preprocessing (300 segments), against VideoTag's OpenCV + Pillow pipeline")
     for name, clip in (("demo", "mmaction2_demo.mp4"), ("data_example", "paddlevideo_example.avi")):
         golden = np.load(GOLDEN / f"preprocess_{name}.npz")
         for decoder in ("decord", "pyav"):
-            out = sample_clip(str(ROOT / "examples" / "videos" / clip), DecodeOptions(decoder=decoder))
+            out = read_frames(str(ROOT / "examples" / "videos" / clip), *infer_plan(300), ReadOptions(decoder=decoder))
             x = normalize(out.frames, MEAN, STD).reshape(300, -1).astype(np.float64)
             print(
                 f"  {name:<12} {decoder:<6} indices equal {bool((out.indices == golden['frame_indices']).all())}, "

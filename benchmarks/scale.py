@@ -186,15 +186,16 @@ def bench_sequential(clips: list[str], pipeline: dict, threads: int) -> None:
     from vtplatform.inference import frame_engine
     from vtplatform.models.tsn import TSNConfig, load_backbone
     from vtplatform.stages.decode import decode_options
-    from vtplatform.video.decode import sample_clip
+    from vtplatform.video.reader import infer_plan, read_frames
 
     config = load_config(ROOT / "configs" / "tsn.yaml", TINY)
     backbone, _ = load_backbone(TSNConfig(18), None, seed=0)
     engine = frame_engine(backbone, "cpu", "float32", threads)
     options = decode_options(config)
+    plan = infer_plan(options.num_segments, options.short_size, options.target_size)
     start = time.perf_counter()
     for path in clips:
-        engine(sample_clip(path, options).frames)
+        engine(read_frames(path, *plan, options.read).frames)
     seq = len(clips) / (time.perf_counter() - start)
     pipe = pipeline["succeeded"] / pipeline["elapsed_seconds"]
     print(f"  sequential loop ({threads} Paddle thread): {seq:6.1f} videos/s")

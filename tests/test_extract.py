@@ -129,7 +129,7 @@ def test_features_belong_to_their_video(ray_cluster, library, tmp_path):
     """Each row's features equal a direct, in-process computation for that very video."""
     from vtplatform.inference import frame_engine
     from vtplatform.models.tsn import TSNConfig, load_backbone
-    from vtplatform.video.decode import DecodeOptions, sample_clip
+    from vtplatform.video.reader import ReadOptions, infer_plan, read_frames
 
     root, out = library["root"], tmp_path / "out"
     clips = [root / "mmaction2_demo.mp4", root / "same" / "mmaction2_demo.mp4", root / "paddlevideo_example.avi"]
@@ -147,7 +147,7 @@ def test_features_belong_to_their_video(ray_cluster, library, tmp_path):
     model, _ = load_backbone(TSNConfig(18), None, seed=0)
     engine = frame_engine(model, "cpu", "float32", threads=1)
     for clip in clips:
-        sampled = sample_clip(str(clip), DecodeOptions(num_segments=SEGMENTS))
+        sampled = read_frames(str(clip), *infer_plan(SEGMENTS), ReadOptions())
         vid = derive_video_id(str(clip))
         assert feats[vid].shape == (SEGMENTS, 512) and feats[vid].dtype == np.float32
         assert indices[vid] == sampled.indices.tolist()

@@ -22,7 +22,7 @@ from vtplatform.tsn_data import (
     read_list,
     train_plan,
 )
-from vtplatform.video.frames import ReadOptions
+from vtplatform.video.reader import ReadOptions
 
 TSN_YAML = SEED / "configs" / "tsn.yaml"
 SMALL = ["TRAIN.short_size=128", "TRAIN.target_size=112", "VALID.short_size=128", "VALID.target_size=112"]

@@ -9,7 +9,7 @@ Layout under ``save_dir``::
 The TSN graph normalises on the device (only uint8 crosses the host link). The AttentionLSTM
 graph runs VideoTag's recurrence with plain Paddle ops over the fixed ``seg`` steps that TSN
 produces (VideoTag always fed 300), so it needs neither LoD tensors nor the legacy kernel.
-Crops come from ``vtplatform.video.decode.sample_clip``.
+Crops come from ``vtplatform.video.reader.read_frames`` with ``infer_plan``.
 """
 
 from __future__ import annotations

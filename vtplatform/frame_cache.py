@@ -40,8 +40,7 @@ from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, part_name, prepare_output, run_video_job
 from vtplatform.resources import plan_tasks, sized
 from vtplatform.tsn_data import pool_indices, read_list
-from vtplatform.video.decode import BadVideo
-from vtplatform.video.frames import ReadOptions, iter_all_frames, read_frames
+from vtplatform.video.reader import BadVideo, ReadOptions, iter_all_frames, read_frames, read_options
 from vtplatform.video.transforms import scale
 
 log = logging.getLogger(__name__)
@@ -280,12 +279,7 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
     settings = cache_settings(config)
     res, per_file = config.resources, config.frame_cache.videos_per_file
     sizes = sized(config, lambda c: plan_tasks(config, c), [{"CPU": res.decode_cpus}])
-    task = CacheTask(
-        save_dir,
-        settings,
-        ReadOptions(config.extract.decoder, config.extract.decode_threads, config.extract.chunk_frames),
-        config.storage,
-    )
+    task = CacheTask(save_dir, settings, read_options(config), config.storage)
     job = VideoJob(
         "frame cache",
         S.INDEX_DIR,

@@ -30,8 +30,7 @@ from vtplatform import schema as S
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.manifest import parse_list_line, read_manifest
 from vtplatform.storage import canonical_uri, derive_video_id, filesystem, local_copy, redact
-from vtplatform.video.decode import BadVideo
-from vtplatform.video.frames import ReadOptions, read_frames
+from vtplatform.video.reader import BadVideo, ReadOptions, read_frames, read_options
 from vtplatform.video.sampling import infer_indices, segment_indices
 from vtplatform.video.transforms import centre_crop, scale, scale_and_crop, train_augment
 
@@ -265,7 +264,7 @@ def clip_spec(config: Config, mode: str, seed: int, cache: dict[str, Any] | None
         seed=seed,
         keep_frames=keep,
         source_format=config.model.format,
-        read=ReadOptions(config.extract.decoder, config.extract.decode_threads, config.extract.chunk_frames),
+        read=read_options(config),
         storage=config.storage,
         cache_root=config.frame_cache.path if cache is not None else None,
         cache_encoding=cache["encoding"] if cache is not None else "jpeg",

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
@@ -27,7 +28,7 @@ from vtplatform import schema as S
 from vtplatform.config import Config, StorageSection
 from vtplatform.pipeline import map_cpu_tasks
 from vtplatform.storage import local_copy, redact
-from vtplatform.video.decode import BadVideo, DecodeOptions, sample_clip
+from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, read_frames, read_options
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,18 @@ def decode_ledger():
     return ray.remote(DecodeLedger).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Extraction's sampling plan (``video.reader.infer_plan``) and how to read the videos."""
+
+    num_segments: int
+    short_size: int
+    target_size: int
+    read: ReadOptions
+
+
 def decode_options(config: Config) -> DecodeOptions:
-    return DecodeOptions(
-        num_segments=config.infer.seg_num,
-        short_size=config.infer.short_size,
-        target_size=config.infer.target_size,
-        decoder=config.extract.decoder,
-        threads=config.extract.decode_threads,
-        chunk_frames=config.extract.chunk_frames,
-        decord_max_frames=config.extract.decord_max_frames,
-    )
+    return DecodeOptions(config.infer.seg_num, config.infer.short_size, config.infer.target_size, read_options(config))
 
 
 FRAMES_PER_BLOCK = 512  # decoded crops per output block (about 77 MB at 224x224): one long video, many short ones
@@ -191,7 +194,9 @@ def _decode_one(
     F.act_on_decode(faults, uri)
     try:
         with local_copy(uri, storage) as path:
-            clip = sample_clip(path, options)
+            clip = read_frames(
+                path, *infer_plan(options.num_segments, options.short_size, options.target_size), options.read
+            )
     except BadVideo as bad:
         return row | _failure(bad.stage, bad.error_type, bad.message, start)
     except OSError as exc:  # the object store or file system refused the read

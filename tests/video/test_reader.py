@@ -1,5 +1,5 @@
-"""Sampled decoding against VideoTag's golden preprocessing and against generated clips that
-encode their own frame ordinals."""
+"""Reading frames (``video.reader``) against VideoTag's golden preprocessing and against generated
+clips that encode their own frame ordinals: extraction's plan, chosen frames, every frame."""
 
 import os
 import subprocess
@@ -11,18 +11,28 @@ import pytest
 
 from tests.clips import frame_ordinal, truncate, write_audio_only, write_indexed_clip
 from tests.conftest import EXAMPLES, GOLDEN, ROOT
-from vtplatform.video.decode import BadVideo, DecodeOptions, sample_clip
-from vtplatform.video.transforms import normalize
+from vtplatform.config import load_config
+from vtplatform.stages import decode_options
+from vtplatform.tsn_data import clip_spec
+from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, iter_all_frames, read_frames, read_options
+from vtplatform.video.sampling import segment_indices
+from vtplatform.video.transforms import normalize, scale, scale_and_crop
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GOLDEN_CLIPS = [("demo", "mmaction2_demo.mp4"), ("data_example", "paddlevideo_example.avi")]
 
 
-@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def read_as_extraction(path: str, num_segments: int = 300, short_size: int = 256, target_size: int = 224, **read):
+    """Extraction's read: VideoTag's inference plan."""
+    return read_frames(path, *infer_plan(num_segments, short_size, target_size), ReadOptions(**read))
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav", "pyav-stream"])
 @pytest.mark.parametrize(("name", "clip"), GOLDEN_CLIPS)
 def test_reproduces_golden_preprocessing(name, clip, decoder):
     g = np.load(GOLDEN / f"preprocess_{name}.npz")
-    out = sample_clip(str(EXAMPLES / clip), DecodeOptions(decoder=decoder))
+    read = {"decord_max_frames": 10} if decoder == "pyav-stream" else {"decoder": decoder}  # the memory guard
+    out = read_as_extraction(str(EXAMPLES / clip), **read)
     assert out.decoder == decoder
     assert out.num_frames == int(g["num_decoded_frames"])
     assert (out.height, out.width) == tuple(g["original_hw"])
@@ -53,7 +63,7 @@ def test_decoded_frames_match_golden_checksums():
 def test_samples_the_right_frames_of_a_long_clip(tmp_path, decoder):
     # 700 frames with B-frames: avg = 2, so the samples are frames 0, 2, 4, ... 598.
     clip = write_indexed_clip(tmp_path / "long.mp4", 700, bf="3")
-    out = sample_clip(str(clip), DecodeOptions(decoder=decoder))
+    out = read_as_extraction(str(clip), decoder=decoder)
     assert out.num_frames == 700
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist()
     assert out.indices.tolist() == list(range(0, 600, 2))
@@ -61,10 +71,10 @@ def test_samples_the_right_frames_of_a_long_clip(tmp_path, decoder):
 
 def test_long_videos_stream_through_pyav(tmp_path):
     clip = write_indexed_clip(tmp_path / "long.mp4", 700, bf="3")
-    streamed = sample_clip(str(clip), DecodeOptions(decord_max_frames=500))
+    streamed = read_as_extraction(str(clip), decord_max_frames=500)
     assert streamed.decoder == "pyav-stream" and streamed.num_frames == 700
     assert [frame_ordinal(f) for f in streamed.frames] == streamed.indices.tolist()
-    by_decord = sample_clip(str(clip), DecodeOptions(decoder="decord", decord_max_frames=500))
+    by_decord = read_as_extraction(str(clip), decoder="decord", decord_max_frames=500)
     assert by_decord.decoder == "decord"  # an explicit choice is kept
     np.testing.assert_array_equal(streamed.frames, by_decord.frames)
     np.testing.assert_array_equal(streamed.indices, by_decord.indices)
@@ -72,7 +82,7 @@ def test_long_videos_stream_through_pyav(tmp_path):
 
 def test_stream_falls_back_when_the_index_promises_more_frames():
     # decord indexes 50 packets; only 49 decode: the stream comes up short and PyAV counts first.
-    out = sample_clip(str(EXAMPLES / "decord_corrupted.mp4"), DecodeOptions(decord_max_frames=10))
+    out = read_as_extraction(str(EXAMPLES / "decord_corrupted.mp4"), decord_max_frames=10)
     assert (out.decoder, out.num_frames) == ("pyav", 49)
 
 
@@ -100,14 +110,14 @@ def test_codecs_and_containers_give_the_sampled_frames(tmp_path, name, codec, op
     """Sparse sampling (60 frames, 20 segments) on many codecs and containers returns exactly the
     frames the rule asks for, whichever decoder the file is routed to."""
     clip = write_indexed_clip(tmp_path / name, 60, 160, 128, codec=codec, **options)
-    out = sample_clip(str(clip), DecodeOptions(num_segments=20))
+    out = read_as_extraction(str(clip), num_segments=20)
     assert out.num_frames == 60
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist() == list(range(1, 60, 3)), out.decoder
 
 
 def test_short_clip_wraps_and_segments_option(tmp_path):
     clip = write_indexed_clip(tmp_path / "short.mkv", 7, width=160, height=120)
-    out = sample_clip(str(clip), DecodeOptions(num_segments=10))
+    out = read_as_extraction(str(clip), num_segments=10)
     assert out.frames.shape == (10, 224, 224, 3)
     assert [frame_ordinal(f) for f in out.frames] == [i % 7 for i in range(10)]
 
@@ -116,8 +126,8 @@ def test_short_clip_wraps_and_segments_option(tmp_path):
 def test_frames_follow_display_rotation(angle):
     """Both decoders return frames as a player shows them: portrait for 90/270, and the same pixels."""
     path = str(EXAMPLES / f"decord_rotation_{angle}.mov")
-    a = sample_clip(path, DecodeOptions(num_segments=3, decoder="decord"))
-    b = sample_clip(path, DecodeOptions(num_segments=3, decoder="pyav"))
+    a = read_as_extraction(path, num_segments=3, decoder="decord")
+    b = read_as_extraction(path, num_segments=3, decoder="pyav")
     assert (a.width, a.height) == ((320, 568) if angle in (90, 270) else (568, 320))
     assert (b.width, b.height) == (a.width, a.height)
     np.testing.assert_array_equal(a.frames, b.frames)
@@ -129,15 +139,13 @@ def test_rotation_is_applied_not_ignored():
     path = str(EXAMPLES / "decord_rotation_90.mov")
     with av.open(path) as c:
         raw = next(c.decode(video=0)).to_ndarray(format="rgb24")  # stored landscape
-    out = sample_clip(path, DecodeOptions(num_segments=3, short_size=256, target_size=224))
-    from vtplatform.video.transforms import scale_and_crop
-
+    out = read_as_extraction(path, num_segments=3, short_size=256, target_size=224)
     np.testing.assert_array_equal(out.frames[0], scale_and_crop(np.ascontiguousarray(np.rot90(raw, 3))))
     assert not np.array_equal(out.frames[0], scale_and_crop(raw))
 
 
 def test_damaged_file_falls_back_to_pyav():
-    out = sample_clip(str(EXAMPLES / "decord_corrupted.mp4"), DecodeOptions())
+    out = read_as_extraction(str(EXAMPLES / "decord_corrupted.mp4"))
     assert out.decoder == "pyav"
     assert out.num_frames == 49  # ffmpeg decodes 49 of the 50 declared frames
     assert out.frames.shape == (300, 224, 224, 3)
@@ -146,14 +154,14 @@ def test_damaged_file_falls_back_to_pyav():
 def test_truncated_file_is_partly_decoded(tmp_path):
     clip = write_indexed_clip(tmp_path / "full.mp4", 400)
     cut = truncate(clip, tmp_path / "cut.mp4", 0.5)
-    out = sample_clip(str(cut), DecodeOptions())
+    out = read_as_extraction(str(cut))
     assert out.decoder == "pyav"  # decord fails whole on truncated files
     assert 100 < out.num_frames < 400
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist()
 
 
 def test_one_frame_video_is_valid(tmp_path):
-    out = sample_clip(str(write_indexed_clip(tmp_path / "one.mp4", 1)), DecodeOptions())
+    out = read_as_extraction(str(write_indexed_clip(tmp_path / "one.mp4", 1)))
     assert out.num_frames == 1 and set(out.indices.tolist()) == {0}
 
 
@@ -173,7 +181,7 @@ def test_bad_inputs_raise_bad_video(tmp_path, make, stage, error_type):
     path = tmp_path / "bad.mp4"
     make(path)
     with pytest.raises(BadVideo) as info:
-        sample_clip(str(path), DecodeOptions())
+        read_as_extraction(str(path))
     assert (info.value.stage, info.value.error_type) == (stage, error_type)
     assert info.value.message
 
@@ -185,7 +193,7 @@ def test_unreadable_file(tmp_path):
     else:
         write_indexed_clip(path, 5).chmod(0)
     with pytest.raises(BadVideo) as info:
-        sample_clip(str(path), DecodeOptions())
+        read_as_extraction(str(path))
     assert info.value.stage == "read"
     assert info.value.error_type in ("PermissionError", "OSError")
 
@@ -193,8 +201,8 @@ def test_unreadable_file(tmp_path):
 PEAK_RSS = """
 import sys
 sys.path.insert(0, {root!r})
-from vtplatform.video.decode import DecodeOptions, sample_clip
-sample_clip(sys.argv[1], DecodeOptions(decoder=sys.argv[2]))
+from vtplatform.video.reader import ReadOptions, infer_plan, read_frames
+read_frames(sys.argv[1], *infer_plan(300), ReadOptions(decoder=sys.argv[2]))
 # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's peak across fork+exec)
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024)
 """
@@ -224,3 +232,122 @@ def test_peak_memory_does_not_grow_with_length(tmp_path, decoder):
         for p in (short, long)
     ]
     assert held[1] - held[0] > 1000, f"holding all frames: {held[0]} MB vs {held[1]} MB"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_indexed_clip(tmp_path_factory.mktemp("frames") / "indexed.mp4", 90)
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    return write_indexed_clip(tmp_path_factory.mktemp("frames") / "long.mp4", 150, bf="3")
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_read_frames_returns_the_chosen_frames_in_the_given_order(clip, decoder):
+    wanted = np.array([77, 3, 3, 40, 89, 0])
+    out = read_frames(
+        str(clip), lambda n: wanted if n == 90 else None, lambda f: f, ReadOptions(decoder=decoder, chunk_frames=2)
+    )
+    assert out.decoder == decoder and out.num_frames == 90
+    assert [frame_ordinal(f) for f in out.frames] == wanted.tolist()
+    np.testing.assert_array_equal(out.indices, wanted)
+    assert (out.width, out.height) == (320, 240)
+
+
+def test_read_frames_applies_the_per_frame_transform(clip):
+    out = read_frames(str(clip), lambda n: np.array([5]), scale, ReadOptions())
+    assert out.frames.shape == (1, 256, 341, 3)
+    assert frame_ordinal(out.frames[0]) == 5
+
+
+def test_read_frames_rejects_indices_outside_the_video(clip):
+    with pytest.raises(ValueError, match=r"\[0, 90\)"):
+        read_frames(str(clip), lambda n: np.array([n]), lambda f: f, ReadOptions())
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pyav"])
+def test_iter_all_frames_streams_every_frame_in_order(clip, decoder):
+    info, frames = iter_all_frames(str(clip), lambda f: f[:8, :8].copy(), ReadOptions(decoder=decoder, chunk_frames=4))
+    ordinals = []
+    for f in frames:
+        assert f.shape == (8, 8, 3)  # the top-left corner: 4 * (i % 64) grey
+        ordinals.append(round(float(f.mean()) / 4))
+    assert len(ordinals) == 90
+    assert ordinals == [i % 64 for i in range(90)]
+    assert info.decoder == ("decord" if decoder == "auto" else "pyav")
+    assert info.num_frames == (90 if decoder == "auto" else -1)
+
+
+def test_bad_files_raise_bad_video(tmp_path, clip):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(BadVideo) as err:
+        read_frames(str(empty), lambda n: np.array([0]), lambda f: f, ReadOptions())
+    assert err.value.error_type == "EmptyFile"
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 100)
+    with pytest.raises(BadVideo):
+        iter_all_frames(str(junk), lambda f: f, ReadOptions())
+    cut = truncate(clip, tmp_path / "cut.mp4", 0.02)
+    with pytest.raises(BadVideo):
+        read_frames(str(cut), lambda n: np.array([n - 1]), lambda f: f, ReadOptions())
+
+
+def test_real_clip_streams_as_many_frames_as_decord_counts():
+    info, frames = iter_all_frames(str(EXAMPLES / "mmaction2_part_0.mp4"), lambda f: f[:2, :2].copy(), ReadOptions())
+    assert sum(1 for _ in frames) == info.num_frames == 32
+
+
+def test_read_frames_gets_exact_frames_where_decord_seeks_wrongly(tmp_path):
+    """MPEG-4 Part 2 with B-frames: decord's sparse seeking returns frames out of order; the
+    reader streams such files through PyAV and gets exactly the chosen frames."""
+    clip = write_indexed_clip(tmp_path / "xvid_like.avi", 60, 160, 128, codec="mpeg4", bf="3")
+    chosen = np.array([5, 17, 42, 43, 58])
+    out = read_frames(str(clip), lambda n: chosen, lambda f: f, ReadOptions())
+    assert out.decoder == "pyav-stream"
+    assert [frame_ordinal(f) for f in out.frames] == chosen.tolist()
+
+
+def _training_plan(seed: int):
+    """TSN training's sampling (random offsets in 8 segments of 2 frames) and its per-frame scale."""
+    rng = np.random.default_rng(seed)
+    return (lambda n: segment_indices(n, 8, 2, rng)), scale
+
+
+def test_memory_guard_applies_to_training_reads(long_clip):
+    """A clip longer than ``decord_max_frames`` streams through PyAV on the training path too, and
+    gives the very frames decord gives."""
+    streamed = read_frames(str(long_clip), *_training_plan(3), ReadOptions(decord_max_frames=100))
+    by_decord = read_frames(str(long_clip), *_training_plan(3), ReadOptions(decoder="decord", decord_max_frames=100))
+    under = read_frames(str(long_clip), *_training_plan(3), ReadOptions(decord_max_frames=150))
+    assert (streamed.decoder, by_decord.decoder, under.decoder) == ("pyav-stream", "decord", "decord")
+    assert streamed.num_frames == by_decord.num_frames == 150
+    assert streamed.frames.shape == (16, 256, 341, 3)
+    assert [frame_ordinal(f) for f in streamed.frames] == streamed.indices.tolist()
+    assert len(set(streamed.indices.tolist())) == 16  # random offsets, pairs of consecutive frames
+    np.testing.assert_array_equal(streamed.indices, by_decord.indices)
+    np.testing.assert_array_equal(streamed.frames, by_decord.frames)
+    np.testing.assert_array_equal(under.frames, by_decord.frames)
+
+
+def test_memory_guard_applies_to_the_all_frames_stream(long_clip):
+    """The frame cache's every-frame read of a long clip streams through PyAV, frame for frame as decord."""
+    corner = lambda f: f[:8, :8].copy()  # noqa: E731
+    info, frames = iter_all_frames(str(long_clip), corner, ReadOptions(decord_max_frames=100))
+    streamed = list(frames)
+    assert (info.decoder, info.num_frames) == ("pyav", -1)
+    info, frames = iter_all_frames(str(long_clip), corner, ReadOptions(decoder="decord", decord_max_frames=100))
+    assert (info.decoder, info.num_frames) == ("decord", 150)
+    np.testing.assert_array_equal(np.stack(streamed), np.stack(list(frames)))
+    assert [round(float(f.mean()) / 4) for f in streamed] == [i % 64 for i in range(150)]
+
+
+def test_every_reader_gets_the_memory_guard_from_the_config():
+    config = load_config(None, ["extract.decord_max_frames=77", "extract.chunk_frames=3", "extract.decoder=pyav"])
+    options = read_options(config)
+    assert options == ReadOptions(decoder="pyav", threads=1, chunk_frames=3, decord_max_frames=77)
+    assert decode_options(config).read == options  # extraction and tagging
+    for mode in ("train", "valid", "test", "infer"):  # training and evaluation (the frame cache reads the same)
+        assert clip_spec(config, mode, 0).read == options
