@@ -12,7 +12,7 @@ import pytest
 from tests.clips import frame_ordinal, truncate, write_audio_only, write_indexed_clip
 from tests.conftest import EXAMPLES, GOLDEN, ROOT
 from vtplatform.config import load_config
-from vtplatform.stages import decode_options
+from vtplatform.stages.decode import decode_options
 from vtplatform.tsn_data import clip_spec
 from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, iter_all_frames, read_frames, read_options
 from vtplatform.video.sampling import segment_indices
