@@ -256,12 +256,17 @@ class TagSection:
     write_features: bool = False  # also write the TSN features table beside the tags
     hub_threshold: float = 0.5  # the PaddleHub-style list keeps tags at or above this ...
     hub_top_k: int = 10  # ... and at most this many per video
+    segment_seconds: float | None = None  # also tag windows of this many seconds (jobs/tag.py --segments)
+    segment_stride_seconds: float | None = None  # window start to next window start (None: segment_seconds)
+    timeline_fps: float = 1.0  # frames per second decoded for the windows, by presentation time
+    write_timeline: bool = False  # keep the per-frame features of the windows under timeline/
+    thumbnails: bool = False  # write small JPEGs for jobs/report.py (one per video, one per window)
 
     def __post_init__(self) -> None:
         for key in ("threshold", "hub_threshold"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"tag.{key} must be in [0, 1], got {getattr(self, key)}")
-        _positive("tag", self, "topk", "hub_top_k")
+        _positive("tag", self, "topk", "hub_top_k", "segment_seconds", "segment_stride_seconds", "timeline_fps")
 
 
 @dataclass(frozen=True)
@@ -277,10 +282,12 @@ class NightlySection:
     tsn_weights: str | None = None  # the TSN extractor's weights (None: random init, for trials only)
     pretrain: str | None = None  # AttentionLSTM weights to start from while there is no champion
     margin: float = 0.001  # promote only if the candidate's holdout GAP beats the champion's by this
+    segment_seconds: float | None = None  # also keep segment tags up to date with the champion (off by default)
 
     def __post_init__(self) -> None:
         if self.margin < 0:
             raise ConfigError(f"nightly.margin must be >= 0, got {self.margin}")
+        _positive("nightly", self, "segment_seconds")
 
 
 PHASE_DEFAULTS = {

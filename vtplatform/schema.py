@@ -38,6 +38,11 @@ FRAMES_DIR = "frames"  # frame cache: the frames
 INDEX_DIR = "index"  # frame cache: one row per video
 MODELS_DIR = "models"  # registry: one folder per registered model
 HISTORY_DIR = "history"  # registry: champion changes
+TIMELINE_DIR = "timeline"  # tagging with segments: per-frame TSN features at tag.timeline_fps
+SEGMENTS_DIR = "segments"  # tagging with segments: top-k tags per window
+SPANS_DIR = "spans"  # tagging with segments: windows of one label merged into time spans
+THUMBNAILS_DIR = "thumbnails"  # small JPEGs: <video>.jpg per video, <video>/<window>.jpg per window
+REPORT_DIR = "report"  # jobs/report.py's default output under a tags OUT
 REPORT_FILE = "report.json"  # evaluation: the metrics
 
 # Identity columns, shared by every table.
@@ -229,6 +234,54 @@ TAG_SCHEMA = pa.schema(
         (LABEL_NAMES, pa.list_(pa.string())),
     ]
 )
+
+
+# Time-localized tagging (``jobs/tag.py --segments``). Times are seconds from the stream's
+# presentation timestamps, so variable-frame-rate files are right.
+T_SECONDS = "t_seconds"
+START_S = "start_s"
+END_S = "end_s"
+WINDOW = "window"  # a window's index in its video, from 0
+CLASS_ID = "class_id"
+NAME = "name"
+MAX_PROB = "max_prob"
+MEAN_PROB = "mean_prob"
+
+SEGMENT_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (URI, pa.string()),
+        (WINDOW, pa.int32()),
+        (START_S, pa.float64()),
+        (END_S, pa.float64()),
+        (CLASS_IDS, pa.list_(pa.int32())),
+        (CLASS_NAMES, pa.list_(pa.string())),
+        (PROBS, pa.list_(pa.float32())),
+    ]
+)
+
+SPAN_SCHEMA = pa.schema(
+    [
+        (VIDEO_ID, pa.string()),
+        (CLASS_ID, pa.int32()),
+        (NAME, pa.string()),
+        (START_S, pa.float64()),
+        (END_S, pa.float64()),
+        (MAX_PROB, pa.float32()),
+        (MEAN_PROB, pa.float32()),
+    ]
+)
+
+
+def timeline_schema(feature_dim: int, dtype: str = "float16") -> pa.Schema:
+    """``timeline/``: one row per timeline frame, its TSN features as a ``(dim,)`` tensor."""
+    return pa.schema(
+        [
+            (VIDEO_ID, pa.string()),
+            (T_SECONDS, pa.float64()),
+            (FEATURES, pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)), (feature_dim,))),
+        ]
+    )
 
 
 # TSN training and evaluation (tsn_data): one row per sample to load, a video and the epoch
