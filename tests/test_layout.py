@@ -16,7 +16,7 @@ LAYERS = [
     {"schema", "config", "storage", "labels"},
     {"models"},
     {"video"},
-    {"manifest", "resources", "inference", "faults"},
+    {"manifest", "resources", "inference", "faults", "segments"},
     {"pipeline"},
     {"lstm_data", "tsn_data", "frame_cache"},
     {"stages"},

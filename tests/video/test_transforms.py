@@ -1,7 +1,10 @@
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from vtplatform.video.transforms import crop_offsets, normalize, scale_and_crop, scaled_size
+from vtplatform.video.transforms import crop_offsets, normalize, scale_and_crop, scaled_size, thumbnail_jpeg
 
 
 @pytest.mark.parametrize(
@@ -44,3 +47,27 @@ def test_normalize_matches_videotag_float32_order():
     expected /= np.array(std, np.float32).reshape(3, 1, 1)
     assert x.dtype == np.float32 and x.shape == (2, 3, 4, 4)
     np.testing.assert_array_equal(x, expected)
+
+
+@pytest.mark.parametrize(
+    ("size", "max_side", "expected"),
+    [
+        ((320, 240), 160, (160, 120)),
+        ((240, 568), 160, (68, 160)),
+        ((100, 60), 160, (100, 60)),
+        ((1920, 1080), 64, (64, 36)),
+    ],
+)
+def test_thumbnail_jpeg_keeps_the_aspect_and_never_enlarges(size, max_side, expected):
+    width, height = size
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[:, : width // 2] = (200, 40, 40)  # red left half, blue right half
+    rgb[:, width // 2 :] = (40, 40, 200)
+    data = thumbnail_jpeg(rgb, max_side=max_side)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "JPEG" and image.size == expected
+    back = np.asarray(image.convert("RGB")).astype(int)
+    w = expected[0]
+    assert np.abs(back[:, : w // 4] - (200, 40, 40)).max() < 12
+    assert np.abs(back[:, -w // 4 :] - (40, 40, 200)).max() < 12
+    assert len(thumbnail_jpeg(rgb, max_side=max_side, quality=20)) <= len(data)

@@ -1,7 +1,8 @@
 """Reading a video's frames: the frames a sampling plan asks for (``read_frames``), or every frame
 in order (``iter_all_frames``), never the whole video in memory. Extraction, tagging, training,
 evaluation and the frame cache all read through here, so a cached frame is the same array the
-video path would have produced.
+video path would have produced. Time-localized tagging reads frames at a fixed rate of
+presentation time (``iter_timeline``), streaming.
 
 A plan is ``choose(num_frames) -> indices`` (any indices, any order, repeats allowed) and
 ``per_frame(rgb)``, applied to each decoded RGB frame (H, W, 3) uint8 as soon as it is decoded (a
@@ -29,9 +30,11 @@ loop skipped failed reads.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TypeVar
 
 import numpy as np
@@ -127,6 +130,84 @@ def iter_all_frames(path: str, per_frame: FrameFn, options: ReadOptions) -> tupl
         on_pyav=lambda: _all_pyav(path, per_frame, options),
         on_stream=lambda: _all_pyav(path, per_frame, options),
     )
+
+
+@dataclass
+class TimelineInfo:
+    fps: float  # the stream's average frame rate, from the header; 0.0 if unknown
+    duration_s: float  # the video's duration as the header says it (approximate); 0.0 if unknown
+    end_s: float | None = None  # set as frames decode: the latest decoded frame's time + duration
+    decoder: str = "pyav"
+
+
+def iter_timeline(
+    path: str, fps: float, per_frame: FrameFn, options: ReadOptions
+) -> tuple[TimelineInfo, Iterator[tuple[float, np.ndarray]]]:
+    """The frames of ``path`` at ``fps`` frames per second of presentation time, streamed:
+    ``(t_seconds, per_frame(rgb))`` for each picked frame, in order, one full-size frame at a time.
+
+    The tick rule: tick ``k`` is at ``k / fps`` seconds and takes the first decoded frame whose
+    time is at or after it. Each frame is yielded at most once, with its own time (not the
+    tick's): a frame that is the first at or after several ticks (after a gap in a
+    variable-frame-rate file) serves them all and is yielded once, and a file with fewer frames a
+    second than ``fps`` yields every frame. Times are presentation timestamps (PTS), exact
+    fractions of the stream's time base, in seconds from the stream's ``start_time`` (the first
+    decoded frame's PTS when the header has none), so tick 0 takes the first frame and the times
+    strictly increase; frames before the start are skipped. A frame without a PTS is placed one
+    average frame interval after the frame before it.
+
+    Only picked frames are converted to RGB (turned as the display matrix says, as the reader
+    does). Always PyAV, one pass, whatever ``options.decoder`` says (``options.threads``
+    applies), so memory does not grow with the video's length; undecodable packets are skipped,
+    as everywhere in the reader. ``info.end_s``, the video's end by its timestamps (the latest
+    decoded frame's time plus its duration), is final once the iterator is exhausted: the
+    duration to give ``segments.windows``. Raises ``BadVideo`` for a file that cannot be opened
+    (now) or has no decodable frame (from the iterator, at its end); ``ValueError`` for
+    ``fps <= 0``.
+    """
+    import av
+
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    _check_readable(path)
+    rate = Fraction(fps).limit_denominator(1_000_000)
+    container = _open_pyav(path)  # raises BadVideo now for a file PyAV cannot open
+    try:
+        stream = container.streams.video[0]
+        time_base, origin = stream.time_base, stream.start_time
+        avg = stream.average_rate or stream.guessed_rate
+        if stream.duration and time_base:
+            duration = float(stream.duration * time_base)
+        else:
+            duration = container.duration / av.time_base if container.duration else 0.0
+    finally:
+        container.close()
+    info = TimelineInfo(float(avg) if avg else 0.0, max(duration, 0.0))
+    step = 1 / Fraction(avg) if avg else Fraction(0)
+
+    def frames() -> Iterator[tuple[float, np.ndarray]]:
+        zero, t, next_tick, decoded = origin, None, 0, 0
+        try:
+            for frame in _pyav_frames(path, options.threads):
+                decoded += 1
+                if frame.pts is None:
+                    t = Fraction(0) if t is None else t + step
+                else:
+                    if zero is None:
+                        zero = frame.pts
+                    t = (frame.pts - zero) * (frame.time_base or time_base)
+                end = float(t + (frame.duration * (frame.time_base or time_base) if frame.duration else step))
+                info.end_s = max(end, info.end_s or 0.0)
+                if t * rate < next_tick:
+                    continue
+                next_tick = math.floor(t * rate) + 1
+                yield float(t), per_frame(_display_rgb(frame))
+        except av.error.FFmpegError as exc:
+            raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
+        if not decoded:
+            raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
+
+    return info, frames()
 
 
 def _decode(

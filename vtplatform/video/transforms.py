@@ -1,6 +1,8 @@
-"""VideoTag's frame preprocessing: short-side scale, centre crop, normalisation."""
+"""VideoTag's frame preprocessing: short-side scale, centre crop, normalisation; and thumbnails."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from PIL import Image
@@ -82,3 +84,19 @@ def centre_crop(frames: np.ndarray, target_size: int) -> np.ndarray:
     """VideoTag's evaluation crop of scaled frames (N, H, W, 3), round-half-even offsets."""
     h_off, w_off = crop_offsets(frames.shape[2], frames.shape[1], target_size)
     return group_crop(frames, h_off, w_off, target_size)
+
+
+def thumbnail_jpeg(rgb: np.ndarray, max_side: int = 160, quality: int = 80) -> bytes:
+    """A small JPEG of one RGB frame (H, W, 3) uint8: its aspect ratio kept, its longer side at
+    most ``max_side`` (never enlarged), Pillow's bilinear (antialiased) resize, baseline JPEG."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    height, width = rgb.shape[:2]
+    ratio = min(1.0, max_side / max(width, height))
+    size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+    image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    if size != (width, height):
+        image = image.resize(size, Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
