@@ -206,7 +206,7 @@ def _copy_thumbnails(
 ) -> tuple[int, int]:
     """Copies each shown video's thumbnail and its shown windows' thumbnails, byte for byte; sets
     the relative paths of those that exist. Returns (copied, missing)."""
-    jobs: list[tuple[str, object]] = []  # (relative path, the video or window that shows it)
+    jobs: list[tuple[str, _Video | _Window]] = []  # (relative path, the video or window that shows it)
     for video in videos:
         safe = st.safe_filename(video.video_id)
         jobs.append((f"{S.THUMBNAILS_DIR}/{safe}.jpg", video))
