@@ -1,5 +1,6 @@
 # make demo   extract features from the bundled clips (local Ray, local storage, CPU)
-# make test   the whole test suite, slow tests included (starts its own Ray and a moto S3 server on loopback)
+# make test   the whole test suite, slow tests included (starts its own Ray and a moto S3 server on loopback;
+#             installs Debian's chromium for the report's browser test when it is missing)
 # make test-fast   the inner loop: everything but the slow tests
 # Each target creates its virtual environment on first use.
 
@@ -8,7 +9,7 @@ VENV := .venv
 MOTO_VENV := .venv-moto
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast test-slow bench lint clean
+.PHONY: demo test test-fast test-slow bench lint clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --clear $(VENV)
@@ -22,13 +23,17 @@ $(MOTO_VENV)/.installed:
 	$(MOTO_VENV)/bin/pip install --quiet 'moto[server]>=5,<6'
 	touch $@
 
+# Debian's Chromium: tests/test_report.py opens the HTML report in it, headless (installed once, as root like CI).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python jobs/extract.py --config configs/demo.yaml --filelist examples/demo.list --save_dir data/demo
 
-test: $(VENV)/.installed $(MOTO_VENV)/.installed
+test: $(VENV)/.installed $(MOTO_VENV)/.installed browser
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests
 
-test-fast: $(VENV)/.installed $(MOTO_VENV)/.installed
+test-fast: $(VENV)/.installed $(MOTO_VENV)/.installed browser
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m "not slow"
 
 test-slow: $(VENV)/.installed $(MOTO_VENV)/.installed

@@ -23,7 +23,7 @@ LAYERS = [
     {"predict", "extract", "tag"},
     {"eval"},
     {"train"},
-    {"export", "registry", "nightly", "cli"},
+    {"export", "registry", "nightly", "report", "cli"},
 ]
 
 

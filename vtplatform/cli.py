@@ -21,10 +21,14 @@ log = logging.getLogger("vtplatform")
 EXIT_OK, EXIT_NOTHING_SUCCEEDED, EXIT_CONFIG = 0, 1, 2
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The seed's flags (``--config``) plus ``-o SECTION.key=value`` overrides."""
+def parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
+    """The seed's flags (``--config``) plus ``-o SECTION.key=value`` overrides. A job that reads
+    little of the config (``config_required=False``) runs on the defaults without one."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help="YAML config (the seed's files load as they are)")
+    if config_required:
+        p.add_argument("--config", required=True, help="YAML config (the seed's files load as they are)")
+    else:
+        p.add_argument("--config", default=None, help="YAML config (optional: the defaults without one)")
     p.add_argument(
         "-o",
         "--override",

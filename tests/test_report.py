@@ -1,0 +1,217 @@
+"""jobs/report.py: the static HTML report of a tags OUT, checked in a real headless Chromium
+(``tests/browser.py``): what it renders, the tag filter (typed, and from the URL), that names
+are escaped, that it loads nothing from the network, and that its screenshot is a picture."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+from PIL import Image
+
+from tests.browser import Browser
+from tests.conftest import run_job
+from vtplatform import schema as S
+from vtplatform import storage as st
+
+SCRIPT_NAME = "<script>window.__pwned=1</script>"
+IMG_NAME = '<img src=x onerror="window.__pwned=2">'
+BETA = "dir/beta <b>clip</b>"  # not a plain file name: its thumbnails go by st.safe_filename
+
+# video_id -> (uri, top-k names, probs, labels, windows as (start, end), spans as (name, start, end, max))
+LIBRARY = {
+    "alpha": (
+        "/lib/alpha.mp4",
+        ["cooking", "dog", "kitchen"],
+        [0.92, 0.71, 0.30],
+        ["cooking", "dog"],
+        [(0, 10), (10, 20), (20, 30), (30, 40)],
+        [("cooking", 0, 30, 0.9), ("dog", 10, 20, 0.7), ("dog", 30, 40, 0.6)],
+    ),
+    BETA: (
+        's3://bucket/lib/beta "clip".mp4',
+        [SCRIPT_NAME, "dog", "surfing"],
+        [0.81, 0.40, 0.77],
+        [SCRIPT_NAME, "surfing"],
+        [(0, 8), (8, 16), (16, 20)],
+        [("surfing", 0, 16, 0.8), (SCRIPT_NAME, 8, 20, 0.55), (IMG_NAME, 0, 4, 0.51)],
+    ),
+    "gamma": ("/lib/gamma.mp4", ["cat", "sofa"], [0.66, 0.2], ["cat"], [], []),  # no segments, no thumbnail
+}
+SPANS = sum(len(v[5]) for v in LIBRARY.values())
+WINDOWS = sum(len(v[4]) for v in LIBRARY.values())
+
+
+def _jpeg(seed: int) -> bytes:
+    """A small, colourful JPEG (a gradient), different for every seed."""
+    y, x = np.mgrid[0:90, 0:160]
+    rgb = np.stack([(x * 1.6 + seed * 40) % 256, (y * 2.8 + seed * 90) % 256, (x + y + seed * 70) % 256], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_tags_out(fs: pafs.FileSystem, root: str) -> None:
+    """A tags OUT as jobs/tag.py --segments --thumbnails writes it (gamma has no thumbnail)."""
+    tags, segments, spans = [], [], []
+    for i, (video_id, (uri, names, probs, labels, windows, video_spans)) in enumerate(LIBRARY.items()):
+        ids = {n: k for k, n in enumerate(sorted({*names, *labels, *(s[0] for s in video_spans)}))}
+        tags.append(
+            {
+                S.VIDEO_ID: video_id,
+                S.URI: uri,
+                S.CLASS_IDS: [ids[n] for n in names],
+                S.CLASS_NAMES: names,
+                S.PROBS: probs,
+                S.LABELS: [ids[n] for n in labels],
+                S.LABEL_NAMES: labels,
+            }
+        )
+        safe = st.safe_filename(video_id)
+        if windows:
+            st.write_bytes(_jpeg(i), fs, f"{root}/{S.THUMBNAILS_DIR}/{safe}.jpg")
+        for w, (start, end) in enumerate(windows):
+            segments.append(
+                {
+                    S.VIDEO_ID: video_id,
+                    S.URI: uri,
+                    S.WINDOW: w,
+                    S.START_S: float(start),
+                    S.END_S: float(end),
+                    S.CLASS_IDS: [ids[names[0]]],
+                    S.CLASS_NAMES: [names[0]],
+                    S.PROBS: [probs[0]],
+                }
+            )
+            st.write_bytes(_jpeg(10 * i + w + 1), fs, f"{root}/{S.THUMBNAILS_DIR}/{safe}/{w:05d}.jpg")
+        for name, start, end, top in video_spans:
+            spans.append(
+                {
+                    S.VIDEO_ID: video_id,
+                    S.CLASS_ID: ids[name],
+                    S.NAME: name,
+                    S.START_S: float(start),
+                    S.END_S: float(end),
+                    S.MAX_PROB: top,
+                    S.MEAN_PROB: top - 0.05,
+                }
+            )
+    # two tag files, as several writers leave them
+    st.write_parquet(pa.Table.from_pylist(tags[:2], schema=S.TAG_SCHEMA), fs, f"{root}/{S.TAGS_DIR}/part-0.parquet")
+    st.write_parquet(pa.Table.from_pylist(tags[2:], schema=S.TAG_SCHEMA), fs, f"{root}/{S.TAGS_DIR}/part-1.parquet")
+    st.write_parquet(
+        pa.Table.from_pylist(segments, schema=S.SEGMENT_SCHEMA), fs, f"{root}/{S.SEGMENTS_DIR}/part-0.parquet"
+    )
+    st.write_parquet(pa.Table.from_pylist(spans, schema=S.SPAN_SCHEMA), fs, f"{root}/{S.SPANS_DIR}/part-0.parquet")
+
+
+def _report(tmp_path, *flags: str):
+    out = tmp_path / "out"
+    write_tags_out(pafs.LocalFileSystem(), str(out))
+    proc = run_job("report.py", "--tags", str(out), "--save_dir", str(out / S.REPORT_DIR), *flags, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out / S.REPORT_DIR, json.loads(proc.stdout)
+
+
+VISIBLE = "(sel) => [...document.querySelectorAll(sel)].filter((e) => e.getClientRects().length > 0)"
+
+
+def _visible(b: Browser, testid: str, attribute: str) -> list[str]:
+    return b.eval(f"({VISIBLE})('[data-testid=\"{testid}\"]').map((e) => e.getAttribute('{attribute}'))")
+
+
+def test_report_renders_filters_and_escapes_in_a_real_browser(tmp_path):
+    report, summary = _report(tmp_path)
+    assert summary["shown"] == summary["videos"] == 3 and summary["timelines"] == 2
+    assert summary["spans"] == SPANS and summary["thumbnails"] == 2 + WINDOWS and summary["missing_thumbnails"] == 1
+    page = (report / "index.html").read_text(encoding="utf-8")
+    # nothing from the network: no http(s) or protocol-relative src/href, no CDN
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.I)
+    assert SCRIPT_NAME not in page and IMG_NAME not in page  # only escaped
+    url = (report / "index.html").as_uri()
+
+    with Browser(tmp_path / "chromium-profile") as b:
+        b.open(url)
+        assert _visible(b, "video-card", "data-video-id") == ["alpha", BETA, "gamma"]
+        assert len(_visible(b, "span", "data-name")) == SPANS
+        assert len(_visible(b, "window", "title")) == WINDOWS
+        assert len(_visible(b, "no-thumbnail", "class")) == 1
+        # every image loaded, from the report's own folder
+        images = b.eval("[...document.images].map((i) => [i.complete && i.naturalWidth > 0, i.src])")
+        assert len(images) == 2 + WINDOWS and all(ok for ok, _ in images), images
+        assert all(src.startswith(report.as_uri() + "/thumbnails/") for _, src in images)
+        requested = b.requested_urls()  # what Chromium's network layer saw: the page and its images
+        assert len(requested) >= 1 + len(images) and all(u.startswith("file://") for u in requested), requested
+        # names are text, not markup
+        assert b.eval("window.__pwned") is None and b.eval("document.scripts.length") == 1
+        beta_text = b.eval(f"document.querySelector('[data-video-id=\"{json.dumps(BETA)[1:-1]}\"]').textContent")
+        assert SCRIPT_NAME in beta_text and IMG_NAME in beta_text and BETA in beta_text
+
+        png = b.screenshot()
+        (tmp_path / "report.png").write_bytes(png)  # the picture, kept with the test's files
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        assert image.width >= 1000 and image.height >= 400
+        pixels = np.asarray(image)
+        colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+        assert colours > 500 and pixels.std() > 10, (colours, pixels.std())
+
+        # the filter, typed: videos with the tag anywhere (labels, top-k, spans), only its spans
+        b.type("#tag-filter", "dog")
+        assert _visible(b, "video-card", "data-video-id") == ["alpha", BETA]
+        assert _visible(b, "span", "data-name") == ["dog", "dog"]
+        assert b.eval("document.getElementById('shown-count').textContent").startswith("2 of 3 videos")
+        b.type("#tag-filter", "SURF")  # case-insensitive, part of a name
+        assert _visible(b, "video-card", "data-video-id") == [BETA]
+        assert _visible(b, "span", "data-name") == ["surfing"]
+        b.type("#tag-filter", "<script")
+        assert _visible(b, "video-card", "data-video-id") == [BETA]
+        assert _visible(b, "span", "data-name") == [SCRIPT_NAME]
+        b.type("#tag-filter", "no such tag")
+        assert _visible(b, "video-card", "data-video-id") == [] and _visible(b, "span", "data-name") == []
+        b.type("#tag-filter", "")
+        assert len(_visible(b, "video-card", "data-video-id")) == 3 and len(_visible(b, "span", "data-name")) == SPANS
+
+        # the filter from the URL at load, as a link to the page would carry it
+        b.open(url + "?tag=Cooking")
+        assert _visible(b, "video-card", "data-video-id") == ["alpha"]
+        assert _visible(b, "span", "data-name") == ["cooking"]
+        b.open(url + "#tag=cat")  # another document than ?tag=..., so a fresh load
+        assert _visible(b, "video-card", "data-video-id") == ["gamma"] and _visible(b, "span", "data-name") == []
+        assert b.eval("document.getElementById('tag-filter').value") == "cat"
+
+
+def _count(page: str, testid: str) -> int:
+    """Elements with that test hook in the page's HTML (not the script's selectors)."""
+    return len(re.findall(rf'<[a-z]+ [^>]*data-testid="{testid}"', page))
+
+
+def test_report_caps_the_gallery_and_says_so(tmp_path):
+    report, summary = _report(tmp_path, "--max_videos", "2", "--max_timeline_labels", "1")
+    assert summary["videos"] == 3 and summary["shown"] == 2
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert _count(page, "video-card") == 2 and "gamma" not in page
+    assert 'data-testid="cap-note"' in page and "first 2 of 3 videos" in page
+    # one timeline row per video: its most confident label
+    assert re.findall(r'data-testid="span-row" data-name="([^"]*)"', page) == ["cooking", "surfing"]
+    assert "2 more labels with spans not shown" in page
+
+
+def test_report_reads_s3_and_fails_clearly_without_tags(tmp_path, moto_endpoint, s3_bucket):
+    fs = pafs.S3FileSystem(endpoint_override=moto_endpoint.split("://")[1], scheme="http", region="us-east-1")
+    write_tags_out(fs, f"{s3_bucket}/out")
+    save = tmp_path / "report"
+    endpoint = f"storage.endpoint_url={moto_endpoint}"
+    proc = run_job("report.py", "--tags", f"s3://{s3_bucket}/out", "--save_dir", str(save), "-o", endpoint)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["shown"] == 3
+    page = (save / "index.html").read_text(encoding="utf-8")
+    assert _count(page, "video-card") == 3 and _count(page, "span") == SPANS
+    copied = sorted(p.relative_to(save).as_posix() for p in (save / S.THUMBNAILS_DIR).rglob("*.jpg"))
+    assert len(copied) == 2 + WINDOWS and "thumbnails/alpha/00003.jpg" in copied
+
+    proc = run_job("report.py", "--tags", f"s3://{s3_bucket}/nothing", "--save_dir", str(save), "-o", endpoint)
+    assert proc.returncode == 2 and "no tags under" in proc.stderr and "jobs/tag.py" in proc.stderr
