@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +32,10 @@ import pyarrow as pa
 from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.config import Config
+from vtplatform.config import Config, StorageSection
 from vtplatform.labels import label_fingerprint, label_names_for, seed_json_bytes
 from vtplatform.lstm_data import make_dataset, plan_inputs
-from vtplatform.stages import lstm
+from vtplatform.stages import lstm, tsn
 from vtplatform.stages.classifier import classify
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,49 @@ class PredictSummary:
         return "\n".join(lines)
 
 
+class PredictionWriter:
+    """Writes ``predictions/part-NNNNN.parquet`` (``ROWS_PER_PART`` rows each, the model and its
+    label set in the schema metadata) and, with ``seed_json``, the seed's ``json/result<i>.json``."""
+
+    def __init__(self, save_dir: str, storage: StorageSection, metadata: dict[str, Any], seed_json: bool):
+        self.fs, self.root = st.filesystem(save_dir, storage)
+        self.schema = S.PREDICTION_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        self.seed_json = seed_json
+        self.pending: list[pa.Table] = []
+        self.parts = self.count = 0
+
+    def add(self, table: pa.Table) -> None:
+        """``predictions_table`` rows, in order."""
+        if self.count == 0 and table.num_rows:
+            log.info("top-%d predictions:\n%s", len(table.column(S.CLASS_IDS)[0]), format_predictions(table))
+        if self.seed_json:
+            for i, row in enumerate(table.to_pylist(), start=self.count):
+                st.write_bytes(seed_json_bytes(row), self.fs, f"{self.root}/{S.JSON_DIR}/result{i}.json")
+        self.count += table.num_rows
+        self.pending.append(table)
+        if sum(t.num_rows for t in self.pending) >= ROWS_PER_PART:
+            self._flush()
+
+    def close(self) -> None:
+        if self.pending or self.parts == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        table = pa.concat_tables(self.pending).cast(self.schema) if self.pending else self.schema.empty_table()
+        path = f"{self.root}/{S.PREDICTIONS_DIR}/part-{self.parts:05d}.parquet"
+        st.write_parquet(table.replace_schema_metadata(self.schema.metadata), self.fs, path)
+        self.pending, self.parts = [], self.parts + 1
+
+
+def prediction_metadata(model: str, weights: str, names: list[str] | None, num_classes: int, top_k: int) -> dict:
+    return {
+        "model": model,
+        "weights": st.redact(weights),
+        "label_fingerprint": label_fingerprint(names, num_classes),
+        "top_k": top_k,
+    }
+
+
 def run_predict(
     config: Config,
     weights: str,
@@ -86,8 +130,8 @@ def run_predict(
     seed_json: bool = False,
     whole_table: bool = False,
 ) -> PredictSummary:
-    """Top-k tags for every video of ``filelist`` (default INFER.filelist), or with ``whole_table``
-    for every row of the feature table ``data.features``."""
+    """AttentionLSTM: top-k tags for every video of ``filelist`` (default INFER.filelist), or with
+    ``whole_table`` for every row of the feature table ``data.features``."""
     start = time.perf_counter()
     top_k = top_k or config.model.topk
     inputs = plan_inputs(config, "infer", None if whole_table else filelist or config.infer.filelist, need_labels=False)
@@ -95,54 +139,18 @@ def run_predict(
         config, weights, inputs, config.infer.use_gpu, top_k, config.infer.batch_size, with_targets=False
     )
     names = label_names_for(label_file, model_config.num_classes, config.storage)
-    if names is not None:
-        trained = (loaded.meta or {}).get("label_fingerprint")
-        if trained and trained != label_fingerprint(names, model_config.num_classes):
-            log.warning("label file %s differs from the one the model was trained with", st.redact(label_file))
-    fs, root = st.filesystem(save_dir, config.storage)
+    trained = (loaded.meta or {}).get("label_fingerprint")
+    if names is not None and trained and trained != label_fingerprint(names, model_config.num_classes):
+        log.warning("label file %s differs from the one the model was trained with", st.redact(label_file))
+    metadata = prediction_metadata(lstm.MODEL_NAME, loaded.source, names, model_config.num_classes, top_k)
+    writer = PredictionWriter(save_dir, config.storage, metadata, seed_json)
     uris = dict(zip(inputs.rows.column(S.VIDEO_ID).to_pylist(), inputs.rows.column(S.URI).to_pylist(), strict=True))
-    metadata = {
-        "model": "AttentionLSTM",
-        "weights": loaded.source,
-        "label_fingerprint": label_fingerprint(names, model_config.num_classes),
-        "top_k": top_k,
-    }
-    schema = S.PREDICTION_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    rows: list[dict] = []
-    part = count = 0
     for batch in batches:
-        for vid, ids, probs in zip(batch[S.VIDEO_ID], batch[S.CLASS_IDS], batch[S.PROBS], strict=True):
-            row = {
-                S.VIDEO_ID: str(vid),
-                S.URI: uris.get(str(vid)),
-                S.CLASS_IDS: ids.tolist(),
-                S.CLASS_NAMES: [names[i] for i in ids] if names is not None else None,
-                S.PROBS: probs.tolist(),
-            }
-            if seed_json:
-                st.write_bytes(seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/result{count}.json")
-            if count < 3:
-                log.info(
-                    "%s: %s",
-                    row[S.VIDEO_ID],
-                    ", ".join(
-                        f"{i} {n or ''} {p:.4f}"
-                        for i, n, p in zip(ids, row[S.CLASS_NAMES] or [None] * len(ids), probs, strict=True)
-                    ),
-                )
-            rows.append(row)
-            count += 1
-        if len(rows) >= ROWS_PER_PART:
-            st.write_parquet(
-                pa.Table.from_pylist(rows, schema=schema), fs, f"{root}/{S.PREDICTIONS_DIR}/part-{part:05d}.parquet"
-            )
-            rows, part = [], part + 1
-    if rows or part == 0:
-        st.write_parquet(
-            pa.Table.from_pylist(rows, schema=schema), fs, f"{root}/{S.PREDICTIONS_DIR}/part-{part:05d}.parquet"
-        )
+        ids = [str(v) for v in batch[S.VIDEO_ID]]
+        writer.add(predictions_table(ids, [uris.get(v) for v in ids], batch[S.CLASS_IDS], batch[S.PROBS], names))
+    writer.close()
     return PredictSummary(
-        st.redact(save_dir), count, dict(inputs.skipped), time.perf_counter() - start, st.redact(loaded.source)
+        st.redact(save_dir), writer.count, dict(inputs.skipped), time.perf_counter() - start, st.redact(loaded.source)
     )
 
 
@@ -154,37 +162,22 @@ def run_predict_tsn(
     filelist: str | None = None,
     top_k: int | None = None,
     seed_json: bool = False,
-):
-    """Top-k (``MODEL.topk``) classes of every INFER video (``INFER.seg_num`` centred segments):
-    ``save_dir/predictions/part-00000.parquet`` and, with ``seed_json``, ``json/result<i>.json``."""
+) -> PredictSummary:
+    """TSN: top-k (``MODEL.topk``) classes of every INFER video (``INFER.seg_num`` centred
+    segments); videos that cannot be loaded become dead letters under ``save_dir``."""
     k = min(top_k or config.model.topk, config.model.num_classes)
     results = classify(config, "infer", weights, filelist, labelled=False)
     names = label_names_for(label_file, config.model.num_classes, config.storage)
     top_ids = np.array([ids[:k] for ids in results.table.column(S.CLASS_IDS).to_pylist()], np.int64).reshape(-1, k)
     top_probs = np.array([p[:k] for p in results.table.column(S.PROBS).to_pylist()], np.float32).reshape(-1, k)
-    table = predictions_table(
-        results.table.column(S.VIDEO_ID).to_pylist(), results.table.column(S.URI).to_pylist(), top_ids, top_probs, names
-    )
-    metadata = {
-        "model": "TSN",
-        "weights": st.redact(weights),
-        "label_fingerprint": label_fingerprint(names, config.model.num_classes),
-        "top_k": k,
-    }
-    table = table.replace_schema_metadata({S.METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    fs, root = st.filesystem(save_dir, config.storage)
-    st.write_parquet(table, fs, f"{root}/{S.PREDICTIONS_DIR}/part-00000.parquet")
-    if seed_json:
-        for i, row in enumerate(table.to_pylist()):
-            st.write_bytes(seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/result{i}.json")
+    metadata = prediction_metadata(tsn.MODEL_NAME, weights, names, config.model.num_classes, k)
+    writer = PredictionWriter(save_dir, config.storage, metadata, seed_json)
+    video_ids, uris = (results.table.column(c).to_pylist() for c in (S.VIDEO_ID, S.URI))
+    writer.add(predictions_table(video_ids, uris, top_ids, top_probs, names))
+    writer.close()
     results.write_dead_letters(save_dir, config.storage)
-    log.info("top-%d predictions:\n%s", k, format_predictions(table))
     return PredictSummary(
-        st.redact(save_dir),
-        table.num_rows,
-        results.failure_counts(),
-        results.elapsed_seconds,
-        st.redact(weights),
+        st.redact(save_dir), writer.count, results.failure_counts(), results.elapsed_seconds, st.redact(weights)
     )
 
 
