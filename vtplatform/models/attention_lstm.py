@@ -27,6 +27,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from vtplatform.models import weights as wts
+
 log = logging.getLogger(__name__)
 
 SIGMOID_CLIP = (-40.0, 13.0)  # Paddle's activation clip inside the lstm op
@@ -436,8 +438,6 @@ def reinit_layer(layer: nn.Linear, seed: int) -> None:
 def load_weights(model: AttentionLSTM, path: str, seed: int = 0) -> dict:
     """Loads a weight file into ``model``: the official VideoTag file (fluid names), an ``.npz``
     in the same names, or one of our checkpoints (see ``load_state``)."""
-    from vtplatform.models import weights as wts
-
     return load_state(model, wts.read_state(path), str(path), seed)
 
 
@@ -449,8 +449,6 @@ def load_state(model: AttentionLSTM, state: dict[str, np.ndarray], source: str =
     logged and reported. Any other mismatch raises ``WeightsError``. Returns a summary:
     ``{"reinitialised": [...], "unused": [...], "fingerprint": ...}``.
     """
-    from vtplatform.models import weights as wts
-
     name_map = fluid_name_map(model)
     params = model.state_dict()
     skip: list[str] = []

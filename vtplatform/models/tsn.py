@@ -8,10 +8,15 @@ this model by name (see ``fluid_name_map``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import paddle
 from paddle import nn
+
+from vtplatform.models import weights as wts
+
+log = logging.getLogger(__name__)
 
 STAGE_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -204,11 +209,6 @@ def load_backbone(config: TSNConfig, weights: str | None = None, seed: int = 0) 
     is seeded random init, identical in every process, and its fingerprint is "random-init".
     Returns the model and the fingerprint of the loaded weights.
     """
-    import logging
-
-    from vtplatform.models import weights as wts
-
-    log = logging.getLogger(__name__)
     paddle.seed(seed)
     with paddle.base.dygraph.guard(paddle.CPUPlace()):
         model = ResNet(config)
