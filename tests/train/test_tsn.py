@@ -126,6 +126,13 @@ def test_seed_configs_and_lists_as_they_are(tmp_path, monkeypatch):
         )
 
 
+def test_mixed_precision_without_gpus_is_refused_as_for_attention_lstm(ray_cluster, clips, tmp_path):
+    """One placement policy (train.scaffold.place): TSN used to fall back to float32 silently."""
+    with pytest.raises(ConfigError, match="amp=float16 needs GPUs"):
+        T.run_train(_config(clips, "train_run.amp=float16", "resources.use_gpu=false"), str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
 def _plan(workers: int) -> TrainPlan:
     return TrainPlan(workers, use_gpu=False, cpus_per_worker=0.5, threads=1, task_cpus=1.0)
 

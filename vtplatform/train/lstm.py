@@ -90,13 +90,9 @@ def run_train(
 ) -> TrainSummary:
     """Fine-tunes AttentionLSTM on Ray Train into ``save_dir/<run name>``; rerunning with the
     same run name and ``save_dir`` resumes from the last checkpoint. Needs ``ray.init()``."""
-    from ray.train import DataConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
     from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
     from vtplatform.lstm_data import plan_inputs
     from vtplatform.train import checkpoint
-    from vtplatform.train.backend import PaddleBackendConfig
 
     start = time.perf_counter()
     run_name = run_name or config.train_run.run_name or MODEL_NAME
@@ -129,28 +125,13 @@ def run_train(
     )
     if valid_inputs is None:
         spec = dataclasses.replace(spec, valid_interval=0)
-    datasets = _datasets(config, train_inputs, valid_inputs, plan.task_cpus)
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # with the seeded block order: the same rows reach the same worker in every run
-    trainer = DataParallelTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        backend_config=PaddleBackendConfig(),
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=plan.worker_resources()
-        ),
-        run_config=checkpoint.run_config(
-            save_dir, run_name, config.storage, config.train_run.keep_checkpoints, config.train_run.max_failures
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False),
-    )
     log.info(
         "training %s: %d videos, %d workers x batch %d, %d steps/epoch, %d epochs, on %s",
         run_name, len(train_inputs), workers, spec.local_batch, spec.steps_per_epoch, spec.epochs,
         "GPU" if use_gpu else "CPU",
     )  # fmt: skip
-    result = trainer.fit()
+    data = _ray_data(config, train_inputs, valid_inputs, plan.task_cpus)
+    result = scaffold.fit(train_loop, spec, plan, config, save_dir, run_name, **data)
     run = checkpoint.run_uri(save_dir, run_name)
     summary = TrainSummary(
         st.redact(run),
@@ -170,8 +151,11 @@ def run_train(
     return scaffold.finish(result, summary, run, config.storage, CURVES, start)
 
 
-def _datasets(config: Config, train_inputs, valid_inputs, task_cpus: float) -> dict[str, Any]:
-    """The Ray Datasets of the training (in a seeded block order) and validation features."""
+def _ray_data(config: Config, train_inputs, valid_inputs, task_cpus: float) -> dict[str, Any]:
+    """The Ray Datasets of the training features (in a seeded block order, split over the
+    workers in order) and of the validation ones, as ``datasets`` and ``dataset_config``."""
+    from ray.train import DataConfig
+
     from vtplatform.lstm_data import make_dataset
 
     datasets = {
@@ -183,7 +167,10 @@ def _datasets(config: Config, train_inputs, valid_inputs, task_cpus: float) -> d
         datasets["valid"] = make_dataset(valid_inputs, config, cache=True, task_cpus=task_cpus)
     for ds in datasets.values():
         ds.context.enable_progress_bars = False  # the workers' logs carry the progress
-    return datasets
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # with the seeded block order: the same rows reach the same worker in every run
+    split = DataConfig(datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False)
+    return {"datasets": datasets, "dataset_config": split}
 
 
 def _spec(

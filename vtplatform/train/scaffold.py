@@ -3,7 +3,8 @@
 Each model keeps its loop, read top to bottom in its module; the pieces here are the same for
 every model:
 
-- in the driver: ``place`` (where the workers run: one policy for CPU and GPU), ``finish``
+- in the driver: ``place`` (where the workers run: one policy for CPU and GPU), ``fit`` (Ray
+  Train on those workers over the Paddle backend, checkpoints in the run folder), ``finish``
   (the run's ``TrainSummary``, its ``history.json`` and ``curves.png`` from the last checkpoint);
 - in a worker: ``start_worker`` (logging, device, collective group), ``resume`` (the last
   checkpoint, typed), ``make_scaler``/``autocast``/``optimizer_step`` (one AMP step),
@@ -66,6 +67,29 @@ def place(config: Config):
             "(resources.use_gpu, TRAIN.use_gpu, or no GPU in the cluster)"
         )
     return plan
+
+
+def fit(train_fn, spec, plan, config: Config, save_dir: str, run_name: str, **datasets):
+    """Runs ``train_fn`` on ``plan.workers`` Ray Train workers placed as ``plan`` says, over the
+    shared Paddle backend, with the run's checkpoints under ``save_dir/run_name``; returns Ray
+    Train's result. ``datasets``: ``datasets=`` and ``dataset_config=`` for workers fed by Ray Data."""
+    from ray.train import ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from vtplatform.train.backend import PaddleBackendConfig
+
+    run = config.train_run
+    trainer = DataParallelTrainer(
+        train_fn,
+        train_loop_config={"spec": spec},
+        backend_config=PaddleBackendConfig(),
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=plan.worker_resources()
+        ),
+        run_config=checkpoint.run_config(save_dir, run_name, config.storage, run.keep_checkpoints, run.max_failures),
+        **datasets,
+    )
+    return trainer.fit()
 
 
 @dataclass(frozen=True)

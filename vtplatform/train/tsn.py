@@ -474,14 +474,10 @@ def run_train(
     ``save_dir/<run_name, train_run.run_name or TSN>``; rerunning with the same name resumes.
     ``label_file`` names the classes (recorded as the label set). Needs ``ray.init()``.
     ``train_fn`` replaces the worker function (tests wrap ``train_loop`` with it)."""
-    from ray.train import ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
     from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
     from vtplatform.models.weights import read_weights
     from vtplatform.pipeline import dead_letter_table
     from vtplatform.train import checkpoint
-    from vtplatform.train.backend import PaddleBackendConfig
 
     start = time.perf_counter()
     if config.model.name != MODEL_NAME:
@@ -506,15 +502,7 @@ def run_train(
         where.workers, "GPU" if where.use_gpu else "CPU", where.cpus_per_worker, where.workers, spec.batch_size,
         info["steps"], spec.epochs, st.redact(run_uri),
     )  # fmt: skip
-    resources = where.worker_resources()
-    trainer = DataParallelTrainer(
-        train_fn or _worker,
-        train_loop_config={"spec": spec},
-        backend_config=PaddleBackendConfig(),
-        scaling_config=ScalingConfig(num_workers=where.workers, use_gpu=where.use_gpu, resources_per_worker=resources),
-        run_config=checkpoint.run_config(save_dir, name, config.storage, run.keep_checkpoints, run.max_failures),
-    )
-    result = trainer.fit()
+    result = scaffold.fit(train_fn or _worker, spec, where, config, save_dir, name)
     dead = {v for f in st.list_files(fs, f"{root}/{S.DEAD_LETTERS_DIR}", ".parquet") for v in _ids(fs, f)}
     summary = TrainSummary(
         st.redact(run_uri),
