@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.models.weights import META_FILE, CheckpointMeta
+from vtplatform.resources import TrainPlan, size_training
 from vtplatform.train import checkpoint
 
 if TYPE_CHECKING:
@@ -49,14 +50,13 @@ LOSS_SCALE = 2.0**15  # float16 AMP: the GradScaler's initial loss scaling
 # --- in the driver -----------------------------------------------------------------------------
 
 
-def place(config: Config):
+def place(config: Config) -> TrainPlan:
     """The training workers' ``resources.TrainPlan``: the same policy for every model.
     ``resources.use_gpu`` decides, and on ``auto`` the seed's ``TRAIN.use_gpu`` says whether
-    this phase may use the cluster's GPUs; the worker CPUs, math threads and data-task CPUs
-    come from ``resources.plan_training``. Mixed precision (``train_run.amp``) needs GPUs."""
-    from vtplatform import resources as R
-
-    plan = R.size_training(config, config.train.use_gpu)
+    this phase may use the cluster's GPUs; the worker CPUs, the Paddle math threads of a worker
+    (``plan.threads``, on CPU and GPU workers alike) and the data-task CPUs come from
+    ``resources.plan_training``. Mixed precision (``train_run.amp``) needs GPUs."""
+    plan = size_training(config, config.train.use_gpu)
     if config.train.use_gpu and not plan.use_gpu:
         log.info(
             "TRAIN.use_gpu is set but no GPU is used (resources.use_gpu=%s): training on CPU", config.resources.use_gpu
@@ -69,7 +69,7 @@ def place(config: Config):
     return plan
 
 
-def fit(train_fn, spec, plan, config: Config, save_dir: str, run_name: str, **datasets):
+def fit(train_fn, spec, plan: TrainPlan, config: Config, save_dir: str, run_name: str, **datasets):
     """Runs ``train_fn`` on ``plan.workers`` Ray Train workers placed as ``plan`` says, over the
     shared Paddle backend, with the run's checkpoints under ``save_dir/run_name``; returns Ray
     Train's result. ``datasets``: ``datasets=`` and ``dataset_config=`` for workers fed by Ray Data."""
