@@ -139,14 +139,15 @@ class TrainSummary:
         lines = [
             f"{self.model_name} training summary",
             f"  run               {self.run}",
-            f"  workers           {self.workers} on {self.device}, {self.steps_per_epoch} steps per epoch",
+            f"  workers           {self.workers} x {self.steps_per_epoch} steps per epoch, {self.epochs} epochs, "
+            f"on {self.device}",
             f"  videos            {self.train_videos} train{cached}, {self.valid_videos} valid",
         ]
         lines += [f"  skipped           {n} {reason}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  rejected          {self.rejected} list entries"] if self.rejected else []
         lines += [f"  dead-lettered     {self.dead_letters} videos"] if self.dead_letters else []
         lines += [
-            f"  epochs done       {self.epochs_done} ({self.global_step} steps) of {self.epochs}",
+            f"  epochs done       {self.epochs_done} ({self.global_step} steps)",
             "  last epoch        "
             + ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
             f"  best {self.best_metric or 'metric':<12} {best}",
