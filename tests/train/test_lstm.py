@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import ROOT, SEED
 from tests.ray_nodes import kill_job_midway, kill_later, pids_named
 from tests.synthetic_features import make_videos, write_feature_table, write_list
-from vtplatform.config import ConfigError, load_config
+from tests.train.run_files import META_KEYS, run_files
+from vtplatform.config import ConfigError, StorageSection, load_config
 from vtplatform.faults import TRAIN_ENV as FAULT_ENV
 from vtplatform.models import weights as W
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model
@@ -282,6 +283,18 @@ def test_the_fault_drill_hook_makes_one_worker_raise_once(ray_cluster, dataset, 
     run_b = tmp_path / "b" / "AttentionLSTM"
     assert (run_b / "_fault_injected_1_5").exists() and (run_b / "epoch_001_step_0000002").is_dir()
     assert faulted.global_step == 6 and faulted.epochs_done == 2
+    # the run files and the checkpoint meta every trainer writes (tests/train/test_tsn.py: the same for TSN)
+    tags, history = run_files(run_b)
+    assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/valid_gap"} <= tags
+    assert [h["epoch"] for h in history] == [0, 1] and all("valid_gap" in h for h in history)
+    meta = json.loads((run_b / "epoch_002_step_0000000" / "meta.json").read_text())
+    assert set(meta) == META_KEYS and meta["model_name"] == "AttentionLSTM" and meta["best_metric"] == "valid_gap"
+    assert meta["num_classes"] == meta["model"]["num_classes"] and meta["history"] == history
+    loaded = W.read_weights(str(run_b / "epoch_002_step_0000000"), StorageSection())
+    assert loaded.checkpoint == W.CheckpointMeta.from_dict(meta) and loaded.checkpoint.to_dict() == meta
+    with pytest.raises(ConfigError, match="is an AttentionLSTM checkpoint, not a TSN one"):
+        loaded.require("TSN")
+    assert "AttentionLSTM training summary" in faulted.format() and "2 (6 steps)" in faulted.format()
 
 
 def test_too_few_videos_for_a_batch_is_a_clear_error(ray_cluster, dataset):

@@ -14,9 +14,10 @@ import pytest
 
 from tests.conftest import ROOT, SEED, run_job
 from tests.ray_nodes import kill_job_midway, kill_later, pids_named
+from tests.train.run_files import META_KEYS, run_files
 from tests.tsn_clips import write_class_clips, write_list
 from vtplatform import schema as S
-from vtplatform.config import ConfigError, load_config
+from vtplatform.config import ConfigError, StorageSection, load_config
 from vtplatform.models import weights as W
 from vtplatform.resources import TrainPlan
 from vtplatform.train import tsn as T
@@ -125,6 +126,13 @@ def test_seed_configs_and_lists_as_they_are(tmp_path, monkeypatch):
         )
 
 
+def test_mixed_precision_without_gpus_is_refused_as_for_attention_lstm(ray_cluster, clips, tmp_path):
+    """One placement policy (train.scaffold.place): TSN used to fall back to float32 silently."""
+    with pytest.raises(ConfigError, match="amp=float16 needs GPUs"):
+        T.run_train(_config(clips, "train_run.amp=float16", "resources.use_gpu=false"), str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
 def _plan(workers: int) -> TrainPlan:
     return TrainPlan(workers, use_gpu=False, cpus_per_worker=0.5, threads=1, task_cpus=1.0)
 
@@ -174,6 +182,17 @@ def test_two_workers_learn_the_classes_in_sync_and_dead_letter_bad_videos(ray_cl
     assert meta["model_name"] == "TSN" and meta["num_classes"] == 3 and meta["epoch"] >= 1
     assert [h["epoch"] for h in meta["history"]] == list(range(meta["epoch"]))
     assert ["valid_top1" in h for h in meta["history"]] == [False, True, False, True, True][: meta["epoch"]]
+    # TensorBoard, history and curves, and the checkpoint meta, as AttentionLSTM runs write them
+    tags, history = run_files(run)
+    assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/valid_top1"} <= tags
+    assert [h["epoch"] for h in history] == list(range(5)) and history[-1]["valid_videos"] == 12
+    assert set(meta) == META_KEYS | {"depth"} and meta["best_metric"] == "valid_top1"  # depth: as TSN always wrote
+    assert meta["model"]["depth"] == meta["depth"] == 18 and (meta["num_workers"], meta["steps_per_epoch"]) == (2, 6)
+    loaded = W.read_weights(str(run), StorageSection())
+    assert loaded.checkpoint.to_dict() == meta  # best/
+    with pytest.raises(ConfigError, match="is a TSN checkpoint, not an AttentionLSTM one"):
+        loaded.require("AttentionLSTM")
+    assert "TSN training summary" in summary.format() and f"{meta['best']:.4f} (" in summary.format()
     saved = W.read_state(run / "epoch_005_step_0000000" / "model.pdparams")
     assert saved["fc_0.w_0"].shape == (512, 3) and "conv1_weights" in saved  # fluid names, like the official files
     assert W.fingerprint((n, saved[n]) for n in saved) != ""

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,48 @@ def list_checkpoints(run: str, storage: StorageSection) -> list[str]:
     return [f"{run.rstrip('/')}/{n}" for n in names if st.exists(fs, f"{root}/{n}/{META_FILE}")]
 
 
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's ``meta.json``, as every trainer writes it (``train.scaffold``) and readers
+    check it. ``from_dict`` also reads the dicts older versions wrote: AttentionLSTM checkpoints
+    without ``model_name`` (their dims under ``model``), TSN ones without ``model`` (``num_classes``
+    and ``depth`` at the top). Keys it does not name stay in ``extra`` and are written back."""
+
+    model_name: str | None  # "AttentionLSTM", "TSN"; None for a meta that does not say
+    model: dict[str, Any] = field(default_factory=dict)  # the model's dims: its config dataclass as a dict
+    num_classes: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the whole run config
+    # where the run stands (train.checkpoint.TrainState)
+    epoch: int = 0  # the epoch in progress; a checkpoint at the end of epoch e has epoch e+1, step 0
+    step: int = 0
+    global_step: int = 0
+    best: float | None = None  # the best value of best_metric so far (the checkpoint in best/)
+    history: list[dict[str, Any]] = field(default_factory=list)  # per finished epoch, its metrics
+    metrics: dict[str, Any] = field(default_factory=dict)  # of the report this checkpoint came with
+    best_metric: str | None = None  # the metric best/ is chosen by (higher is better)
+    epoch_partial: list[float] | None = None  # (loss sum, videos) of a part-done epoch, where kept
+    steps_per_epoch: int | None = None  # the batch layout the run had
+    num_workers: int | None = None
+    label_fingerprint: str | None = None  # labels.label_fingerprint of the class names
+    features: dict[str, Any] | None = None  # provenance of the features trained on (AttentionLSTM)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys not named above, as written
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``meta.json`` (``extra`` at the top level, never over a named key)."""
+        named = asdict(self)
+        return {**named.pop("extra"), **named}
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any]) -> CheckpointMeta:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in meta.items() if k in names}
+        model = known.get("model") if isinstance(known.get("model"), dict) else {}
+        known["model_name"] = known.get("model_name") or ("AttentionLSTM" if model else None)
+        known.setdefault("num_classes", model.get("num_classes"))
+        known["history"] = list(known.get("history") or [])
+        return cls(**known, extra={k: v for k, v in meta.items() if k not in names})
+
+
 @dataclass
 class LoadedWeights:
     state: dict[str, np.ndarray]
@@ -131,11 +173,14 @@ class LoadedWeights:
     source: str
 
     @property
+    def checkpoint(self) -> CheckpointMeta | None:
+        """The typed meta of a checkpoint; None for a bare weight file."""
+        return None if self.meta is None else CheckpointMeta.from_dict(self.meta)
+
+    @property
     def model_name(self) -> str | None:
-        """The model a checkpoint holds: its ``model_name`` (AttentionLSTM checkpoints written
-        before they recorded one carry their dims under ``model``); None for a bare weight file."""
-        meta = self.meta or {}
-        return meta.get("model_name") or ("AttentionLSTM" if isinstance(meta.get("model"), dict) else None)
+        """The model a checkpoint holds (``CheckpointMeta.model_name``); None for a bare weight file."""
+        return None if self.meta is None else self.checkpoint.model_name
 
     def require(self, model_name: str) -> LoadedWeights:
         """These weights, unless they are a checkpoint of another model."""

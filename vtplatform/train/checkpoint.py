@@ -5,9 +5,10 @@ Layout under ``SAVE_DIR/RUN_NAME/`` (``SAVE_DIR`` local or ``s3://``)::
     epoch_002_step_0000000/       one directory per report; Ray Train keeps the last N
         model.pdparams            weights under the model's fluid names (the official files' format)
         optimizer.npz             optimizer accumulators, keyed by the model's parameter names
-        meta.json                 config, epoch, step, metrics, label-set fingerprint, history
-    best/                         a copy of the best checkpoint by the chosen metric (validation GAP)
-    tensorboard/, curves.png ...  other run files (``write_run_file``)
+        meta.json                 a models.weights.CheckpointMeta: model, config, epoch, step, metrics,
+                                  label-set fingerprint, history
+    best/                         a copy of the best checkpoint by the model's metric (CheckpointMeta.best_metric)
+    tensorboard/, curves.png ...  other run files (``write_run_file``; ``train.scaffold`` writes these)
 
 In a training function (model-agnostic; ``name_map`` maps file names to state_dict keys, or None)::
 
@@ -18,9 +19,10 @@ In a training function (model-agnostic; ``name_map`` maps file names to state_di
                       meta={**state.to_meta(), "config": ...}, dir_name=checkpoint.dir_name(epoch, step),
                       best=is_best)
 
-and in the driver ``run_config(save_dir, run_name, storage, keep_last, max_failures)`` gives the
-``RunConfig`` (retention of the last N, ``FailureConfig`` restarts, rerun with the same name to
-resume after a driver restart). ``models.weights.read_weights`` opens any of these for evaluation
+(the trainers do this through ``train.scaffold.resume`` and ``train.scaffold.Recorder``, which
+write a ``models.weights.CheckpointMeta``), and in the driver ``run_config(save_dir, run_name,
+storage, keep_last, max_failures)`` gives the ``RunConfig`` (retention of the last N,
+``FailureConfig`` restarts, rerun with the same name to resume after a driver restart). ``models.weights.read_weights`` opens any of these for evaluation
 or inference.
 """
 

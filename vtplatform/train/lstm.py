@@ -15,13 +15,9 @@ so a run resumed from a checkpoint replays what the uninterrupted run would have
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -30,13 +26,21 @@ from vtplatform import faults
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.models.attention_lstm import AttentionLSTMConfig
+from vtplatform.models.weights import CheckpointMeta
+from vtplatform.train import scaffold
+from vtplatform.train.scaffold import Curves, TrainSummary
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "AttentionLSTM"
-TENSORBOARD_DIR = "tensorboard"
-CURVES_FILE = "curves.png"
-HISTORY_FILE = "history.json"
+BEST_METRIC = "valid_gap"
+CURVES = Curves(
+    loss_label="loss (sum over classes, per video)",
+    valid_loss="valid_avg_loss",
+    quality=(("valid_gap", "valid GAP"), ("valid_hit_at_one", "valid Hit@1")),
+    quality_title="validation GAP",
+    quality_label="GAP",
+)
 
 
 @dataclass(frozen=True)
@@ -74,42 +78,6 @@ class TrainSpec:
         return self.learning_rate * self.decay_gamma ** sum(epoch >= e for e in self.decay_epochs)
 
 
-@dataclass
-class TrainSummary:
-    run: str
-    epochs_done: int = 0
-    global_step: int = 0
-    train_videos: int = 0
-    valid_videos: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    best_valid_gap: float | None = None
-    last_metrics: dict[str, Any] = field(default_factory=dict)
-    workers: int = 1
-    device: str = "cpu"
-    elapsed_seconds: float = 0.0
-
-    def format(self) -> str:
-        best = (
-            "n/a (no validation set)" if self.best_valid_gap is None else f"{self.best_valid_gap:.4f} ({self.run}/best)"
-        )
-        lines = [
-            "training summary",
-            f"  run               {self.run}",
-            f"  workers           {self.workers} on {self.device}",
-            f"  videos            {self.train_videos} train, {self.valid_videos} valid",
-        ]
-        lines += [f"  skipped           {n} {reason}" for reason, n in sorted(self.skipped.items())]
-        lines += [
-            f"  epochs done       {self.epochs_done} ({self.global_step} steps)",
-            "  last epoch        "
-            + ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
-            f"  best valid GAP    {best}",
-            f"  curves            {self.run}/{CURVES_FILE}, TensorBoard: {self.run}/{TENSORBOARD_DIR}",
-            f"  wall time         {self.elapsed_seconds:.1f} s",
-        ]
-        return "\n".join(lines)
-
-
 # --- driver ----------------------------------------------------------------------------------
 
 
@@ -122,14 +90,9 @@ def run_train(
 ) -> TrainSummary:
     """Fine-tunes AttentionLSTM on Ray Train into ``save_dir/<run name>``; rerunning with the
     same run name and ``save_dir`` resumes from the last checkpoint. Needs ``ray.init()``."""
-    from ray.train import DataConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from vtplatform import resources as R
     from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
-    from vtplatform.lstm_data import make_dataset, plan_inputs
+    from vtplatform.lstm_data import plan_inputs
     from vtplatform.train import checkpoint
-    from vtplatform.train.backend import PaddleBackendConfig
 
     start = time.perf_counter()
     run_name = run_name or config.train_run.run_name or MODEL_NAME
@@ -150,7 +113,7 @@ def run_train(
         check_label_names(names, model_config.num_classes, label_file)
     if pretrain:
         _check_pretrain(model_config, pretrain, config.storage)
-    plan = R.size_training(config, config.train.use_gpu)
+    plan = scaffold.place(config)
     workers, use_gpu = plan.workers, plan.use_gpu
     spec = _spec(
         config,
@@ -162,63 +125,52 @@ def run_train(
     )
     if valid_inputs is None:
         spec = dataclasses.replace(spec, valid_interval=0)
-    datasets = {
-        "train": make_dataset(train_inputs, config, cache=True, task_cpus=plan.task_cpus).randomize_block_order(
-            seed=config.train_run.seed
-        )
-    }
-    if valid_inputs is not None:
-        datasets["valid"] = make_dataset(valid_inputs, config, cache=True, task_cpus=plan.task_cpus)
-    for ds in datasets.values():
-        ds.context.enable_progress_bars = False  # the workers' logs carry the progress
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # with the seeded block order: the same rows reach the same worker in every run
-    trainer = DataParallelTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        backend_config=PaddleBackendConfig(),
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=plan.worker_resources()
-        ),
-        run_config=checkpoint.run_config(
-            save_dir, run_name, config.storage, config.train_run.keep_checkpoints, config.train_run.max_failures
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False),
-    )
     log.info(
         "training %s: %d videos, %d workers x batch %d, %d steps/epoch, %d epochs, on %s",
         run_name, len(train_inputs), workers, spec.local_batch, spec.steps_per_epoch, spec.epochs,
         "GPU" if use_gpu else "CPU",
     )  # fmt: skip
-    result = trainer.fit()
+    data = _ray_data(config, train_inputs, valid_inputs, plan.task_cpus)
+    result = scaffold.fit(train_loop, spec, plan, config, save_dir, run_name, **data)
     run = checkpoint.run_uri(save_dir, run_name)
     summary = TrainSummary(
         st.redact(run),
-        train_videos=len(train_inputs),
-        valid_videos=len(valid_inputs or ()),
+        MODEL_NAME,
         workers=workers,
         device="gpu" if use_gpu else "cpu",
+        steps_per_epoch=spec.steps_per_epoch,
+        epochs=spec.epochs,
+        train_videos=len(train_inputs),
+        valid_videos=len(valid_inputs or ()),
+        skipped={
+            k: train_inputs.skipped.get(k, 0) + (valid_inputs.skipped.get(k, 0) if valid_inputs else 0)
+            for k in {**train_inputs.skipped, **(valid_inputs.skipped if valid_inputs else {})}
+        },
+        best_metric=BEST_METRIC,
     )
-    summary.skipped = {
-        k: train_inputs.skipped.get(k, 0) + (valid_inputs.skipped.get(k, 0) if valid_inputs else 0)
-        for k in {**train_inputs.skipped, **(valid_inputs.skipped if valid_inputs else {})}
-    }
-    if result.checkpoint is not None:
-        with (
-            result.checkpoint.as_directory() as directory,
-            open(os.path.join(directory, checkpoint.META_FILE), "rb") as f,
-        ):
-            meta = json.loads(f.read())
-        summary.epochs_done, summary.global_step, summary.best_valid_gap = (
-            meta["epoch"],
-            meta["global_step"],
-            meta.get("best"),
+    return scaffold.finish(result, summary, run, config.storage, CURVES, start)
+
+
+def _ray_data(config: Config, train_inputs, valid_inputs, task_cpus: float) -> dict[str, Any]:
+    """The Ray Datasets of the training features (in a seeded block order, split over the
+    workers in order) and of the validation ones, as ``datasets`` and ``dataset_config``."""
+    from ray.train import DataConfig
+
+    from vtplatform.lstm_data import make_dataset
+
+    datasets = {
+        "train": make_dataset(train_inputs, config, cache=True, task_cpus=task_cpus).randomize_block_order(
+            seed=config.train_run.seed
         )
-        summary.last_metrics = meta["history"][-1] if meta["history"] else {}
-        write_curves(meta["history"], run, config.storage)
-    summary.elapsed_seconds = time.perf_counter() - start
-    return summary
+    }
+    if valid_inputs is not None:
+        datasets["valid"] = make_dataset(valid_inputs, config, cache=True, task_cpus=task_cpus)
+    for ds in datasets.values():
+        ds.context.enable_progress_bars = False  # the workers' logs carry the progress
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # with the seeded block order: the same rows reach the same worker in every run
+    split = DataConfig(datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False)
+    return {"datasets": datasets, "dataset_config": split}
 
 
 def _spec(
@@ -241,11 +193,6 @@ def _spec(
         raise ConfigError(
             f"{len(inputs)} training videos make no full batch of {local} per worker on {workers} workers: "
             "the number of training samples must exceed TRAIN.batch_size"
-        )
-    if run.amp != "none" and not use_gpu:
-        raise ConfigError(
-            f"train_run.amp={run.amp} needs GPUs; none are used "
-            "(resources.use_gpu, TRAIN.use_gpu, or no GPU in the cluster)"
         )
     return TrainSpec(
         model=model,
@@ -290,16 +237,6 @@ def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: S
 # --- worker ----------------------------------------------------------------------------------
 
 
-def _setup_worker_logging() -> None:
-    """Our INFO lines reach the driver's console (Ray forwards worker stderr)."""
-    logger = logging.getLogger("vtplatform")
-    logger.setLevel(logging.INFO)
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-
-
 def make_optimizer(model, learning_rate: float, weight_decay: float):
     """Centred RMSProp with L2 decay, the seed's biases exempt."""
     import paddle
@@ -330,94 +267,37 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import paddle
     import ray.train
 
-    from vtplatform.eval.youtube8m import batch_log_line
     from vtplatform.lstm_data import collate
-    from vtplatform.models.attention_lstm import build_model, fluid_name_map, load_state
+    from vtplatform.models.attention_lstm import build_model, fluid_name_map
     from vtplatform.pipeline import peak_rss_mb, private_rss_mb
-    from vtplatform.train import checkpoint
-    from vtplatform.train.backend import all_reduce_sum, check_replicas, setup_paddle
+    from vtplatform.train.backend import all_reduce_sum, check_replicas
 
-    _setup_worker_logging()
     spec: TrainSpec = loop_config["spec"]
-    ctx = setup_paddle(None if spec.use_gpu else spec.threads)
+    ctx = scaffold.start_worker(spec.threads)
     model = build_model(spec.model, seed=spec.seed)
     name_map = fluid_name_map(model)
     optimizer = make_optimizer(model, spec.lr_at(0), spec.weight_decay)
-    meta = checkpoint.restore(model, optimizer, name_map)
-    if meta is None and spec.pretrain:
-        from vtplatform.models.weights import read_weights
-
-        summary = load_state(
-            model, read_weights(spec.pretrain, spec.storage).state, st.redact(spec.pretrain), spec.seed
-        )
-        if ctx.is_chief:
-            log.info("loaded %s (re-initialised: %s)", st.redact(spec.pretrain), summary["reinitialised"] or "none")
-    state = checkpoint.TrainState.from_meta(meta)
-    if meta and state.step and meta.get("steps_per_epoch") != spec.steps_per_epoch:
-        log.warning(
-            "the run resumed with a different batch layout (%s -> %s steps/epoch): epoch %d restarts",
-            meta.get("steps_per_epoch"),
-            spec.steps_per_epoch,
-            state.epoch,
-        )
-        state.step = 0
+    resumed, state = scaffold.resume(ctx, model, optimizer, name_map, spec.epochs)
+    if resumed is None and spec.pretrain:
+        _load_pretrained(model, spec, ctx.is_chief)
+    resumed_sums = _resumed_epoch(resumed, state, spec, ctx.is_chief)
     net = paddle.DataParallel(model) if ctx.world_size > 1 else model
-    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if spec.amp == "float16" else None
+    scaler = scaffold.make_scaler(spec.amp)
     shard = ray.train.get_dataset_shard("train")
     valid = ray.train.get_dataset_shard("valid") if ctx.is_chief and spec.valid_interval > 0 else None
-    board = _Board(ctx.is_chief)
-
-    def report(metrics: dict[str, Any], best: bool = False, partial: np.ndarray | None = None) -> None:
-        meta_out = {
-            **state.to_meta(),
-            "epoch_partial": None if partial is None else partial.tolist(),  # (loss sum, videos) of a part-done epoch
-            "model_name": MODEL_NAME,
-            "model": asdict(spec.model),
-            "config": spec.config,
-            "metrics": metrics,
-            "label_fingerprint": spec.label_fingerprint,
-            "features": spec.features,
-            "steps_per_epoch": spec.steps_per_epoch,
-            "num_workers": spec.num_workers,
-        }
-        name = checkpoint.dir_name(state.epoch, state.step)
-        checkpoint.report(
-            metrics,
-            rank=ctx.rank,
-            model=model,
-            optimizer=optimizer,
-            name_map=name_map,
-            meta=meta_out,
-            dir_name=name,
-            best=best,
-        )
-        board.upload()
-
-    if state.epoch >= spec.epochs and ctx.is_chief:
-        log.info(
-            "the run already finished its %d epochs; raise TRAIN.epoch to go on, or pass another --run_name",
-            spec.epochs,
-        )
+    record = scaffold.Recorder(ctx, model, optimizer, name_map, checkpoint_meta(spec))
     first_epoch = state.epoch
-    resumed = (meta or {}).get("epoch_partial") if state.step and ctx.is_chief else None
     for epoch in range(state.epoch, spec.epochs):
         optimizer.set_lr(spec.lr_at(epoch))
         model.train()
         skip = state.step
-        loss_sum, seen = resumed if resumed and epoch == first_epoch else (0.0, 0)
+        loss_sum, seen = resumed_sums if resumed_sums and epoch == first_epoch else (0.0, 0)
         started, private_peak = time.perf_counter(), private_rss_mb()
         if ctx.is_chief:
             log.info(
                 "------- epoch %d: learning rate %g, %d steps -------", epoch, spec.lr_at(epoch), spec.steps_per_epoch
             )
-        batches = shard.iter_batches(
-            batch_size=spec.local_batch,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=spec.shuffle_buffer or None,
-            local_shuffle_seed=_step_seed(spec, epoch, 0, ctx.rank) if spec.shuffle_buffer else None,
-        )
-        for step, batch in enumerate(batches):
+        for step, batch in enumerate(_batches(shard, spec, epoch, ctx.rank)):
             if step >= spec.steps_per_epoch:
                 break
             if step < skip:
@@ -431,15 +311,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state.step, state.global_step = step + 1, state.global_step + 1
             private_peak = max(private_peak, private_rss_mb())  # sampled while the batch is in hand
             if ctx.is_chief and (step % spec.log_interval == 0 or step + 1 == spec.steps_per_epoch):
-                probs = 1.0 / (1.0 + np.exp(-logits))
-                info = f"[TRAIN {time.strftime('%Y-%m-%d %H:%M:%S')}] Epoch {epoch}, iter {step}/{spec.steps_per_epoch}"
-                log.info("%s", batch_log_line(info, float(per_video.mean()), probs, targets, spec.top_k))
-                board.scalar("train/loss", float(per_video.mean()), state.global_step)
-                board.scalar("train/lr", spec.lr_at(epoch), state.global_step)
+                _log_step(record, spec, epoch, step, state.global_step, per_video, logits, targets)
             every = spec.checkpoint_every_steps
             if every and state.step % every == 0 and state.step < spec.steps_per_epoch:
-                partial = all_reduce_sum(np.array([loss_sum, seen]), ctx.world_size)
-                report({"epoch": epoch, "step": state.step, "global_step": state.global_step}, partial=partial)
+                partial = all_reduce_sum(np.array([loss_sum, seen]), ctx.world_size)  # (loss sum, videos) so far
+                mid = {"epoch": epoch, "step": state.step, "global_step": state.global_step}
+                record.report(state, mid, epoch_partial=partial.tolist())
         totals = all_reduce_sum(np.array([loss_sum, seen]), ctx.world_size)
         check_replicas(model, ctx.world_size)
         metrics: dict[str, Any] = {
@@ -459,16 +336,73 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             )
         if valid is not None and (epoch + 1) % spec.valid_interval == 0:
             metrics.update(_validate(model, valid, spec))
-        state.epoch, state.step = epoch + 1, 0
-        best = False
-        if ctx.is_chief and "valid_gap" in metrics and (state.best is None or metrics["valid_gap"] > state.best):
-            state.best, best = metrics["valid_gap"], True
-        state.history.append(metrics)
-        for key, value in metrics.items():
-            if key not in ("epoch", "global_step"):
-                board.scalar(f"epoch/{key}", value, epoch)
-        report(metrics, best=best)
-    board.close()
+        best = record.end_epoch(state, metrics, BEST_METRIC)  # only the chief validates: only it finds a best
+        record.report(state, metrics, best=best)
+    record.close()
+
+
+def checkpoint_meta(spec: TrainSpec) -> CheckpointMeta:
+    """What every checkpoint of the run records besides where the run stands."""
+    return CheckpointMeta(
+        model_name=MODEL_NAME,
+        model=asdict(spec.model),
+        num_classes=spec.model.num_classes,
+        config=spec.config,
+        best_metric=BEST_METRIC,
+        steps_per_epoch=spec.steps_per_epoch,
+        num_workers=spec.num_workers,
+        label_fingerprint=spec.label_fingerprint,
+        features=spec.features,
+    )
+
+
+def _load_pretrained(model, spec: TrainSpec, chief: bool) -> None:
+    from vtplatform.models.attention_lstm import load_state
+    from vtplatform.models.weights import read_weights
+
+    summary = load_state(model, read_weights(spec.pretrain, spec.storage).state, st.redact(spec.pretrain), spec.seed)
+    if chief:
+        log.info("loaded %s (re-initialised: %s)", st.redact(spec.pretrain), summary["reinitialised"] or "none")
+
+
+def _resumed_epoch(resumed: CheckpointMeta | None, state, spec: TrainSpec, chief: bool) -> tuple[float, int] | None:
+    """The chief's (loss sum, videos) of the epoch a mid-epoch checkpoint left part-done (summed
+    over the workers); None elsewhere and when the run starts an epoch afresh. A run resumed with
+    another batch layout restarts that epoch (on every worker)."""
+    if resumed is None or not state.step:
+        return None
+    if resumed.steps_per_epoch != spec.steps_per_epoch:
+        log.warning(
+            "the run resumed with a different batch layout (%s -> %s steps/epoch): epoch %d restarts",
+            resumed.steps_per_epoch,
+            spec.steps_per_epoch,
+            state.epoch,
+        )
+        state.step = 0
+        return None
+    return resumed.epoch_partial if chief else None
+
+
+def _batches(shard, spec: TrainSpec, epoch: int, rank: int):
+    """This worker's batches of an epoch: the seeded block order, then a seeded shuffle buffer."""
+    return shard.iter_batches(
+        batch_size=spec.local_batch,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=spec.shuffle_buffer or None,
+        local_shuffle_seed=_step_seed(spec, epoch, 0, rank) if spec.shuffle_buffer else None,
+    )
+
+
+def _log_step(record, spec: TrainSpec, epoch: int, step: int, global_step: int, per_video, logits, targets) -> None:
+    """The seed's progress line, and the step's loss and rate in TensorBoard."""
+    from vtplatform.eval.youtube8m import batch_log_line
+
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    info = f"[TRAIN {time.strftime('%Y-%m-%d %H:%M:%S')}] Epoch {epoch}, iter {step}/{spec.steps_per_epoch}"
+    log.info("%s", batch_log_line(info, float(per_video.mean()), probs, targets, spec.top_k))
+    record.scalar("train/loss", float(per_video.mean()), global_step)
+    record.scalar("train/lr", spec.lr_at(epoch), global_step)
 
 
 def train_step(
@@ -486,20 +420,13 @@ def train_step(
     import paddle
     import paddle.nn.functional as F
 
-    with paddle.amp.auto_cast(enable=amp != "none", dtype=amp if amp != "none" else "float16", level="O1"):
+    with scaffold.autocast(amp):
         logits = net(paddle.to_tensor(x), paddle.to_tensor(lengths))
     per_video = F.binary_cross_entropy_with_logits(
         logits.astype("float32"), paddle.to_tensor(targets), reduction="none"
     ).sum(axis=-1)
     loss = per_video.sum() * float(world_size)  # gradients are averaged over workers: this sums the global batch
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    optimizer.clear_grad()
+    scaffold.optimizer_step(optimizer, loss, scaler)
     return per_video.numpy(), logits.astype("float32").numpy()
 
 
@@ -537,84 +464,3 @@ def _maybe_inject_fault(fault: tuple[int, int] | None, rank: int, global_step: i
         return
     st.write_bytes(b"", fs, marker)
     raise RuntimeError(f"injected fault on worker {rank} at step {global_step} ({faults.TRAIN_ENV})")
-
-
-class _Board:
-    """TensorBoard event files, written by the chief locally and copied to RUN/tensorboard."""
-
-    def __init__(self, enabled: bool):
-        self.writer = None
-        if not enabled:
-            return
-        from tensorboardX import SummaryWriter
-
-        self.dir = tempfile.mkdtemp(prefix="vtp-tb-")
-        self.writer = SummaryWriter(logdir=self.dir)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
-
-    def upload(self) -> None:
-        if self.writer is None:
-            return
-        from vtplatform.train.checkpoint import write_run_file
-
-        self.writer.flush()
-        for name in os.listdir(self.dir):
-            with open(os.path.join(self.dir, name), "rb") as f:
-                write_run_file(f"{TENSORBOARD_DIR}/{name}", f.read())
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.upload()
-            self.writer.close()
-
-
-# --- after training --------------------------------------------------------------------------
-
-
-def write_curves(history: list[dict[str, Any]], run: str, storage: StorageSection) -> None:
-    """RUN/curves.png (loss and GAP per epoch) and RUN/history.json."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fs, root = st.filesystem(run, storage)
-    st.write_bytes(json.dumps(history, indent=1).encode(), fs, f"{root}/{HISTORY_FILE}")
-    if not history:
-        return
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_gap) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    valid = [h for h in history if "valid_avg_loss" in h]
-    if valid:
-        ax_loss.plot([h["epoch"] for h in valid], [h["valid_avg_loss"] for h in valid], marker="o", label="valid")
-        ax_gap.plot(
-            [h["epoch"] for h in valid],
-            [h["valid_gap"] for h in valid],
-            marker="o",
-            color="tab:green",
-            label="valid GAP",
-        )
-        ax_gap.plot(
-            [h["epoch"] for h in valid],
-            [h["valid_hit_at_one"] for h in valid],
-            marker=".",
-            color="tab:gray",
-            label="valid Hit@1",
-        )
-    ax_loss.set(xlabel="epoch", ylabel="loss (sum over classes, per video)", title="loss")
-    ax_gap.set(xlabel="epoch", ylabel="GAP", title="validation GAP", ylim=(0, 1))
-    for ax in (ax_loss, ax_gap):
-        if ax.get_legend_handles_labels()[0]:  # no validation: the GAP panel stays empty
-            ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    st.write_bytes(buf.getvalue(), fs, f"{root}/{CURVES_FILE}")

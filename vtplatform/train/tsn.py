@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,9 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
 from vtplatform.models.tsn_classifier import TSNClassifierConfig
+from vtplatform.models.weights import CheckpointMeta
+from vtplatform.train import scaffold
+from vtplatform.train.scaffold import Curves, TrainSummary
 from vtplatform.tsn_data import (
     ClipSpec,
     attach_cache,
@@ -45,6 +48,13 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "TSN"
 BEST_METRIC = "valid_top1"
+CURVES = Curves(
+    loss_label="cross-entropy, per video",
+    valid_loss="valid_loss",
+    quality=(("valid_top1", "valid top-1"), ("valid_top5", "valid top-5")),
+    quality_title="validation accuracy",
+    quality_label="accuracy",
+)
 
 
 @dataclass(frozen=True)
@@ -194,21 +204,12 @@ def train_step(
 ) -> tuple[float, float]:
     """One optimizer step; returns (loss, top-1 accuracy) on the batch. ``weight`` 0 makes a step
     that only joins the gradient all-reduce (for a worker none of whose batch loaded)."""
-    import paddle
     import paddle.nn.functional as F
 
-    with paddle.amp.auto_cast(enable=amp != "none", dtype="float16" if amp == "none" else amp, level="O1"):
+    with scaffold.autocast(amp):
         logits = net(frames)  # (B, num_classes)
         loss = F.cross_entropy(logits.astype("float32"), labels)
-    scaled = loss * weight
-    if scaler is not None:
-        scaler.scale(scaled).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        scaled.backward()
-        optimizer.step()
-    optimizer.clear_grad()
+    scaffold.optimizer_step(optimizer, loss * weight, scaler)
     schedule.step()
     accuracy = float((logits.argmax(axis=1) == labels).astype("float32").mean())
     return float(loss), accuracy
@@ -255,31 +256,28 @@ def train_loop(spec: TSNTrainSpec):
 
     from vtplatform.models import tsn_classifier as tc
     from vtplatform.models.weights import read_weights
-    from vtplatform.train import checkpoint
-    from vtplatform.train.backend import check_replicas, setup_paddle
+    from vtplatform.train.backend import check_replicas
 
-    ctx = setup_paddle(spec.threads)
+    ctx = scaffold.start_worker(spec.threads)
     rank, world = ctx.rank, ctx.world_size
     model = tc.build(spec.model, seed=spec.seed)
     names = tc.name_map(model)
     steps = steps_per_epoch(spec.train_entries.num_rows, world, spec.batch_size)
     optimizer, schedule = make_optimizer(spec, model.parameters(), steps)
-    meta = checkpoint.restore(model, optimizer, names)
-    state = checkpoint.TrainState.from_meta(meta)
-    if meta is not None:
+    resumed, state = scaffold.resume(ctx, model, optimizer, names, spec.epochs)
+    if resumed is not None:
         schedule.step(state.global_step)  # the rate where the run left off
     elif spec.pretrain:
         tc.load_pretrained(model, read_weights(spec.pretrain, spec.train.storage).state)
     amp = spec.amp if ctx.use_gpu else "none"  # mixed precision is a GPU feature
-    scaler = paddle.amp.GradScaler() if amp == "float16" else None
+    scaler = scaffold.make_scaler(amp)
     net = paddle.DataParallel(model) if world > 1 else model
     model.train()
+    record = scaffold.Recorder(ctx, model, optimizer, names, checkpoint_meta(spec, steps, world))
     dead = DeadLetters(rank)
     plan = train_plan(
         spec.train_entries, range(state.epoch, spec.epochs), spec.seed, rank, world, spec.batch_size, state.step
     )
-    if state.epoch >= spec.epochs:
-        log.info("rank %d: the run had finished all %d epochs; nothing left to train", rank, spec.epochs)
     batches = iter(stream(plan, spec.train, spec.load, spec.batch_size)) if plan.num_rows else iter(())
     size, last_good = spec.train.target_size, None
     for epoch in range(state.epoch, spec.epochs):
@@ -296,19 +294,16 @@ def train_loop(spec: TSNTrainSpec):
                 train_step(net, optimizer, schedule, frames, labels, amp, scaler, weight=0.0)
             state.global_step += 1
             if rank == 0 and spec.log_interval and (step + 1) % spec.log_interval == 0:
-                recent = slice(-spec.log_interval, None)
-                avg_loss, avg_acc = np.mean(losses[recent] or [np.nan]), np.mean(accs[recent] or [np.nan])
-                args = (epoch, step + 1, steps, avg_loss, avg_acc, schedule.get_lr())
-                log.info("[TRAIN] Epoch %d, iter %d/%d, loss %.6f, top1_acc %.3f, lr %.6g", *args)
+                _log_step(record, epoch, step, steps, state.global_step, losses, accs, schedule.get_lr(), spec)
             every = spec.checkpoint_every_steps
             if every and state.global_step % every == 0 and step + 1 < steps:
                 state.epoch, state.step = epoch, step + 1
-                metrics = {
+                mid = {
                     "epoch": epoch,
                     "global_step": state.global_step,
                     "train_loss": float(np.mean(losses or [np.nan])),
                 }
-                _report(metrics, spec, state, rank, model, optimizer, names, best=False)
+                record.report(state, mid)
         dead.flush(epoch)
         check_replicas(model, world)
         metrics = {
@@ -324,9 +319,6 @@ def train_loop(spec: TSNTrainSpec):
         if spec.valid is not None and spec.valid_interval and ((epoch + 1) % spec.valid_interval == 0 or last):
             metrics |= validate(model, spec, rank, world, dead)
             dead.flush(epoch)
-        best = BEST_METRIC in metrics and (state.best is None or metrics[BEST_METRIC] > state.best)
-        if best:
-            state.best = metrics[BEST_METRIC]
         if rank == 0:
             log.info(
                 "[TRAIN] Epoch %d finished in %.1f s: %s; %s",
@@ -335,10 +327,38 @@ def train_loop(spec: TSNTrainSpec):
                 _format(metrics),
                 dead.summary(),
             )
-        state.epoch, state.step = epoch + 1, 0
-        state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        _report(metrics, spec, state, rank, model, optimizer, names, best=best)
+        best = record.end_epoch(state, metrics, BEST_METRIC)
+        record.report(state, metrics, best=best)
+    record.close()
     return model
+
+
+def checkpoint_meta(spec: TSNTrainSpec, steps: int, workers: int) -> CheckpointMeta:
+    """What every checkpoint of the run records besides where the run stands (``depth`` at
+    the top as well, as TSN checkpoints always had it)."""
+    return CheckpointMeta(
+        model_name=MODEL_NAME,
+        model=asdict(spec.model),
+        num_classes=spec.model.num_classes,
+        config=spec.config,
+        best_metric=BEST_METRIC,
+        steps_per_epoch=steps,
+        num_workers=workers,
+        label_fingerprint=spec.label_fingerprint,
+        extra={"depth": spec.model.depth},
+    )
+
+
+def _log_step(record, epoch: int, step: int, steps: int, global_step: int, losses, accs, lr, spec) -> None:
+    """The progress line over the last log_interval steps, and the same in TensorBoard."""
+    recent = slice(-spec.log_interval, None)
+    avg_loss, avg_acc = np.mean(losses[recent] or [np.nan]), np.mean(accs[recent] or [np.nan])
+    log.info(
+        "[TRAIN] Epoch %d, iter %d/%d, loss %.6f, top1_acc %.3f, lr %.6g", epoch, step + 1, steps, avg_loss, avg_acc, lr
+    )
+    record.scalar("train/loss", float(avg_loss), global_step)
+    record.scalar("train/top1", float(avg_acc), global_step)
+    record.scalar("train/lr", float(lr), global_step)
 
 
 def _blank(spec: TSNTrainSpec):
@@ -358,63 +378,7 @@ def _format(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _report(metrics: dict[str, Any], spec: TSNTrainSpec, state, rank: int, model, optimizer, names, best: bool) -> None:
-    from vtplatform.train import checkpoint
-
-    meta = state.to_meta() | {
-        "model_name": MODEL_NAME,
-        "num_classes": spec.model.num_classes,
-        "depth": spec.model.depth,
-        "metrics": metrics,
-        "best_metric": BEST_METRIC,
-        "label_fingerprint": spec.label_fingerprint,
-        "config": spec.config,
-    }
-    checkpoint.report(
-        metrics,
-        rank=rank,
-        model=model,
-        optimizer=optimizer,
-        name_map=names,
-        meta=meta,
-        dir_name=checkpoint.dir_name(state.epoch, state.step),
-        best=best,
-    )
-
-
 # -- the driver ------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainSummary:
-    run: str
-    workers: int
-    steps_per_epoch: int
-    epochs: int
-    train_videos: int
-    valid_videos: int
-    cached: int
-    rejected: int
-    dead_letters: int
-    metrics: dict[str, Any]
-    checkpoint: str | None
-    elapsed_seconds: float
-
-    def format(self) -> str:
-        m = self.metrics
-        lines = [
-            "TSN fine-tune summary",
-            f"  run                   {self.run}",
-            f"  workers               {self.workers} x {self.steps_per_epoch} steps per epoch, {self.epochs} epochs",
-            f"  videos                {self.train_videos} train ({self.cached} cached), {self.valid_videos} valid",
-            f"  rejected list entries {self.rejected}",
-            f"  dead-lettered videos  {self.dead_letters}",
-            f"  last epoch            {_format(m) if 'train_loss' in m else 'none now (the run had finished before)'}",
-            f"  last checkpoint       {self.checkpoint}",
-            f"  best checkpoint       {self.run}/best (by {BEST_METRIC})",
-            f"  wall time             {self.elapsed_seconds:.1f} s",
-        ]
-        return "\n".join(lines)
 
 
 def prepare(config: Config, pretrain: str | None, plan, labels: str) -> tuple[TSNTrainSpec, dict[str, Any]]:
@@ -510,25 +474,16 @@ def run_train(
     ``save_dir/<run_name, train_run.run_name or TSN>``; rerunning with the same name resumes.
     ``label_file`` names the classes (recorded as the label set). Needs ``ray.init()``.
     ``train_fn`` replaces the worker function (tests wrap ``train_loop`` with it)."""
-    from ray.train import ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from vtplatform import resources as R
     from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
     from vtplatform.models.weights import read_weights
     from vtplatform.pipeline import dead_letter_table
     from vtplatform.train import checkpoint
-    from vtplatform.train.backend import PaddleBackendConfig
 
     start = time.perf_counter()
     if config.model.name != MODEL_NAME:
         raise ConfigError(f"MODEL.name is {config.model.name!r}; this trainer fine-tunes TSN")
     run = config.train_run
-    where = R.size_training(config, config.train.use_gpu)
-    if config.train.use_gpu and not where.use_gpu:
-        log.info(
-            "TRAIN.use_gpu is set but no GPU is used (resources.use_gpu=%s): training on CPU", config.resources.use_gpu
-        )
+    where = scaffold.place(config)
     if pretrain:
         read_weights(pretrain, config.storage)  # a bad path fails here, not in every worker
     names = read_label_names(label_file, config.storage) if label_file else None
@@ -547,19 +502,13 @@ def run_train(
         where.workers, "GPU" if where.use_gpu else "CPU", where.cpus_per_worker, where.workers, spec.batch_size,
         info["steps"], spec.epochs, st.redact(run_uri),
     )  # fmt: skip
-    resources = where.worker_resources()
-    trainer = DataParallelTrainer(
-        train_fn or _worker,
-        train_loop_config={"spec": spec},
-        backend_config=PaddleBackendConfig(),
-        scaling_config=ScalingConfig(num_workers=where.workers, use_gpu=where.use_gpu, resources_per_worker=resources),
-        run_config=checkpoint.run_config(save_dir, name, config.storage, run.keep_checkpoints, run.max_failures),
-    )
-    result = trainer.fit()
+    result = scaffold.fit(train_fn or _worker, spec, where, config, save_dir, name)
     dead = {v for f in st.list_files(fs, f"{root}/{S.DEAD_LETTERS_DIR}", ".parquet") for v in _ids(fs, f)}
-    return TrainSummary(
-        run=st.redact(run_uri),
+    summary = TrainSummary(
+        st.redact(run_uri),
+        MODEL_NAME,
         workers=where.workers,
+        device="gpu" if where.use_gpu else "cpu",
         steps_per_epoch=info["steps"],
         epochs=spec.epochs,
         train_videos=info["train"],
@@ -567,10 +516,9 @@ def run_train(
         cached=info["cached"],
         rejected=len(info["rejected"]),
         dead_letters=len(dead),
-        metrics=dict(result.metrics or {}),
-        checkpoint=st.redact(result.checkpoint.path) if result.checkpoint else None,
-        elapsed_seconds=time.perf_counter() - start,
+        best_metric=BEST_METRIC,
     )
+    return scaffold.finish(result, summary, run_uri, config.storage, CURVES, start)
 
 
 def _worker(config: dict[str, Any]) -> None:
