@@ -244,7 +244,7 @@ def _train(run: Path, features: Path, labels: Path, cache_mb: int) -> dict:
     overrides = [
         f"data.features={features}", f"TRAIN.filelist={labels}", "VALID.filelist=null", f"data.cache_mb={cache_mb}",
         "MODEL.num_classes=40", "MODEL.embedding_size=256", "MODEL.lstm_size=128", "MODEL.fc1_size=512",
-        "MODEL.fc2_size=256", "TRAIN.batch_size=32", "TRAIN.epoch=2", "train_run.num_workers=1",
+        "MODEL.fc2_size=256", "TRAIN.batch_size=32", "TRAIN.epoch=2", "resources.train_workers=1",
         "train_run.shuffle_buffer=64", "data.on_bad_row=skip",  # the half table lacks half the listed videos
     ]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--model_name=AttentionLSTM"]

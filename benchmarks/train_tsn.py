@@ -64,7 +64,7 @@ def config_for(args, filelist: Path, cache: Path | None):
         f"TRAIN.batch_size={args.batch * args.workers}",
         "TRAIN.epoch=1",
         f"TRAIN.target_size={args.target}",
-        f"train_run.num_workers={args.workers}",
+        f"resources.train_workers={args.workers}",
         "train_run.log_interval=1000",
         f"frame_cache.encoding={args.encoding}",
         f"resources.decode_batch_size={args.videos_per_task}",

@@ -19,9 +19,7 @@ from vtplatform import cli
 def attention_lstm(config, args) -> int:
     from vtplatform.train.lstm import run_train
 
-    summary = run_train(
-        config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file, run_name=args.run_name
-    )
+    summary = run_train(config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file)
     print(summary.format(), flush=True)
     return cli.EXIT_OK
 
@@ -29,9 +27,7 @@ def attention_lstm(config, args) -> int:
 def tsn(config, args) -> int:
     from vtplatform.train.tsn import run_train
 
-    summary = run_train(
-        config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file, run_name=args.run_name
-    )
+    summary = run_train(config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file)
     print(summary.format(), flush=True)
     return cli.EXIT_OK
 
@@ -75,7 +71,9 @@ def main() -> int:
 
     from vtplatform.config import load_config
 
-    config = load_config(args.config, args.override + ([f"data.features={args.features}"] if args.features else []))
+    config = load_config(
+        args.config, cli.overrides(args, {"run_name": "train_run.run_name", "features": "data.features"})
+    )
     train = pick(args.model_name, config)
     cli.init_ray()
     return train(config, args)

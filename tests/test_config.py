@@ -80,6 +80,10 @@ def test_moved_keys_still_work_and_name_their_new_place(tmp_path, caplog):
     assert not hasattr(config.tag, "lstm_cpus")
     with pytest.raises(ConfigError, match=r"tag\.lstm_cpus and resources\.lstm_cpus are both set"):
         load_config(old, ["resources.lstm_cpus=2"])
+    moved = load_config(
+        None, ["train_run.num_workers=3", "train_run.cpus_per_worker=0.5", "train_run.threads_per_worker=2"]
+    )
+    assert (moved.resources.train_workers, moved.resources.train_cpus, moved.resources.train_threads) == (3, 0.5, 2)
 
 
 def test_job_flags_that_set_config_values_are_overrides_and_win():

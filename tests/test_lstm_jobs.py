@@ -79,14 +79,12 @@ def test_train_eval_predict_with_checkpoints_on_s3(ray_cluster, moto_endpoint, s
     env = {"RAY_ADDRESS": ray_cluster}
     root = data["root"]
     common = ["--model_name=AttentionLSTM", "--config", "configs/attention_lstm.yaml", "--features", str(data["table"])]
-    common += _o(
-        *DIMS, f"storage.endpoint_url={moto_endpoint}", "resources.use_gpu=false", "train_run.cpus_per_worker=0.5"
-    )
+    common += _o(*DIMS, f"storage.endpoint_url={moto_endpoint}", "resources.use_gpu=false", "resources.train_cpus=0.5")
     save = f"s3://{s3_bucket}/runs"
     res = run_job(
         "train.py", *common, "--save_dir", save, "--label_file", str(root / "labels.txt"),
         *_o(f"TRAIN.filelist={root / 'train.list'}", f"VALID.filelist={root / 'val.list'}", "TRAIN.batch_size=4",
-            "VALID.batch_size=4", "TRAIN.epoch=2", "TRAIN.learning_rate=0.01", "train_run.num_workers=2",
+            "VALID.batch_size=4", "TRAIN.epoch=2", "TRAIN.learning_rate=0.01", "resources.train_workers=2",
             "train_run.checkpoint_every_steps=2", "train_run.keep_checkpoints=2", "train_run.log_interval=1"),
         env=env,
     )  # fmt: skip
@@ -176,7 +174,7 @@ def test_seed_configs_and_npy_lists_as_they_are(ray_cluster, data, tmp_path):
         "TRAIN.epoch=1",
         f"TRAIN.filelist={root / 'train.list'}",
         "VALID.filelist=None",
-        "train_run.cpus_per_worker=0.5",
+        "resources.train_cpus=0.5",
     )
     res = run_job(
         "train.py", "--model_name=AttentionLSTM", "--config", config, "--save_dir", str(root / "ckpt"), *small, env=env
@@ -212,7 +210,7 @@ def test_fine_tune_job_to_a_label_set_of_another_size(ray_cluster, data, tmp_pat
         "train.py", "--config", str(SEED / "configs" / "attention_lstm-single.yaml"),
         "--save_dir", str(tmp_path / "ckpt"), "--pretrain", str(tmp_path / "pretrained.pdparams"),
         *_o(*DIMS, "MODEL.num_classes=6", f"MODEL.feature_dims=[{DIM}]", "TRAIN.batch_size=5", "TRAIN.epoch=1",
-            f"TRAIN.filelist={tmp_path / 'train.list'}", "VALID.filelist=None", "train_run.cpus_per_worker=0.5"),
+            f"TRAIN.filelist={tmp_path / 'train.list'}", "VALID.filelist=None", "resources.train_cpus=0.5"),
         env={"RAY_ADDRESS": ray_cluster},
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -261,7 +259,7 @@ def test_eval_and_predict_refuse_features_from_another_extractor(ray_cluster, da
     checkpoint.save(ckpt, model=build_model(model_config), optimizer=None, name_map=fluid_name_map(), meta=meta)
     env = {"RAY_ADDRESS": ray_cluster}
     common = ["--model_name=AttentionLSTM", "--config", "configs/attention_lstm.yaml", "--features", str(data["table"])]
-    common += ["--weights", str(ckpt), *_o(*DIMS, "resources.use_gpu=false", "train_run.cpus_per_worker=0.5")]
+    common += ["--weights", str(ckpt), *_o(*DIMS, "resources.use_gpu=false", "resources.train_cpus=0.5")]
     evaluate = ["eval.py", *common, "--filelist", str(data["root"] / "test.list"), "--save_dir", str(tmp_path / "e")]
     for args in (evaluate, ["predict.py", *common, "--save_dir", str(tmp_path / "pred")]):
         res = run_job(*args, env=env)
@@ -312,8 +310,8 @@ def test_trains_from_a_table_that_extraction_wrote(ray_cluster, tmp_path):
             "TRAIN.batch_size=1",
             "VALID.batch_size=3",
             "TRAIN.epoch=2",
-            "train_run.num_workers=1",
-            "train_run.cpus_per_worker=0.5",
+            "resources.train_workers=1",
+            "resources.train_cpus=0.5",
             "resources.use_gpu=false",
         ],
     )

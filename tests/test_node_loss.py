@@ -95,7 +95,7 @@ def test_training_resumes_from_its_last_checkpoint_after_losing_a_node(ray_clust
     overrides = ["MODEL.num_classes=4", "MODEL.embedding_size=64", "MODEL.lstm_size=64", "MODEL.fc1_size=128"]
     overrides += ["MODEL.fc2_size=64", f"data.features={table}", f"TRAIN.filelist={tmp_path / 'train.list'}"]
     overrides += ["VALID.filelist=null", "TRAIN.batch_size=8", "TRAIN.epoch=2", "TRAIN.learning_rate=0.002"]
-    overrides += ["train_run.num_workers=1", "train_run.cpus_per_worker=1", "train_run.threads_per_worker=1"]
+    overrides += ["resources.train_workers=1", "resources.train_cpus=1", "resources.train_threads=1"]
     overrides += ["train_run.checkpoint_every_steps=3", "train_run.keep_checkpoints=20", "resources.use_gpu=false"]
     config_file = ROOT / "configs" / "attention_lstm-single.yaml"
 

@@ -76,15 +76,15 @@ def test_gpu_requests_a_cluster_cannot_meet_fail_at_once_naming_the_keys():
     with pytest.raises(ConfigError, match=r"resources\.use_gpu=true.*no GPUs.*resources\.use_gpu=auto or false"):
         R.device(config, cpus(2))
     one_gpu = R.Cluster(cpus=8, gpus=1, node_cpus=8, node_gpus=1)
-    with pytest.raises(ConfigError, match=r"8 GPU training workers.*train_run\.num_workers to at most 1"):
+    with pytest.raises(ConfigError, match=r"8 GPU training workers.*resources\.train_workers to at most 1"):
         R.plan_training(config, one_gpu)  # tsn.yaml: TRAIN.num_gpus 8
     two = load_config(CONFIGS / "tsn.yaml", ["resources.use_gpu=true", "resources.tsn_gpus=2"])
     with pytest.raises(ConfigError, match=r"resources\.tsn_gpus=2.*no node"):
         R.plan_pipeline(two, one_gpu, [tsn.need(two)], "gpu")
     with pytest.raises(ConfigError, match=r"no CPUs.*resources\.wait_for_resources_s"):
         R.plan_pipeline(config, R.Cluster(0, 0, 0, 0), [tsn.need(config)], "cpu")
-    with pytest.raises(ConfigError, match=r"train_run\.cpus_per_worker=2 x 1 workers"):
-        R.plan_training(load_config(CONFIGS / "tsn-single.yaml", ["train_run.cpus_per_worker=2"]), cpus(2))
+    with pytest.raises(ConfigError, match=r"resources\.train_cpus=2 x 1 workers"):
+        R.plan_training(load_config(CONFIGS / "tsn-single.yaml", ["resources.train_cpus=2"]), cpus(2))
 
 
 def test_gpu_actors_share_one_gpu_instead_of_waiting_for_a_second():

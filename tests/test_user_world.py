@@ -129,7 +129,7 @@ def test_nightly(world):
     nightly += [f"nightly.holdout={world['root'] / 'holdout.list'}", f"nightly.registry={registry}"]
     nightly += ["nightly.tsn_weights=null", "nightly.pretrain=null", f"tag.label_file={world['root'] / 'names.txt'}"]
     out = job(world, "nightly.py", "--config", "configs/nightly.yaml",
-              *o(*EXTRACT, *LSTM, "train_run.num_workers=1", *nightly))  # fmt: skip
+              *o(*EXTRACT, *LSTM, "resources.train_workers=1", *nightly))  # fmt: skip
     assert "decision            first" in out
     assert pq.read_table(registry / "tags" / "tags").num_rows == len(CLIPS)
 

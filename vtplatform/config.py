@@ -129,6 +129,10 @@ class ResourcesSection:
     lstm_gpus: float = 0.0  # GPUs per AttentionLSTM tagging actor when GPUs are used (a fraction is plenty)
     lstm_threads: int | None = None  # Paddle threads per AttentionLSTM actor on CPU (None: max(1, lstm_cpus))
     lstm_batch_size: int = 8  # videos per AttentionLSTM call when tagging
+    train_workers: int | None = None  # Ray Train workers (None: TRAIN.num_gpus); TRAIN.batch_size is split across them;
+    # also the AttentionLSTM actors of evaluation and prediction
+    train_cpus: float | None = None  # CPUs per training worker (None: 1, scaled down on a cluster with fewer CPUs)
+    train_threads: int | None = None  # Paddle CPU math threads per training worker (None: max(1, train_cpus))
     writer_concurrency: int | None = None
     wait_for_resources_s: float = 0.0  # a cluster short of CPUs/GPUs: ask its autoscaler and wait this long (0: fail)
 
@@ -144,6 +148,7 @@ class ResourcesSection:
             "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"
         )
         _positive("resources", self, "lstm_actors", "lstm_cpus", "lstm_threads", "lstm_batch_size")
+        _positive("resources", self, "train_workers", "train_cpus", "train_threads")
         if self.lstm_gpus < 0:
             raise ConfigError(f"resources.lstm_gpus must be >= 0, got {self.lstm_gpus}")
 
@@ -200,12 +205,9 @@ class FrameCacheSection:
 @dataclass(frozen=True)
 class TrainRunSection:
     """train_run: how a fine-tune runs on Ray Train (any model). The model's hyper-parameters stay
-    in the seed's TRAIN section; TRAIN.num_gpus is the worker count unless num_workers is set."""
+    in the seed's TRAIN section; the workers' sizes are ``resources.train_*``."""
 
     run_name: str | None = None  # default: MODEL.name; rerun with the same name and --save_dir to resume
-    num_workers: int | None = None  # Ray Train workers (default: TRAIN.num_gpus); TRAIN.batch_size is split across them
-    cpus_per_worker: float | None = None  # default 1, scaled down on a cluster with fewer CPUs than workers
-    threads_per_worker: int | None = None  # Paddle CPU math threads (default: max(1, cpus_per_worker))
     amp: str = "none"  # none | float16 | bfloat16: automatic mixed precision, GPU only
     seed: int = 0  # initialisation, data order and dropout: a resumed run replays an uninterrupted one
     checkpoint_every_steps: int = 0  # also checkpoint every K steps (0: at the end of each epoch only)
@@ -220,9 +222,6 @@ class TrainRunSection:
         _positive(
             "train_run",
             self,
-            "num_workers",
-            "cpus_per_worker",
-            "threads_per_worker",
             "keep_checkpoints",
             "log_interval",
         )
@@ -359,6 +358,9 @@ MOVED_KEYS = {
     ("tag", "lstm_gpus"): ("resources", "lstm_gpus"),
     ("tag", "lstm_threads"): ("resources", "lstm_threads"),
     ("tag", "lstm_batch_size"): ("resources", "lstm_batch_size"),
+    ("train_run", "num_workers"): ("resources", "train_workers"),
+    ("train_run", "cpus_per_worker"): ("resources", "train_cpus"),
+    ("train_run", "threads_per_worker"): ("resources", "train_threads"),
 }
 
 

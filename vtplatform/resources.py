@@ -6,7 +6,7 @@ Every job is one of two shapes:
   CPU tasks that decode or read -> model actor stages (TSN, AttentionLSTM) -> a writer;
 * a fine-tune on Ray Train: N workers, fed by CPU tasks that load their samples.
 
-The sizes in the config (``resources.*``, ``tag.lstm_*``, ``train_run.*``) are upper bounds. On a
+The sizes in the config (``resources.*``) are upper bounds. On a
 cluster with fewer CPUs than they add up to, the model actors share at most half of the CPUs and
 the data tasks get the rest, so that every stage can always run at least one task or actor: a
 job on a 1-CPU laptop runs slowly instead of waiting forever for a CPU that never frees. The
@@ -182,35 +182,35 @@ class TrainPlan:
 
 
 def plan_training(config: Config, cluster: Cluster, phase_use_gpu: bool = True) -> TrainPlan:
-    """Ray Train workers (``train_run.num_workers``, else the seed's ``TRAIN.num_gpus``) and the
+    """Ray Train workers (``resources.train_workers``, else the seed's ``TRAIN.num_gpus``) and the
     size of the tasks that feed them."""
-    run = config.train_run
-    workers = run.num_workers or config.train.num_gpus
+    res = config.resources
+    workers = res.train_workers or config.train.num_gpus
     where = device(config, cluster, phase_use_gpu)
     _require_cpus(cluster)
     if where == "gpu" and workers > cluster.gpus:
         raise ConfigError(
-            f"{workers} GPU training workers (train_run.num_workers, else TRAIN.num_gpus), but the cluster has "
-            f"{cluster.gpus:g} GPUs: set train_run.num_workers to at most {int(cluster.gpus)} (TRAIN.batch_size "
+            f"{workers} GPU training workers (resources.train_workers, else TRAIN.num_gpus), but the cluster has "
+            f"{cluster.gpus:g} GPUs: set resources.train_workers to at most {int(cluster.gpus)} (TRAIN.batch_size "
             "is the global batch, split over them), or resources.use_gpu=false"
         )
-    if run.cpus_per_worker is not None:
-        cpus = run.cpus_per_worker
+    if res.train_cpus is not None:
+        cpus = res.train_cpus
         if cpus * workers > cluster.cpus - _min_task_cpus(cluster) or cpus > cluster.node_cpus:
             raise ConfigError(
-                f"train_run.cpus_per_worker={cpus:g} x {workers} workers does not fit on {cluster.describe()} "
-                "with room left to load data: lower train_run.cpus_per_worker or train_run.num_workers, or unset "
-                "train_run.cpus_per_worker to size the workers to the cluster"
+                f"resources.train_cpus={cpus:g} x {workers} workers does not fit on {cluster.describe()} "
+                "with room left to load data: lower resources.train_cpus or resources.train_workers, or unset "
+                "resources.train_cpus to size the workers to the cluster"
             )
     else:
         cpus = _floor(min(1.0, cluster.cpus * MODEL_SHARE / workers, cluster.node_cpus))
         if cpus < STEP:
             raise ConfigError(
                 f"{workers} training workers cannot share {cluster.describe()}: "
-                "lower train_run.num_workers (or TRAIN.num_gpus)"
+                "lower resources.train_workers (or TRAIN.num_gpus)"
             )
-    task_cpus = _floor(min(config.resources.decode_cpus, cluster.cpus - cpus * workers, cluster.node_cpus))
-    plan = TrainPlan(workers, where == "gpu", cpus, threads_for(cpus, run.threads_per_worker), max(task_cpus, STEP))
+    task_cpus = _floor(min(res.decode_cpus, cluster.cpus - cpus * workers, cluster.node_cpus))
+    plan = TrainPlan(workers, where == "gpu", cpus, threads_for(cpus, res.train_threads), max(task_cpus, STEP))
     log.info("training: %s", plan.describe(cluster))
     return plan
 
@@ -228,9 +228,9 @@ def size_pipeline(config: Config, needs: list[ModelNeed], phase_use_gpu: bool = 
 
 def size_training(config: Config, phase_use_gpu: bool = True) -> TrainPlan:
     """``plan_training`` on the cluster this job runs on (see ``sized``)."""
-    workers = config.train_run.num_workers or config.train.num_gpus
+    workers = config.resources.train_workers or config.train.num_gpus
     gpu = str(config.resources.use_gpu).lower() == "true"
-    bundles = [{"CPU": config.train_run.cpus_per_worker or 1.0, **({"GPU": 1} if gpu else {})}] * workers
+    bundles = [{"CPU": config.resources.train_cpus or 1.0, **({"GPU": 1} if gpu else {})}] * workers
     return sized(config, lambda c: plan_training(config, c, phase_use_gpu), [*bundles, {"CPU": 1.0}])
 
 

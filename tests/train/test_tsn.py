@@ -27,9 +27,9 @@ SMALL = [
     "MODEL.num_layers=18",
     "TRAIN.batch_size=6",
     "TRAIN.learning_rate=0.01",
-    "train_run.num_workers=2",
-    "train_run.cpus_per_worker=0.5",
-    "train_run.threads_per_worker=1",
+    "resources.train_workers=2",
+    "resources.train_cpus=0.5",
+    "resources.train_threads=1",
     "train_run.log_interval=3",
     "resources.tsn_threads=1",
 ]
@@ -307,7 +307,7 @@ def test_driver_restart_resumes_and_s3_checkpoints(ray_cluster, clips, moto_endp
 @pytest.mark.slow
 def test_train_and_predict_jobs_with_the_single_gpu_seed_config(ray_cluster, clips, tmp_path):
     """jobs/train.py and jobs/predict.py as a user runs them, on tsn-single.yaml (1 worker)."""
-    overrides = [o for o in SMALL if not o.startswith("train_run.num_workers")]
+    overrides = [o for o in SMALL if not o.startswith("resources.train_workers")]
     overrides += [
         f"TRAIN.filelist={clips['lists']['train']}",
         f"VALID.filelist={clips['lists']['valid']}",

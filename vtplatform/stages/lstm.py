@@ -1,5 +1,5 @@
 """The AttentionLSTM stage: features -> class probabilities, on an actor pool that declares its
-own resources from the config (``resources.lstm_*`` when tagging, ``train_run.*`` when evaluating and
+own resources from the config (``resources.lstm_*`` when tagging, ``resources.train_*`` when evaluating and
 predicting); and resolving the model a checkpoint describes.
 
 ``LSTMStage`` takes numpy batches of a feature table (evaluation, prediction); ``TagStage`` takes
@@ -45,16 +45,17 @@ def tag_need(config: Config) -> R.ModelNeed:
 
 
 def inference_need(config: Config) -> R.ModelNeed:
-    """AttentionLSTM evaluation and prediction: ``train_run.num_workers`` actors, 1 GPU each on GPUs."""
-    run = config.train_run
+    """AttentionLSTM evaluation and prediction: as many actors as training workers
+    (``resources.train_*``), 1 GPU each on GPUs."""
+    res = config.resources
     return R.ModelNeed(
         MODEL_NAME,
-        run.cpus_per_worker or 1.0,
+        res.train_cpus or 1.0,
         1.0,
-        run.num_workers or 1,
-        run.threads_per_worker,
-        "train_run.cpus_per_worker",
-        "train_run.num_workers",
+        res.train_workers or 1,
+        res.train_threads,
+        "resources.train_cpus",
+        "resources.train_workers",
     )
 
 

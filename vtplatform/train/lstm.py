@@ -25,9 +25,16 @@ import numpy as np
 from vtplatform import faults
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.models.attention_lstm import AttentionLSTMConfig
-from vtplatform.models.weights import CheckpointMeta
-from vtplatform.train import scaffold
+from vtplatform.eval.youtube8m import Youtube8mMetrics, batch_log_line, seed_log_line
+from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
+from vtplatform.lstm_data import collate, make_dataset, plan_inputs
+from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map, load_state, no_decay_keys
+from vtplatform.models.weights import CheckpointMeta, WeightsError, read_weights
+from vtplatform.pipeline import peak_rss_mb, private_rss_mb
+from vtplatform.stages.lstm import forward_logits, sigmoid_cross_entropy
+from vtplatform.train import checkpoint, scaffold
+from vtplatform.train.backend import all_reduce_sum, check_replicas
+from vtplatform.train.checkpoint import experiment_location
 from vtplatform.train.scaffold import Curves, TrainSummary
 
 log = logging.getLogger(__name__)
@@ -90,10 +97,6 @@ def run_train(
 ) -> TrainSummary:
     """Fine-tunes AttentionLSTM on Ray Train into ``save_dir/<run name>``; rerunning with the
     same run name and ``save_dir`` resumes from the last checkpoint. Needs ``ray.init()``."""
-    from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
-    from vtplatform.lstm_data import plan_inputs
-    from vtplatform.train import checkpoint
-
     start = time.perf_counter()
     run_name = run_name or config.train_run.run_name or MODEL_NAME
     train_inputs = plan_inputs(config, "train", config.train.filelist)
@@ -155,8 +158,6 @@ def _ray_data(config: Config, train_inputs, valid_inputs, task_cpus: float) -> d
     """The Ray Datasets of the training features (in a seeded block order, split over the
     workers in order) and of the validation ones, as ``datasets`` and ``dataset_config``."""
     from ray.train import DataConfig
-
-    from vtplatform.lstm_data import make_dataset
 
     datasets = {
         "train": make_dataset(train_inputs, config, cache=True, task_cpus=task_cpus).randomize_block_order(
@@ -225,9 +226,6 @@ def _spec(
 
 def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: StorageSection) -> None:
     """Loads the pretrained weights once in the driver, so a bad file fails before any worker starts."""
-    from vtplatform.models.attention_lstm import build_model, load_state
-    from vtplatform.models.weights import WeightsError, read_weights
-
     try:
         load_state(build_model(model_config), read_weights(pretrain, storage).state, st.redact(pretrain))
     except WeightsError as exc:
@@ -240,8 +238,6 @@ def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: S
 def make_optimizer(model, learning_rate: float, weight_decay: float):
     """Centred RMSProp with L2 decay, the seed's biases exempt."""
     import paddle
-
-    from vtplatform.models.attention_lstm import no_decay_keys
 
     exempt = no_decay_keys()
     for key, param in model.named_parameters():
@@ -266,11 +262,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """One worker of the fine-tune (runs inside Ray Train)."""
     import paddle
     import ray.train
-
-    from vtplatform.lstm_data import collate
-    from vtplatform.models.attention_lstm import build_model, fluid_name_map
-    from vtplatform.pipeline import peak_rss_mb, private_rss_mb
-    from vtplatform.train.backend import all_reduce_sum, check_replicas
 
     spec: TrainSpec = loop_config["spec"]
     ctx = scaffold.start_worker(spec.threads)
@@ -357,9 +348,6 @@ def checkpoint_meta(spec: TrainSpec) -> CheckpointMeta:
 
 
 def _load_pretrained(model, spec: TrainSpec, chief: bool) -> None:
-    from vtplatform.models.attention_lstm import load_state
-    from vtplatform.models.weights import read_weights
-
     summary = load_state(model, read_weights(spec.pretrain, spec.storage).state, st.redact(spec.pretrain), spec.seed)
     if chief:
         log.info("loaded %s (re-initialised: %s)", st.redact(spec.pretrain), summary["reinitialised"] or "none")
@@ -396,8 +384,6 @@ def _batches(shard, spec: TrainSpec, epoch: int, rank: int):
 
 def _log_step(record, spec: TrainSpec, epoch: int, step: int, global_step: int, per_video, logits, targets) -> None:
     """The seed's progress line, and the step's loss and rate in TensorBoard."""
-    from vtplatform.eval.youtube8m import batch_log_line
-
     probs = 1.0 / (1.0 + np.exp(-logits))
     info = f"[TRAIN {time.strftime('%Y-%m-%d %H:%M:%S')}] Epoch {epoch}, iter {step}/{spec.steps_per_epoch}"
     log.info("%s", batch_log_line(info, float(per_video.mean()), probs, targets, spec.top_k))
@@ -432,10 +418,6 @@ def train_step(
 
 def _validate(model, valid, spec: TrainSpec) -> dict[str, float]:
     """Metrics over the whole validation set, on the chief worker."""
-    from vtplatform.eval.youtube8m import Youtube8mMetrics, seed_log_line
-    from vtplatform.lstm_data import collate
-    from vtplatform.stages.lstm import forward_logits, sigmoid_cross_entropy
-
     model.eval()
     metrics = Youtube8mMetrics(spec.model.num_classes, spec.top_k)
     for batch in valid.iter_batches(batch_size=spec.valid_batch, batch_format="numpy"):
@@ -456,7 +438,6 @@ def _maybe_inject_fault(fault: tuple[int, int] | None, rank: int, global_step: i
     target_rank, target_step = fault
     if rank != target_rank or global_step != target_step:
         return
-    from vtplatform.train.checkpoint import experiment_location
 
     fs, root = experiment_location()
     marker = f"{root}/_fault_injected_{target_rank}_{target_step}"

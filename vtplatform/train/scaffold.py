@@ -28,16 +28,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.models.weights import META_FILE, CheckpointMeta
 from vtplatform.resources import TrainPlan, size_training
 from vtplatform.train import checkpoint
-
-if TYPE_CHECKING:
-    from vtplatform.train.backend import PaddleContext
+from vtplatform.train.backend import PaddleBackendConfig, PaddleContext, setup_paddle
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +73,6 @@ def fit(train_fn, spec, plan: TrainPlan, config: Config, save_dir: str, run_name
     Train's result. ``datasets``: ``datasets=`` and ``dataset_config=`` for workers fed by Ray Data."""
     from ray.train import ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from vtplatform.train.backend import PaddleBackendConfig
 
     run = config.train_run
     trainer = DataParallelTrainer(
@@ -222,7 +218,6 @@ def start_worker(threads: int | None) -> PaddleContext:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-    from vtplatform.train.backend import setup_paddle  # Ray's
 
     return setup_paddle(threads)
 

@@ -28,9 +28,14 @@ import pyarrow as pa
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
+from vtplatform.frame_cache import open_cache
+from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
+from vtplatform.models import tsn_classifier as tc
 from vtplatform.models.tsn_classifier import TSNClassifierConfig
-from vtplatform.models.weights import CheckpointMeta
-from vtplatform.train import scaffold
+from vtplatform.models.weights import CheckpointMeta, read_weights
+from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks, map_cpu_tasks
+from vtplatform.train import checkpoint, scaffold
+from vtplatform.train.backend import all_reduce_sum, check_replicas
 from vtplatform.train.scaffold import Curves, TrainSummary
 from vtplatform.tsn_data import (
     ClipSpec,
@@ -126,8 +131,6 @@ def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int)
     """Batches of loaded samples (``schema.TRAIN_CLIP_SCHEMA`` tables) in plan order, loaded by Ray Data CPU tasks."""
     import ray
 
-    from vtplatform.pipeline import blocks_dataset, input_blocks, map_cpu_tasks
-
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = blocks_dataset(input_blocks(plan, load.videos_per_task))
     ds = map_cpu_tasks(
@@ -175,9 +178,6 @@ class DeadLetters:
 
         import pyarrow.parquet as pq
 
-        from vtplatform.pipeline import dead_letter_table
-        from vtplatform.train import checkpoint
-
         buf = io.BytesIO()
         pq.write_table(dead_letter_table(self.pending), buf)
         checkpoint.write_run_file(
@@ -221,8 +221,6 @@ def validate(model, spec: TSNTrainSpec, rank: int, world: int, dead: DeadLetters
     import paddle
     import paddle.nn.functional as F
 
-    from vtplatform.train.backend import all_reduce_sum
-
     sums = np.zeros(4, np.float64)  # loss sum, top-1 hits, top-5 hits, videos
     if spec.valid is not None and spec.valid_entries is not None:
         model.eval()
@@ -253,10 +251,6 @@ def validate(model, spec: TSNTrainSpec, rank: int, world: int, dead: DeadLetters
 def train_loop(spec: TSNTrainSpec):
     """Runs on every Ray Train worker; returns the trained model (useful to tests)."""
     import paddle
-
-    from vtplatform.models import tsn_classifier as tc
-    from vtplatform.models.weights import read_weights
-    from vtplatform.train.backend import check_replicas
 
     ctx = scaffold.start_worker(spec.threads)
     rank, world = ctx.rank, ctx.world_size
@@ -383,8 +377,6 @@ def _format(metrics: dict[str, Any]) -> str:
 
 def prepare(config: Config, pretrain: str | None, plan, labels: str) -> tuple[TSNTrainSpec, dict[str, Any]]:
     """Reads the lists (and the frame cache) and checks the recipe, before any worker starts."""
-    from vtplatform.frame_cache import open_cache
-
     train, valid, run = config.train, config.valid, config.train_run
     workers = plan.workers
     if not train.filelist:
@@ -474,11 +466,6 @@ def run_train(
     ``save_dir/<run_name, train_run.run_name or TSN>``; rerunning with the same name resumes.
     ``label_file`` names the classes (recorded as the label set). Needs ``ray.init()``.
     ``train_fn`` replaces the worker function (tests wrap ``train_loop`` with it)."""
-    from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
-    from vtplatform.models.weights import read_weights
-    from vtplatform.pipeline import dead_letter_table
-    from vtplatform.train import checkpoint
-
     start = time.perf_counter()
     if config.model.name != MODEL_NAME:
         raise ConfigError(f"MODEL.name is {config.model.name!r}; this trainer fine-tunes TSN")
