@@ -49,7 +49,7 @@ class ClassifierSpec:
 def read_weights(uri: str, storage: StorageSection) -> dict[str, np.ndarray]:
     """TSN classifier weights from a checkpoint, a run folder (its ``best/``) or a weight file
     (local or ``s3://``); refuses a checkpoint of another model."""
-    loaded = read_any(uri, storage).require("TSN")
+    loaded = read_any(uri, storage).require(S.MODEL_TSN)
     log.info("weights: %s", st.redact(loaded.source))
     return loaded.state
 
@@ -131,7 +131,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         log.info("frame cache %s holds %d of %d videos", st.redact(config.frame_cache.path), hits, len(videos))
     spec = clip_spec(config, mode, seed=0, cache=cache)
     sizes = R.size_pipeline(config, [tsn_need(config)], phase.use_gpu)
-    model = sizes.models["TSN"]
+    model = sizes.models[S.MODEL_TSN]
     res = config.resources
     cspec = ClassifierSpec(
         model=tc.TSNClassifierConfig.from_model_section(config.model),

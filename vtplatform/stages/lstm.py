@@ -73,7 +73,7 @@ class ModelSpec:
 def resolve_model(config: Config, weights: str, feature_dim: int):
     """(AttentionLSTMConfig, LoadedWeights): the checkpoint's own dims when it records them,
     else the config's (with ``feature_dim`` from the features)."""
-    loaded = read_weights(weights, config.storage).require("AttentionLSTM")
+    loaded = read_weights(weights, config.storage).require(MODEL_NAME)
     from_config = AttentionLSTMConfig.from_model_section(config.model, feature_dim)
     recorded = (loaded.meta or {}).get("model")
     if recorded:

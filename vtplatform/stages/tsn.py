@@ -147,7 +147,7 @@ def provenance(config: Config, fingerprint: str, feature_dim: int, precision: st
         "schema_version": S.SCHEMA_VERSION,
         "vtplatform_version": vtplatform.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": "TSN", "depth": config.model.num_layers, "feature_dim": feature_dim},
+        "model": {"name": MODEL_NAME, "depth": config.model.num_layers, "feature_dim": feature_dim},
         "weights": fingerprint,
         "sampling": {"rule": "videotag-infer", "num_segments": infer.seg_num, "seglen": config.model.seglen},
         "preprocessing": {

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from vtplatform import faults
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.eval.youtube8m import Youtube8mMetrics, batch_log_line, seed_log_line
@@ -39,7 +40,7 @@ from vtplatform.train.scaffold import Curves, TrainSummary
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "AttentionLSTM"
+MODEL_NAME = S.MODEL_ATTENTION_LSTM
 BEST_METRIC = "valid_gap"
 CURVES = Curves(
     loss_label="loss (sum over classes, per video)",

@@ -51,7 +51,7 @@ from vtplatform.tsn_data import (
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "TSN"
+MODEL_NAME = S.MODEL_TSN
 BEST_METRIC = "valid_top1"
 CURVES = Curves(
     loss_label="cross-entropy, per video",
