@@ -4,7 +4,6 @@ with checkpoints on the moto S3 server, and checked against computations done he
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -13,6 +12,7 @@ import pytest
 
 from tests.conftest import FAKE_SECRET, SEED, run_job
 from tests.synthetic_features import make_videos, provenance, write_feature_table, write_list, write_npy_files
+from tests.train.run_files import scalar_tags
 from vtplatform import schema as S
 from vtplatform.config import StorageSection
 from vtplatform.eval.youtube8m import compute_metrics
@@ -48,19 +48,6 @@ def data(tmp_path_factory):
 
 def _s3(endpoint: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", region="us-east-1")
-
-
-def _events(blob: bytes) -> set[str]:
-    """Scalar tags in a TensorBoard event file (TFRecord framing around Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    tags, pos = set(), 0
-    while pos < len(blob):
-        (length,) = struct.unpack("<Q", blob[pos : pos + 8])
-        event = event_pb2.Event.FromString(blob[pos + 12 : pos + 12 + length])
-        tags.update(v.tag for v in event.summary.value)
-        pos += 12 + length + 4
-    return tags
 
 
 def _probs(state: dict, meta: dict, feats: np.ndarray) -> np.ndarray:
@@ -106,7 +93,7 @@ def test_train_eval_predict_with_checkpoints_on_s3(ray_cluster, moto_endpoint, s
     assert best_meta["label_fingerprint"] and best_meta["features"]["model"]["depth"] == 18
     assert fs.open_input_stream(f"{run}/curves.png").read(8) == b"\x89PNG\r\n\x1a\n"
     events = [n for n in fs.get_file_info(pafs.FileSelector(f"{run}/tensorboard")) if "tfevents" in n.base_name]
-    tags = set().union(*(_events(fs.open_input_stream(e.path).read()) for e in events))
+    tags = set().union(*(scalar_tags(fs.open_input_stream(e.path).read()) for e in events))
     assert {"train/loss", "epoch/train_loss", "epoch/valid_gap"} <= tags
 
     # Evaluation of the run folder picks best/; its report equals the metrics computed here.

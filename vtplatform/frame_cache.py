@@ -233,9 +233,9 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
                 try:
                     entry = _cache_one(row, task, shard)
                 except BadVideo as bad:
-                    result |= {S.STAGE: bad.stage, S.ERROR_TYPE: bad.error_type, S.MESSAGE: st.redact(bad.message)}
+                    result |= S.failure(bad.stage, bad.error_type, st.redact(bad.message))
                 except OSError as exc:
-                    result |= {S.STAGE: "read", S.ERROR_TYPE: type(exc).__name__, S.MESSAGE: st.redact(str(exc))}
+                    result |= S.failure("read", type(exc).__name__, st.redact(str(exc)))
                 else:
                     indexed.append(entry | {S.SHARD: shard_rel})
                     result |= {S.CACHED_FRAMES: entry[S.POOL_SIZE], S.CACHED_BYTES: shard.bytes - before}
@@ -249,9 +249,6 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
                 fs,
                 f"{root}/{S.INDEX_DIR}/{part_name(ids)}",
             )
-    for r in results:
-        if r.get(S.MESSAGE):
-            r[S.MESSAGE] = r[S.MESSAGE][:2000]
     return pa.Table.from_pylist(results, schema=S.CACHE_RESULT_SCHEMA)
 
 

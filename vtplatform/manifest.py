@@ -118,15 +118,12 @@ class _Columns:
         self.sizes.append(size)
 
 
-def _rejected(raw: str, error_type: str, message: str, video_id: str | None = None) -> dict:
+def rejected_entry(raw: str, error_type: str, message: str, video_id: str | None = None) -> dict:
+    """The dead-letter row of a manifest or list entry that cannot be used (stage ``manifest``)."""
     raw = redact(raw)
-    return {
-        S.VIDEO_ID: video_id or f"manifest-{derive_video_id(raw)}",
-        S.URI: raw,
-        S.STAGE: "manifest",
-        S.ERROR_TYPE: error_type,
-        S.MESSAGE: redact(message),
-    }
+    return {S.VIDEO_ID: video_id or f"manifest-{derive_video_id(raw)}", S.URI: raw} | S.failure(
+        "manifest", error_type, redact(message)
+    )
 
 
 def _check_scheme(uri: str) -> str | None:
@@ -145,18 +142,18 @@ def _from_list(data: bytes) -> tuple[_Columns, list[dict]]:
             line = raw.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError:
             text = raw.decode("utf-8", errors="replace")
-            rejected.append(_rejected(text, "ManifestParseError", f"line {number} is not valid UTF-8"))
+            rejected.append(rejected_entry(text, "ManifestParseError", f"line {number} is not valid UTF-8"))
             continue
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
             uri, labels = parse_list_line(line)
         except ValueError as exc:
-            rejected.append(_rejected(line.strip(), "ManifestParseError", f"line {number}: {exc}"))
+            rejected.append(rejected_entry(line.strip(), "ManifestParseError", f"line {number}: {exc}"))
             continue
         problem = _check_scheme(uri)
         if problem:
-            rejected.append(_rejected(uri, "UnsupportedURI", f"line {number}: {problem}"))
+            rejected.append(rejected_entry(uri, "UnsupportedURI", f"line {number}: {problem}"))
             continue
         rows.add(uri, labels)
     return rows, rejected
@@ -179,16 +176,16 @@ def _from_table(fs: pafs.FileSystem, path: str) -> tuple[_Columns, list[dict]]:
     rows, rejected = _Columns(), []
     for number, (uri, video_id, label) in enumerate(zip(uris, ids, labels, strict=True), start=1):
         if not uri or not str(uri).strip():
-            rejected.append(_rejected(f"row {number}", "ManifestParseError", f"row {number}: empty uri", video_id))
+            rejected.append(rejected_entry(f"row {number}", "ManifestParseError", f"row {number}: empty uri", video_id))
             continue
         problem = _check_scheme(uri)
         if problem:
-            rejected.append(_rejected(uri, "UnsupportedURI", f"row {number}: {problem}", video_id))
+            rejected.append(rejected_entry(uri, "UnsupportedURI", f"row {number}: {problem}", video_id))
             continue
         try:
             parsed = _parse_labels(label)
         except ValueError as exc:
-            rejected.append(_rejected(uri, "ManifestParseError", f"row {number}: {exc}", video_id))
+            rejected.append(rejected_entry(uri, "ManifestParseError", f"row {number}: {exc}", video_id))
             continue
         rows.add(uri.strip(), parsed, video_id)
     return rows, rejected
@@ -282,7 +279,7 @@ def _dedupe(rows: _Columns, rejected: list[dict]) -> Manifest:
         for row, owner in zip(repeats[~same].tolist(), firsts[~same].tolist(), strict=True):
             vid, uri, taken = table.column(S.VIDEO_ID)[row].as_py(), uris[row].as_py(), uris[owner].as_py()
             rejected.append(
-                _rejected(
+                rejected_entry(
                     uri,
                     "DuplicateVideoId",
                     f"video_id {vid!r} already belongs to {taken!r}",

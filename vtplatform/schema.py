@@ -101,6 +101,14 @@ DEAD_LETTER_SCHEMA = pa.schema(
         (FAILED_AT, pa.timestamp("ms", tz="UTC")),
     ]
 )
+MESSAGE_CHARS = 2000  # a failure's message is cut to this many characters
+
+
+def failure(stage: str, error_type: str, message: str) -> dict[str, str]:
+    """The failure columns of a row that failed at ``stage``: null on good rows, and what a dead
+    letter keeps. ``message`` should be redacted (``storage.redact``) by the caller."""
+    return {STAGE: stage, ERROR_TYPE: error_type, MESSAGE: message[:MESSAGE_CHARS]}
+
 
 # What the decode stage hands to the model stage, one row per video. Failed rows carry the
 # error columns and a null ``frames``.

@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from vtplatform import schema as S
 from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.manifest import parse_list_line, read_manifest
+from vtplatform.manifest import parse_list_line, read_manifest, rejected_entry
+from vtplatform.pipeline import map_cpu_tasks
 from vtplatform.storage import canonical_uri, derive_video_id, filesystem, local_copy, redact
 from vtplatform.video.reader import BadVideo, ReadOptions, read_frames, read_options
 from vtplatform.video.sampling import infer_indices, segment_indices
@@ -68,7 +69,7 @@ def read_list(source: str, config: Config, labelled: bool = True) -> LabelledLis
         labels = row.pop("labels")
         problem = _label_problem(labels, config.model.num_classes) if labelled else None
         if problem:
-            rejected.append(_rejected(row[S.URI], "BadLabel", problem, row[S.VIDEO_ID]))
+            rejected.append(rejected_entry(row[S.URI], "BadLabel", problem, row[S.VIDEO_ID]))
             continue
         kept.append(row | {S.LABEL: labels[0] if len(labels) == 1 else -1})
     for r in rejected:
@@ -104,16 +105,6 @@ def _plan_row(row: dict) -> dict:
     }
 
 
-def _rejected(uri: str, error_type: str, message: str, video_id: str | None = None) -> dict:
-    return {
-        S.VIDEO_ID: video_id or f"manifest-{derive_video_id(uri)}",
-        S.URI: redact(uri),
-        S.STAGE: "manifest",
-        S.ERROR_TYPE: error_type,
-        S.MESSAGE: redact(message),
-    }
-
-
 def _frames_list(source: str, storage: StorageSection) -> tuple[list[dict], list[dict], int]:
     """The seed's frames lists: ``DIR NUM_FRAMES [LABEL]`` per line. Split as
     ``manifest.parse_list_line`` splits: the trailing integer tokens are NUM_FRAMES then the
@@ -131,7 +122,7 @@ def _frames_list(source: str, storage: StorageSection) -> tuple[list[dict], list
         try:
             directory, num_frames, labels = _frames_line(line)
         except ValueError as exc:
-            rejected.append(_rejected(line.strip(), "ManifestParseError", f"line {number}: {exc}"))
+            rejected.append(rejected_entry(line.strip(), "ManifestParseError", f"line {number}: {exc}"))
             continue
         uri = canonical_uri(directory)
         video_id = derive_video_id(uri)
@@ -287,6 +278,19 @@ def positions(pool_size: int, spec: ClipSpec, rng: np.random.Generator | None) -
     return segment_indices(pool_size, spec.seg_num, spec.seglen, rng)
 
 
+def load_stage(ds, spec: ClipSpec, num_cpus: float, concurrency: int | None, max_retries: int):
+    """Adds the loading tasks (``load_clips``, a block of plan rows per task) to a dataset."""
+    return map_cpu_tasks(
+        ds,
+        load_clips,
+        batch_size=None,
+        num_cpus=num_cpus,
+        concurrency=concurrency,
+        max_retries=max_retries,
+        fn_kwargs={"spec": spec},
+    )
+
+
 def load_clips(batch: pa.Table, spec: ClipSpec) -> pa.Table:
     """``S.TRAIN_PLAN_SCHEMA`` rows -> ``S.TRAIN_CLIP_SCHEMA`` rows (a Ray Data CPU stage)."""
     shards: dict[str, Any] = {}  # cache shards opened by this call
@@ -327,12 +331,7 @@ def _load_one(row: dict, spec: ClipSpec, shards: dict[str, Any]) -> dict:
 
 
 def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
-    return {
-        S.STAGE: stage,
-        S.ERROR_TYPE: error_type,
-        S.MESSAGE: redact(message)[:2000],
-        S.LOAD_SECONDS: time.perf_counter() - start,
-    }
+    return S.failure(stage, error_type, redact(message)) | {S.LOAD_SECONDS: time.perf_counter() - start}
 
 
 def _per_frame(spec: ClipSpec, training: bool):

@@ -27,10 +27,10 @@ from vtplatform.inference import engine
 from vtplatform.labels import top_k_indices
 from vtplatform.models import tsn_classifier as tc
 from vtplatform.models.weights import read_weights as read_any
-from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks, map_cpu_tasks
+from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks
 from vtplatform.stages.decode import videos_per_call
 from vtplatform.stages.tsn import need as tsn_need
-from vtplatform.tsn_data import attach_cache, clip_frames, clip_spec, eval_plan, load_clips, read_list
+from vtplatform.tsn_data import attach_cache, clip_frames, clip_spec, eval_plan, load_stage, read_list
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
     )
     plan = eval_plan(entries)
     ds = blocks_dataset(input_blocks(plan, res.decode_batch_size))
-    ds = map_cpu_tasks(
-        ds,
-        load_clips,
-        batch_size=None,
-        num_cpus=sizes.task_cpus,
-        concurrency=sizes.task_concurrency,
-        max_retries=res.decode_max_retries,
-        fn_kwargs={"spec": spec},
-    )
+    ds = load_stage(ds, spec, sizes.task_cpus, sizes.task_concurrency, res.decode_max_retries)
     ds = ds.map_batches(
         ClassifierStage,
         batch_size=res.tsn_batch_size or videos_per_call(spec.seg_num * spec.seglen),

@@ -214,12 +214,7 @@ def _decode_one(
 
 
 def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
-    return {
-        S.STAGE: stage,
-        S.ERROR_TYPE: error_type,
-        S.MESSAGE: redact(message)[:2000],
-        S.DECODE_SECONDS: time.perf_counter() - start,
-    }
+    return S.failure(stage, error_type, redact(message)) | {S.DECODE_SECONDS: time.perf_counter() - start}
 
 
 def decode_stage(ds, config: Config, plan: R.PipelinePlan):

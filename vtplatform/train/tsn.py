@@ -33,7 +33,7 @@ from vtplatform.labels import check_label_names, label_fingerprint, read_label_n
 from vtplatform.models import tsn_classifier as tc
 from vtplatform.models.tsn_classifier import TSNClassifierConfig
 from vtplatform.models.weights import CheckpointMeta, read_weights
-from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks, map_cpu_tasks
+from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks
 from vtplatform.train import checkpoint, scaffold
 from vtplatform.train.backend import all_reduce_sum, check_replicas
 from vtplatform.train.scaffold import Curves, TrainSummary
@@ -43,7 +43,7 @@ from vtplatform.tsn_data import (
     clip_frames,
     clip_spec,
     eval_plan,
-    load_clips,
+    load_stage,
     read_list,
     steps_per_epoch,
     train_plan,
@@ -133,15 +133,7 @@ def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int)
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = blocks_dataset(input_blocks(plan, load.videos_per_task))
-    ds = map_cpu_tasks(
-        ds,
-        load_clips,
-        batch_size=None,
-        num_cpus=load.cpus,
-        concurrency=load.concurrency,
-        max_retries=load.max_retries,
-        fn_kwargs={"spec": clip},
-    )
+    ds = load_stage(ds, clip, load.cpus, load.concurrency, load.max_retries)
     return ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=load.prefetch_batches)
 
 
