@@ -411,9 +411,7 @@ def prepare(config: Config, pretrain: str | None, plan, labels: str) -> tuple[TS
         log.warning("no --pretrain weights: the TSN classifier trains from random init")
     res = config.resources
     spec = TSNTrainSpec(
-        model=TSNClassifierConfig(
-            config.model.num_layers, config.model.num_classes, config.model.image_mean, config.model.image_std
-        ),
+        model=TSNClassifierConfig.from_model_section(config.model),
         epochs=train.epoch,
         batch_size=batch,
         valid_batch_size=valid_batch,
