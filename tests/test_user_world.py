@@ -110,7 +110,7 @@ def test_tag(world):
 def test_tsn_cache_train_eval_predict(world):
     config, tsn_list, cache = "configs/tsn-single.yaml", str(world["root"] / "tsn.list"), str(world["out"] / "cache")
     out = job(world, "cache_frames.py", "--config", config, "--filelist", tsn_list, "--save_dir", cache)
-    assert "cached now            6" in out
+    assert "processed now         6 ok, 0 failed" in out
     ckpt = world["out"] / "tsn"
     job(world, "train.py", "--model_name=TSN", "--config", config, "--save_dir", str(ckpt),
         *o(*TSN, f"TRAIN.filelist={tsn_list}", f"VALID.filelist={tsn_list}", f"frame_cache.path={cache}"))  # fmt: skip
