@@ -160,6 +160,16 @@ class Browser:
         """Every URL the page asked for since ``open`` (as far as the replies read so far tell)."""
         return [e["params"]["request"]["url"] for e in self._events if e["method"] == "Network.requestWillBeSent"]
 
+    def wait_until(self, expression: str, timeout_s: float = 30.0):
+        """Polls a JavaScript expression until it is truthy (e.g. lazy images that load after the
+        load event); returns its last value, truthy or not, after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.eval(expression)
+            if value or time.monotonic() > deadline:
+                return value
+            time.sleep(0.1)
+
     def eval(self, expression: str):
         """The JSON value of a JavaScript expression in the page."""
         result = self.send("Runtime.evaluate", session=True, expression=expression, returnByValue=True)

@@ -141,6 +141,8 @@ def test_report_renders_filters_and_escapes_in_a_real_browser(tmp_path):
         assert len(_visible(b, "window", "title")) == WINDOWS
         assert len(_visible(b, "no-thumbnail", "class")) == 1
         # every image loaded, from the report's own folder
+        # lazy images load after the load event: wait for them, as a person looking at the page would
+        b.wait_until("[...document.images].every((i) => i.complete && i.naturalWidth > 0)")
         images = b.eval("[...document.images].map((i) => [i.complete && i.naturalWidth > 0, i.src])")
         assert len(images) == 2 + WINDOWS and all(ok for ok, _ in images), images
         assert all(src.startswith(report.as_uri() + "/thumbnails/") for _, src in images)
