@@ -2,8 +2,11 @@
 
     python jobs/tag.py --config configs/tag.yaml --filelist LIBRARY --save_dir OUT \
         [--tsn_weights W --lstm_weights W2 | --model_dir CHAMPION] [--format json,hub]
+        [--segments SECONDS [--stride SECONDS]] [--thumbnails]
     ray job submit --working-dir . -- python jobs/tag.py ...
 
+--segments also tags windows of that many seconds along each video (segments/, spans/; see
+README "Where in the video"); --thumbnails writes the JPEGs jobs/report.py shows.
 --model_dir takes a registry kept by jobs/nightly.py (its champion) or an AttentionLSTM run or
 checkpoint folder. Exit codes: 0 done (some videos may be dead letters), 1 nothing at all
 succeeded, 2 bad configuration.
@@ -32,6 +35,19 @@ def main() -> int:
         "--format", default="", help="extra outputs, comma-separated: json (the seed's per-video files), hub"
     )
     p.add_argument("--label_file", default=None, help="class names (sets tag.label_file)")
+    p.add_argument(
+        "--segments", type=float, default=None, help="also tag windows of this many seconds (tag.segment_seconds)"
+    )
+    p.add_argument(
+        "--stride", type=float, default=None, help="seconds between window starts (tag.segment_stride_seconds)"
+    )
+    p.add_argument(
+        "--thumbnails",
+        action="store_const",
+        const=True,
+        default=None,
+        help="write a small JPEG per video and per window, for jobs/report.py (tag.thumbnails)",
+    )
     p.add_argument("--retry_failed", action="store_true", help="process the dead letters of earlier runs again")
     args = p.parse_args()
     cli.setup_logging(args.log_level)
@@ -40,7 +56,13 @@ def main() -> int:
     from vtplatform.registry import resolve_model_dir
     from vtplatform.tag import run_tag
 
-    config = load_config(args.config, cli.overrides(args, {"label_file": "tag.label_file"}))
+    flags = {
+        "label_file": "tag.label_file",
+        "segments": "tag.segment_seconds",
+        "stride": "tag.segment_stride_seconds",
+        "thumbnails": "tag.thumbnails",
+    }
+    config = load_config(args.config, cli.overrides(args, flags))
     tsn, lstm = args.tsn_weights, args.lstm_weights
     if args.model_dir:
         if lstm:

@@ -37,7 +37,7 @@ import vtplatform
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, part_name, prepare_output, run_video_job
+from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, prepare_output, run_video_job
 from vtplatform.resources import plan_tasks, sized
 from vtplatform.tsn_data import pool_indices, read_list
 from vtplatform.video.reader import BadVideo, ReadOptions, iter_all_frames, read_frames, read_options
@@ -221,7 +221,7 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
     """
     rows = batch.to_pylist()
     ids = [r[S.VIDEO_ID] for r in rows]
-    shard_rel = f"{S.FRAMES_DIR}/{part_name(ids, 'shard')}"
+    shard_rel = f"{S.FRAMES_DIR}/{st.part_name(ids, 'shard')}"
     fs, root = st.filesystem(task.root, task.storage)
     indexed, results = [], []
     with tempfile.TemporaryDirectory(prefix="vtp-cache-") as tmp:
@@ -247,7 +247,7 @@ def write_shard(batch: pa.Table, task: CacheTask) -> pa.Table:
             st.write_parquet(
                 pa.Table.from_pylist(indexed, schema=S.FRAME_CACHE_INDEX_SCHEMA),
                 fs,
-                f"{root}/{S.INDEX_DIR}/{part_name(ids)}",
+                f"{root}/{S.INDEX_DIR}/{st.part_name(ids)}",
             )
     return pa.Table.from_pylist(results, schema=S.CACHE_RESULT_SCHEMA)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.manifest import Manifest, read_manifest
+from vtplatform.segments import row_keys, video_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,6 @@ class Output(Protocol):
     directory: str
 
     def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None: ...
-
-
-def part_name(video_ids: Sequence[str], prefix: str = "part") -> str:
-    digest = hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:20]
-    return f"{prefix}-{digest}.parquet"
 
 
 def dead_letter_table(rows: list[dict]) -> pa.Table:
@@ -192,7 +187,7 @@ class ResultSink(Datasink):
         failed_mask = pc.is_valid(table.column(S.ERROR_TYPE))
         good, bad = table.filter(pc.invert(failed_mask)), table.filter(failed_mask)
         if good.num_rows:
-            part = part_name(good.column(S.VIDEO_ID).to_pylist())
+            part = st.part_name(row_keys(good))
             for output in self.outputs:
                 output.write(good, fs, root, part)
         if bad.num_rows:
@@ -200,7 +195,7 @@ class ResultSink(Datasink):
             st.write_parquet(
                 dead_letter_table(rows),
                 fs,
-                f"{root}/{S.DEAD_LETTERS_DIR}/{part_name(bad.column(S.VIDEO_ID).to_pylist())}",
+                f"{root}/{S.DEAD_LETTERS_DIR}/{st.part_name(bad.column(S.VIDEO_ID).to_pylist())}",
             )
         reasons = collections.Counter(
             f"{s}/{e}"
@@ -212,7 +207,8 @@ class ResultSink(Datasink):
             if col in table.column_names
         }
         counts = {c: int(pc.sum(good.column(c)).as_py() or 0) for c in self.counters}
-        return {"ok": good.num_rows, "failed": dict(reasons), "seconds": seconds, "counts": counts}
+        videos = video_rows(good).num_rows  # not the timeline chunks of tagging with segments
+        return {"ok": videos, "failed": dict(reasons), "seconds": seconds, "counts": counts}
 
     def on_write_complete(self, write_result) -> None:
         ok, failed, seconds, counts = 0, collections.Counter(), collections.Counter(), collections.Counter()
@@ -322,7 +318,7 @@ def plan_todo(
         summary.failed[reason] = summary.failed.get(reason, 0) + 1
         log.warning("manifest entry rejected: %s", r[S.MESSAGE])
     if new:
-        name = part_name([r[S.VIDEO_ID] for r in new], prefix="manifest")
+        name = st.part_name([r[S.VIDEO_ID] for r in new], prefix="manifest")
         st.write_parquet(dead_letter_table(new), fs, f"{root}/{S.DEAD_LETTERS_DIR}/{name}")
     ids = entries.entries.column(S.VIDEO_ID)
     todo = entries.entries.filter(pc.invert(pc.is_in(ids, value_set=skip))) if len(skip) else entries.entries
@@ -377,7 +373,7 @@ def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: p
     compacted_already = all(f.rsplit("/", 1)[-1].startswith("compacted-") for f in files)
     if len(keep) == sizes.sum() and (len(files) <= 1 or compacted_already):
         return
-    name = part_name(ids[first].tolist(), prefix="compacted")
+    name = st.part_name(ids[first].tolist(), prefix="compacted")
     del dead, ids, first
     offsets = np.r_[0, np.cumsum(sizes)]
     pending: list[pa.Table] = []
@@ -476,6 +472,7 @@ class VideoJob:
     read_entries: Callable[[], Any] | None = None  # -> a Manifest-like list; default: the manifest
     input_blocks: Callable[[pa.Table], list[pa.Table]] | None = None  # todo -> blocks; default first_stage_input
     check_output: Callable[[pafs.FileSystem, str, OutputState], None] | None = None  # refuses a foreign folder
+    done: Callable[[pafs.FileSystem, str, pa.Array], pa.Array] | None = None  # narrows the result ids to the done
     counters: tuple[str, ...] = ()  # numeric columns of the good rows summed into ``JobSummary.counts``
     finish: Callable[[pafs.FileSystem, str], None] | None = None  # after finalize (tagging's hub list)
 
@@ -505,6 +502,8 @@ def run_video_job(
     state = output_state(fs, root, job.result_dir)
     if job.check_output is not None:
         job.check_output(fs, root, state)
+    if job.done is not None:
+        state = replace(state, done=job.done(fs, root, state.done))
     entries = job.read_entries() if job.read_entries is not None else read_entries(manifest, config)
     summary = JobSummary(
         job.name,

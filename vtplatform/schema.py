@@ -110,6 +110,20 @@ def failure(stage: str, error_type: str, message: str) -> dict[str, str]:
     return {STAGE: stage, ERROR_TYPE: error_type, MESSAGE: message[:MESSAGE_CHARS]}
 
 
+# Time-localized tagging (``jobs/tag.py --segments``). Times are seconds from the stream's
+# presentation timestamps, so variable-frame-rate files are right.
+T_SECONDS = "t_seconds"
+START_S = "start_s"
+END_S = "end_s"
+WINDOW = "window"  # a window's index in its video, from 0
+CLASS_ID = "class_id"
+NAME = "name"
+LABEL_PROBS = "label_probs"
+CHUNK = "chunk"  # which decode chunk of its video a row came from, from 0 (null: the video's own row)
+LAST_CHUNK = "last_chunk"  # the video's last chunk: with chunks 0..this one all present, it is complete
+MAX_PROB = "max_prob"
+MEAN_PROB = "mean_prob"
+
 # What the decode stage hands to the model stage, one row per video. Failed rows carry the
 # error columns and a null ``frames``.
 CLIP_SCHEMA = pa.schema(
@@ -128,6 +142,46 @@ CLIP_SCHEMA = pa.schema(
         (MESSAGE, pa.string()),
     ]
 )
+
+# With segments or thumbnails, the decode stage also emits a video's timeline in chunk rows (``CHUNK``
+# set): ``frames`` holds the chunk's timeline crops at ``T_SECONDS``; the windows whose frames it
+# holds are ``frames[WIN_LO[i]:WIN_HI[i]]``; frames before ``NEW_FROM`` were in the chunk before too
+# (overlapping windows). The AttentionLSTM adds the ``WIN_*`` tags. Null on a video's own row.
+NEW_FROM = "new_from"
+WIN_INDEX = "win_index"
+WIN_START = "win_start"
+WIN_END = "win_end"
+WIN_LO = "win_lo"
+WIN_HI = "win_hi"
+WIN_THUMBS = "win_thumbs"  # a JPEG per window (--thumbnails)
+THUMBNAIL = "thumbnail"  # the video's own JPEG, on its own row (--thumbnails)
+TIMELINE_FRAMES = "timeline_frames"  # counted in the job summary
+WINDOWS = "windows"
+TIMELINE_FIELDS = [
+    pa.field(CHUNK, pa.int32()),
+    pa.field(LAST_CHUNK, pa.bool_()),
+    pa.field(NEW_FROM, pa.int32()),
+    pa.field(T_SECONDS, pa.list_(pa.float64())),
+    pa.field(WIN_INDEX, pa.list_(pa.int32())),
+    pa.field(WIN_START, pa.list_(pa.float64())),
+    pa.field(WIN_END, pa.list_(pa.float64())),
+    pa.field(WIN_LO, pa.list_(pa.int32())),
+    pa.field(WIN_HI, pa.list_(pa.int32())),
+    pa.field(WIN_THUMBS, pa.list_(pa.binary())),
+    pa.field(THUMBNAIL, pa.binary()),
+    pa.field(TIMELINE_FRAMES, pa.int32()),
+    pa.field(WINDOWS, pa.int32()),
+]
+WIN_CLASS_IDS = "win_class_ids"
+WIN_PROBS = "win_probs"
+WIN_LABELS = "win_labels"
+WIN_LABEL_PROBS = "win_label_probs"
+WINDOW_TAG_FIELDS = [
+    pa.field(WIN_CLASS_IDS, pa.list_(pa.list_(pa.int32()))),
+    pa.field(WIN_PROBS, pa.list_(pa.list_(pa.float32()))),
+    pa.field(WIN_LABELS, pa.list_(pa.list_(pa.int32()))),
+    pa.field(WIN_LABEL_PROBS, pa.list_(pa.list_(pa.float32()))),
+]
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -244,17 +298,6 @@ TAG_SCHEMA = pa.schema(
 )
 
 
-# Time-localized tagging (``jobs/tag.py --segments``). Times are seconds from the stream's
-# presentation timestamps, so variable-frame-rate files are right.
-T_SECONDS = "t_seconds"
-START_S = "start_s"
-END_S = "end_s"
-WINDOW = "window"  # a window's index in its video, from 0
-CLASS_ID = "class_id"
-NAME = "name"
-MAX_PROB = "max_prob"
-MEAN_PROB = "mean_prob"
-
 SEGMENT_SCHEMA = pa.schema(
     [
         (VIDEO_ID, pa.string()),
@@ -265,6 +308,10 @@ SEGMENT_SCHEMA = pa.schema(
         (CLASS_IDS, pa.list_(pa.int32())),
         (CLASS_NAMES, pa.list_(pa.string())),
         (PROBS, pa.list_(pa.float32())),
+        (LABELS, pa.list_(pa.int32())),  # the classes at or above tag.threshold, best first
+        (LABEL_PROBS, pa.list_(pa.float32())),  # their probabilities
+        (CHUNK, pa.int32()),  # bookkeeping for resume: which decode chunk held the window
+        (LAST_CHUNK, pa.bool_()),
     ]
 )
 

@@ -19,13 +19,22 @@ maximum and the mean of the run's probabilities. Spans come sorted by start, the
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from vtplatform import schema as S
+from vtplatform import storage as st
 from vtplatform.labels import top_k_indices
+
+T = TypeVar("T")
 
 
 class Window(NamedTuple):
@@ -57,6 +66,97 @@ def windows(times: np.ndarray, segment_s: float, stride_s: float, duration_s: fl
         if reaches_end or (k + 1) * stride_s >= end:
             return out
         k += 1
+
+
+class NoWindow(ValueError):
+    """Timeline frames that no window takes."""
+
+
+class Chunk(NamedTuple, Generic[T]):
+    """A run of timeline frames holding whole windows (``chunk_windows``)."""
+
+    index: int  # its place among its video's chunks, from 0
+    last: bool
+    new_from: int  # items[new_from:] are in no earlier chunk (with overlapping windows the first few can be)
+    times: list[float]
+    items: list[T]
+    windows: list[Window]  # their frames are items[w.frames]
+
+
+def chunk_windows(
+    frames: Iterable[tuple[float, T]],
+    segment_s: float,
+    stride_s: float,
+    end_s: Callable[[], float],
+    max_frames: int,
+) -> Iterator[Chunk[T]]:
+    """Streams a video's timeline ``(t_seconds, item)`` frames (ascending) into chunks that each
+    hold whole windows (the windows of ``windows``, the same ones), about ``max_frames`` frames a
+    chunk (more when one window alone has more), holding at most about one chunk of frames at a
+    time. ``end_s()``, asked once the frames are exhausted, is the video's end (``duration_s`` of
+    ``windows``). The last chunk (``last``) always holds at least one window; a video without
+    frames has no chunk.
+
+    Window ``k`` is final as soon as a frame later than both its nominal end and the next
+    window's start arrives: then it is not the video's last window, and all its frames are in.
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    windows(np.zeros(0), segment_s, stride_s, 0.0)  # checks segment_s and stride_s
+    times: list[float] = []  # buffered frames; times[0] is frame number ``base`` of the video
+    items: list[T] = []
+    base = 0
+    emitted_to = 0  # frames before this number went out in an earlier chunk
+    pending: list[Window] = []  # final windows not yet sent, their slices in frame numbers
+    k = 0  # the next window to make final
+    chunk = 0
+
+    def emit(wins: list[Window], last: bool) -> Chunk[T]:
+        nonlocal emitted_to, chunk
+        lo, hi = wins[0].frames.start, max(w.frames.stop for w in wins)
+        out = Chunk(
+            chunk,
+            last,
+            max(emitted_to - lo, 0),
+            times[lo - base : hi - base],
+            items[lo - base : hi - base],
+            [Window(w.index, w.start_s, w.end_s, slice(w.frames.start - lo, w.frames.stop - lo)) for w in wins],
+        )
+        emitted_to, chunk = max(emitted_to, hi), chunk + 1
+        return out
+
+    for t, item in frames:
+        if times and t < times[-1]:
+            raise ValueError(f"timeline frames out of order: {t} after {times[-1]}")
+        times.append(t)
+        items.append(item)
+        while t > max(k * stride_s + segment_s, (k + 1) * stride_s):
+            start = k * stride_s
+            lo = base + bisect.bisect_left(times, start)
+            hi = base + bisect.bisect_left(times, start + segment_s)
+            if hi > lo:
+                pending.append(Window(k, start, start + segment_s, slice(lo, hi)))
+            k += 1
+        # Send all but the newest final window once they span max_frames: the newest stays for the
+        # last chunk, which so always has a window.
+        if len(pending) > 1 and max(w.frames.stop for w in pending[:-1]) - pending[0].frames.start >= max_frames:
+            yield emit(pending[:-1], last=False)
+            pending = pending[-1:]
+            drop = pending[0].frames.start - base
+            del times[:drop], items[:drop]
+            base += drop
+    if not times:
+        return
+    end = max(float(end_s()), times[-1])
+    rest = [
+        Window(w.index, w.start_s, w.end_s, slice(base + w.frames.start, base + w.frames.stop))
+        for w in windows(np.asarray(times), segment_s, stride_s, end)
+        if w.index >= k
+    ]
+    if pending or rest:
+        yield emit(pending + rest, last=True)
+    else:  # frames that no window takes (stride_s > segment_s, frames in the gaps only)
+        raise NoWindow("no window holds a timeline frame")
 
 
 def merge_spans(
@@ -132,3 +232,226 @@ def segment_rows(
         for j, (w, ids) in enumerate(zip(wins, top, strict=True))
     ]
     return pa.Table.from_pylist(rows, schema=S.SEGMENT_SCHEMA)
+
+
+# -- the tag job's rows and outputs ------------------------------------------------------------
+
+
+def video_rows(table: pa.Table) -> pa.Table:
+    """A job's rows of whole videos (not timeline chunks)."""
+    return table.filter(pc.is_null(table.column(S.CHUNK))) if S.CHUNK in table.column_names else table
+
+
+def chunk_rows(table: pa.Table) -> pa.Table:
+    """A job's timeline chunk rows (``CHUNK`` set)."""
+    if S.CHUNK not in table.column_names:
+        return table.slice(0, 0)
+    return table.filter(pc.is_valid(table.column(S.CHUNK)))
+
+
+def row_keys(table: pa.Table) -> list[str]:
+    """The keys that name a part file of these rows: the video id, and the chunk for chunk rows
+    (the chunks of one video land in different write tasks, whose parts must not collide)."""
+    ids = table.column(S.VIDEO_ID).to_pylist()
+    if S.CHUNK not in table.column_names:
+        return ids
+    chunks = table.column(S.CHUNK).to_pylist()
+    return [v if c is None else f"{v}\n#{c}" for v, c in zip(ids, chunks, strict=True)]
+
+
+class SegmentOutput:
+    """Chunk rows with window tags -> ``segments/``, one SEGMENT_SCHEMA row per window."""
+
+    directory = S.SEGMENTS_DIR
+
+    def __init__(self, schema: pa.Schema, names: list[str] | None):
+        self.schema = schema
+        self.names = names
+
+    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        chunks = chunk_rows(good)
+        if not chunks.num_rows:
+            return
+        columns = (S.VIDEO_ID, S.URI, S.CHUNK, S.LAST_CHUNK, S.WIN_INDEX, S.WIN_START, S.WIN_END)
+        columns += (S.WIN_CLASS_IDS, S.WIN_PROBS, S.WIN_LABELS, S.WIN_LABEL_PROBS)
+        rows = []
+        for vid, uri, chunk, last, *per_window in zip(*(chunks.column(c).to_pylist() for c in columns), strict=True):
+            for k, start, end, ids, probs, labels, label_probs in zip(*per_window, strict=True):
+                rows.append(
+                    {
+                        S.VIDEO_ID: vid,
+                        S.URI: uri,
+                        S.WINDOW: k,
+                        S.START_S: start,
+                        S.END_S: end,
+                        S.CLASS_IDS: ids,
+                        S.CLASS_NAMES: [self.names[i] for i in ids] if self.names else None,
+                        S.PROBS: probs,
+                        S.LABELS: labels,
+                        S.LABEL_PROBS: label_probs,
+                        S.CHUNK: chunk,
+                        S.LAST_CHUNK: last,
+                    }
+                )
+        st.write_parquet(pa.Table.from_pylist(rows, schema=self.schema), fs, f"{root}/{self.directory}/{part}")
+
+
+class TimelineOutput:
+    """Chunk rows with features -> ``timeline/``: each timeline frame's TSN features, once."""
+
+    directory = S.TIMELINE_DIR
+
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+        tensor = schema.field(S.FEATURES).type
+        self.dim, self.dtype = tensor.shape[0], np.dtype(tensor.value_type.to_pandas_dtype())
+
+    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        chunks = chunk_rows(good)
+        if not chunks.num_rows:
+            return
+        ids, times, feats = [], [], []
+        columns = (S.VIDEO_ID, S.NEW_FROM, S.T_SECONDS, S.FEATURES)
+        for vid, new_from, t, raw in zip(*(chunks.column(c).to_pylist() for c in columns), strict=True):
+            ids += [vid] * (len(t) - new_from)
+            times += t[new_from:]
+            feats.append(np.frombuffer(raw, self.dtype).reshape(len(t), self.dim)[new_from:])
+        table = pa.table(
+            {
+                S.VIDEO_ID: pa.array(ids, pa.string()),
+                S.T_SECONDS: pa.array(times, pa.float64()),
+                S.FEATURES: S.features_array(np.concatenate(feats), self.dtype.name),
+            },
+            schema=self.schema,
+        )
+        st.write_parquet(table, fs, f"{root}/{self.directory}/{part}")
+
+
+class ThumbnailOutput:
+    """``thumbnails/<video>.jpg`` from a video's row, ``thumbnails/<video>/<window>.jpg`` from its
+    chunk rows (``jobs/report.py`` shows them)."""
+
+    directory = S.THUMBNAILS_DIR
+
+    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        videos = video_rows(good)
+        for vid, jpeg in zip(*(videos.column(c).to_pylist() for c in (S.VIDEO_ID, S.THUMBNAIL)), strict=True):
+            if jpeg is not None:
+                st.write_bytes(jpeg, fs, f"{root}/{self.directory}/{st.safe_filename(vid)}.jpg")
+        chunks = chunk_rows(good)
+        for vid, index, jpegs in zip(
+            *(chunks.column(c).to_pylist() for c in (S.VIDEO_ID, S.WIN_INDEX, S.WIN_THUMBS)), strict=True
+        ):
+            for k, jpeg in zip(index, jpegs or [], strict=False):
+                if jpeg is not None:
+                    st.write_bytes(jpeg, fs, f"{root}/{self.directory}/{st.safe_filename(vid)}/{k:05d}.jpg")
+
+
+# -- after the pipeline: complete videos, no repeated rows, spans --------------------------------
+
+
+def complete_videos(fs: pafs.FileSystem, root: str) -> pa.Array:
+    """The videos whose windows are all in ``segments/``: the last chunk and every chunk before it."""
+    table = _read_parts(fs, f"{root}/{S.SEGMENTS_DIR}", [S.VIDEO_ID, S.CHUNK, S.LAST_CHUNK])
+    if table is None or not table.num_rows:
+        return pa.array([], pa.string())
+    last = table.filter(table.column(S.LAST_CHUNK)).group_by(S.VIDEO_ID).aggregate([(S.CHUNK, "max")])
+    seen = table.group_by(S.VIDEO_ID).aggregate([(S.CHUNK, "count_distinct")])
+    joined = last.join(seen, S.VIDEO_ID)
+    whole = pc.equal(joined.column(f"{S.CHUNK}_count_distinct"), pc.add(joined.column(f"{S.CHUNK}_max"), 1))
+    return joined.filter(whole).column(S.VIDEO_ID).combine_chunks()
+
+
+def finalize_segments(
+    fs: pafs.FileSystem, root: str, threshold: float, names: list[str] | None, num_classes: int
+) -> int:
+    """After a tagging run with segments: drops the window and timeline rows of videos that are
+    not complete (a video that failed after some of its chunks were written; a killed run's
+    leftovers are redone by the next) and rows written twice (a retried write task, a video
+    redone after a kill), then derives the spans of every complete video that has none yet.
+    Returns how many videos got spans."""
+    complete = complete_videos(fs, root)
+    _keep_first(fs, f"{root}/{S.SEGMENTS_DIR}", S.WINDOW, complete)
+    _keep_first(fs, f"{root}/{S.TIMELINE_DIR}", S.T_SECONDS, complete)
+    have = pc.unique(st.read_column(fs, f"{root}/{S.SPANS_DIR}", S.VIDEO_ID).combine_chunks())
+    todo = complete.filter(pc.invert(pc.is_in(complete, value_set=have))) if len(have) else complete
+    columns = [S.VIDEO_ID, S.WINDOW, S.START_S, S.END_S, S.LABELS, S.LABEL_PROBS]
+    done = 0
+    for offset in range(0, len(todo), SPAN_VIDEOS_PER_PART):
+        ids = todo.slice(offset, SPAN_VIDEOS_PER_PART)
+        table = _read_parts(fs, f"{root}/{S.SEGMENTS_DIR}", columns, ids)
+        table = table.sort_by([(S.VIDEO_ID, "ascending"), (S.WINDOW, "ascending")])
+        spans = []
+        for vid, rows in _by_video(table):
+            starts, ends, probs, index = _window_probs(rows, num_classes)
+            spans.append(merge_spans(vid, starts, ends, probs, threshold, names, index))
+        st.write_parquet(
+            pa.concat_tables([pa.Table.from_pylist([], schema=S.SPAN_SCHEMA), *spans]),
+            fs,
+            f"{root}/{S.SPANS_DIR}/{st.part_name(ids.to_pylist())}",
+        )
+        done += len(ids)
+    return done
+
+
+SPAN_VIDEOS_PER_PART = 2000
+
+
+def _window_probs(rows: pa.Table, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, probs, index) of one video's windows, ``probs`` dense (windows, classes)
+    with the labels' probabilities and 0 below the threshold."""
+    probs = np.zeros((rows.num_rows, num_classes), np.float32)
+    for j, (labels, p) in enumerate(zip(*(rows.column(c).to_pylist() for c in (S.LABELS, S.LABEL_PROBS)), strict=True)):
+        probs[j, labels] = p
+    starts, ends = (rows.column(c).to_numpy() for c in (S.START_S, S.END_S))
+    return starts, ends, probs, rows.column(S.WINDOW).to_numpy()
+
+
+def _by_video(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    if not table.num_rows:
+        return
+    ids = table.column(S.VIDEO_ID).to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
+    for lo, hi in itertools.pairwise(bounds):
+        yield str(ids[lo]), table.slice(lo, hi - lo)
+
+
+def _read_parts(
+    fs: pafs.FileSystem, directory: str, columns: list[str], ids: pa.Array | None = None
+) -> pa.Table | None:
+    parts = st.list_files(fs, directory, ".parquet")
+    if not parts:
+        return None
+    tables = []
+    for path in parts:
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        tables.append(table if ids is None else table.filter(pc.is_in(table.column(S.VIDEO_ID), value_set=ids)))
+    return pa.concat_tables(tables)
+
+
+def _keep_first(fs: pafs.FileSystem, directory: str, key: str, videos: pa.Array) -> None:
+    """Rewrites the parts under ``directory`` so that only rows of ``videos`` remain, each
+    ``(video_id, key)`` once (its first row, parts in name order)."""
+    parts = st.list_files(fs, directory, ".parquet")
+    if not parts:
+        return
+    keys = [pq.read_table(p, filesystem=fs, columns=[S.VIDEO_ID, key]) for p in parts]
+    sizes = np.array([k.num_rows for k in keys])
+    table = pa.concat_tables(keys).combine_chunks()
+    table = table.append_column("row", pa.array(np.arange(table.num_rows)))
+    order = table.take(pc.sort_indices(table, [(S.VIDEO_ID, "ascending"), (key, "ascending"), ("row", "ascending")]))
+    vid, k = order.column(S.VIDEO_ID).to_numpy(zero_copy_only=False), order.column(key).to_numpy()
+    first = np.r_[True, (vid[1:] != vid[:-1]) | (k[1:] != k[:-1])][: len(vid)]
+    wanted = first & pc.is_in(order.column(S.VIDEO_ID), value_set=videos).to_numpy(zero_copy_only=False)
+    keep = np.zeros(table.num_rows, bool)
+    keep[order.column("row").to_numpy()[wanted]] = True
+    offsets = np.r_[0, np.cumsum(sizes)]
+    for i, path in enumerate(parts):
+        mask = keep[offsets[i] : offsets[i + 1]]
+        if mask.all():
+            continue
+        if mask.any():
+            part = pq.read_table(path, filesystem=fs)
+            st.write_parquet(part.filter(pa.array(mask)).replace_schema_metadata(part.schema.metadata), fs, path)
+        else:
+            fs.delete_file(path)

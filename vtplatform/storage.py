@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -174,6 +174,13 @@ def list_files(fs: pafs.FileSystem, directory: str, suffix: str = "") -> list[st
         if i.type == pafs.FileType.File and i.path.endswith(suffix) and not i.base_name.startswith(("_", "."))
     ]
     return sorted(names)
+
+
+def part_name(keys: Sequence[str], prefix: str = "part") -> str:
+    """A part file's name from the keys of its rows (video ids): a rewrite of the same rows
+    replaces the file instead of adding one."""
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
+    return f"{prefix}-{digest}.parquet"
 
 
 def write_parquet(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:

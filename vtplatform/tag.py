@@ -5,10 +5,22 @@ Output under ``save_dir`` (local or ``s3://``)::
 
     tags/part-<hash>.parquet        schema.TAG_SCHEMA: top-k ids, names, probabilities, and the
                                     labels at or above tag.threshold
+    segments/part-<hash>.parquet    with tag.segment_seconds (--segments): schema.SEGMENT_SCHEMA, the
+                                    same for each window of the video's timeline
+    spans/part-<hash>.parquet       with segments: schema.SPAN_SCHEMA, the windows where a label stays
+                                    at or above tag.threshold merged into time spans
+    timeline/part-<hash>.parquet    with segments and tag.write_timeline: each timeline frame's features
+    thumbnails/<video_id>.jpg       with tag.thumbnails (--thumbnails): one per video, and
+    thumbnails/<video_id>/<window>.jpg one per window, for jobs/report.py
     dead_letters/*.parquet          one row per video that failed
     features/part-<hash>.parquet    with tag.write_features: the TSN features, as jobs/extract.py writes them
     json/<video_id>.json            with --format json: the seed's per-video result
     hub_results.json                with --format hub: a PaddleHub-style list [{path, prediction: {name: p}}]
+
+With segments the decode tasks also read each video at tag.timeline_fps frames a second of
+presentation time, streaming, and send its timeline through TSN in chunks of whole windows
+(``segments.chunk_windows``); the AttentionLSTM tags each window. The video-level tags are the
+same with or without segments. A video is done when its tags row and all its chunks are written.
 
 Incremental and resumable like extraction. The features go through the AttentionLSTM rounded to
 ``output.dtype``, exactly as they would be read back from a feature table, so tagging equals
@@ -25,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -44,6 +57,14 @@ from vtplatform.pipeline import (
     output_state,
     prepare_output,
     run_video_job,
+)
+from vtplatform.segments import (
+    SegmentOutput,
+    ThumbnailOutput,
+    TimelineOutput,
+    complete_videos,
+    finalize_segments,
+    video_rows,
 )
 from vtplatform.stages import lstm, tsn
 from vtplatform.stages.decode import decode_stage
@@ -65,6 +86,9 @@ class TagOutput:
         self.seed_json = seed_json
 
     def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        good = video_rows(good)
+        if not good.num_rows:
+            return
         rows = []
         for vid, uri, ids, probs, labels in zip(
             *(good.column(c).to_pylist() for c in (S.VIDEO_ID, S.URI, S.CLASS_IDS, S.PROBS, S.LABELS)), strict=True
@@ -96,8 +120,8 @@ class Tagger:
     names: list[str] | None
     meta: dict[str, Any]  # recorded in every tags part
 
-    def schema(self) -> pa.Schema:
-        return S.TAG_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(self.meta, sort_keys=True).encode()})
+    def schema(self, base: pa.Schema = S.TAG_SCHEMA) -> pa.Schema:
+        return base.with_metadata({S.METADATA_KEY: json.dumps(self.meta, sort_keys=True).encode()})
 
 
 def build_tagger(
@@ -127,6 +151,7 @@ def build_tagger(
         "top_k": top_k,
         "threshold": tag.threshold,
         "label_fingerprint": label_fingerprint(names, model_config.num_classes),
+        "segments": segment_settings(tag),
     }
     spec = lstm.TagSpec(
         lstm=lstm.ModelSpec(model_config, loaded.source, config.storage, actors.num_gpus > 0, actors.threads),
@@ -140,11 +165,18 @@ def build_tagger(
     return Tagger(spec, names, meta)
 
 
+def segment_settings(tag) -> dict[str, float] | None:
+    if not tag.segment_seconds:
+        return None
+    stride = tag.segment_stride_seconds or tag.segment_seconds
+    return {"seconds": tag.segment_seconds, "stride_seconds": stride, "timeline_fps": tag.timeline_fps}
+
+
 def check_same_tagger(existing: pa.Schema | None, meta: dict, where: str) -> None:
     old = S.read_provenance(existing) if existing is not None else None
     if old is None:
         return
-    keys = ("tsn_weights", "features", "lstm_weights", "top_k", "threshold", "label_fingerprint")
+    keys = ("tsn_weights", "features", "lstm_weights", "top_k", "threshold", "label_fingerprint", "segments")
     diff = [k for k in keys if old.get(k) != meta.get(k)]
     if diff:
         raise ConfigError(
@@ -171,34 +203,58 @@ def run_tag(
     spec = tsn.tsn_spec(config, tsn_weights, plan.device, plan.models[tsn.MODEL_NAME].threads)
     tsn_fingerprint, feature_dim = tsn.weights_fingerprint(config, tsn_weights)
     prov = tsn.provenance(config, tsn_fingerprint, feature_dim, spec.precision)
-    keep_features = config.tag.write_features
+    tag = config.tag
+    segments = bool(tag.segment_seconds)
+    keep_timeline = segments and tag.write_timeline
+    keep_features = tag.write_features
     actors = plan.models[lstm.MODEL_NAME]
-    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, keep_features)
+    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, keep_features or keep_timeline)
     outputs: list = [TagOutput(tagger.schema(), tagger.names, "json" in formats)]
     if keep_features:
         schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
         outputs.append(tsn.FeatureOutput(schema, write_npy=False))
+    if segments:
+        outputs.append(SegmentOutput(tagger.schema(S.SEGMENT_SCHEMA), tagger.names))
+    if keep_timeline:
+        timeline = S.timeline_schema(feature_dim, config.output.dtype)
+        outputs.append(TimelineOutput(tagger.schema(timeline)))
+    if tag.thumbnails:
+        outputs.append(ThumbnailOutput())
 
     def check_output(fs: pafs.FileSystem, root: str, state: OutputState) -> None:
         check_same_tagger(state.schema, tagger.meta, save_dir)
         if keep_features:
             tsn.check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
 
+    def done(fs: pafs.FileSystem, root: str, tagged: pa.Array) -> pa.Array:
+        """With segments, a tagged video whose windows are not all written (a kill) is not done."""
+        whole = complete_videos(fs, root)
+        return tagged.filter(pc.is_in(tagged, value_set=whole))
+
     def finish(fs: pafs.FileSystem, root: str) -> None:
+        if segments:
+            classes = tagger.spec.lstm.model.num_classes
+            spanned = finalize_segments(fs, root, tag.threshold, tagger.names, classes)
+            log.info("spans of %d videos written to %s/%s", spanned, st.redact(save_dir), S.SPANS_DIR)
         if "hub" in formats:
-            write_hub_list(fs, root, config.tag.hub_threshold, config.tag.hub_top_k)
+            write_hub_list(fs, root, tag.hub_threshold, tag.hub_top_k)
 
     job = VideoJob(
         "tagging",
         S.TAGS_DIR,
         spec.device,
         stages=lambda ds: lstm.tag_stage(
-            tsn.tsn_stage(decode_stage(ds, config, plan), config, spec, plan), config, tagger.spec, plan
+            tsn.tsn_stage(decode_stage(ds, config, plan, tagging=True), config, spec, plan),
+            config,
+            tagger.spec,
+            plan,
         ),
         outputs=outputs,
         writer_cpus=plan.writer_cpus,
         frames_per_video=config.infer.seg_num,
         check_output=check_output,
+        done=done if segments else None,
+        counters=(S.TIMELINE_FRAMES, S.WINDOWS) if segments else (),
         finish=finish,
     )
     return run_video_job(config, manifest, save_dir, job, retry_failed, start)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -27,8 +28,10 @@ from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform.config import Config, StorageSection
 from vtplatform.pipeline import map_cpu_tasks
+from vtplatform.segments import NoWindow, chunk_windows
 from vtplatform.storage import local_copy, redact
-from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, read_frames, read_options
+from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, iter_timeline, read_frames, read_options
+from vtplatform.video.transforms import thumbnail_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +90,44 @@ def decode_ledger():
 
 
 @dataclass(frozen=True)
+class TimelineOptions:
+    """Time-localized tagging: the timeline's frame rate and the windows over it (``segments``)."""
+
+    fps: float
+    segment_s: float
+    stride_s: float
+
+
+@dataclass(frozen=True)
 class DecodeOptions:
-    """Extraction's sampling plan (``video.reader.infer_plan``) and how to read the videos."""
+    """Extraction's sampling plan (``video.reader.infer_plan``) and how to read the videos; for
+    tagging with segments, the timeline too, and whether to make thumbnails."""
 
     num_segments: int
     short_size: int
     target_size: int
     read: ReadOptions
+    timeline: TimelineOptions | None = None
+    thumbnails: bool = False
 
 
-def decode_options(config: Config) -> DecodeOptions:
-    return DecodeOptions(config.infer.seg_num, config.infer.short_size, config.infer.target_size, read_options(config))
+def decode_options(config: Config, tagging: bool = False) -> DecodeOptions:
+    """The decode options of extraction, or with ``tagging`` of the tag job (``tag.segment_seconds``,
+    ``tag.timeline_fps``, ``tag.thumbnails``)."""
+    tag = config.tag
+    timeline = None
+    if tagging and tag.segment_seconds:
+        timeline = TimelineOptions(
+            tag.timeline_fps, tag.segment_seconds, tag.segment_stride_seconds or tag.segment_seconds
+        )
+    return DecodeOptions(
+        config.infer.seg_num,
+        config.infer.short_size,
+        config.infer.target_size,
+        read_options(config),
+        timeline,
+        tagging and tag.thumbnails,
+    )
 
 
 FRAMES_PER_BLOCK = 512  # decoded crops per output block (about 77 MB at 224x224): one long video, many short ones
@@ -130,6 +160,7 @@ def decode_videos(
         block = hashlib.sha1("\n".join(ids).encode()).hexdigest()
         attempt, deaths = ray.get(ledger.begin.remote(block, ids))
         careful = attempt > 0
+    crop_bytes = options.target_size * options.target_size * 3
     rows, frames = [], 0
     for vid, uri in zip(ids, uris, strict=True):
         died, timeouts = deaths.get(vid, (0, 0))
@@ -139,19 +170,21 @@ def decode_videos(
         if careful:
             ray.get(ledger.start.remote(vid))
         with _watchdog(ledger, vid, timeout_s):
-            rows.append(_decode_one(vid, uri, options, storage, faults))
+            for row in _decode_video(vid, uri, options, storage, faults):
+                rows.append(row)
+                frames += len(row.get(S.FRAMES) or b"") // crop_bytes
+                if frames >= FRAMES_PER_BLOCK:  # a long video's timeline: a block per chunk
+                    yield _clip_table(rows)
+                    rows, frames = [], 0
         if careful:
             ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
-        frames += options.num_segments if rows[-1].get(S.ERROR_TYPE) is None else 0
-        if frames >= FRAMES_PER_BLOCK:
-            yield _clip_table(rows)
-            rows, frames = [], 0
     if rows:
         yield _clip_table(rows)
 
 
 def _clip_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=S.CLIP_SCHEMA.append(pa.field(S.DECODE_SECONDS, pa.float32())))
+    fields = [*S.CLIP_SCHEMA, pa.field(S.DECODE_SECONDS, pa.float32()), *S.TIMELINE_FIELDS]
+    return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
 def _crashed(vid: str, uri: str, died: int, timeouts: int, timeout_s: float | None) -> dict:
@@ -186,9 +219,12 @@ def _watchdog(ledger, video_id: str, timeout_s: float | None):
         timer.cancel()
 
 
-def _decode_one(
+def _decode_video(
     video_id: str, uri: str, options: DecodeOptions, storage: StorageSection, faults: tuple[F.DecodeFault, ...]
-) -> dict:
+) -> Iterator[dict]:
+    """One video's rows: its timeline chunks first (with ``options.timeline``), then its own row
+    with the sampled crops, or a failure row. A video whose timeline fails after some chunks is
+    a failure: ``segments.finalize_segments`` drops those chunks' windows."""
     start = time.perf_counter()
     row = {S.VIDEO_ID: video_id, S.URI: uri}
     F.act_on_decode(faults, uri)
@@ -197,11 +233,17 @@ def _decode_one(
             clip = read_frames(
                 path, *infer_plan(options.num_segments, options.short_size, options.target_size), options.read
             )
+            own = time.perf_counter() - start
+            if options.timeline is not None:
+                yield from _timeline_rows(video_id, uri, path, options)
     except BadVideo as bad:
-        return row | _failure(bad.stage, bad.error_type, bad.message, start)
+        yield row | _failure(bad.stage, bad.error_type, bad.message, start)
+        return
     except OSError as exc:  # the object store or file system refused the read
-        return row | _failure("read", type(exc).__name__, str(exc), start)
-    return row | {
+        yield row | _failure("read", type(exc).__name__, str(exc), start)
+        return
+    thumbnail = thumbnail_jpeg(clip.frames[len(clip.frames) // 2]) if options.thumbnails else None
+    yield row | {
         S.FRAMES: clip.frames.tobytes(),
         S.NUM_FRAMES: clip.num_frames,
         S.FRAME_INDICES: clip.indices.tolist(),
@@ -209,17 +251,62 @@ def _decode_one(
         S.WIDTH: clip.width,
         S.HEIGHT: clip.height,
         S.DECODER: clip.decoder,
-        S.DECODE_SECONDS: time.perf_counter() - start,
+        S.DECODE_SECONDS: own,
+        S.THUMBNAIL: thumbnail,
     }
+
+
+def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -> Iterator[dict]:
+    """The chunk rows of a video's timeline (``segments.chunk_windows``), streamed: about
+    ``FRAMES_PER_BLOCK`` crops at a time, whatever the video's length."""
+    timeline = options.timeline
+    per_frame = infer_plan(1, options.short_size, options.target_size)[1]  # extraction's crop
+    info, frames = iter_timeline(path, timeline.fps, per_frame, options.read)
+    mark = time.perf_counter()
+    try:
+        chunks = chunk_windows(
+            frames, timeline.segment_s, timeline.stride_s, lambda: info.end_s or info.duration_s, FRAMES_PER_BLOCK
+        )
+        for chunk in chunks:
+            wins = chunk.windows
+            thumbs = None
+            if options.thumbnails:  # each window's middle frame
+                thumbs = [thumbnail_jpeg(chunk.items[(w.frames.start + w.frames.stop - 1) // 2]) for w in wins]
+            yield {
+                S.VIDEO_ID: video_id,
+                S.URI: uri,
+                S.FRAMES: np.stack(chunk.items).tobytes(),
+                S.NUM_FRAMES: len(chunk.items),
+                S.FPS: timeline.fps,
+                S.DECODER: info.decoder,
+                S.DECODE_SECONDS: time.perf_counter() - mark,
+                S.CHUNK: chunk.index,
+                S.LAST_CHUNK: chunk.last,
+                S.NEW_FROM: chunk.new_from,
+                S.T_SECONDS: chunk.times,
+                S.WIN_INDEX: [w.index for w in wins],
+                S.WIN_START: [w.start_s for w in wins],
+                S.WIN_END: [w.end_s for w in wins],
+                S.WIN_LO: [w.frames.start for w in wins],
+                S.WIN_HI: [w.frames.stop for w in wins],
+                S.WIN_THUMBS: thumbs,
+                S.TIMELINE_FRAMES: len(chunk.items) - chunk.new_from,
+                S.WINDOWS: len(wins),
+            }
+            mark = time.perf_counter()
+    except BadVideo as bad:
+        raise BadVideo(bad.stage, bad.error_type, f"the timeline at {timeline.fps} frames/s: {bad.message}") from bad
+    except NoWindow as exc:
+        raise BadVideo("decode", "NoWindows", f"the timeline at {timeline.fps} frames/s: {exc}") from exc
 
 
 def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
     return S.failure(stage, error_type, redact(message)) | {S.DECODE_SECONDS: time.perf_counter() - start}
 
 
-def decode_stage(ds, config: Config, plan: R.PipelinePlan):
+def decode_stage(ds, config: Config, plan: R.PipelinePlan, tagging: bool = False):
     """Adds the decode tasks to a dataset of ``(video_id, uri, size_bytes)`` blocks, one task a
-    block, sized by ``plan`` (``resources.decode_*``)."""
+    block, sized by ``plan`` (``resources.decode_*``); ``tagging``: as ``decode_options`` says."""
     res = config.resources
     return map_cpu_tasks(
         ds,
@@ -229,7 +316,7 @@ def decode_stage(ds, config: Config, plan: R.PipelinePlan):
         concurrency=plan.task_concurrency,
         max_retries=res.decode_max_retries + CRASHES_BEFORE_DEAD_LETTER * res.decode_batch_size,
         fn_kwargs={
-            "options": decode_options(config),
+            "options": decode_options(config, tagging),
             "storage": config.storage,
             "ledger": decode_ledger(),
             "timeout_s": config.extract.decode_timeout_s,

@@ -172,7 +172,9 @@ class TagSpec:
 
 class TagStage:
     """Features (as bytes, from the TSN stage) -> top-k class ids and probabilities, plus the classes
-    at or above the threshold. Rows that failed earlier pass through untouched."""
+    at or above the threshold. A timeline chunk row (``CHUNK`` set) gets the same for each of its
+    windows (``WIN_*``), the AttentionLSTM run over the window's frames. Rows that failed earlier
+    pass through untouched."""
 
     def __init__(self, spec: TagSpec):
         self.spec = spec
@@ -182,33 +184,70 @@ class TagStage:
         start = time.perf_counter()
         spec = self.spec
         feats = batch.column(S.FEATURES).to_pylist()
-        ok = [i for i, f in enumerate(feats) if f is not None]
+        chunk = batch.column(S.CHUNK).to_pylist() if S.CHUNK in batch.column_names else [None] * len(feats)
+        ok = [i for i, f in enumerate(feats) if f is not None and chunk[i] is None]
         ids: list[list[int] | None] = [None] * len(feats)
         probs: list[list[float] | None] = [None] * len(feats)
         labels: list[list[int] | None] = [None] * len(feats)
         if ok:
             shape = (spec.num_segments, spec.feature_dim)
-            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok]).astype(
-                np.float32
-            )
+            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok])
             lengths = np.full(len(ok), spec.num_segments, dtype=np.int64)
-            all_probs = 1.0 / (
-                1.0 + np.exp(-forward_logits(self.model, x, lengths))
-            )  # (n, C), as predict computes them
-            top = top_k_indices(all_probs, spec.top_k)
-            for j, i in enumerate(ok):
-                ids[i] = top[j].tolist()
-                probs[i] = all_probs[j, top[j]].astype(np.float32).tolist()
-                above = np.flatnonzero(all_probs[j] >= spec.threshold)
-                labels[i] = above[np.argsort(-all_probs[j, above], kind="stable")].tolist()
-        per_video = (time.perf_counter() - start) / max(len(ok), 1)
+            for i, (top, p, above, _) in zip(ok, self.tags(x.astype(np.float32), lengths), strict=True):
+                ids[i], probs[i], labels[i] = top, p, above
         out = batch if spec.keep_features else batch.drop_columns([S.FEATURES])
         out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
         out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
         out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
+        chunks = [i for i, f in enumerate(feats) if f is not None and chunk[i] is not None]
+        for field, column in zip(S.WINDOW_TAG_FIELDS, self.window_tags(batch, feats, chunks), strict=True):
+            out = out.append_column(field, pa.array(column, field.type))
+        per_row = (time.perf_counter() - start) / max(len(ok) + len(chunks), 1)
         return out.append_column(
-            S.TAG_SECONDS, pa.array([per_video if f is not None else 0.0 for f in feats], pa.float32())
+            S.TAG_SECONDS, pa.array([per_row if f is not None else 0.0 for f in feats], pa.float32())
         )
+
+    def tags(self, x: np.ndarray, lengths: np.ndarray) -> list[tuple[list, list, list, list]]:
+        """Padded features (n, T, D) -> per sequence (top-k ids, their probabilities, the classes at
+        or above the threshold best first, their probabilities)."""
+        all_probs = 1.0 / (1.0 + np.exp(-forward_logits(self.model, x, lengths)))  # as predict computes them
+        top = top_k_indices(all_probs, self.spec.top_k)
+        out = []
+        for p, t in zip(all_probs, top, strict=True):
+            above = np.flatnonzero(p >= self.spec.threshold)
+            above = above[np.argsort(-p[above], kind="stable")]
+            out.append(
+                (t.tolist(), p[t].astype(np.float32).tolist(), above.tolist(), p[above].astype(np.float32).tolist())
+            )
+        return out
+
+    def window_tags(self, batch: pa.Table, feats: list, rows: list[int]) -> list[list]:
+        """The ``WINDOW_TAG_FIELDS`` columns: for each chunk row, the tags of each of its windows
+        (``WINDOWS_PER_CALL`` windows, padded to the longest, per model call)."""
+        columns: list[list] = [[None] * len(feats) for _ in S.WINDOW_TAG_FIELDS]
+        if not rows:
+            return columns
+        spec = self.spec
+        lows, highs = batch.column(S.WIN_LO).to_pylist(), batch.column(S.WIN_HI).to_pylist()
+        windows = []  # (row, frames of the window)
+        for i in rows:
+            frames = np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(-1, spec.feature_dim)
+            windows += [(i, frames[lo:hi]) for lo, hi in zip(lows[i], highs[i], strict=True)]
+            for column in columns:
+                column[i] = []
+        for offset in range(0, len(windows), WINDOWS_PER_CALL):
+            group = windows[offset : offset + WINDOWS_PER_CALL]
+            lengths = np.array([len(w) for _, w in group], np.int64)
+            x = np.zeros((len(group), lengths.max(), spec.feature_dim), np.float32)
+            for j, (_, w) in enumerate(group):
+                x[j, : len(w)] = w
+            for (i, _), values in zip(group, self.tags(x, lengths), strict=True):
+                for column, value in zip(columns, values, strict=True):
+                    column[i].append(value)
+        return columns
+
+
+WINDOWS_PER_CALL = 64
 
 
 def tag_stage(ds, config: Config, spec: TagSpec, plan: R.PipelinePlan):

@@ -25,6 +25,7 @@ from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.inference import frame_engine
 from vtplatform.models.tsn import TSNConfig, load_backbone
 from vtplatform.models.weights import WeightsError
+from vtplatform.segments import video_rows
 from vtplatform.stages.decode import videos_per_call
 
 MODEL_NAME = S.MODEL_TSN
@@ -61,7 +62,8 @@ class TSNSpec:
 
 
 class TSNStage:
-    """Loads the TSN backbone once per actor; turns crops into (seg, C) features per video."""
+    """Loads the TSN backbone once per actor; turns each row's crops into their features: (seg, C)
+    for a video, (frames, C) for a timeline chunk."""
 
     def __init__(self, spec: TSNSpec, storage: StorageSection):
         self.spec = spec
@@ -81,10 +83,12 @@ class TSNStage:
         ok = [i for i, f in enumerate(frames) if f is not None]
         out: list[bytes | None] = [None] * len(frames)
         if ok:
-            stacked = np.concatenate([np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3) for i in ok])
-            feats = self.features(stacked).astype(self.spec.out_dtype)
-            for j, i in enumerate(ok):
-                out[i] = feats[j * self.spec.num_segments : (j + 1) * self.spec.num_segments].tobytes()
+            crops = [np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3) for i in ok]
+            feats = self.features(np.concatenate(crops)).astype(self.spec.out_dtype)
+            ends = np.cumsum([len(c) for c in crops])  # a video's segments, or a timeline chunk's frames
+            for i, crop, hi in zip(ok, crops, ends, strict=True):
+                lo = hi - len(crop)
+                out[i] = feats[lo:hi].tobytes()
         elapsed = (time.perf_counter() - start) / max(len(ok), 1)
         table = batch.drop_columns([S.FRAMES]).append_column(
             pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
@@ -185,6 +189,9 @@ class FeatureOutput:
         self.write_npy = write_npy
 
     def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
+        good = video_rows(good)
+        if not good.num_rows:
+            return
         features = self.table(good)
         st.write_parquet(features, fs, f"{root}/{self.directory}/{part}")
         if self.write_npy:
