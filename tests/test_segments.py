@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from vtplatform import schema as S
-from vtplatform.segments import Window, merge_spans, segment_rows, windows
+from vtplatform.segments import (
+    NoWindow,
+    Window,
+    chunk_windows,
+    complete_videos,
+    finalize_segments,
+    merge_spans,
+    windows,
+)
 
 
 def spans_of(table: pa.Table) -> list[tuple]:
@@ -125,16 +135,88 @@ def test_spans_of_nothing_are_an_empty_table():
         merge_spans("v", STARTS[:5], ENDS, PROBS, 0.5)
 
 
-def test_segment_rows_hold_each_windows_top_k():
-    wins = [Window(0, 0.0, 10.0, slice(0, 10)), Window(2, 20.0, 25.0, slice(10, 15))]
-    probs = np.array([[0.1, 0.7, 0.7, 0.2], [0.9, 0.05, 0.3, 0.6]])
-    table = segment_rows("v", "s3://b/v.mp4", wins, probs, 2, ["a", "b", "c", "d"])
-    assert table.schema == S.SEGMENT_SCHEMA
-    rows = table.to_pylist()
-    assert [(r[S.WINDOW], r[S.START_S], r[S.END_S]) for r in rows] == [(0, 0.0, 10.0), (2, 20.0, 25.0)]
-    assert [r[S.CLASS_IDS] for r in rows] == [[1, 2], [0, 3]]  # a tie goes to the lower class id
-    assert [r[S.CLASS_NAMES] for r in rows] == [["b", "c"], ["a", "d"]]
-    assert rows[1][S.PROBS] == pytest.approx([0.9, 0.6]) and rows[0][S.URI] == "s3://b/v.mp4"
-    rows = segment_rows("v", None, wins, probs, 10, None).to_pylist()
-    assert rows[0][S.CLASS_NAMES] is None and rows[0][S.CLASS_IDS] == [1, 2, 3, 0]
-    assert segment_rows("v", None, [], np.zeros((0, 4)), 2).num_rows == 0
+def chunked(times, segment_s, stride_s, end_s, max_frames):
+    frames = ((float(t), i) for i, t in enumerate(times))
+    return list(chunk_windows(frames, segment_s, stride_s, lambda: end_s, max_frames))
+
+
+def test_chunks_hold_whole_windows_and_send_each_frame_once():
+    times = np.arange(30.0)  # 1 frame a second; windows of 4 s every 2 s overlap by 2 frames
+    chunks = chunked(times, 4, 2, 30.0, max_frames=8)
+    assert [c.index for c in chunks] == list(range(len(chunks))) and len(chunks) > 2
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    for c in chunks:
+        for w in c.windows:  # a window's frames are all in its chunk
+            assert c.times[w.frames] == [t for t in times if w.start_s <= t < w.end_s]
+    new = [t for c in chunks for t in c.times[c.new_from :]]
+    assert new == times.tolist()  # every frame once, in order, though chunks overlap
+    assert max(len(c.items) for c in chunks) <= 8 + 4  # about max_frames, never the whole video
+    assert [w.index for c in chunks for w in c.windows] == [w.index for w in windows(times, 4, 2, 30.0)]
+
+
+def test_chunks_give_the_same_windows_as_the_whole_timeline():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        times = np.unique(np.round(np.cumsum(rng.uniform(0.05, 2.0, int(rng.integers(1, 60)))), 2))
+        times -= times[0]
+        segment_s, stride_s = (float(x) for x in rng.choice([0.5, 1, 2, 3.5], 2))
+        stride_s = min(stride_s, segment_s)
+        end_s = float(times[-1] + rng.uniform(0, 2))
+        chunks = chunked(times, segment_s, stride_s, end_s, max_frames=int(rng.integers(1, 12)))
+        got = [(w.index, w.start_s, w.end_s, c.items[w.frames]) for c in chunks for w in c.windows]
+        want = windows(times, segment_s, stride_s, end_s)
+        assert got == [(w.index, w.start_s, w.end_s, list(range(w.frames.start, w.frames.stop))) for w in want]
+        assert chunks[-1].last and chunks[-1].windows
+
+
+def test_chunks_of_nothing_and_of_frames_no_window_takes():
+    assert chunked([], 2, 2, 0.0, 4) == []
+    with pytest.raises(NoWindow):  # windows of 1 s every 10 s; the only frames sit in the gap
+        chunked([3.0, 4.0], 1, 10, 30.0, 4)
+    with pytest.raises(ValueError):
+        chunked([2.0, 1.0], 1, 1, 3.0, 4)
+
+
+def _segment_part(fs, root, name, video, chunk, last, windows_labels):
+    rows = [
+        {S.VIDEO_ID: video, S.URI: f"{video}.mp4", S.WINDOW: k, S.START_S: 2.0 * k, S.END_S: 2.0 * k + 2,
+         S.CLASS_IDS: [0], S.PROBS: [0.1], S.LABELS: labels, S.LABEL_PROBS: probs, S.CHUNK: chunk, S.LAST_CHUNK: last}
+        for k, labels, probs in windows_labels
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=S.SEGMENT_SCHEMA), f"{root}/{S.SEGMENTS_DIR}/{name}")
+    times = [t for k, _, _ in windows_labels for t in (2.0 * k, 2.0 * k + 1)]
+    timeline = pa.table(
+        {S.VIDEO_ID: [video] * len(times), S.T_SECONDS: times, S.FEATURES: S.features_array(np.ones((len(times), 2)), "float16")},
+        schema=S.timeline_schema(2),
+    )  # fmt: skip
+    pq.write_table(timeline, f"{root}/{S.TIMELINE_DIR}/{name}")
+
+
+def test_finalize_keeps_complete_videos_once_and_derives_their_spans(tmp_path):
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    (tmp_path / S.SEGMENTS_DIR).mkdir()
+    (tmp_path / S.TIMELINE_DIR).mkdir()
+    # "a": complete, its first chunk written twice (a video redone after a kill)
+    _segment_part(fs, root, "p1.parquet", "a", 0, False, [(0, [1], [0.8]), (1, [1, 2], [0.9, 0.6])])
+    _segment_part(fs, root, "p2.parquet", "a", 1, True, [(2, [2], [0.7])])
+    _segment_part(fs, root, "p3.parquet", "a", 0, False, [(0, [1], [0.8]), (1, [1, 2], [0.9, 0.6])])
+    # "b": its last chunk never came; "c": its first chunk is missing
+    _segment_part(fs, root, "p4.parquet", "b", 0, False, [(0, [1], [0.9])])
+    _segment_part(fs, root, "p5.parquet", "c", 1, True, [(3, [0], [0.9])])
+    assert complete_videos(fs, root).to_pylist() == ["a"]
+
+    assert finalize_segments(fs, root, 0.5, ["x", "y", "z"], 3) == 1
+    segments = pq.read_table(tmp_path / S.SEGMENTS_DIR)
+    assert sorted(zip(*segments.select([S.VIDEO_ID, S.WINDOW]).to_pydict().values(), strict=True)) == [
+        ("a", 0), ("a", 1), ("a", 2)
+    ]  # fmt: skip
+    timeline = pq.read_table(tmp_path / S.TIMELINE_DIR)
+    assert sorted(timeline.column(S.T_SECONDS).to_pylist()) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert set(timeline.column(S.VIDEO_ID).to_pylist()) == {"a"}
+    spans = spans_of(pq.read_table(tmp_path / S.SPANS_DIR))
+    assert spans == [
+        ("a", 1, "y", 0.0, 4.0, pytest.approx(0.9), pytest.approx(0.85)),
+        ("a", 2, "z", 2.0, 6.0, pytest.approx(0.7), pytest.approx(0.65)),
+    ]
+    assert finalize_segments(fs, root, 0.5, ["x", "y", "z"], 3) == 0  # nothing new: no spans twice
+    assert len(spans_of(pq.read_table(tmp_path / S.SPANS_DIR))) == 2

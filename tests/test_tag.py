@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -147,3 +148,43 @@ def test_tag_job_resumes_and_refuses_other_weights(ray_cluster, library, lstm_we
         )
     missing = run_job("tag.py", *args, env=env)
     assert missing.returncode == 2 and "needs AttentionLSTM weights" in missing.stderr
+
+
+def test_windows_of_many_lengths_in_one_call_tag_as_each_alone(lstm_weights):
+    """The AttentionLSTM over a chunk's windows, padded to the longest in one call, gives each
+    window what it gets alone; a video's own row in the same batch is tagged as before."""
+    from vtplatform.config import StorageSection
+    from vtplatform.models.attention_lstm import AttentionLSTMConfig
+    from vtplatform.stages.lstm import ModelSpec, TagSpec, TagStage
+
+    model = ModelSpec(AttentionLSTMConfig(512, 16, 8, 32, 16, NUM_CLASSES), str(lstm_weights), StorageSection())
+    stage = TagStage(TagSpec(model, 5, 0.5, "float16", 4, 512, keep_features=False))
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(0, 1, (n, 512)).astype(np.float16) for n in (9, 4)]
+    video = rng.normal(0, 1, (4, 512)).astype(np.float16)
+    bounds = [[(0, 1), (1, 7), (3, 9)], [(0, 4), (2, 3)]]  # overlapping windows of 1 to 6 frames
+    batch = pa.table(
+        {
+            S.VIDEO_ID: ["v", "c", "c"],
+            S.FEATURES: pa.array([video.tobytes(), *(c.tobytes() for c in chunks)], pa.large_binary()),
+            S.CHUNK: pa.array([None, 0, 1], pa.int32()),
+            S.WIN_LO: [None, *([lo for lo, _ in b] for b in bounds)],
+            S.WIN_HI: [None, *([hi for _, hi in b] for b in bounds)],
+        }
+    )
+    out = stage(batch).to_pylist()
+
+    def alone(x):
+        return stage.tags(x[None].astype(np.float32), np.array([len(x)]))[0]
+
+    ids, probs, labels, _ = alone(video)
+    assert (out[0][S.CLASS_IDS], out[0][S.LABELS]) == (ids, labels)
+    assert out[0][S.PROBS] == pytest.approx(probs, abs=1e-6) and out[0][S.WIN_PROBS] is None
+    for row, chunk, b in zip(out[1:], chunks, bounds, strict=True):
+        assert row[S.CLASS_IDS] is None and len(row[S.WIN_CLASS_IDS]) == len(b)
+        for j, (lo, hi) in enumerate(b):
+            ids, probs, labels, label_probs = alone(chunk[lo:hi])
+            assert row[S.WIN_CLASS_IDS][j] == ids and row[S.WIN_LABELS][j] == labels
+            assert row[S.WIN_PROBS][j] == pytest.approx(probs, abs=1e-6)
+            assert row[S.WIN_LABEL_PROBS][j] == pytest.approx(label_probs, abs=1e-6)
+    assert len({tuple(p) for row in out[1:] for p in row[S.WIN_PROBS]}) == 5  # the windows differ

@@ -260,12 +260,22 @@ class TagSection:
     timeline_fps: float = 1.0  # frames per second decoded for the windows, by presentation time
     write_timeline: bool = False  # keep the per-frame features of the windows under timeline/
     thumbnails: bool = False  # write small JPEGs for jobs/report.py (one per video, one per window)
+    timeline_chunk_frames: int = 512  # timeline frames per chunk through TSN (whole windows; about 77 MB at 224)
 
     def __post_init__(self) -> None:
         for key in ("threshold", "hub_threshold"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"tag.{key} must be in [0, 1], got {getattr(self, key)}")
-        _positive("tag", self, "topk", "hub_top_k", "segment_seconds", "segment_stride_seconds", "timeline_fps")
+        _positive(
+            "tag",
+            self,
+            "topk",
+            "hub_top_k",
+            "segment_seconds",
+            "segment_stride_seconds",
+            "timeline_fps",
+            "timeline_chunk_frames",
+        )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.labels import top_k_indices
 
 T = TypeVar("T")
 
@@ -201,37 +200,6 @@ def merge_spans(
             )
     rows.sort(key=lambda r: (r[S.START_S], r[S.CLASS_ID]))
     return pa.Table.from_pylist(rows, schema=S.SPAN_SCHEMA)
-
-
-def segment_rows(
-    video_id: str,
-    uri: str | None,
-    wins: list[Window],
-    probs: np.ndarray,
-    top_k: int,
-    names: list[str] | None = None,
-) -> pa.Table:
-    """SEGMENT_SCHEMA rows of one video: each window's ``top_k`` classes, best first (ties to the
-    lower class id), from ``probs`` (n_windows, num_classes) in the order of ``wins``;
-    ``class_names`` is null without ``names``."""
-    probs = np.asarray(probs)
-    if probs.ndim != 2 or probs.shape[0] != len(wins):
-        raise ValueError(f"probs {probs.shape} for {len(wins)} windows")
-    top = top_k_indices(probs, top_k)
-    rows = [
-        {
-            S.VIDEO_ID: video_id,
-            S.URI: uri,
-            S.WINDOW: w.index,
-            S.START_S: w.start_s,
-            S.END_S: w.end_s,
-            S.CLASS_IDS: ids.tolist(),
-            S.CLASS_NAMES: [names[i] for i in ids] if names is not None else None,
-            S.PROBS: probs[j, ids].astype(np.float32).tolist(),
-        }
-        for j, (w, ids) in enumerate(zip(wins, top, strict=True))
-    ]
-    return pa.Table.from_pylist(rows, schema=S.SEGMENT_SCHEMA)
 
 
 # -- the tag job's rows and outputs ------------------------------------------------------------

@@ -96,6 +96,7 @@ class TimelineOptions:
     fps: float
     segment_s: float
     stride_s: float
+    chunk_frames: int = 512  # timeline frames per chunk (whole windows, so a long window makes a longer one)
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,12 @@ class DecodeOptions:
 
 def decode_options(config: Config, tagging: bool = False) -> DecodeOptions:
     """The decode options of extraction, or with ``tagging`` of the tag job (``tag.segment_seconds``,
-    ``tag.timeline_fps``, ``tag.thumbnails``)."""
+    ``tag.timeline_fps``, ``tag.timeline_chunk_frames``, ``tag.thumbnails``)."""
     tag = config.tag
     timeline = None
     if tagging and tag.segment_seconds:
-        timeline = TimelineOptions(
-            tag.timeline_fps, tag.segment_seconds, tag.segment_stride_seconds or tag.segment_seconds
-        )
+        stride = tag.segment_stride_seconds or tag.segment_seconds
+        timeline = TimelineOptions(tag.timeline_fps, tag.segment_seconds, stride, tag.timeline_chunk_frames)
     return DecodeOptions(
         config.infer.seg_num,
         config.infer.short_size,
@@ -258,14 +258,14 @@ def _decode_video(
 
 def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -> Iterator[dict]:
     """The chunk rows of a video's timeline (``segments.chunk_windows``), streamed: about
-    ``FRAMES_PER_BLOCK`` crops at a time, whatever the video's length."""
+    ``timeline.chunk_frames`` crops at a time, whatever the video's length."""
     timeline = options.timeline
     per_frame = infer_plan(1, options.short_size, options.target_size)[1]  # extraction's crop
     info, frames = iter_timeline(path, timeline.fps, per_frame, options.read)
     mark = time.perf_counter()
     try:
         chunks = chunk_windows(
-            frames, timeline.segment_s, timeline.stride_s, lambda: info.end_s or info.duration_s, FRAMES_PER_BLOCK
+            frames, timeline.segment_s, timeline.stride_s, lambda: info.end_s or info.duration_s, timeline.chunk_frames
         )
         for chunk in chunks:
             wins = chunk.windows

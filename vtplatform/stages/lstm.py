@@ -174,7 +174,9 @@ class TagStage:
     """Features (as bytes, from the TSN stage) -> top-k class ids and probabilities, plus the classes
     at or above the threshold. A timeline chunk row (``CHUNK`` set) gets the same for each of its
     windows (``WIN_*``), the AttentionLSTM run over the window's frames. Rows that failed earlier
-    pass through untouched."""
+    pass through untouched. A video goes through the model alone (the results of a batched call
+    change in the last bits with its other rows), so its tags are the same whatever shares its
+    batch: with or without segments, or in another run."""
 
     def __init__(self, spec: TagSpec):
         self.spec = spec
@@ -189,12 +191,10 @@ class TagStage:
         ids: list[list[int] | None] = [None] * len(feats)
         probs: list[list[float] | None] = [None] * len(feats)
         labels: list[list[int] | None] = [None] * len(feats)
-        if ok:
-            shape = (spec.num_segments, spec.feature_dim)
-            x = np.stack([np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape) for i in ok])
-            lengths = np.full(len(ok), spec.num_segments, dtype=np.int64)
-            for i, (top, p, above, _) in zip(ok, self.tags(x.astype(np.float32), lengths), strict=True):
-                ids[i], probs[i], labels[i] = top, p, above
+        shape = (1, spec.num_segments, spec.feature_dim)
+        for i in ok:  # a video at a time: its tags must not depend on the rows that share its batch
+            x = np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape).astype(np.float32)
+            ids[i], probs[i], labels[i], _ = self.tags(x, np.array([spec.num_segments]))[0]
         out = batch if spec.keep_features else batch.drop_columns([S.FEATURES])
         out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
         out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))

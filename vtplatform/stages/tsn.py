@@ -63,7 +63,10 @@ class TSNSpec:
 
 class TSNStage:
     """Loads the TSN backbone once per actor; turns each row's crops into their features: (seg, C)
-    for a video, (frames, C) for a timeline chunk."""
+    for a video, (frames, C) for a timeline chunk. Each row goes through the model on its own
+    (``frames_per_forward`` crops a call): oneDNN's results change in the last bits with the batch
+    shape, and a video's features must not depend on which rows share its batch (tagging with and
+    without segments gives the same tags)."""
 
     def __init__(self, spec: TSNSpec, storage: StorageSection):
         self.spec = spec
@@ -82,13 +85,9 @@ class TSNStage:
         frames = batch.column(S.FRAMES).to_pylist()
         ok = [i for i, f in enumerate(frames) if f is not None]
         out: list[bytes | None] = [None] * len(frames)
-        if ok:
-            crops = [np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3) for i in ok]
-            feats = self.features(np.concatenate(crops)).astype(self.spec.out_dtype)
-            ends = np.cumsum([len(c) for c in crops])  # a video's segments, or a timeline chunk's frames
-            for i, crop, hi in zip(ok, crops, ends, strict=True):
-                lo = hi - len(crop)
-                out[i] = feats[lo:hi].tobytes()
+        for i in ok:  # a row at a time, so that its features never depend on the rows beside it
+            crops = np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3)  # a video's or a chunk's
+            out[i] = self.features(crops).astype(self.spec.out_dtype).tobytes()
         elapsed = (time.perf_counter() - start) / max(len(ok), 1)
         table = batch.drop_columns([S.FRAMES]).append_column(
             pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
