@@ -1,7 +1,8 @@
-"""Extraction with the manifest, the videos and the output on S3 (a moto server on loopback)."""
+"""Extraction and tagging with the manifest, the videos and the output on S3 (a moto server on loopback)."""
 
 import shutil
 
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -143,3 +144,38 @@ def test_a_prefix_or_glob_of_more_than_a_page_of_keys_is_listed_page_by_page(mot
     assert listed.column(S.SIZE_BYTES).to_pylist() == [len(u.split("/", 3)[3]) + 7 for u in videos]
     globbed = read_manifest(f"s3://{s3_bucket}/lib/a/*.mp4", storage).entries
     assert globbed.num_rows == 525 and all("/lib/a/" in u for u in globbed.column(S.URI).to_pylist())
+
+
+def test_s3_tagging_with_segments_and_thumbnails(ray_cluster, moto_endpoint, s3_bucket, s3_library, tmp_path):
+    """`jobs/tag.py --segments --thumbnails` reading videos from S3 and writing every table there."""
+    import s3fs
+
+    from vtplatform.models import weights as W
+    from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map
+
+    model = build_model(AttentionLSTMConfig(512, 8, 8, 16, 8, 4), seed=3)
+    W.save_state(model, fluid_name_map(model), tmp_path / "lstm.pdparams")
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\n")
+    args = ["--config", "configs/tag.yaml", "--filelist", f"s3://{s3_bucket}/lists/videos.list",
+            "--save_dir", f"s3://{s3_bucket}/tags", "--lstm_weights", str(tmp_path / "lstm.pdparams"),
+            "--label_file", str(tmp_path / "names.txt"), "--segments", "3", "--thumbnails"]  # fmt: skip
+    sizes = ["MODEL.feature_dims=[512]", "MODEL.embedding_size=8", "MODEL.lstm_size=8", "MODEL.fc1_size=16"]
+    sizes += ["MODEL.fc2_size=8", "MODEL.num_classes=4", "tag.threshold=0.0", f"storage.endpoint_url={moto_endpoint}"]
+    res = run_job("tag.py", *args, *[a for o in [*SMALL, *sizes] for a in ("-o", o)], env={"RAY_ADDRESS": ray_cluster})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 ok, 1 failed" in res.stdout
+
+    fs = s3fs.S3FileSystem(
+        key=FAKE_KEY_ID, secret=FAKE_SECRET, client_kwargs={"endpoint_url": moto_endpoint, "region_name": "us-east-1"}
+    )
+    ids = sorted(derive_video_id(u) for u in s3_library[:3])
+    segments = pq.read_table(f"{s3_bucket}/tags/{S.SEGMENTS_DIR}", filesystem=fs)
+    assert sorted(set(segments.column(S.VIDEO_ID).to_pylist())) == ids
+    for vid in ids:  # windows 0, 1, ... once each, every 3 s
+        mine = segments.filter(pc.equal(segments.column(S.VIDEO_ID), vid)).sort_by(S.WINDOW)
+        assert mine.column(S.WINDOW).to_pylist() == list(range(mine.num_rows))
+        assert mine.column(S.START_S).to_pylist() == [3.0 * k for k in range(mine.num_rows)]
+        assert fs.size(f"{s3_bucket}/tags/{S.THUMBNAILS_DIR}/{vid}/{mine.num_rows - 1:05d}.jpg") > 0
+    spans = pq.read_table(f"{s3_bucket}/tags/{S.SPANS_DIR}", filesystem=fs)
+    assert sorted(set(spans.column(S.VIDEO_ID).to_pylist())) == ids  # threshold 0: every class spans each video
+    assert spans.num_rows == 4 * len(ids)

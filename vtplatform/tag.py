@@ -216,8 +216,9 @@ def run_tag(
     if segments:
         outputs.append(SegmentOutput(tagger.schema(S.SEGMENT_SCHEMA), tagger.names))
     if keep_timeline:
+        made = {**prov, "timeline": segment_settings(tag)}  # how the features were made, and at which times
         timeline = S.timeline_schema(feature_dim, config.output.dtype)
-        outputs.append(TimelineOutput(tagger.schema(timeline)))
+        outputs.append(TimelineOutput(timeline.with_metadata({S.METADATA_KEY: json.dumps(made, sort_keys=True)})))
     if tag.thumbnails:
         outputs.append(ThumbnailOutput())
 
