@@ -3,7 +3,9 @@
     python jobs/nightly.py --config configs/nightly.yaml [-o nightly.registry=s3://BUCKET/registry ...]
     ray job submit --working-dir . -- python jobs/nightly.py --config configs/nightly.yaml
 
-A second run with no new data does nothing new; a run that was killed resumes at its step.
+A second run with no new data does nothing new; a run that was killed resumes at its step. With
+nightly.segment_seconds it also keeps the segment tags of every library video up to date with the
+champion, in REGISTRY/segments/<model_id>/ (a new champion re-tags the library there).
 Exit codes: 0 done, 2 bad configuration.
 """
 

@@ -1,5 +1,6 @@
-"""The nightly run on a tiny library: extract -> fine-tune -> eval gate -> promote -> tag, then a
-same-day rerun that does nothing new, and a run killed after a step that resumes there."""
+"""The nightly run on a tiny library: extract -> fine-tune -> eval gate -> promote -> tag (-> segment
+tags per champion), then a same-day rerun that does nothing new, and a run killed after a step that
+resumes there."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,9 +19,9 @@ from tests.conftest import EXAMPLES, ROOT, run_job
 from tests.ray_nodes import kill_later, kill_tree
 from vtplatform import registry as R
 from vtplatform import schema as S
-from vtplatform.config import load_config
+from vtplatform.config import ConfigError, load_config
 from vtplatform.faults import NIGHTLY_ENV as STOP_AFTER_ENV
-from vtplatform.nightly import decide, run_nightly
+from vtplatform.nightly import decide, run_nightly, write_report
 
 CLIPS = [
     "mmaction2_demo.mp4",
@@ -83,13 +85,39 @@ def _tags(registry):
     return pq.read_table(registry / "tags" / "tags")
 
 
+SEGMENT_S = 5.0
+
+
+def _segment_tags(registry, model_id: str, videos: list[str]) -> list[str]:
+    """Checks a champion's segment folder holds windows of exactly ``videos``, made with that
+    champion's weights, and readable spans; returns its tags, segments and spans part files."""
+    folder = registry / "segments" / model_id
+    segments = pq.read_table(folder / "segments")
+    assert sorted(set(segments.column(S.VIDEO_ID).to_pylist())) == sorted(videos)
+    meta = S.read_provenance(segments.schema)
+    assert meta["lstm_source"].startswith(str(registry / "models" / model_id))
+    assert meta["segments"] == {"seconds": SEGMENT_S, "stride_seconds": SEGMENT_S, "timeline_fps": 1.0}
+    for vid in videos:  # the clips last 1 to 10.4 s: windows 0, 1, ... from 0 s, one per 5 s
+        rows = segments.filter(pc.equal(segments.column(S.VIDEO_ID), vid))
+        assert sorted(rows.column(S.WINDOW).to_pylist()) == list(range(rows.num_rows))
+        assert min(rows.column(S.START_S).to_pylist()) == 0.0 and all(
+            len(ids) == 3 for ids in rows[S.CLASS_IDS].to_pylist()
+        )
+    spans = pq.read_table(folder / "spans")
+    assert spans.schema.names == S.SPAN_SCHEMA.names and set(spans.column(S.VIDEO_ID).to_pylist()) <= set(videos)
+    return sorted(f"{d}/{p.name}" for d in ("tags", "segments", "spans") for p in (folder / d).iterdir())
+
+
 @pytest.mark.slow
 def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_cluster, setup):
-    """The first run promotes its model and tags the library; a same-day rerun does nothing new.
-    Then two new videos arrive. The run is killed right after extract, then after train, evaluate
-    and promote in turn (each rerun resumes where the last one died), then finishes: nothing is
-    redone, the gate decides once, and a further rerun does nothing."""
+    """The first run promotes its model and tags the library, and its segment tags; a same-day
+    rerun does nothing new. Then two new videos arrive. The run is killed right after extract, then
+    after train, evaluate, promote and tag in turn (each rerun resumes where the last one died),
+    then finishes: nothing is redone, the gate decides once (a fine-tune with learning rate 0 ties
+    the champion, so margin 0 promotes it), the new champion's segment folder gets the whole
+    library, and a further rerun does nothing."""
     tmp_path, lib, overrides = setup
+    overrides = [*overrides, f"nightly.segment_seconds={SEGMENT_S}"]
     registry = tmp_path / "registry"
     config = load_config(ROOT / "configs" / "nightly.yaml", overrides)
     first = run_nightly(config)  # the first run: everything is new, the candidate is promoted
@@ -112,14 +140,22 @@ def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_clu
     assert tags.num_rows == len(CLIPS) and first.tagged == len(CLIPS)
     assert all(len(ids) == 3 for ids in tags.column(S.CLASS_IDS).to_pylist())
     assert json.loads(tags.schema.metadata[S.METADATA_KEY])["model_id"] == first.run_id
+    first_library = tags.column(S.VIDEO_ID).to_pylist()
+    assert (first.segment_videos, first.segment_failed) == (len(CLIPS), 0)
+    assert (
+        first.segments == str(registry / "segments" / first.run_id) and "segment tags        6 videos" in first.format()
+    )
+    first_segments = _segment_tags(registry, first.run_id, first_library)
     same_day = run_nightly(config)
     assert same_day.nothing_new and same_day.run_id == first.run_id and same_day.tagged == 0
     assert "train" not in same_day.steps and len(R.history(str(registry), config.storage)) == 1
     assert R.read_champion(str(registry), config.storage) == champion and _tags(registry).num_rows == len(CLIPS)
+    assert same_day.segment_videos == 0 and _segment_tags(registry, first.run_id, first_library) == first_segments
 
     for name in LATER:
         shutil.copy(EXAMPLES / name, lib / name)
-    args = ["--config", "configs/nightly.yaml", *[a for o in [*overrides, "nightly.margin=0.0"] for a in ("-o", o)]]
+    later = [*overrides, "nightly.margin=0.0", "TRAIN.learning_rate=0"]  # the candidate ties the champion: promoted
+    args = ["--config", "configs/nightly.yaml", *[a for o in later for a in ("-o", o)]]
     env = {"RAY_ADDRESS": ray_cluster}
 
     killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: "extract"})
@@ -132,6 +168,7 @@ def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_clu
         ("train", ["train"], None),
         ("evaluate", ["train", "evaluate"], "evaluate"),
         ("promote", ["train", "evaluate", "promote"], "promote"),
+        ("tag", ["train", "evaluate", "promote", "tag"], "tag"),
     ):
         killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: step})
         assert killed.returncode == -9, killed.stderr[-3000:]
@@ -144,23 +181,39 @@ def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_clu
             assert checkpoints
         state = json.loads((registry / "runs" / run_id / "state.json").read_text())
         assert state["completed"] == completed and not state["done"]
-        assert len(R.history(str(registry), config.storage)) == (2 if step == "promote" else 1)
+        assert len(R.history(str(registry), config.storage)) == (2 if step in ("promote", "tag") else 1)
+    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags before the kill
+    assert not (registry / "segments" / run_id).exists()
 
-    resumed = run_job("nightly.py", *args, env=env)
+    resumed = run_job("nightly.py", *args, env=env)  # a run killed at the segment step resumes there
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at step     tag" in resumed.stdout
+    assert "resumed at step     segments" in resumed.stdout
     history = R.history(str(registry), config.storage)
     assert [h["run_id"] for h in history] == [first.run_id, run_id]  # promoted once, not twice
     second = history[1]
-    assert second["champion_before"] == first.run_id and second["decision"] in ("promoted", "kept")
-    assert second["decision"] == decide(second["candidate"], second["champion"], 0.0)
+    assert second["champion_before"] == first.run_id and second["candidate"] == second["champion"]  # a tie
+    assert second["decision"] == decide(second["candidate"], second["champion"], 0.0) == "promoted"
     champion = R.read_champion(str(registry), config.storage)
-    assert champion["model_id"] == (run_id if second["decision"] == "promoted" else first.run_id)
+    assert champion["model_id"] == run_id
     report = (registry / "runs" / run_id / "report.md").read_text()
-    assert "champion" in report and "Per-class AP changes" in report
+    assert "champion" in report and "| +0.0000 |" in report  # no per-class changes: test_report_per_class_changes
     assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags
+    library = _tags(registry).column(S.VIDEO_ID).to_pylist()
+    # the new champion re-tagged the whole library into its own folder; the old one's is untouched
+    assert f"segment tags        {len(library)} videos, 0 failed in {registry / 'segments' / run_id}" in resumed.stdout
+    new_segments = _segment_tags(registry, run_id, library)
+    assert _segment_tags(registry, first.run_id, first_library) == first_segments
+    state = json.loads((registry / "runs" / run_id / "state.json").read_text())
+    assert (
+        state["done"] and state["completed"][-2:] == ["tag", "segments"] and state["segments"]["videos"] == len(library)
+    )
     again = run_job("nightly.py", *args, env=env)  # and the day after, with nothing new, nothing happens
     assert again.returncode == 0 and len(R.history(str(registry), config.storage)) == 2
+    assert "segment tags        0 videos" in again.stdout and _segment_tags(registry, run_id, library) == new_segments
+    other_windows = load_config(ROOT / "configs" / "nightly.yaml", [*later, "nightly.segment_seconds=4"])
+    with pytest.raises(ConfigError, match=r"segments differ.*delete it to re-tag"):  # never mixed in one folder
+        run_nightly(other_windows)
+    assert _segment_tags(registry, run_id, library) == new_segments
 
 
 @pytest.mark.slow
@@ -198,6 +251,26 @@ def test_a_nightly_driver_killed_during_the_fine_tune_ends_with_one_row_and_one_
     history = R.history(str(registry), load_config(ROOT / "configs" / "nightly.yaml", overrides).storage)
     assert [(h["run_id"], h["decision"]) for h in history] == [(run_id, "first")]
     assert sorted(p.name for p in (registry / "models").iterdir()) == [run_id]
+
+
+def test_report_per_class_changes(tmp_path):
+    """The report's per-class section: the classes whose full-ranking AP moved most, by name."""
+    config = load_config(
+        ROOT / "configs" / "nightly.yaml", [f"nightly.registry={tmp_path}", f"tag.label_file={tmp_path / 'n.txt'}"]
+    )
+    (tmp_path / "n.txt").write_text("cat\ndog\ncar\n")
+    base = {"gap": 0.5, "hit_at_one": 0.5, "perr": 0.5, "map": 0.5, "num_videos": 2, "per_class_ap": [None] * 3}
+    evaluated = {
+        "candidate": {**base, "gap": 0.6, "per_class_ap_full_ranking": [0.5, 0.9, 0.2]},
+        "champion": {**base, "per_class_ap_full_ranking": [0.5, 0.4, 0.3]},
+    }
+    assert write_report(config, "r1", evaluated, "promoted") == f"{tmp_path}/runs/r1/report.md"
+    report = (tmp_path / "runs" / "r1" / "report.md").read_text()
+    assert "| GAP | 0.6000 | 0.5000 | +0.1000 |" in report and "Per-class AP changes" in report
+    assert report.index("| 1 | dog | 0.4000 | 0.9000 | +0.5000 |") < report.index(
+        "| 2 | car | 0.3000 | 0.2000 | -0.1000 |"
+    )
+    assert "| 0 | cat |" not in report and (tmp_path / "runs" / "r1" / "report.png").stat().st_size > 1000
 
 
 def test_decide():

@@ -280,7 +280,7 @@ class TagSection:
 
 @dataclass(frozen=True)
 class NightlySection:
-    """nightly: the daily incremental extract -> fine-tune -> eval gate -> promote -> tag run."""
+    """nightly: the daily incremental extract -> fine-tune -> eval gate -> promote -> tag (-> segments) run."""
 
     library: str | None = None  # the video library: a manifest, folder or glob (local or s3://)
     labels: str | None = None  # training labels: a seed list file or a table keyed by video_id or uri
@@ -291,7 +291,9 @@ class NightlySection:
     tsn_weights: str | None = None  # the TSN extractor's weights (None: random init, for trials only)
     pretrain: str | None = None  # AttentionLSTM weights to start from while there is no champion
     margin: float = 0.001  # promote only if the candidate's holdout GAP beats the champion's by this
-    segment_seconds: float | None = None  # also keep segment tags up to date with the champion (off by default)
+    # also keep segment tags (windows of this many seconds; tag.segment_stride_seconds, tag.timeline_fps)
+    # of every library video up to date with the champion, in REGISTRY/segments/<model_id>/ (off by default)
+    segment_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.margin < 0:

@@ -26,7 +26,7 @@ DECODE_ENV = "VTP_FAULT_DECODE"
 TRAIN_ENV = "VTP_FAULT_INJECT"
 NIGHTLY_ENV = "VTP_NIGHTLY_STOP_AFTER"
 DECODE_KINDS = ("crash", "hang")
-NIGHTLY_STEPS = ("extract", "train", "evaluate", "promote", "tag")
+NIGHTLY_STEPS = ("extract", "train", "evaluate", "promote", "tag", "segments")
 
 
 @dataclass(frozen=True)

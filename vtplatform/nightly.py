@@ -1,12 +1,18 @@
 """The nightly run: (a) extract new videos -> (b) fine-tune AttentionLSTM from the champion on all
 labelled features -> (c) evaluate on the fixed holdout -> (d) promote if GAP improves by at least
-``nightly.margin`` -> (e) tag the videos that have no tags yet with the champion.
+``nightly.margin`` -> (e) tag the videos that have no tags yet with the champion -> (f) with
+``nightly.segment_seconds``, keep the segment tags of every library video up to date with the
+champion (``segments_for_champion``).
 
 A run is identified by the fingerprint of what it trains on (the feature rows and their
 provenance, the labels, the holdout, the model and training settings). A run that finds a
 completed run with the same fingerprint does nothing new; one that finds an unfinished run
 resumes it at the step it reached (the fine-tune itself resumes from its last checkpoint).
 State, evaluations and the report live in ``REGISTRY/runs/<run_id>/`` (see ``registry``).
+
+The last steps, tag and segments, only do what is not done yet, so they run on every invocation,
+a completed run's too: they catch up whatever a killed invocation left, and a run killed in one of
+them resumes there. A run is done once all its steps are.
 """
 
 from __future__ import annotations
@@ -33,12 +39,12 @@ from vtplatform.eval.lstm import run_eval
 from vtplatform.extract import run_extract
 from vtplatform.labels import read_label_names
 from vtplatform.lstm_data import read_labels
-from vtplatform.tag import tag_features
+from vtplatform.tag import run_tag, tag_features
 from vtplatform.train.lstm import run_train
 
 log = logging.getLogger(__name__)
 
-STEPS = ("extract", "train", "evaluate", "promote", "tag")
+STEPS = ("extract", "train", "evaluate", "promote", "tag", "segments")  # segments: with nightly.segment_seconds
 
 
 @dataclass
@@ -54,6 +60,9 @@ class NightlySummary:
     candidate: dict[str, float] = field(default_factory=dict)
     champion: dict[str, float] = field(default_factory=dict)
     tagged: int = 0
+    segment_videos: int | None = None  # videos that got segment tags now (None: segments are off)
+    segment_failed: int = 0  # videos the segment tagging failed on now (dead letters in its folder)
+    segments: str = ""  # the champion's segment tags folder
     report: str = ""
 
     def format(self) -> str:
@@ -70,6 +79,9 @@ class NightlySummary:
                     lines.append(f"  {name:<19} GAP {metrics['gap']:.4f}  Hit@1 {metrics['hit_at_one']:.4f}")
             lines.append(f"  decision            {self.decision}")
         lines.append(f"  tagged              {self.tagged} videos")
+        if self.segment_videos is not None:
+            where = f" in {st.redact(self.segments)}" if self.segments else " (no champion yet)"
+            lines.append(f"  segment tags        {self.segment_videos} videos, {self.segment_failed} failed{where}")
         lines += [f"  step {step:<14} {seconds:8.1f} s" for step, seconds in self.steps.items()]
         if self.report:
             lines.append(f"  report              {self.report}")
@@ -88,7 +100,13 @@ def locations(config: Config) -> dict[str, str]:
         "features": n.features or R.join(n.registry, "features"),
         "tags": n.tags or R.join(n.registry, "tags"),
         "models": R.join(n.registry, S.MODELS_DIR),
+        "segments": R.join(n.registry, R.SEGMENTS_DIR),  # one folder per champion: segments/<model_id>/
     }
+
+
+def steps(config: Config) -> tuple[str, ...]:
+    """The steps a run with this config goes through."""
+    return STEPS if config.nightly.segment_seconds else STEPS[:-1]
 
 
 def _content_hash(uri: str, config: Config) -> str:
@@ -190,14 +208,17 @@ def run_nightly(config: Config) -> NightlySummary:
             }
             R.write_run_state(config.nightly.registry, run_id, state, config.storage)
         else:
-            summary.resumed_from = next(s for s in STEPS[1:] if s not in state["completed"])
+            summary.resumed_from = next(
+                (s for s in steps(config)[1:] if s not in state["completed"]), steps(config)[-1]
+            )
             log.info("resuming run %s at step %s", run_id, summary.resumed_from)
         summary.run_id = run_id
         _train_evaluate_promote(config, where, state, summary)
-    start = time.perf_counter()
-    summary.tagged = tag_untagged(config, where)
-    summary.steps["tag"] = time.perf_counter() - start
-    faults.stop_nightly_after("tag")
+    summary.tagged = _final_step(config, state, "tag", summary, lambda: tag_untagged(config, where))
+    if config.nightly.segment_seconds:
+        segments = _final_step(config, state, "segments", summary, lambda: segments_for_champion(config, where))
+        summary.segment_videos, summary.segment_failed = segments["videos"], segments["failed"]
+        summary.segments = segments["save_dir"] or ""
     return summary
 
 
@@ -210,6 +231,23 @@ def _step(config: Config, state: dict, name: str, summary: NightlySummary, fn) -
     state[name] = result
     state["completed"].append(name)
     R.write_run_state(config.nightly.registry, state["run_id"], state, config.storage)
+    summary.steps[name] = time.perf_counter() - start
+    faults.stop_nightly_after(name)
+    return result
+
+
+def _final_step(config: Config, state: dict, name: str, summary: NightlySummary, fn) -> Any:
+    """Runs step ``name`` (tag, segments: incremental, they only do what is not done yet) on every
+    invocation. In a run that is not done yet it records the step and its result in the state, and
+    marks the run done after its last step."""
+    start = time.perf_counter()
+    result = fn()
+    if not state.get("done"):
+        state[name] = result
+        if name not in state["completed"]:
+            state["completed"].append(name)
+        state["done"] = all(s in state["completed"] for s in steps(config)[1:])
+        R.write_run_state(config.nightly.registry, state["run_id"], state, config.storage)
     summary.steps[name] = time.perf_counter() - start
     faults.stop_nightly_after(name)
     return result
@@ -289,8 +327,6 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
 
     promoted = _step(config, state, "promote", summary, promote)
     summary.decision, summary.report = promoted["decision"], promoted["report"]
-    state["done"] = True
-    R.write_run_state(registry, run_id, state, config.storage)
 
 
 def _metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -392,3 +428,43 @@ def tag_untagged(config: Config, where: dict[str, str]) -> int:
         log.warning("no champion yet: nothing to tag with")
         return 0
     return tag_features(config, where["features"], where["tags"], champion["lstm_weights"], champion["model_id"])
+
+
+def segments_for_champion(config: Config, where: dict[str, str]) -> dict[str, Any]:
+    """Segment tags (``tag.segment_seconds`` = ``nightly.segment_seconds``, windows shaped by
+    ``tag.segment_stride_seconds`` and ``tag.timeline_fps``) of every library video, with the
+    current champion, in ``REGISTRY/segments/<model_id>/``: a ``jobs/tag.py --segments`` output
+    (``tags/``, ``segments/``, ``spans/``, dead letters, run summaries) that ``jobs/report.py``
+    reads. ``run_tag`` is incremental, so a night without a new champion decodes only the videos
+    that folder lacks (the new ones), and a new champion re-tags the whole library into its own
+    folder; earlier champions' folders are left as they are. Returns the counts of this call."""
+    champion = R.read_champion(config.nightly.registry, config.storage)
+    if champion is None:
+        log.warning("no champion yet: no segment tags")
+        return {"model_id": None, "save_dir": None, "videos": 0, "failed": 0, "skipped": 0}
+    save_dir = R.join(where["segments"], champion["model_id"])
+    cfg = replace(config, tag=replace(config.tag, segment_seconds=config.nightly.segment_seconds))
+    try:
+        done = run_tag(cfg, config.nightly.library, save_dir, champion["lstm_weights"], config.nightly.tsn_weights)
+    except ConfigError as exc:
+        fs, root = st.filesystem(save_dir, config.storage)
+        if st.exists(fs, f"{root}/{S.TAGS_DIR}"):  # most likely made with other segment or tag settings
+            raise ConfigError(
+                f"nightly segments: {exc} (that is the champion's segment folder: delete it to re-tag the "
+                "library with the current settings, or restore the settings it was made with)"
+            ) from exc
+        raise
+    log.info(
+        "segment tags of %d more videos (%d failed, %d done before) in %s",
+        done.succeeded,
+        done.failed_total,
+        done.skipped,
+        st.redact(save_dir),
+    )
+    return {
+        "model_id": champion["model_id"],
+        "save_dir": save_dir,
+        "videos": done.succeeded,
+        "failed": done.failed_total,
+        "skipped": done.skipped,
+    }

@@ -5,6 +5,9 @@
                               the candidate and the champion, the decision
     models/<run_id>/          each run's fine-tune (Ray Train run folder: checkpoints, best/, curves)
     runs/<run_id>/            each run's state (for resuming), evaluations and report
+    segments/<model_id>/      with nightly.segment_seconds: the segment tags of every library video
+                              made with that champion (a ``jobs/tag.py --segments`` output); each
+                              new champion fills its own folder, earlier ones are kept
 
 ``jobs/tag.py --model_dir REGISTRY`` tags with the champion.
 """
@@ -19,6 +22,7 @@ from vtplatform import storage as st
 from vtplatform.config import ConfigError, StorageSection
 
 CHAMPION_FILE = "champion.json"
+SEGMENTS_DIR = "segments"  # REGISTRY/segments/<model_id>/: the nightly run's segment tags per champion
 
 
 def _read_json(uri: str, storage: StorageSection) -> dict[str, Any] | None:
