@@ -100,7 +100,7 @@ def locations(config: Config) -> dict[str, str]:
         "features": n.features or R.join(n.registry, "features"),
         "tags": n.tags or R.join(n.registry, "tags"),
         "models": R.join(n.registry, S.MODELS_DIR),
-        "segments": R.join(n.registry, R.SEGMENTS_DIR),  # one folder per champion: segments/<model_id>/
+        "segments": R.join(n.registry, S.SEGMENTS_DIR),  # one folder per champion: REGISTRY/segments/<model_id>/
     }
 
 

@@ -22,7 +22,6 @@ from vtplatform import storage as st
 from vtplatform.config import ConfigError, StorageSection
 
 CHAMPION_FILE = "champion.json"
-SEGMENTS_DIR = "segments"  # REGISTRY/segments/<model_id>/: the nightly run's segment tags per champion
 
 
 def _read_json(uri: str, storage: StorageSection) -> dict[str, Any] | None:

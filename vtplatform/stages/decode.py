@@ -275,7 +275,7 @@ def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -
             yield {
                 S.VIDEO_ID: video_id,
                 S.URI: uri,
-                S.FRAMES: np.stack(chunk.items).tobytes(),
+                S.FRAMES: b"".join(np.ascontiguousarray(item) for item in chunk.items),  # one copy
                 S.NUM_FRAMES: len(chunk.items),
                 S.FPS: timeline.fps,
                 S.DECODER: info.decoder,
@@ -293,6 +293,7 @@ def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -
                 S.TIMELINE_FRAMES: len(chunk.items) - chunk.new_from,
                 S.WINDOWS: len(wins),
             }
+            del chunk, thumbs  # not held while the next chunk decodes
             mark = time.perf_counter()
     except BadVideo as bad:
         raise BadVideo(bad.stage, bad.error_type, f"the timeline at {timeline.fps} frames/s: {bad.message}") from bad
