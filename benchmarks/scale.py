@@ -145,7 +145,8 @@ import sys, time, json
 sys.path.insert(0, sys.argv[1])
 from vtplatform.config import load_config
 from vtplatform.manifest import read_manifest
-from vtplatform.pipeline import JobSummary, output_state, peak_rss_mb, plan_todo
+from vtplatform.memory import peak_rss_mb
+from vtplatform.pipeline import JobSummary, output_state, plan_todo
 from vtplatform import storage as st
 start = time.perf_counter()
 config = load_config(sys.argv[1] + "/configs/tsn.yaml")

@@ -30,7 +30,6 @@ SMALL = [
     f"INFER.seg_num={SEGMENTS}",
     "output.rows_per_file=3",
     "resources.tsn_threads=1",
-    "resources.tsn_batch_size=2",
 ]
 GOOD_CLIPS = [
     "mmaction2_demo.mp4",
@@ -288,11 +287,7 @@ def test_killed_midway_then_rerun_ends_with_exactly_one_row_per_video(ray_cluste
         "--save_dir",
         str(out),
     ]
-    cmd += [
-        a
-        for o in [*SMALL, "output.rows_per_file=2", "resources.tsn_batch_size=1", "resources.decode_batch_size=1"]
-        for a in ("-o", o)
-    ]
+    cmd += [a for o in [*SMALL, "output.rows_per_file=2", "resources.decode_batch_size=1"] for a in ("-o", o)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -364,8 +359,8 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
 def test_videos_that_crash_or_hang_the_decoder_process_become_dead_letters(library, tmp_path):
     """A decoder segfault kills the Ray worker, not just a Python call, and a hung decoder cannot be
     interrupted: its watchdog kills the worker. The job must dead-letter such videos after their
-    retries and still finish every other one. Its own local Ray, so that the workers inherit the
-    fault-injection variable."""
+    retries and still finish every other one. The drill (``VTP_FAULT_DECODE``) is read by the job's
+    driver and handed to its decode tasks (``faults.decode_faults``), as a user would set it."""
     poison, stuck = tmp_path / "poison.mp4", tmp_path / "stuck.mp4"
     for path in (poison, stuck):  # good files: only the hook makes them crash or hang
         shutil.copy(EXAMPLES / "mmaction2_demo.mp4", path)

@@ -16,7 +16,7 @@ LAYERS = [
     {"schema", "config", "storage", "labels"},
     {"models"},
     {"video"},
-    {"manifest", "resources", "inference", "faults", "segments"},
+    {"manifest", "resources", "inference", "faults", "memory", "segments"},
     {"pipeline"},
     {"lstm_data", "tsn_data", "frame_cache"},
     {"stages"},
@@ -94,7 +94,7 @@ def test_contract_names_are_defined_once_in_schema():
         for node in tree.body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 const = node.targets[0].id
-                if const.isupper() and (const.endswith("_SCHEMA") or const.endswith("_DIR")):
+                if const.isupper() and const.endswith(("_SCHEMA", "_DIR")):
                     definitions[const].append(name)
                 elif const.isupper() and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
                     definitions[f"{const}={node.value.value!r}"].append(name)
@@ -102,7 +102,11 @@ def test_contract_names_are_defined_once_in_schema():
     assert not twice, f"defined in more than one module: {twice}"
     outside = {k: v for k, v in definitions.items() if k.endswith("_SCHEMA") and v != ["vtplatform.schema"]}
     assert not outside, f"schemas belong in vtplatform/schema.py: {outside}"
-    assert definitions["DEAD_LETTERS_DIR"] == ["vtplatform.schema"]
+    # The names of the folders and files of every layout (OUT, a run, a checkpoint, a registry) too.
+    layout = {k: v for k, v in definitions.items() if k.split("=")[0].endswith(("_DIR", "_FILE"))}
+    misplaced = {k: v for k, v in layout.items() if v != ["vtplatform.schema"] and not k.startswith("CURRENT_CLUSTER")}
+    assert not misplaced, f"folder and file names belong in vtplatform/schema.py: {misplaced}"
+    assert {"DEAD_LETTERS_DIR", "BEST_DIR", "TENSORBOARD_DIR", "EXPORT_TSN_DIR"} <= set(layout)
 
 
 def test_the_readme_layout_table_lists_the_layers_in_order():

@@ -279,7 +279,7 @@ def test_trains_from_a_table_that_extraction_wrote(ray_cluster, tmp_path):
     (tmp_path / "videos.list").write_text("\n".join(str(tmp_path / n) for n in clips) + "\n")
     tsn = load_config(
         ROOT / "configs" / "tsn.yaml",
-        ["MODEL.num_layers=18", "INFER.seg_num=4", "resources.tsn_threads=1", "resources.tsn_batch_size=2"],
+        ["MODEL.num_layers=18", "INFER.seg_num=4", "resources.tsn_threads=1"],
     )
     extracted = run_extract(tsn, str(tmp_path / "videos.list"), str(tmp_path / "out"))
     assert extracted.succeeded == 3

@@ -87,16 +87,21 @@ def test_the_ledger_charges_a_death_to_the_video_that_was_being_decoded():
 
 
 def test_a_decode_task_yields_bounded_blocks_and_fails_unreadable_files_fast(tmp_path):
-    """300 crops per video: a block goes out as soon as it holds FRAMES_PER_BLOCK (512) crops, so
-    a task holds about one block whatever the number and length of its videos."""
+    """300 crops per video: a block never holds more than FRAMES_PER_BLOCK (512) crops unless one
+    row alone does, so a task (and a TSN actor, which takes a block at a time) holds about one
+    block whatever the number and length of its videos. A failed row holds none."""
     config = load_config(ROOT / "configs" / "tsn.yaml", ["INFER.seg_num=300"])
     clip = str(EXAMPLES / "mmaction2_test.mp4")
     batch = pa.table({S.VIDEO_ID: ["x", "missing", "y", "z"], S.URI: [clip, str(tmp_path / "no.mp4"), clip, clip]})
     blocks = list(decode_videos(batch, decode_options(config), StorageSection()))
     assert FRAMES_PER_BLOCK == 512 and [b.column(S.VIDEO_ID).to_pylist() for b in blocks] == [
-        ["x", "missing", "y"],
+        ["x", "missing"],
+        ["y"],
         ["z"],
     ]
+    one_frame = decode_options(load_config(ROOT / "configs" / "tsn.yaml", ["INFER.seg_num=200"]))
+    small = list(decode_videos(batch.slice(2), one_frame, StorageSection()))
+    assert [b.column(S.VIDEO_ID).to_pylist() for b in small] == [["y", "z"]]  # 400 crops: one block
     rows = pa.concat_tables(blocks).to_pylist()
     assert (rows[1][S.STAGE], rows[1][S.ERROR_TYPE], rows[1][S.FRAMES]) == ("read", "FileNotFoundError", None)
     assert len(rows[0][S.FRAMES]) == 300 * 224 * 224 * 3 and rows[0][S.FRAMES] == rows[2][S.FRAMES]

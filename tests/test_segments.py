@@ -76,6 +76,21 @@ def test_windows_without_frames_are_left_out_keeping_their_indices():
     assert got == [Window(0, 0, 2, slice(0, 2)), Window(1, 5, 7, slice(5, 7))]
 
 
+def test_windows_with_a_stride_longer_than_the_segment_leave_gaps():
+    """stride > segment: as the module docstring says, gaps between windows hold frames of no window,
+    the windows stop at the last start before the end, and only one that reaches the end ends there."""
+    times = np.arange(0.0, 8.5, 0.5)  # 2 frames a second, 0 .. 8
+    got = windows(times, 1, 3, 8.2)  # window 2 (6..7) is the last to start before 8.2 and does not reach it
+    assert got == [Window(0, 0, 1, slice(0, 2)), Window(1, 3, 4, slice(6, 8)), Window(2, 6, 7, slice(12, 14))]
+    covered = {i for w in got for i in range(w.frames.start, w.frames.stop)}
+    assert [times[i] for i in sorted(set(range(len(times))) - covered)][:4] == [1.0, 1.5, 2.0, 2.5]
+    assert max(times[i] for i in covered) == 6.5  # 7 .. 8 after the last window: in none
+    times = np.arange(0.0, 10.0, 0.5)  # 0 .. 9.5
+    got = windows(times, 1, 3, 9.5)  # window 3 (9..10) reaches the end: ends there, takes 9 and 9.5
+    assert got[-1] == Window(3, 9, 9.5, slice(18, 20))
+    assert len(got) == 4
+
+
 def test_windows_reject_bad_arguments():
     with pytest.raises(ValueError, match="> 0"):
         windows(np.arange(3.0), 0, 10, 3.0)
@@ -101,14 +116,14 @@ ENDS = STARTS + 10.0
 
 
 def test_spans_merge_runs_of_windows_above_the_threshold():
-    got = spans_of(merge_spans("v", STARTS, ENDS, PROBS, 0.5, ["a", "b", "c"]))
+    got = spans_of(merge_spans("v", STARTS, ENDS, PROBS, PROBS >= 0.5, ["a", "b", "c"]))
     assert got == [
         ("v", 0, "a", 0.0, 20.0, pytest.approx(0.9), pytest.approx(0.75)),
         ("v", 0, "a", 30.0, 50.0, pytest.approx(0.7), pytest.approx(0.6)),  # a second run: a second span
         ("v", 2, "c", 50.0, 60.0, pytest.approx(0.8), pytest.approx(0.8)),
     ]
     # without label names the names are null; a higher threshold splits and drops runs
-    got = spans_of(merge_spans("v", STARTS, ENDS, PROBS, 0.65, None))
+    got = spans_of(merge_spans("v", STARTS, ENDS, PROBS, PROBS >= 0.65, None))
     assert got == [
         ("v", 0, None, 0.0, 10.0, pytest.approx(0.9), pytest.approx(0.9)),
         ("v", 0, None, 30.0, 40.0, pytest.approx(0.7), pytest.approx(0.7)),
@@ -119,20 +134,20 @@ def test_spans_merge_runs_of_windows_above_the_threshold():
 def test_spans_of_overlapping_windows_and_left_out_windows():
     starts, ends = np.array([0.0, 5.0, 10.0, 15.0]), np.array([10.0, 15.0, 20.0, 25.0])
     probs = np.array([[0.1], [0.8], [0.6], [0.2]])
-    assert spans_of(merge_spans("v", starts, ends, probs, 0.5)) == [
+    assert spans_of(merge_spans("v", starts, ends, probs, probs >= 0.5)) == [
         ("v", 0, None, 5.0, 20.0, pytest.approx(0.8), pytest.approx(0.7))
     ]
     # a window left out (index 2) breaks the run
     starts, ends, index = np.array([0.0, 10.0, 30.0]), np.array([10.0, 20.0, 40.0]), np.array([0, 1, 3])
-    got = spans_of(merge_spans("v", starts, ends, np.full((3, 1), 0.9), 0.5, ["x"], index=index))
+    got = spans_of(merge_spans("v", starts, ends, np.full((3, 1), 0.9), np.ones((3, 1), bool), ["x"], index=index))
     assert [(g[3], g[4]) for g in got] == [(0.0, 20.0), (30.0, 40.0)]
 
 
 def test_spans_of_nothing_are_an_empty_table():
-    assert merge_spans("v", [], [], np.zeros((0, 5)), 0.5).num_rows == 0
-    assert merge_spans("v", STARTS, ENDS, PROBS, 0.95).schema == S.SPAN_SCHEMA
+    assert merge_spans("v", [], [], np.zeros((0, 5)), np.zeros((0, 5), bool)).num_rows == 0
+    assert merge_spans("v", STARTS, ENDS, PROBS, PROBS >= 0.95).schema == S.SPAN_SCHEMA
     with pytest.raises(ValueError):
-        merge_spans("v", STARTS[:5], ENDS, PROBS, 0.5)
+        merge_spans("v", STARTS[:5], ENDS, PROBS, PROBS >= 0.5)
 
 
 def chunked(times, segment_s, stride_s, end_s, max_frames):
@@ -205,7 +220,7 @@ def test_finalize_keeps_complete_videos_once_and_derives_their_spans(tmp_path):
     _segment_part(fs, root, "p5.parquet", "c", 1, True, [(3, [0], [0.9])])
     assert complete_videos(fs, root).to_pylist() == ["a"]
 
-    assert finalize_segments(fs, root, 0.5, ["x", "y", "z"], 3) == 1
+    assert finalize_segments(fs, root, ["x", "y", "z"], 3) == 1
     segments = pq.read_table(tmp_path / S.SEGMENTS_DIR)
     assert sorted(zip(*segments.select([S.VIDEO_ID, S.WINDOW]).to_pydict().values(), strict=True)) == [
         ("a", 0), ("a", 1), ("a", 2)
@@ -218,5 +233,19 @@ def test_finalize_keeps_complete_videos_once_and_derives_their_spans(tmp_path):
         ("a", 1, "y", 0.0, 4.0, pytest.approx(0.9), pytest.approx(0.85)),
         ("a", 2, "z", 2.0, 6.0, pytest.approx(0.7), pytest.approx(0.65)),
     ]
-    assert finalize_segments(fs, root, 0.5, ["x", "y", "z"], 3) == 0  # nothing new: no spans twice
+    assert finalize_segments(fs, root, ["x", "y", "z"], 3) == 0  # nothing new: no spans twice
     assert len(spans_of(pq.read_table(tmp_path / S.SPANS_DIR))) == 2
+
+
+def test_spans_come_from_the_stored_labels_not_from_a_new_threshold(tmp_path):
+    """A window's labels are the truth (chosen when it was tagged): a label stored with a probability
+    below the tagging threshold still makes a span, and spans never re-threshold probabilities."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    (tmp_path / S.SEGMENTS_DIR).mkdir()
+    (tmp_path / S.TIMELINE_DIR).mkdir()
+    _segment_part(fs, root, "p1.parquet", "d", 0, True, [(0, [0], [0.2]), (1, [0, 1], [0.3, 0.99])])
+    assert finalize_segments(fs, root, None, 2) == 1
+    assert spans_of(pq.read_table(tmp_path / S.SPANS_DIR)) == [
+        ("d", 0, None, 0.0, 4.0, pytest.approx(0.3), pytest.approx(0.25)),
+        ("d", 1, None, 2.0, 4.0, pytest.approx(0.99), pytest.approx(0.99)),
+    ]

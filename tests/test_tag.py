@@ -150,6 +150,58 @@ def test_tag_job_resumes_and_refuses_other_weights(ray_cluster, library, lstm_we
     assert missing.returncode == 2 and "needs AttentionLSTM weights" in missing.stderr
 
 
+def test_the_tsn_actors_memory_is_bounded_by_frames_not_by_rows(ray_cluster, tmp_path):
+    """Eight segments per video and timeline chunks of one 8-s window (32 frames): rows hold 8 or 32
+    crops, so a stage that gathered rows by count (videos_per_call(8) = 64 rows a call) would take
+    a long video's whole timeline in one call once the decode has run ahead. Here it has: the
+    video is decoded first, then its blocks go through the TSN actor in a real Ray Data pipeline.
+    Measured, as the job summary reports it: the actor's own memory over the loaded model, and the
+    most that one call added, on 2400 timeline frames (28 MB of 64x64 crops). A call may hold at
+    most two blocks' worth (FRAMES_PER_BLOCK crops, 6 MB each) and its forward passes."""
+    from tests.clips import write_clip
+    from vtplatform import resources as R
+    from vtplatform.config import StorageSection
+    from vtplatform.pipeline import blocks_dataset
+    from vtplatform.stages import tsn
+    from vtplatform.stages.decode import FRAMES_PER_BLOCK, decode_options, decode_videos
+
+    rng = np.random.default_rng(3)
+    frames = (rng.integers(0, 255, (48, 64, 3), np.uint8) for _ in range(2400))
+    write_clip(tmp_path / "long.mp4", frames, 64, 48, fps=4, options={"preset": "ultrafast", "crf": "30"})
+    small = ["INFER.seg_num=8", "INFER.short_size=72", "INFER.target_size=64", "resources.tsn_frames_per_forward=8"]
+    small += ["tag.segment_seconds=8", "tag.timeline_fps=4", "tag.timeline_chunk_frames=16"]
+    cfg = load_config(ROOT / "configs" / "tag.yaml", [*SMALL, *small])
+    video = pa.table({S.VIDEO_ID: ["long"], S.URI: [str(tmp_path / "long.mp4")]})
+    blocks = list(decode_videos(video, decode_options(cfg, tagging=True), StorageSection()))
+    plan = R.size_pipeline(cfg, [tsn.need(cfg)])
+    spec = tsn.tsn_spec(cfg, None, plan.device, 1)
+    ds = tsn.tsn_stage(blocks_dataset(blocks), cfg, spec, plan)
+    out = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    crop_mb = 64 * 64 * 3 / 2**20
+    timeline = sum(out.column(S.TIMELINE_FRAMES).drop_null().to_pylist())
+    grown, call = (max(out.column(c).to_pylist()) for c in (S.TSN_PEAK_MB, S.TSN_CALL_MB))
+    bound = 2 * FRAMES_PER_BLOCK * crop_mb + 8  # two blocks of crops, and the forward passes of 8 frames
+    print(f"TSN actor: +{grown:.1f} MB over the loaded model, +{call:.1f} MB at most in a call (bound {bound:.0f});"
+          f" the timeline: {timeline} frames, {timeline * crop_mb:.0f} MB of crops, in {len(blocks)} blocks")  # fmt: skip
+    assert timeline == 2400 and len(blocks) >= 4 and out.num_rows > 2400 // 32 - 5  # rows of 32 crops, about
+    assert timeline * crop_mb > bound  # a call that held the timeline's crops would not fit
+    assert grown > 0 and 0 <= call <= bound
+
+
+def test_an_output_made_with_other_window_settings_is_refused(library):
+    """Every setting that shapes the windows and their chunks (which the resume bookkeeping counts)
+    is checked against an existing output, ``tag.timeline_chunk_frames`` included."""
+    from vtplatform.tag import check_same_tagger, segment_settings
+
+    made = config(library, "tag.segment_seconds=4", "tag.timeline_chunk_frames=64").tag
+    existing = pa.schema([]).with_metadata({S.METADATA_KEY: json.dumps({"segments": segment_settings(made)})})
+    check_same_tagger(existing, {"segments": segment_settings(made)}, "OUT")  # the same: accepted
+    for change in ("tag.timeline_chunk_frames=32", "tag.timeline_fps=2", "tag.segment_stride_seconds=2"):
+        other = config(library, "tag.segment_seconds=4", "tag.timeline_chunk_frames=64", change).tag
+        with pytest.raises(ConfigError, match="segments"):
+            check_same_tagger(existing, {"segments": segment_settings(other)}, "OUT")
+
+
 def test_windows_of_many_lengths_in_one_call_tag_as_each_alone(lstm_weights):
     """The AttentionLSTM over a chunk's windows, padded to the longest in one call, gives each
     window what it gets alone; a video's own row in the same batch is tagged as before."""

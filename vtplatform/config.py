@@ -122,7 +122,6 @@ class ResourcesSection:
     tsn_cpus: float = 1.0  # CPUs Ray reserves per TSN actor
     tsn_threads: int | None = None  # Paddle math threads per TSN actor on CPU (None: max(1, tsn_cpus))
     tsn_gpus: float = 1.0  # GPUs per TSN actor when GPUs are used
-    tsn_batch_size: int | None = None  # videos per TSN call (None: about 512 frames' worth)
     tsn_frames_per_forward: int = 32  # frames per forward pass
     lstm_actors: int = 1  # AttentionLSTM actors when tagging
     lstm_cpus: float = 1.0  # CPUs Ray reserves per AttentionLSTM tagging actor
@@ -140,10 +139,7 @@ class ResourcesSection:
         _choice("resources", "use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
         if self.wait_for_resources_s < 0:
             raise ConfigError(f"resources.wait_for_resources_s must be >= 0, got {self.wait_for_resources_s}")
-        _positive(
-            "resources", self, "decode_cpus", "decode_batch_size", "decode_task_mb", "tsn_actors", "tsn_cpus",
-            "tsn_batch_size",
-        )  # fmt: skip
+        _positive("resources", self, "decode_cpus", "decode_batch_size", "decode_task_mb", "tsn_actors", "tsn_cpus")
         _positive(
             "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"
         )
@@ -376,7 +372,18 @@ MOVED_KEYS = {
 }
 
 
+# Keys that no longer mean anything: they load with a warning saying why.
+RETIRED_KEYS = {
+    ("resources", "tsn_batch_size"): "a TSN actor now takes one decoded block at a time (about 512 frames, "
+    "or one video or timeline chunk when that alone is more), so its memory is bounded by frames, not videos",
+}
+
+
 def _move_renamed_keys(sections: dict[str, dict[str, Any]]) -> None:
+    for (section, key), why in RETIRED_KEYS.items():
+        if key in sections.get(section, {}):
+            sections[section].pop(key)
+            log.warning("%s.%s is no longer used (%s); please remove it", section, key, why)
     for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
         if old_key not in sections.get(old_section, {}):
             continue

@@ -24,6 +24,7 @@ from typing import Any
 import paddle
 from paddle import nn
 
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
 from vtplatform.inference import export_model, program_file
@@ -35,8 +36,6 @@ from vtplatform.stages.tsn import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
-TSN_DIR = "tsn"
-LSTM_DIR = "attention_lstm"
 MANIFEST = "export.json"
 SIGMOID_LOW, SIGMOID_HIGH = -40.0, 13.0  # Paddle's activation clips inside the lstm op
 TANH_LOW = -20.0  # tanh(a) = 2 / (1 + exp(min(-2a, 40))) - 1
@@ -115,7 +114,7 @@ def export_tsn(config: Config, weights: str | None, save_dir: str) -> dict[str, 
     with st.local_copy(weights, config.storage) if weights else contextlib.nullcontext() as local:
         backbone, _ = load_backbone(tsn_config, local, config.extract.seed)
     spec = [paddle.static.InputSpec([None, config.infer.target_size, config.infer.target_size, 3], "uint8", "frames")]
-    path = _save(FrameFeatures(backbone), spec, save_dir, TSN_DIR, config)
+    path = _save(FrameFeatures(backbone), spec, save_dir, S.EXPORT_TSN_DIR, config)
     return {"path": st.redact(path), "depth": tsn_config.depth, "feature_dim": tsn_config.feature_dim, "weights": fingerprint,
             "input": "frames uint8 (N, 224, 224, 3) RGB crops", "output": "features float32 (N, C)"}  # fmt: skip
 
@@ -126,7 +125,7 @@ def export_lstm(config: Config, weights: str, save_dir: str, feature_dim: int) -
     load_state(model, loaded.state, loaded.source)
     seg = config.infer.seg_num
     spec = [paddle.static.InputSpec([None, seg, model_config.feature_dim], "float32", "features")]
-    path = _save(AttentionLSTMServing(model, seg), spec, save_dir, LSTM_DIR, config)
+    path = _save(AttentionLSTMServing(model, seg), spec, save_dir, S.EXPORT_LSTM_DIR, config)
     return {"path": st.redact(path), "num_segments": seg, "feature_dim": model_config.feature_dim,
             "num_classes": model_config.num_classes, "weights": fingerprint(sorted(loaded.state.items())),
             "input": f"features float32 (B, {seg}, {model_config.feature_dim})", "output": "probabilities (B, classes)"}  # fmt: skip

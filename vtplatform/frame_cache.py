@@ -45,7 +45,6 @@ from vtplatform.video.transforms import scale
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "cache.json"
 CACHE_VERSION = 1
 
 
@@ -68,7 +67,7 @@ def read_settings(root_uri: str, storage: StorageSection) -> dict[str, Any] | No
 
 
 def _settings_at(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
-    path = f"{root}/{SETTINGS_FILE}"
+    path = f"{root}/{S.CACHE_SETTINGS_FILE}"
     if not st.exists(fs, path):
         return None
     with fs.open_input_stream(path) as f:
@@ -80,7 +79,7 @@ def open_cache(root_uri: str, storage: StorageSection) -> tuple[dict[str, Any], 
     settings = read_settings(root_uri, storage)
     if settings is None:
         raise ConfigError(
-            f"no frame cache at {st.redact(root_uri)} (no {SETTINGS_FILE}); build one with jobs/cache_frames.py"
+            f"no frame cache at {st.redact(root_uri)} (no {S.CACHE_SETTINGS_FILE}); build one with jobs/cache_frames.py"
         )
     fs, root = st.filesystem(root_uri, storage)
     return settings, read_index(fs, root)
@@ -317,4 +316,4 @@ def _check_settings(fs: pafs.FileSystem, root: str, settings: dict[str, Any], sa
             "vtplatform_version": vtplatform.__version__,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        st.write_bytes(json.dumps(record, indent=2).encode(), fs, f"{root}/{SETTINGS_FILE}")
+        st.write_bytes(json.dumps(record, indent=2).encode(), fs, f"{root}/{S.CACHE_SETTINGS_FILE}")

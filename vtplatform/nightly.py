@@ -97,8 +97,8 @@ def _require(config: Config) -> None:
 def locations(config: Config) -> dict[str, str]:
     n = config.nightly
     return {
-        "features": n.features or R.join(n.registry, "features"),
-        "tags": n.tags or R.join(n.registry, "tags"),
+        "features": n.features or R.join(n.registry, S.FEATURES_DIR),
+        "tags": n.tags or R.join(n.registry, S.TAGS_DIR),
         "models": R.join(n.registry, S.MODELS_DIR),
         "segments": R.join(n.registry, S.SEGMENTS_DIR),  # one folder per champion: REGISTRY/segments/<model_id>/
     }
@@ -139,7 +139,7 @@ def data_fingerprint(config: Config, features: str) -> str:
 def _find_run(config: Config, fingerprint: str) -> tuple[str | None, dict | None]:
     """The run with this fingerprint, if any: (run_id, state)."""
     fs, root = st.filesystem(R.join(config.nightly.registry, S.RUNS_DIR), config.storage)
-    for path in st.list_files(fs, root, "state.json"):
+    for path in st.list_files(fs, root, S.RUN_STATE_FILE):
         with fs.open_input_stream(path) as f:
             state = json.loads(f.read())
         if state.get("fingerprint") == fingerprint:
@@ -276,9 +276,11 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
     summary.labelled_videos = trained["videos"]
 
     def evaluate() -> dict:
-        result = {"candidate": _metrics(run_eval(cfg, candidate, R.join(run_dir, "eval", "candidate")))}
+        result = {"candidate": _metrics(run_eval(cfg, candidate, R.join(run_dir, S.EVAL_DIR, "candidate")))}
         if champion:
-            result["champion"] = _metrics(run_eval(cfg, champion["lstm_weights"], R.join(run_dir, "eval", "champion")))
+            result["champion"] = _metrics(
+                run_eval(cfg, champion["lstm_weights"], R.join(run_dir, S.EVAL_DIR, "champion"))
+            )
         return result
 
     evaluated = _step(config, state, "evaluate", summary, evaluate)

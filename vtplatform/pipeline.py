@@ -36,6 +36,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.manifest import Manifest, read_manifest
+from vtplatform.memory import peak_rss_mb
 from vtplatform.segments import row_keys, video_rows
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # Per-video seconds each stage adds to its rows, summed by the writer for the summary.
 STAGE_SECONDS = {"decode": S.DECODE_SECONDS, "tsn": S.INFER_SECONDS, "lstm": S.TAG_SECONDS}
+# Per-row memory figures of model actors (``memory.ActorMemory``: growth over the loaded model, and
+# the most one call added), of which the writer keeps the largest for the summary.
+STAGE_PEAK_MB = {"tsn": S.TSN_PEAK_MB, "tsn call": S.TSN_CALL_MB}
 
 
 class Output(Protocol):
@@ -181,7 +185,7 @@ class ResultSink(Datasink):
         tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"ok": 0, "failed": {}, "seconds": {}, "counts": {}}
+            return {"ok": 0, "failed": {}, "seconds": {}, "counts": {}, "peak_mb": {}}
         table = pa.concat_tables(tables)
         fs, root = st.filesystem(self.save_dir, self.storage)
         failed_mask = pc.is_valid(table.column(S.ERROR_TYPE))
@@ -207,17 +211,31 @@ class ResultSink(Datasink):
             if col in table.column_names
         }
         counts = {c: int(pc.sum(good.column(c)).as_py() or 0) for c in self.counters}
+        peaks = {
+            stage: float(pc.max(table.column(col)).as_py() or 0.0)
+            for stage, col in STAGE_PEAK_MB.items()
+            if col in table.column_names
+        }
         videos = video_rows(good).num_rows  # not the timeline chunks of tagging with segments
-        return {"ok": videos, "failed": dict(reasons), "seconds": seconds, "counts": counts}
+        return {"ok": videos, "failed": dict(reasons), "seconds": seconds, "counts": counts, "peak_mb": peaks}
 
     def on_write_complete(self, write_result) -> None:
         ok, failed, seconds, counts = 0, collections.Counter(), collections.Counter(), collections.Counter()
+        peaks: dict[str, float] = {}
         for r in write_result.write_returns:
             ok += r["ok"]
             failed.update(r["failed"])
             seconds.update(r["seconds"])
             counts.update(r["counts"])
-        self.stats = {"ok": ok, "failed": dict(failed), "seconds": dict(seconds), "counts": dict(counts)}
+            for stage, mb in r["peak_mb"].items():
+                peaks[stage] = max(peaks.get(stage, 0.0), mb)
+        self.stats = {
+            "ok": ok,
+            "failed": dict(failed),
+            "seconds": dict(seconds),
+            "counts": dict(counts),
+            "peak_mb": peaks,
+        }
 
 
 @dataclass
@@ -254,6 +272,7 @@ class JobSummary:
     failed: dict[str, int] = field(default_factory=dict)  # "stage/error_type" -> count
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed per-video time of each stage
     counts: dict[str, int] = field(default_factory=dict)  # the job's own totals (the cache: frames, bytes)
+    stage_peak_mb: dict[str, float] = field(default_factory=dict)  # model actors' memory growth after loading
     frames_per_video: int = 0
     elapsed_seconds: float = 0.0
     driver_peak_mb: float = 0.0  # the driver process's peak resident memory (VmHWM)
@@ -284,6 +303,11 @@ class JobSummary:
             entering -= lost
         lines += [f"    failed {reason:<28} {count}" for reason, count in sorted(self.failed.items())]
         lines += [f"  {name:<21} {count}" for name, count in sorted(self.counts.items())]
+        if "tsn" in self.stage_peak_mb:
+            lines.append(
+                f"  tsn actor memory      +{self.stage_peak_mb['tsn']:.0f} MB at its peak over the loaded model, "
+                f"+{self.stage_peak_mb.get('tsn call', 0.0):.0f} MB at most in one call"
+            )
         frames = self.counts.get(S.CACHED_FRAMES, self.succeeded * self.frames_per_video)
         lines += [
             f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "
@@ -302,6 +326,8 @@ class JobSummary:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         for name, count in stats.get("counts", {}).items():
             self.counts[name] = self.counts.get(name, 0) + count
+        for stage, mb in stats.get("peak_mb", {}).items():
+            self.stage_peak_mb[stage] = max(self.stage_peak_mb.get(stage, 0.0), mb)
 
 
 def plan_todo(
@@ -424,26 +450,6 @@ def _drop_repeated_rows(fs: pafs.FileSystem, directory: str) -> None:
             st.write_parquet(keep.replace_schema_metadata(table.schema.metadata), fs, path)
         else:
             fs.delete_file(path)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM), in MB; 0 where /proc is not there. It counts
-    pages of Ray's object store that the process mapped to read blocks without a copy."""
-    return _proc_status_mb("VmHWM")
-
-
-def private_rss_mb() -> float:
-    """This process's resident memory of its own (RssAnon: not files, not the object store's
-    shared pages), in MB, now; 0 where /proc is not there."""
-    return _proc_status_mb("RssAnon")
-
-
-def _proc_status_mb(key: str) -> float:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith(f"{key}:")), 0.0)
-    except OSError:
-        return 0.0
 
 
 def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:

@@ -21,8 +21,6 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import ConfigError, StorageSection
 
-CHAMPION_FILE = "champion.json"
-
 
 def _read_json(uri: str, storage: StorageSection) -> dict[str, Any] | None:
     fs, path = st.filesystem(uri, storage)
@@ -42,12 +40,12 @@ def join(registry: str, *parts: str) -> str:
 
 
 def read_champion(registry: str, storage: StorageSection) -> dict[str, Any] | None:
-    return _read_json(join(registry, CHAMPION_FILE), storage)
+    return _read_json(join(registry, S.CHAMPION_FILE), storage)
 
 
 def write_champion(registry: str, record: dict[str, Any], storage: StorageSection) -> None:
     """Replaces the champion pointer atomically (readers see the old or the new one, never half)."""
-    _write_json(join(registry, CHAMPION_FILE), record, storage)
+    _write_json(join(registry, S.CHAMPION_FILE), record, storage)
 
 
 def write_history(registry: str, run_id: str, record: dict[str, Any], storage: StorageSection) -> None:
@@ -64,11 +62,11 @@ def history(registry: str, storage: StorageSection) -> list[dict[str, Any]]:
 
 
 def read_run_state(registry: str, run_id: str, storage: StorageSection) -> dict[str, Any] | None:
-    return _read_json(join(registry, S.RUNS_DIR, run_id, "state.json"), storage)
+    return _read_json(join(registry, S.RUNS_DIR, run_id, S.RUN_STATE_FILE), storage)
 
 
 def write_run_state(registry: str, run_id: str, state: dict[str, Any], storage: StorageSection) -> None:
-    _write_json(join(registry, S.RUNS_DIR, run_id, "state.json"), state, storage)
+    _write_json(join(registry, S.RUNS_DIR, run_id, S.RUN_STATE_FILE), state, storage)
 
 
 def resolve_model_dir(model_dir: str, storage: StorageSection) -> tuple[str | None, str]:

@@ -41,7 +41,6 @@ from vtplatform.config import ConfigError, StorageSection
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.html"
 COPY_THREADS = 8  # thumbnails copied at once (S3 round trips overlap)
 
 
@@ -133,11 +132,11 @@ def build_report(
     out_root = out_root.rstrip("/")
     copied, missing = _copy_thumbnails(fs, root, out_fs, out_root, videos, options)
     page = render(videos, total=len(ids), source=st.redact(tags_uri), options=options)
-    index = f"{out_root}/{INDEX_FILE}"
+    index = f"{out_root}/{S.INDEX_FILE}"
     st.write_bytes(page.encode("utf-8"), out_fs, index)
     shown_spans = sum(len(spans) for v in videos for _, spans in v.timeline_rows(options.max_timeline_labels)[0])
     summary = ReportSummary(
-        index=f"{save_dir.rstrip('/')}/{INDEX_FILE}",
+        index=f"{save_dir.rstrip('/')}/{S.INDEX_FILE}",
         videos=len(ids),
         shown=len(videos),
         timelines=sum(1 for v in videos if v.windows or v.spans),

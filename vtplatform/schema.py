@@ -44,6 +44,23 @@ SPANS_DIR = "spans"  # tagging with segments: windows of one label merged into t
 THUMBNAILS_DIR = "thumbnails"  # small JPEGs: <video>.jpg per video, <video>/<window>.jpg per window
 REPORT_DIR = "report"  # jobs/report.py's default output under a tags OUT
 REPORT_FILE = "report.json"  # evaluation: the metrics
+RUN_STATE_FILE = "state.json"  # registry: a nightly run's state, under runs/<run_id>/
+CHAMPION_FILE = "champion.json"  # registry: the current champion
+EVAL_DIR = "eval"  # registry: a nightly run's evaluations, under runs/<run_id>/
+HUB_FILE = "hub_results.json"  # tagging with --format hub
+INDEX_FILE = "index.html"  # jobs/report.py's page
+CACHE_SETTINGS_FILE = "cache.json"  # frame cache: the settings every reader checks
+EXPORT_TSN_DIR = "tsn"  # serving export: the TSN model
+EXPORT_LSTM_DIR = "attention_lstm"  # serving export: the AttentionLSTM model
+
+# A checkpoint folder and a training run folder (train.checkpoint, train.scaffold).
+MODEL_FILE = "model.pdparams"
+META_FILE = "meta.json"  # a checkpoint's config, epoch, step, metrics, model name
+OPTIMIZER_FILE = "optimizer.npz"
+BEST_DIR = "best"  # a run's copy of its best checkpoint
+TENSORBOARD_DIR = "tensorboard"  # the chief worker's event files
+CURVES_FILE = "curves.png"
+HISTORY_FILE = "history.json"
 
 # Identity columns, shared by every table.
 VIDEO_ID = "video_id"
@@ -70,6 +87,8 @@ FRAMES = "frames"  # raw (seg, 224, 224, 3) uint8 crops, as bytes
 DECODE_SECONDS = "decode_seconds"  # per-video busy time of each stage, summed for the summary
 INFER_SECONDS = "infer_seconds"
 TAG_SECONDS = "tag_seconds"
+TSN_PEAK_MB = "tsn_peak_mb"  # the TSN actor's memory growth over the loaded model, at its highest (MB)
+TSN_CALL_MB = "tsn_call_mb"  # the most one TSN call added to the actor's memory (MB)
 LOAD_SECONDS = "load_seconds"  # TSN training and evaluation: loading one sample
 EPOCH = "epoch"  # TSN training: the epoch whose random draws a sample uses
 PATH = "path"  # the seed's layout: a row's .npy feature file
@@ -210,6 +229,22 @@ def feature_schema(num_segments: int, feature_dim: int, dtype: str, provenance: 
         ]
     )
     return schema.with_metadata({METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()})
+
+
+def binary_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """Each value of a (large) binary column as a uint8 array viewing the column's own buffer, no
+    copy (None for nulls): how a stage reads a block's crops from the object store without holding
+    them twice."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[np.ndarray | None] = []
+    for chunk in chunks:
+        _, offsets, data = chunk.buffers()
+        wide = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        ends = np.frombuffer(offsets, wide)[chunk.offset : chunk.offset + len(chunk) + 1]
+        raw = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        out += [raw[ends[i] : ends[i + 1]] if valid[i] else None for i in range(len(chunk))]
+    return out
 
 
 def features_array(features: np.ndarray, dtype: str) -> pa.ExtensionArray:

@@ -4,16 +4,25 @@ each window's top-k tags (``segments/``), and the windows of one label merged in
 ``video.reader.iter_timeline``, the probabilities from AttentionLSTM.
 
 Windows: window ``k`` starts at ``k * stride_s`` and nominally covers ``[start, start +
-segment_s)`` of the timeline. The windows run from 0 until one reaches the end of the video
-(``max(duration_s, last frame time)``); that last window ends at the video's end (so it may be
-shorter) and also takes the frames at or after its nominal end, so that every frame is in a
-window when ``stride_s <= segment_s``. A video shorter than one window has one window covering
-it. A window without a timeline frame cannot be tagged and is left out (a variable-frame-rate
-file can have gaps longer than a window), keeping the window index ``k`` of the others.
+segment_s)`` of the timeline; the video ends at ``end = max(duration_s, last frame time)``.
+Windows are made for k = 0, 1, ... and stop at the first one that reaches the end (its nominal
+end at or after ``end``), or at the last one that starts before the end, whichever comes first.
+A window that reaches the end ends there (so it may be shorter) and takes every frame from its
+start on, the frames at ``end`` included. Every other window ends at its nominal end.
+
+* ``stride_s <= segment_s`` (tiling or overlapping): each window either reaches the end or the
+  next starts inside it, so the last window always reaches the end and every frame is in a window.
+* ``stride_s > segment_s`` (gaps): the frames between one window's nominal end and the next
+  window's start are in no window, and so are those after the last window when it starts before
+  the end without reaching it.
+
+A video shorter than one window has one window covering it. A window without a timeline frame
+cannot be tagged and is left out (a variable-frame-rate file can have gaps longer than a window),
+keeping the window index ``k`` of the others.
 
 Spans: for each class, a maximal run of consecutive windows (window indices ``k, k+1, ...``:
-with overlapping windows, each next one; a left-out window breaks the run) whose probability is
-at or above the threshold is one span ``[first window's start, last window's end]``, with the
+with overlapping windows, each next one; a left-out window breaks the run) tagged with the class
+(its stored ``labels``: at or above the threshold when the window was tagged) is one span ``[first window's start, last window's end]``, with the
 maximum and the mean of the run's probabilities. Spans come sorted by start, then class id.
 """
 
@@ -163,20 +172,25 @@ def merge_spans(
     starts: np.ndarray,
     ends: np.ndarray,
     probs: np.ndarray,
-    threshold: float,
+    labels: np.ndarray,
     names: list[str] | None = None,
     index: np.ndarray | None = None,
 ) -> pa.Table:
-    """SPAN_SCHEMA rows of one video from its windows' ``probs`` (n_windows, num_classes), the
-    windows in time order with their ``starts`` and ``ends`` (seconds) and grid ``index`` (window
-    ``k``; default 0..n-1, i.e. no window left out). ``name`` is null without ``names``."""
+    """SPAN_SCHEMA rows of one video from its windows' ``labels`` (n_windows, num_classes) bools:
+    the classes each window was tagged with (at or above the threshold when it was tagged; the
+    stored ``labels`` of ``segments/``, never thresholded again here) and their ``probs`` (same
+    shape). The windows come in time order with their ``starts`` and ``ends`` (seconds) and grid
+    ``index`` (window ``k``; default 0..n-1, i.e. no window left out). ``name`` is null without
+    ``names``."""
     probs = np.asarray(probs)
+    above = np.asarray(labels, bool)
     n = probs.shape[0]
     starts, ends = np.asarray(starts, np.float64), np.asarray(ends, np.float64)
     index = np.arange(n) if index is None else np.asarray(index, np.int64)
-    if probs.ndim != 2 or not (starts.shape == ends.shape == index.shape == (n,)):
-        raise ValueError(f"probs {probs.shape}, starts {starts.shape}, ends {ends.shape}, index {index.shape}")
-    above = probs >= threshold
+    if probs.ndim != 2 or above.shape != probs.shape or not (starts.shape == ends.shape == index.shape == (n,)):
+        raise ValueError(
+            f"probs {probs.shape}, labels {above.shape}, starts {starts.shape}, ends {ends.shape}, index {index.shape}"
+        )
     # A run starts where the previous window is below, or not the previous grid index.
     follows = np.zeros(n, bool)
     follows[1:] = np.diff(index) == 1
@@ -330,9 +344,7 @@ def complete_videos(fs: pafs.FileSystem, root: str) -> pa.Array:
     return joined.filter(whole).column(S.VIDEO_ID).combine_chunks()
 
 
-def finalize_segments(
-    fs: pafs.FileSystem, root: str, threshold: float, names: list[str] | None, num_classes: int
-) -> int:
+def finalize_segments(fs: pafs.FileSystem, root: str, names: list[str] | None, num_classes: int) -> int:
     """After a tagging run with segments: drops the window and timeline rows of videos that are
     not complete (a video that failed after some of its chunks were written; a killed run's
     leftovers are redone by the next) and rows written twice (a retried write task, a video
@@ -351,8 +363,8 @@ def finalize_segments(
         table = table.sort_by([(S.VIDEO_ID, "ascending"), (S.WINDOW, "ascending")])
         spans = []
         for vid, rows in _by_video(table):
-            starts, ends, probs, index = _window_probs(rows, num_classes)
-            spans.append(merge_spans(vid, starts, ends, probs, threshold, names, index))
+            starts, ends, probs, labels, index = _window_labels(rows, num_classes)
+            spans.append(merge_spans(vid, starts, ends, probs, labels, names, index))
         st.write_parquet(
             pa.concat_tables([pa.Table.from_pylist([], schema=S.SPAN_SCHEMA), *spans]),
             fs,
@@ -365,14 +377,18 @@ def finalize_segments(
 SPAN_VIDEOS_PER_PART = 2000
 
 
-def _window_probs(rows: pa.Table, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(starts, ends, probs, index) of one video's windows, ``probs`` dense (windows, classes)
-    with the labels' probabilities and 0 below the threshold."""
+def _window_labels(
+    rows: pa.Table, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, probs, labels, index) of one video's windows: ``labels`` the stored labels as
+    a dense (windows, classes) bool matrix, ``probs`` their probabilities (0 elsewhere)."""
     probs = np.zeros((rows.num_rows, num_classes), np.float32)
-    for j, (labels, p) in enumerate(zip(*(rows.column(c).to_pylist() for c in (S.LABELS, S.LABEL_PROBS)), strict=True)):
-        probs[j, labels] = p
+    labels = np.zeros((rows.num_rows, num_classes), bool)
+    for j, (ids, p) in enumerate(zip(*(rows.column(c).to_pylist() for c in (S.LABELS, S.LABEL_PROBS)), strict=True)):
+        probs[j, ids] = p
+        labels[j, ids] = True
     starts, ends = (rows.column(c).to_numpy() for c in (S.START_S, S.END_S))
-    return starts, ends, probs, rows.column(S.WINDOW).to_numpy()
+    return starts, ends, probs, labels, rows.column(S.WINDOW).to_numpy()
 
 
 def _by_video(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:

@@ -71,7 +71,6 @@ from vtplatform.stages.decode import decode_stage
 
 log = logging.getLogger(__name__)
 
-HUB_FILE = "hub_results.json"
 FORMATS = ("json", "hub")
 
 
@@ -169,7 +168,12 @@ def segment_settings(tag) -> dict[str, float] | None:
     if not tag.segment_seconds:
         return None
     stride = tag.segment_stride_seconds or tag.segment_seconds
-    return {"seconds": tag.segment_seconds, "stride_seconds": stride, "timeline_fps": tag.timeline_fps}
+    return {
+        "seconds": tag.segment_seconds,
+        "stride_seconds": stride,
+        "timeline_fps": tag.timeline_fps,
+        "timeline_chunk_frames": tag.timeline_chunk_frames,  # chunk numbers mean "done": they must not mix
+    }
 
 
 def check_same_tagger(existing: pa.Schema | None, meta: dict, where: str) -> None:
@@ -235,7 +239,7 @@ def run_tag(
     def finish(fs: pafs.FileSystem, root: str) -> None:
         if segments:
             classes = tagger.spec.lstm.model.num_classes
-            spanned = finalize_segments(fs, root, tag.threshold, tagger.names, classes)
+            spanned = finalize_segments(fs, root, tagger.names, classes)
             log.info("spans of %d videos written to %s/%s", spanned, st.redact(save_dir), S.SPANS_DIR)
         if "hub" in formats:
             write_hub_list(fs, root, tag.hub_threshold, tag.hub_top_k)
@@ -275,7 +279,7 @@ def write_hub_list(fs: pafs.FileSystem, root: str, threshold: float, top_k: int)
                     prediction.setdefault(key, float(p))  # names repeat in label_3396.txt: keep the best
             items.append({"path": uri, "prediction": prediction})
     items.sort(key=lambda item: item["path"])
-    st.write_bytes(json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8"), fs, f"{root}/{HUB_FILE}")
+    st.write_bytes(json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8"), fs, f"{root}/{S.HUB_FILE}")
 
 
 def _feature_rows(batch: pa.Table, storage, skip: frozenset[str]) -> pa.Table:

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import GOLDEN
+from vtplatform import schema as S
 from vtplatform.config import ConfigError, StorageSection
 from vtplatform.models import weights as W
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map
@@ -115,18 +116,18 @@ def test_optimizer_state_is_keyed_by_parameter_names(tmp_path):
 def test_checkpoint_files_are_official_format_weights(tmp_path):
     model = build_model(TINY)
     checkpoint.save(tmp_path / "ck", model=model, optimizer=None, name_map=fluid_name_map(), meta={})
-    with open(tmp_path / "ck" / W.MODEL_FILE, "rb") as f:
+    with open(tmp_path / "ck" / S.MODEL_FILE, "rb") as f:
         state = pickle.load(f)  # plain pickle of {fluid name: ndarray}, as fluid 1.8 wrote
     assert list(state) == list(fluid_name_map())
     assert sorted(os.listdir(tmp_path / "ck")) == ["meta.json", "model.pdparams"]
 
 
 def _fake_run(root, names: list[str], best: str | None = None) -> None:
-    for name in names + ([W.BEST_DIR] if best else []):
+    for name in names + ([S.BEST_DIR] if best else []):
         d = root / name
         d.mkdir(parents=True)
-        (d / W.MODEL_FILE).write_bytes(pickle.dumps({"w": np.full(2, float(len(name)), np.float32)}, protocol=2))
-        (d / W.META_FILE).write_text(json.dumps({"name": best if name == W.BEST_DIR else name}))
+        (d / S.MODEL_FILE).write_bytes(pickle.dumps({"w": np.full(2, float(len(name)), np.float32)}, protocol=2))
+        (d / S.META_FILE).write_text(json.dumps({"name": best if name == S.BEST_DIR else name}))
 
 
 def test_read_weights_finds_files_checkpoints_and_runs(tmp_path):

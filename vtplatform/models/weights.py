@@ -20,15 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import ConfigError, StorageSection
 
 log = logging.getLogger(__name__)
 
 RANDOM_INIT = "random-init"
-MODEL_FILE = "model.pdparams"
-META_FILE = "meta.json"  # a checkpoint's config, epoch, step, metrics, model name
-BEST_DIR = "best"  # a run's copy of its best checkpoint
 CHECKPOINT_PATTERN = re.compile(r"^epoch_\d+_step_\d+$")
 
 
@@ -52,7 +50,7 @@ def read_state(path: str | Path) -> dict[str, np.ndarray]:
     """Reads a ``.pdparams`` (fluid pickle or paddle.save), an ``.npz``, or a checkpoint folder."""
     p = Path(path)
     if p.is_dir():
-        p = p / MODEL_FILE
+        p = p / S.MODEL_FILE
     if not p.exists():
         raise WeightsError(f"weight file not found: {path}")
     if p.suffix == ".npz":
@@ -121,7 +119,7 @@ def list_checkpoints(run: str, storage: StorageSection) -> list[str]:
     names = sorted(
         i.base_name for i in infos if i.type == pafs.FileType.Directory and CHECKPOINT_PATTERN.match(i.base_name)
     )
-    return [f"{run.rstrip('/')}/{n}" for n in names if st.exists(fs, f"{root}/{n}/{META_FILE}")]
+    return [f"{run.rstrip('/')}/{n}" for n in names if st.exists(fs, f"{root}/{n}/{S.META_FILE}")]
 
 
 @dataclass(frozen=True)
@@ -210,14 +208,14 @@ def read_weights(uri: str, storage: StorageSection) -> LoadedWeights:
     if info.type == pafs.FileType.File:
         with _local(fs, path, uri, storage) as local:
             return LoadedWeights(read_state(local), None, uri)
-    for candidate in (uri, f"{uri.rstrip('/')}/{BEST_DIR}", *reversed(list_checkpoints(uri, storage))):
+    for candidate in (uri, f"{uri.rstrip('/')}/{S.BEST_DIR}", *reversed(list_checkpoints(uri, storage))):
         cfs, cpath = st.filesystem(candidate, storage)
-        if st.exists(cfs, f"{cpath}/{META_FILE}") and st.exists(cfs, f"{cpath}/{MODEL_FILE}"):
-            meta = json.loads(cfs.open_input_stream(f"{cpath}/{META_FILE}").read().decode("utf-8"))
-            with _local(cfs, f"{cpath}/{MODEL_FILE}", candidate, storage) as local:
+        if st.exists(cfs, f"{cpath}/{S.META_FILE}") and st.exists(cfs, f"{cpath}/{S.MODEL_FILE}"):
+            meta = json.loads(cfs.open_input_stream(f"{cpath}/{S.META_FILE}").read().decode("utf-8"))
+            with _local(cfs, f"{cpath}/{S.MODEL_FILE}", candidate, storage) as local:
                 return LoadedWeights(read_state(local), meta, candidate)
     raise ConfigError(
-        f"{st.redact(uri)} holds no checkpoint ({META_FILE} + {MODEL_FILE}), best/ or epoch_* checkpoints"
+        f"{st.redact(uri)} holds no checkpoint ({S.META_FILE} + {S.MODEL_FILE}), best/ or epoch_* checkpoints"
     )
 
 

@@ -147,7 +147,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
     ds = load_stage(ds, spec, sizes.task_cpus, sizes.task_concurrency, res.decode_max_retries)
     ds = ds.map_batches(
         ClassifierStage,
-        batch_size=res.tsn_batch_size or videos_per_call(spec.seg_num * spec.seglen),
+        batch_size=videos_per_call(spec.seg_num * spec.seglen),  # about FRAMES_PER_BLOCK frames
         batch_format="pyarrow",
         compute=model.compute(),
         fn_constructor_kwargs={"spec": cspec, "storage": config.storage},

@@ -130,7 +130,7 @@ def decode_options(config: Config, tagging: bool = False) -> DecodeOptions:
     )
 
 
-FRAMES_PER_BLOCK = 512  # decoded crops per output block (about 77 MB at 224x224): one long video, many short ones
+FRAMES_PER_BLOCK = 512  # decoded crops per output block at most (about 77 MB at 224x224), unless one row has more
 
 
 def videos_per_call(num_segments: int) -> int:
@@ -147,8 +147,9 @@ def decode_videos(
     faults: tuple[F.DecodeFault, ...] = (),
 ) -> Iterator[pa.Table]:
     """(video_id, uri) rows -> ``schema.CLIP_SCHEMA`` rows with the sampled crops or the failure, yielded
-    in blocks of about ``FRAMES_PER_BLOCK`` crops, so that a task holds at most one block of
-    crops whatever the length and number of its videos.
+    in blocks of at most ``FRAMES_PER_BLOCK`` crops (or one row, a video or a timeline chunk, when
+    that alone holds more), so that a task holds at most about one block of crops whatever the
+    length and number of its videos, and a model actor that takes a block at a time too.
 
     With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter,
     and a watchdog kills the process when one video takes over ``timeout_s`` (a hung decoder
@@ -171,11 +172,12 @@ def decode_videos(
             ray.get(ledger.start.remote(vid))
         with _watchdog(ledger, vid, timeout_s):
             for row in _decode_video(vid, uri, options, storage, faults):
-                rows.append(row)
-                frames += len(row.get(S.FRAMES) or b"") // crop_bytes
-                if frames >= FRAMES_PER_BLOCK:  # a long video's timeline: a block per chunk
+                crops = len(row.get(S.FRAMES) or b"") // crop_bytes
+                if rows and frames + crops > FRAMES_PER_BLOCK:  # full: it goes out before this row joins
                     yield _clip_table(rows)
                     rows, frames = [], 0
+                rows.append(row)
+                frames += crops
         if careful:
             ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
     if rows:

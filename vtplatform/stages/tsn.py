@@ -23,10 +23,10 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.inference import frame_engine
+from vtplatform.memory import ActorMemory
 from vtplatform.models.tsn import TSNConfig, load_backbone
 from vtplatform.models.weights import WeightsError
 from vtplatform.segments import video_rows
-from vtplatform.stages.decode import videos_per_call
 
 MODEL_NAME = S.MODEL_TSN
 
@@ -66,13 +66,20 @@ class TSNStage:
     for a video, (frames, C) for a timeline chunk. Each row goes through the model on its own
     (``frames_per_forward`` crops a call): oneDNN's results change in the last bits with the batch
     shape, and a video's features must not depend on which rows share its batch (tagging with and
-    without segments gives the same tags)."""
+    without segments gives the same tags).
+
+    Ray Data hands the actor one row at a time (``tsn_stage``), out of one decoded block at a
+    time, and the stage reads the row's crops where the block holds them, without a copy. So its
+    memory is bounded by frames (a block holds at most ``FRAMES_PER_BLOCK`` crops, or one row) and
+    ``frames_per_forward``, whatever the rows hold; each row records the actor's memory figures
+    (``memory.ActorMemory``: ``TSN_PEAK_MB``, ``TSN_CALL_MB``) for the job summary."""
 
     def __init__(self, spec: TSNSpec, storage: StorageSection):
         self.spec = spec
         with st.local_copy(spec.weights, storage) if spec.weights else contextlib.nullcontext() as weights:
             backbone, self.fingerprint = load_backbone(spec.model, weights, spec.seed)
         self.engine = frame_engine(backbone, spec.device, spec.precision, spec.threads)
+        self.memory = ActorMemory()
 
     def features(self, frames: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 3) uint8 -> (N, C) float32, ``frames_per_forward`` frames at a time."""
@@ -81,19 +88,25 @@ class TSNStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
+        self.memory.begin()
         size = self.spec.target_size
-        frames = batch.column(S.FRAMES).to_pylist()
+        frames = S.binary_views(batch.column(S.FRAMES))  # read in place: the crops are never copied
         ok = [i for i, f in enumerate(frames) if f is not None]
         out: list[bytes | None] = [None] * len(frames)
         for i in ok:  # a row at a time, so that its features never depend on the rows beside it
-            crops = np.frombuffer(frames[i], np.uint8).reshape(-1, size, size, 3)  # a video's or a chunk's
+            crops = frames[i].reshape(-1, size, size, 3)  # a video's or a chunk's
             out[i] = self.features(crops).astype(self.spec.out_dtype).tobytes()
+            self.memory.sample()  # with the row's crops and features in hand
         elapsed = (time.perf_counter() - start) / max(len(ok), 1)
         table = batch.drop_columns([S.FRAMES]).append_column(
             pa.field(S.FEATURES, pa.large_binary()), pa.array(out, pa.large_binary())
         )
         seconds = [elapsed if f is not None else 0.0 for f in frames]
-        return table.append_column(pa.field(S.INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
+        table = table.append_column(pa.field(S.INFER_SECONDS, pa.float32()), pa.array(seconds, pa.float32()))
+        self.memory.end()
+        for name, mb in ((S.TSN_PEAK_MB, self.memory.grown), (S.TSN_CALL_MB, self.memory.call)):
+            table = table.append_column(pa.field(name, pa.float32()), pa.array([mb] * len(frames), pa.float32()))
+        return table
 
 
 def tsn_spec(config: Config, weights: str | None, device: str, threads: int) -> TSNSpec:
@@ -131,11 +144,12 @@ def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
 
 
 def tsn_stage(ds, config: Config, spec: TSNSpec, plan: R.PipelinePlan):
-    """Adds the TSN actors to a dataset of decoded rows: rows with ``features`` bytes."""
+    """Adds the TSN actors to a dataset of decoded rows: rows with ``features`` bytes. A row a call:
+    an actor task takes one decoded block, never several gathered to make up a number of rows."""
     tsn = plan.models[MODEL_NAME]
     return ds.map_batches(
         TSNStage,
-        batch_size=config.resources.tsn_batch_size or videos_per_call(config.infer.seg_num),
+        batch_size=1,
         batch_format="pyarrow",
         compute=tsn.compute(),  # grows as the cluster makes room
         fn_constructor_kwargs={"spec": spec, "storage": config.storage},

@@ -40,18 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import StorageSection
 from vtplatform.models import weights as wts
-from vtplatform.models.weights import (  # reading checkpoints is the models' side
-    BEST_DIR,
-    META_FILE,
-    MODEL_FILE,
-)
 
 log = logging.getLogger(__name__)
-
-OPTIMIZER_FILE = "optimizer.npz"
 
 
 @dataclass
@@ -90,22 +84,22 @@ def save(
     """Writes one checkpoint directory locally."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    wts.save_state(model, _keys(model, name_map), directory / MODEL_FILE)
+    wts.save_state(model, _keys(model, name_map), directory / S.MODEL_FILE)
     if optimizer is not None:
-        np.savez(directory / OPTIMIZER_FILE, **optimizer_state(model, optimizer))
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
+        np.savez(directory / S.OPTIMIZER_FILE, **optimizer_state(model, optimizer))
+    (directory / S.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str), encoding="utf-8")
 
 
 def load(directory: str | Path, *, model, optimizer, name_map: Mapping[str, str] | None) -> dict[str, Any]:
     """Restores a local checkpoint directory into ``model`` (and ``optimizer``); returns its meta."""
     directory = Path(directory)
-    if optimizer is not None and (directory / OPTIMIZER_FILE).exists():
+    if optimizer is not None and (directory / S.OPTIMIZER_FILE).exists():
         materialize_optimizer(model, optimizer)  # creates the accumulators; touches the weights, loaded next
-    wts.assign(model, wts.read_state(directory / MODEL_FILE), _keys(model, name_map))
-    if optimizer is not None and (directory / OPTIMIZER_FILE).exists():
-        with np.load(directory / OPTIMIZER_FILE) as data:
+    wts.assign(model, wts.read_state(directory / S.MODEL_FILE), _keys(model, name_map))
+    if optimizer is not None and (directory / S.OPTIMIZER_FILE).exists():
+        with np.load(directory / S.OPTIMIZER_FILE) as data:
             load_optimizer_state(model, optimizer, {k: data[k] for k in data.files})
-    return json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    return json.loads((directory / S.META_FILE).read_text(encoding="utf-8"))
 
 
 # --- optimizer state, keyed by parameter names that do not depend on process history ---------
@@ -230,10 +224,10 @@ def write_run_file(relative: str, data: bytes) -> None:
 def _publish_best(local_dir: str) -> None:
     """Replaces ``best/``; meta.json goes last, so a reader that finds it finds a whole checkpoint."""
     fs, root = experiment_location()
-    target = f"{root}/{BEST_DIR}"
-    if st.exists(fs, f"{target}/{META_FILE}"):
-        fs.delete_file(f"{target}/{META_FILE}")
-    names = sorted(os.listdir(local_dir), key=lambda n: n == META_FILE)
+    target = f"{root}/{S.BEST_DIR}"
+    if st.exists(fs, f"{target}/{S.META_FILE}"):
+        fs.delete_file(f"{target}/{S.META_FILE}")
+    names = sorted(os.listdir(local_dir), key=lambda n: n == S.META_FILE)
     for name in names:
         st.write_bytes(Path(local_dir, name).read_bytes(), fs, f"{target}/{name}")
 

@@ -29,9 +29,9 @@ from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.eval.youtube8m import Youtube8mMetrics, batch_log_line, seed_log_line
 from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
 from vtplatform.lstm_data import collate, make_dataset, plan_inputs
+from vtplatform.memory import peak_rss_mb, private_rss_mb
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map, load_state, no_decay_keys
 from vtplatform.models.weights import CheckpointMeta, WeightsError, read_weights
-from vtplatform.pipeline import peak_rss_mb, private_rss_mb
 from vtplatform.stages.lstm import forward_logits, sigmoid_cross_entropy
 from vtplatform.train import checkpoint, scaffold
 from vtplatform.train.backend import all_reduce_sum, check_replicas

@@ -30,18 +30,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.models.weights import META_FILE, CheckpointMeta
+from vtplatform.models.weights import CheckpointMeta
 from vtplatform.resources import TrainPlan, size_training
 from vtplatform.train import checkpoint
 from vtplatform.train.backend import PaddleBackendConfig, PaddleContext, setup_paddle
 
 log = logging.getLogger(__name__)
 
-TENSORBOARD_DIR = "tensorboard"
-CURVES_FILE = "curves.png"
-HISTORY_FILE = "history.json"
 LOSS_SCALE = 2.0**15  # float16 AMP: the GradScaler's initial loss scaling
 
 
@@ -148,7 +146,7 @@ class TrainSummary:
             + ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
             f"  best {self.best_metric or 'metric':<12} {best}",
             f"  last checkpoint   {self.checkpoint}",
-            f"  curves            {self.run}/{CURVES_FILE}, TensorBoard: {self.run}/{TENSORBOARD_DIR}",
+            f"  curves            {self.run}/{S.CURVES_FILE}, TensorBoard: {self.run}/{S.TENSORBOARD_DIR}",
             f"  wall time         {self.elapsed_seconds:.1f} s",
         ]
         return "\n".join(lines)
@@ -162,7 +160,7 @@ def finish(
     summary.metrics = dict(result.metrics or {})
     if result.checkpoint is not None:
         summary.checkpoint = st.redact(result.checkpoint.path)
-        with result.checkpoint.as_directory() as directory, open(os.path.join(directory, META_FILE), "rb") as f:
+        with result.checkpoint.as_directory() as directory, open(os.path.join(directory, S.META_FILE), "rb") as f:
             meta = CheckpointMeta.from_dict(json.loads(f.read()))
         summary.epochs_done, summary.global_step, summary.best = meta.epoch, meta.global_step, meta.best
         summary.best_metric = meta.best_metric or summary.best_metric
@@ -180,7 +178,7 @@ def write_curves(history: list[dict[str, Any]], run: str, storage: StorageSectio
     import matplotlib.pyplot as plt
 
     fs, root = st.filesystem(run, storage)
-    st.write_bytes(json.dumps(history, indent=1).encode(), fs, f"{root}/{HISTORY_FILE}")
+    st.write_bytes(json.dumps(history, indent=1).encode(), fs, f"{root}/{S.HISTORY_FILE}")
     if not history:
         return
     epochs = [h["epoch"] for h in history]
@@ -203,7 +201,7 @@ def write_curves(history: list[dict[str, Any]], run: str, storage: StorageSectio
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    st.write_bytes(buf.getvalue(), fs, f"{root}/{CURVES_FILE}")
+    st.write_bytes(buf.getvalue(), fs, f"{root}/{S.CURVES_FILE}")
 
 
 # --- in a worker ---------------------------------------------------------------------------------
@@ -344,7 +342,7 @@ class Board:
         self.writer.flush()
         for name in os.listdir(self.dir):
             with open(os.path.join(self.dir, name), "rb") as f:
-                checkpoint.write_run_file(f"{TENSORBOARD_DIR}/{name}", f.read())
+                checkpoint.write_run_file(f"{S.TENSORBOARD_DIR}/{name}", f.read())
 
     def close(self) -> None:
         if self.writer is not None:
