@@ -146,13 +146,17 @@ sys.path.insert(0, sys.argv[1])
 from vtplatform.config import load_config
 from vtplatform.manifest import read_manifest
 from vtplatform.memory import peak_rss_mb
-from vtplatform.pipeline import JobSummary, output_state, plan_todo
-from vtplatform import storage as st
+from vtplatform.outputs import done_videos
+from vtplatform.outputs.dead_letters import dead_video_ids
+from vtplatform.outputs.features import FeatureOutput
+from vtplatform.pipeline import JobSummary, todo_entries
+from vtplatform import schema as S, storage as st
 start = time.perf_counter()
 config = load_config(sys.argv[1] + "/configs/tsn.yaml")
 manifest = read_manifest(sys.argv[2], config.storage)
 fs, root = st.filesystem(sys.argv[3], config.storage)
-todo = plan_todo(manifest, output_state(fs, root, "features"), False, fs, root, JobSummary("x", sys.argv[3], "features"))
+done = done_videos([FeatureOutput(S.feature_schema(2, 2, "float16", {}), False, sys.argv[3])], fs, root)
+todo = todo_entries(manifest, done, dead_video_ids(fs, root), False, fs, root, JobSummary("x", sys.argv[3], ["features"]))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb(), "todo": todo.num_rows}))
 """
     import pyarrow as pa

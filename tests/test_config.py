@@ -71,10 +71,10 @@ def test_override_values_are_yaml():
 def test_moved_keys_still_work_and_name_their_new_place(tmp_path, caplog):
     """Actor sizes moved under ``resources``; a config or override with the old name still runs."""
     old = tmp_path / "old.yaml"
-    old.write_text("tag:\n  lstm_cpus: 0.5\n  lstm_batch_size: 3\n", encoding="utf-8")
+    old.write_text("tag:\n  lstm_cpus: 0.5\n  lstm_threads: 3\n", encoding="utf-8")
     with caplog.at_level("WARNING", logger="vtplatform.config"):
         config = load_config(old, ["tag.lstm_gpus=0.125"])
-    assert (config.resources.lstm_cpus, config.resources.lstm_batch_size) == (0.5, 3)
+    assert (config.resources.lstm_cpus, config.resources.lstm_threads) == (0.5, 3)
     assert config.resources.lstm_gpus == 0.125
     assert "tag.lstm_cpus is now resources.lstm_cpus" in caplog.text
     assert not hasattr(config.tag, "lstm_cpus")
@@ -84,6 +84,18 @@ def test_moved_keys_still_work_and_name_their_new_place(tmp_path, caplog):
         None, ["train_run.num_workers=3", "train_run.cpus_per_worker=0.5", "train_run.threads_per_worker=2"]
     )
     assert (moved.resources.train_workers, moved.resources.train_cpus, moved.resources.train_threads) == (3, 0.5, 2)
+
+
+def test_retired_keys_load_with_a_warning_saying_why(tmp_path, caplog):
+    """Batch sizes counted in videos no longer bound anything: they load, are dropped, and say why
+    (also under their older name, moved first)."""
+    old = tmp_path / "old.yaml"
+    old.write_text("resources:\n  tsn_batch_size: 4\ntag:\n  lstm_batch_size: 3\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="vtplatform.config"):
+        config = load_config(old)
+    assert not hasattr(config.resources, "tsn_batch_size") and not hasattr(config.resources, "lstm_batch_size")
+    assert "resources.tsn_batch_size is no longer used (a TSN actor now takes one decoded block" in caplog.text
+    assert "resources.lstm_batch_size is no longer used" in caplog.text
 
 
 def test_job_flags_that_set_config_values_are_overrides_and_win():

@@ -21,7 +21,8 @@ from tests.conftest import EXAMPLES, ROOT, run_job
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.extract import run_extract
-from vtplatform.pipeline import finalize_output
+from vtplatform.outputs.features import FeatureOutput
+from vtplatform.pipeline import finalize_outputs
 from vtplatform.storage import derive_video_id
 
 SEGMENTS = 4
@@ -348,12 +349,13 @@ def test_finalize_drops_rows_a_retried_write_repeated(tmp_path):
     pq.write_table(part(["a", "b"]), tmp_path / S.FEATURES_DIR / "part-1.parquet")
     pq.write_table(part(["b", "c"]), tmp_path / S.FEATURES_DIR / "part-2.parquet")
     pq.write_table(part(["c"]), tmp_path / S.FEATURES_DIR / "part-3.parquet")
-    finalize_output(pafs.LocalFileSystem(), str(tmp_path), S.FEATURES_DIR, expected=pa.array(["a", "b", "c"]))
+    features = [FeatureOutput(schema, write_npy=False, where=str(tmp_path))]
+    finalize_outputs(features, pafs.LocalFileSystem(), str(tmp_path), expected=pa.array(["a", "b", "c"]))
     assert sorted(read_table(tmp_path).column(S.VIDEO_ID).to_pylist()) == ["a", "b", "c"]
     assert not (tmp_path / S.FEATURES_DIR / "part-3.parquet").exists()
     assert S.read_provenance(pq.read_schema(tmp_path / S.FEATURES_DIR / "part-2.parquet")) == {"weights": "x"}
     with pytest.raises(RuntimeError, match="neither features nor dead letters"):
-        finalize_output(pafs.LocalFileSystem(), str(tmp_path), S.FEATURES_DIR, expected=pa.array(["a", "zzz"]))
+        finalize_outputs(features, pafs.LocalFileSystem(), str(tmp_path), expected=pa.array(["a", "zzz"]))
 
 
 def test_videos_that_crash_or_hang_the_decoder_process_become_dead_letters(library, tmp_path):

@@ -84,7 +84,7 @@ def test_train_eval_predict_with_checkpoints_on_s3(ray_cluster, moto_endpoint, s
     run = f"{s3_bucket}/runs/AttentionLSTM"
     entries = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(run))}
     checkpoints = sorted(n for n in entries if n.startswith("epoch_"))
-    assert checkpoints == ["epoch_001_step_0000004", "epoch_002_step_0000000"]  # keep_checkpoints=2: the last two
+    assert checkpoints == ["epoch_001_step_0000003", "epoch_002_step_0000000"]  # every 2 steps of the run; the last two
     history = json.loads(fs.open_input_stream(f"{run}/history.json").read())
     assert [h["epoch"] for h in history] == [0, 1] and all("valid_gap" in h for h in history)
     best_meta = json.loads(fs.open_input_stream(f"{run}/best/meta.json").read())

@@ -12,15 +12,15 @@ from tests.conftest import EXAMPLES, ROOT
 from vtplatform import schema as S
 from vtplatform.config import StorageSection, load_config
 from vtplatform.manifest import Manifest
+from vtplatform.outputs import Output, done_videos
+from vtplatform.outputs.dead_letters import dead_letter_table, dead_video_ids
 from vtplatform.pipeline import (
     ABSENT,
     ABSENT_PER_TASK,
     JobSummary,
-    dead_letter_table,
-    finalize_output,
+    finalize_outputs,
     input_blocks,
-    output_state,
-    plan_todo,
+    todo_entries,
     with_local_sizes,
 )
 from vtplatform.stages.decode import (
@@ -114,12 +114,16 @@ def test_planning_and_finalizing_work_on_arrays(tmp_path):
     dead = dead_letter_table([{S.VIDEO_ID: "v2", S.URI: "u", S.STAGE: "read", S.ERROR_TYPE: "X", S.MESSAGE: "m"}])
     (tmp_path / "dead_letters").mkdir()
     pq.write_table(dead, tmp_path / "dead_letters" / "part-b.parquet")
-    state = output_state(fs, root, "features")
-    assert isinstance(state.done, pa.Array) and state.done.to_pylist() == ["v0", "v1"]
-    summary = JobSummary("x", root, "features")
-    todo = plan_todo(Manifest(_manifest(5)), state, False, fs, root, summary)
+
+    class Features(Output):
+        directory = "features"
+
+    done, dead = done_videos([Features()], fs, root), dead_video_ids(fs, root)
+    assert isinstance(done, pa.Array) and sorted(done.to_pylist()) == ["v0", "v1"] and dead.to_pylist() == ["v2"]
+    summary = JobSummary("x", root, ["features"])
+    todo = todo_entries(Manifest(_manifest(5)), done, dead, False, fs, root, summary)
     assert todo.column(S.VIDEO_ID).to_pylist() == ["v3", "v4"] and summary.skipped == 3
-    again = plan_todo(Manifest(_manifest(5)), state, True, fs, root, JobSummary("x", root, "features"))
+    again = todo_entries(Manifest(_manifest(5)), done, dead, True, fs, root, JobSummary("x", root, ["features"]))
     assert again.column(S.VIDEO_ID).to_pylist() == ["v2", "v3", "v4"]  # --retry_failed
-    with pytest.raises(RuntimeError, match="1 submitted videos reached neither"):
-        finalize_output(fs, root, "features", expected=pa.array(["v0", "v2", "v3"]))
+    with pytest.raises(RuntimeError, match="1 submitted videos reached neither features nor dead letters"):
+        finalize_outputs([Features()], fs, root, expected=pa.array(["v0", "v2", "v3"]))

@@ -13,7 +13,8 @@ from tests.clips import write_indexed_clip
 from tests.conftest import SEED
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
-from vtplatform.frame_cache import CacheTask, cache_settings, read_index, write_shard
+from vtplatform.frame_cache import CacheTask, cache_settings, write_shard
+from vtplatform.outputs.frame_cache import read_index
 from vtplatform.tsn_data import (
     attach_cache,
     clip_frames,

@@ -127,7 +127,6 @@ class ResourcesSection:
     lstm_cpus: float = 1.0  # CPUs Ray reserves per AttentionLSTM tagging actor
     lstm_gpus: float = 0.0  # GPUs per AttentionLSTM tagging actor when GPUs are used (a fraction is plenty)
     lstm_threads: int | None = None  # Paddle threads per AttentionLSTM actor on CPU (None: max(1, lstm_cpus))
-    lstm_batch_size: int = 8  # videos per AttentionLSTM call when tagging
     train_workers: int | None = None  # Ray Train workers (None: TRAIN.num_gpus); TRAIN.batch_size is split across them;
     # also the AttentionLSTM actors of evaluation and prediction
     train_cpus: float | None = None  # CPUs per training worker (None: 1, scaled down on a cluster with fewer CPUs)
@@ -143,7 +142,7 @@ class ResourcesSection:
         _positive(
             "resources", self, "tsn_frames_per_forward", "decode_concurrency", "writer_concurrency", "tsn_threads"
         )
-        _positive("resources", self, "lstm_actors", "lstm_cpus", "lstm_threads", "lstm_batch_size")
+        _positive("resources", self, "lstm_actors", "lstm_cpus", "lstm_threads")
         _positive("resources", self, "train_workers", "train_cpus", "train_threads")
         if self.lstm_gpus < 0:
             raise ConfigError(f"resources.lstm_gpus must be >= 0, got {self.lstm_gpus}")
@@ -365,7 +364,7 @@ MOVED_KEYS = {
     ("tag", "lstm_cpus"): ("resources", "lstm_cpus"),
     ("tag", "lstm_gpus"): ("resources", "lstm_gpus"),
     ("tag", "lstm_threads"): ("resources", "lstm_threads"),
-    ("tag", "lstm_batch_size"): ("resources", "lstm_batch_size"),
+    ("tag", "lstm_batch_size"): ("resources", "lstm_batch_size"),  # then retired
     ("train_run", "num_workers"): ("resources", "train_workers"),
     ("train_run", "cpus_per_worker"): ("resources", "train_cpus"),
     ("train_run", "threads_per_worker"): ("resources", "train_threads"),
@@ -376,14 +375,12 @@ MOVED_KEYS = {
 RETIRED_KEYS = {
     ("resources", "tsn_batch_size"): "a TSN actor now takes one decoded block at a time (about 512 frames, "
     "or one video or timeline chunk when that alone is more), so its memory is bounded by frames, not videos",
+    ("resources", "lstm_batch_size"): "the tagging AttentionLSTM takes a video, or a timeline chunk's windows, "
+    "at a time",
 }
 
 
 def _move_renamed_keys(sections: dict[str, dict[str, Any]]) -> None:
-    for (section, key), why in RETIRED_KEYS.items():
-        if key in sections.get(section, {}):
-            sections[section].pop(key)
-            log.warning("%s.%s is no longer used (%s); please remove it", section, key, why)
     for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
         if old_key not in sections.get(old_section, {}):
             continue
@@ -392,6 +389,10 @@ def _move_renamed_keys(sections: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(f"{old_section}.{old_key} and {new_section}.{new_key} are both set; keep only the latter")
         log.warning("%s.%s is now %s.%s; please rename it", old_section, old_key, new_section, new_key)
         sections.setdefault(new_section, {})[new_key] = value
+    for (section, key), why in RETIRED_KEYS.items():
+        if key in sections.get(section, {}):
+            sections[section].pop(key)
+            log.warning("%s.%s is no longer used (%s); please remove it", section, key, why)
 
 
 def build_config(sections: dict[str, dict[str, Any]]) -> Config:

@@ -8,9 +8,9 @@ Output layout under ``save_dir`` (a local folder or an ``s3://`` prefix)::
     runs/<timestamp>.json             the summary of each run
 
 The job supplies its stages (``stages.decode``, ``stages.tsn``) and its output
-(``stages.tsn.FeatureOutput``); ``pipeline.run_video_job`` does the rest. Resumable by construction: part files are written atomically and named from the videos they
-hold, and a rerun skips every video already in ``features`` (and in ``dead_letters`` unless
-``retry_failed``).
+(``outputs.features``); ``pipeline.run_video_job`` does the rest. Resumable by construction: part
+files are written atomically and named from the videos they hold, and a rerun skips every video
+already in ``features`` (and in ``dead_letters`` unless ``retry_failed``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform.config import Config
-from vtplatform.pipeline import JobSummary, VideoJob, prepare_output, run_video_job
+from vtplatform.outputs.features import FeatureOutput
+from vtplatform.pipeline import JobSummary, VideoJob, prepare_output, read_entries, run_video_job
 from vtplatform.stages import tsn
 from vtplatform.stages.decode import decode_stage
 
@@ -41,12 +42,14 @@ def run_extract(
     schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
     job = VideoJob(
         "extraction",
-        S.FEATURES_DIR,
         spec.device,
-        stages=lambda ds: tsn.tsn_stage(decode_stage(ds, config, plan), config, spec, plan),
-        outputs=[tsn.FeatureOutput(schema, config.output.format == "npy")],
+        entries=read_entries(manifest, config),
+        stages=[
+            lambda ds: decode_stage(ds, config, plan),
+            lambda ds: tsn.tsn_stage(ds, config, spec, plan),
+        ],
+        outputs=[FeatureOutput(schema, config.output.format == "npy", save_dir)],
         writer_cpus=plan.writer_cpus,
         frames_per_video=config.infer.seg_num,
-        check_output=lambda fs, root, state: tsn.check_same_extractor(state.schema, prov, save_dir),
     )
-    return run_video_job(config, manifest, save_dir, job, retry_failed, start)
+    return run_video_job(config, save_dir, job, retry_failed, start)

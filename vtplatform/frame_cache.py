@@ -17,9 +17,7 @@ shard, then its index part; a rerun skips every video already indexed.
 
 from __future__ import annotations
 
-import datetime as dt
 import io
-import json
 import logging
 import os
 import shutil
@@ -33,10 +31,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-import vtplatform
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.outputs import frame_cache as cache_tables
+from vtplatform.outputs.frame_cache import FrameCacheOutput
 from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, prepare_output, run_video_job
 from vtplatform.resources import plan_tasks, sized
 from vtplatform.tsn_data import pool_indices, read_list
@@ -63,15 +62,7 @@ def cache_settings(config: Config) -> dict[str, Any]:
 
 
 def read_settings(root_uri: str, storage: StorageSection) -> dict[str, Any] | None:
-    return _settings_at(*st.filesystem(root_uri, storage))
-
-
-def _settings_at(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
-    path = f"{root}/{S.CACHE_SETTINGS_FILE}"
-    if not st.exists(fs, path):
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+    return cache_tables.read_settings(*st.filesystem(root_uri, storage))
 
 
 def open_cache(root_uri: str, storage: StorageSection) -> tuple[dict[str, Any], pa.Table]:
@@ -82,21 +73,7 @@ def open_cache(root_uri: str, storage: StorageSection) -> tuple[dict[str, Any], 
             f"no frame cache at {st.redact(root_uri)} (no {S.CACHE_SETTINGS_FILE}); build one with jobs/cache_frames.py"
         )
     fs, root = st.filesystem(root_uri, storage)
-    return settings, read_index(fs, root)
-
-
-def read_index(fs: pafs.FileSystem, root: str) -> pa.Table:
-    files = st.list_files(fs, f"{root}/{S.INDEX_DIR}", ".parquet")
-    if not files:
-        return S.FRAME_CACHE_INDEX_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(f, filesystem=fs, schema=S.FRAME_CACHE_INDEX_SCHEMA) for f in files])
-    seen: set[str] = set()
-    keep = []
-    for i, vid in enumerate(table.column(S.VIDEO_ID).to_pylist()):  # a retried task may index a video twice
-        if vid not in seen:
-            seen.add(vid)
-            keep.append(i)
-    return table.take(pa.array(keep, pa.int64())) if len(keep) != table.num_rows else table
+    return settings, cache_tables.read_index(fs, root)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -278,42 +255,25 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
     task = CacheTask(save_dir, settings, read_options(config), config.storage)
     job = VideoJob(
         "frame cache",
-        S.INDEX_DIR,
         "cpu",
-        stages=lambda ds: map_cpu_tasks(
-            ds,
-            write_shard,
-            batch_size=per_file,
-            num_cpus=sizes.task_cpus,
-            concurrency=sizes.task_concurrency,
-            max_retries=res.decode_max_retries,
-            fn_kwargs={"task": task},
-        ),
-        outputs=[],  # a task writes its shard and index part itself; the writer takes the dead letters
+        entries=read_list(filelist, config, labelled=False),
+        stages=[
+            lambda ds: map_cpu_tasks(
+                ds,
+                write_shard,
+                batch_size=per_file,
+                num_cpus=sizes.task_cpus,
+                concurrency=sizes.task_concurrency,
+                max_retries=res.decode_max_retries,
+                fn_kwargs={"task": task},
+            )
+        ],
+        outputs=[FrameCacheOutput(settings, save_dir)],
         writer_cpus=sizes.writer_cpus,
-        read_entries=lambda: read_list(filelist, config, labelled=False),
-        input_blocks=lambda todo: _blocks(todo.select([S.VIDEO_ID, S.URI, S.LABEL]), per_file),
-        check_output=lambda fs, root, state: _check_settings(fs, root, settings, save_dir),
-        counters=(S.CACHED_FRAMES, S.CACHED_BYTES),
+        blocks=lambda todo: _blocks(todo.select([S.VIDEO_ID, S.URI, S.LABEL]), per_file),
     )
-    return run_video_job(config, filelist, save_dir, job, retry_failed, start)
+    return run_video_job(config, save_dir, job, retry_failed, start)
 
 
 def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
-
-
-def _check_settings(fs: pafs.FileSystem, root: str, settings: dict[str, Any], save_dir: str) -> None:
-    """Refuses a cache made with other settings; records the settings in a new one."""
-    existing = _settings_at(fs, root)
-    if existing is not None and {k: existing.get(k) for k in settings} != settings:
-        diff = [f"{k}: {existing.get(k)!r} != {v!r}" for k, v in settings.items() if existing.get(k) != v]
-        raise ConfigError(
-            f"{st.redact(save_dir)} holds a cache made with other settings ({'; '.join(diff)}); use another --save_dir"
-        )
-    if existing is None:
-        record = settings | {
-            "vtplatform_version": vtplatform.__version__,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        st.write_bytes(json.dumps(record, indent=2).encode(), fs, f"{root}/{S.CACHE_SETTINGS_FILE}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import io
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from vtplatform.pipeline import blocks_dataset
 log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK = 16  # rows per Ray Data block in the seed layout (one .npy read task)
+UNIT = "unit"  # planned rows: the (file, row group) of the table, or the .npy file, that holds the row
 READ_ROWS = 32  # feature-table rows read at once (about 40 MB at 300 x 2048 float16)
 
 # Reasons a row is left out.
@@ -174,6 +176,7 @@ class FeatureTable:
     uri: str
     files: list[str]  # paths inside ``fs``
     row_groups: list[int]  # per file
+    group_rows: list[list[int]]  # per file, the rows of each of its row groups
     fs: pafs.FileSystem
     num_segments: int
     feature_dim: int
@@ -215,7 +218,15 @@ def open_feature_table(uri: str, storage: StorageSection) -> FeatureTable:
         log.warning("%s holds features of a randomly initialised TSN: they carry no meaning", st.redact(uri))
     itemsize = first.field(S.FEATURES).type.value_type.bit_width // 8
     return FeatureTable(
-        uri, files, [m.num_row_groups for m in footers], fs, int(shape[0]), int(shape[1]), prov, itemsize
+        uri,
+        files,
+        [m.num_row_groups for m in footers],
+        [[m.row_group(g).num_rows for g in range(m.num_row_groups)] for m in footers],
+        fs,
+        int(shape[0]),
+        int(shape[1]),
+        prov,
+        itemsize,
     )
 
 
@@ -309,6 +320,7 @@ def _plan_table(
                 f"{phase.upper()}.filelist must name the labels (a list file or labels table) for the feature table"
             )
         inputs.rows = pa.table({S.VIDEO_ID: ids, S.URI: uris, S.LABELS: [[] for _ in ids]}, schema=S.LABEL_SCHEMA)
+        inputs.rows = inputs.rows.append_column(UNIT, pa.array(_units_of(table, np.arange(len(ids))), pa.int32()))
         return inputs
     labels, problems = read_labels(filelist, config.storage)
     inputs.source = f"{table.uri} + {filelist}"
@@ -334,9 +346,15 @@ def _plan_table(
             S.LABELS: [sorted(merged[i]) for i in order],
         },
         schema=S.LABEL_SCHEMA,
-    )
+    ).append_column(UNIT, pa.array(_units_of(table, np.asarray(order, np.int64)), pa.int32()))
     inputs.unlabelled = len(ids) - len(merged)
     return inputs
+
+
+def _units_of(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
+    """The unit (index into the table's (file, row group) list) of each table row index in ``rows``."""
+    sizes = np.asarray([n for groups in table.group_rows for n in groups], np.int64)
+    return np.searchsorted(np.cumsum(sizes), rows, side="right")
 
 
 def _plan_npy(filelist: str, phase: str, config: Config) -> FeatureInputs:
@@ -372,7 +390,8 @@ def _plan_npy(filelist: str, phase: str, config: Config) -> FeatureInputs:
     for reason, examples in sorted(by_reason.items()):
         _bad_rows(config, inputs, reason, examples)
     rows = rows.append_column(S.STEPS, pa.array([steps[p] for p in rows.column(S.PATH).to_pylist()], pa.int64()))
-    inputs.rows = rows.take(pa.array(good, pa.int64()))
+    rows = rows.take(pa.array(good, pa.int64()))
+    inputs.rows = rows.append_column(UNIT, pa.array(np.arange(rows.num_rows), pa.int32()))  # a file each
     return inputs
 
 
@@ -422,18 +441,14 @@ def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
 # --- datasets --------------------------------------------------------------------------------
 
 
-def make_dataset(
-    inputs: FeatureInputs, config: Config, with_targets: bool = True, cache: bool = False, task_cpus: float = 1.0
-):
-    """A Ray Dataset of the planned rows, in a deterministic order, as numpy batches of
+def make_dataset(inputs: FeatureInputs, config: Config, with_targets: bool = True, task_cpus: float = 1.0):
+    """A Ray Dataset of all the planned rows, in table (or list) order, as numpy batches of
     ``video_id``, ``features`` ((T, D) per row, as stored), ``length`` and, with targets,
-    ``targets`` (multi-hot uint8 over MODEL.num_classes). With ``cache``, inputs up to
-    ``data.cache_mb`` are read once and held in Ray's object store (for several epochs). Each read
-    task reserves ``task_cpus`` (sized with the model stage that consumes the rows)."""
+    ``targets`` (multi-hot uint8 over MODEL.num_classes), for evaluation and prediction. Each read
+    task reserves ``task_cpus`` (sized with the model stage that consumes the rows). Training reads
+    per worker instead (``epoch_rows``, ``unit_blocks``, ``load_rows``)."""
     ds = _dataset(inputs, config, with_targets, task_cpus)
     ds.context.execution_options.preserve_order = True  # blocks in input order, whichever task finishes first
-    if cache and inputs.nbytes <= config.data.cache_mb * 2**20:
-        ds = ds.materialize()  # small: read once, then every epoch comes from Ray's object store
     return ds
 
 
@@ -514,6 +529,97 @@ def _npy_rows(batch: pa.Table, storage: StorageSection, num_classes: int, with_t
     if with_targets:
         out[S.TARGETS] = _targets(batch.column(S.LABELS).combine_chunks(), num_classes)
     return out
+
+
+# --- training: each worker's rows of an epoch ---------------------------------------------------
+
+
+def epoch_rows(rows: pa.Table, seed: int, epoch: int, rank: int, world: int) -> pa.Table:
+    """A worker's share of the planned ``rows`` in ``epoch``: the units (row groups of the table,
+    or .npy files) in an order drawn from (seed, epoch), each unit's rows together in table order,
+    and each worker a contiguous ``len(rows) // world`` of them. It depends on nothing else, so a
+    restarted worker reads what it read before."""
+    units = rows.column(UNIT).to_numpy()
+    if not len(units):
+        return rows
+    present = np.unique(units)
+    place = np.zeros(int(present.max()) + 1, np.int64)
+    place[present[np.random.default_rng([seed, epoch]).permutation(len(present))]] = np.arange(len(present))
+    order = np.lexsort((np.arange(len(units)), place[units]))
+    per = len(units) // world
+    return rows.take(pa.array(order[rank * per : (rank + 1) * per]))
+
+
+def unit_blocks(rows: pa.Table, inputs: FeatureInputs) -> list[pa.Table]:
+    """Planned rows (in the order a worker takes them) as read tasks' blocks: a table's rows a run
+    of one unit at a time, with the unit's file and row group; .npy files ``ROWS_PER_BLOCK`` at a time."""
+    if not inputs.table_units:
+        return _blocks(rows.select([S.VIDEO_ID, S.PATH, S.LABELS]), ROWS_PER_BLOCK)
+    units = rows.column(UNIT).to_numpy()
+    bounds = np.flatnonzero(np.r_[True, units[1:] != units[:-1], True]) if len(units) else np.array([0])
+    blocks = []
+    for lo, hi in itertools.pairwise(bounds):
+        path, group = inputs.table_units[int(units[lo])]
+        block = rows.slice(lo, hi - lo).select([S.VIDEO_ID, S.LABELS, UNIT])
+        blocks.append(
+            block.append_column(S.PATH, pa.array([path] * block.num_rows)).append_column(
+                "row_group", pa.array([group] * block.num_rows, pa.int32())
+            )
+        )
+    return blocks
+
+
+def load_rows(
+    block: pa.Table, table: str | None, storage: StorageSection, num_classes: int, cache: list | None = None
+) -> dict[str, np.ndarray]:
+    """A block of planned rows (``unit_blocks``) -> numpy ``video_id``, ``features``, ``length``,
+    ``targets``, in the block's order: from the table's row group (or its copy in Ray's object
+    store, ``cache``), or from the .npy files."""
+    if table is None:
+        return _npy_rows(block, storage, num_classes, with_targets=True)
+    import ray
+
+    ids = block.column(S.VIDEO_ID)
+    if cache is not None:
+        part = ray.get(cache[block.column(UNIT)[0].as_py()])
+    else:
+        fs, _ = st.filesystem(table, storage)
+        path, group = block.column(S.PATH)[0].as_py(), block.column("row_group")[0].as_py()
+        with fs.open_input_file(path) as f:
+            part = pq.ParquetFile(f).read_row_group(group, columns=[S.VIDEO_ID, S.FEATURES])
+    part = part.take(pc.index_in(ids, value_set=part.column(S.VIDEO_ID)))  # the block's rows, in its order
+    feats = part.column(S.FEATURES).combine_chunks().to_numpy_ndarray()
+    return {
+        S.VIDEO_ID: np.asarray(ids.to_pylist(), dtype=object),
+        S.FEATURES: feats,
+        S.LENGTH: np.full(len(feats), feats.shape[1], dtype=np.int32),
+        S.TARGETS: _targets(block.column(S.LABELS).combine_chunks(), num_classes),
+    }
+
+
+def cache_units(inputs: FeatureInputs, config: Config, task_cpus: float) -> list | None:
+    """With a feature table whose planned features fit ``data.cache_mb``: each unit's planned rows
+    read once, by Ray tasks, into Ray's object store (a list of refs by unit, None for units
+    without planned rows), so that the epochs after the first read no storage. None otherwise."""
+    if not inputs.table or inputs.nbytes > config.data.cache_mb * 2**20:
+        return None
+    import ray
+
+    read = ray.remote(_read_unit).options(num_cpus=task_cpus)
+    units = inputs.rows.column(UNIT).to_numpy()
+    ids = inputs.rows.column(S.VIDEO_ID)
+    refs: list = [None] * len(inputs.table_units)
+    for unit in np.unique(units):
+        path, group = inputs.table_units[int(unit)]
+        refs[int(unit)] = read.remote(inputs.table, config.storage, path, group, ids.filter(pa.array(units == unit)))
+    return refs
+
+
+def _read_unit(table: str, storage: StorageSection, path: str, group: int, ids: pa.Array) -> pa.Table:
+    fs, _ = st.filesystem(table, storage)
+    with fs.open_input_file(path) as f:
+        part = pq.ParquetFile(f).read_row_group(group, columns=[S.VIDEO_ID, S.FEATURES])
+    return part.filter(pc.is_in(part.column(S.VIDEO_ID), value_set=ids))
 
 
 def collate(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -39,7 +39,7 @@ from vtplatform.eval.lstm import run_eval
 from vtplatform.extract import run_extract
 from vtplatform.labels import read_label_names
 from vtplatform.lstm_data import read_labels
-from vtplatform.tag import run_tag, tag_features
+from vtplatform.tag import run_tag, run_tag_features
 from vtplatform.train.lstm import run_train
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,12 @@ def tag_untagged(config: Config, where: dict[str, str]) -> int:
     if champion is None:
         log.warning("no champion yet: nothing to tag with")
         return 0
-    return tag_features(config, where["features"], where["tags"], champion["lstm_weights"], champion["model_id"])
+    cfg = replace(config, tag=replace(config.tag, segment_seconds=None, thumbnails=False))  # video-level tags
+    done = run_tag_features(
+        cfg, where["features"], where["tags"], champion["lstm_weights"], meta={"model_id": champion["model_id"]}
+    )
+    log.info("tagged %d videos with %s", done.succeeded, champion["model_id"])
+    return done.succeeded
 
 
 def segments_for_champion(config: Config, where: dict[str, str]) -> dict[str, Any]:

@@ -1,18 +1,18 @@
-"""The per-video job runner: extraction, tagging and the frame cache are each a ``VideoJob``
-(its stages and its outputs), and ``run_video_job`` does the rest, the same way for all three::
+"""The per-video job runner. Extraction, tagging, the frame cache and prediction are each a
+``VideoJob``: the Ray Data stages its rows go through and the tables it writes (``outputs``);
+``run_video_job`` does the rest, the same way for all of them::
 
-    manifest -> plan (skip what is done) -> the job's stages -> ResultSink -> finalize -> summary
+    entries -> todo (skip what every output holds whole) -> stages -> writer (outputs.sink)
+            -> finalize each output (outputs.compaction) -> summary
 
-A job's rows travel with ``stage``/``error_type``/``message`` columns that are null for good
-rows. The writer (``ResultSink``) writes the good rows through the job's ``Output`` objects and
-the failed ones to ``dead_letters/``; part files are named from the videos they hold and
-written atomically, so a rerun can skip everything already written. ``finalize_output`` then
-checks that every submitted video landed somewhere and compacts the dead letters.
+Rows are a video's own or a chunk of its timeline (``schema.ROW_KIND``), with ``stage``/
+``error_type``/``message`` columns that are null for good rows; the writer hands each output the
+good rows of the kinds it takes (``schema.split_rows``), and the failed ones to the dead letters. Part files are named from their rows and written
+atomically, so a rerun skips everything already written and a retried write replaces its files.
 """
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import functools
 import json
@@ -22,44 +22,26 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
-from ray.data import Datasink, TaskPoolStrategy
+from ray.data import TaskPoolStrategy
 
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.config import Config, ConfigError
 from vtplatform.manifest import Manifest, read_manifest
 from vtplatform.memory import peak_rss_mb
-from vtplatform.segments import row_keys, video_rows
+from vtplatform.outputs import Output, done_videos
+from vtplatform.outputs.dead_letters import DeadLetterOutput, dead_video_ids, write_dead_letters
+from vtplatform.outputs.sink import STAGE_SECONDS, ResultSink
 
 log = logging.getLogger(__name__)
 
-
-# Per-video seconds each stage adds to its rows, summed by the writer for the summary.
-STAGE_SECONDS = {"decode": S.DECODE_SECONDS, "tsn": S.INFER_SECONDS, "lstm": S.TAG_SECONDS}
-# Per-row memory figures of model actors (``memory.ActorMemory``: growth over the loaded model, and
-# the most one call added), of which the writer keeps the largest for the summary.
-STAGE_PEAK_MB = {"tsn": S.TSN_PEAK_MB, "tsn call": S.TSN_CALL_MB}
-
-
-class Output(Protocol):
-    """One kind of file a job writes from its good rows (a table under ``directory``, .npy, JSON)."""
-
-    directory: str
-
-    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None: ...
-
-
-def dead_letter_table(rows: list[dict]) -> pa.Table:
-    now = dt.datetime.now(dt.timezone.utc)
-    return pa.Table.from_pylist([{**r, S.FAILED_AT: now} for r in rows], schema=S.DEAD_LETTER_SCHEMA)
+Stage = Callable[[Any], Any]  # a Ray Dataset -> the Dataset with one more stage
 
 
 def map_cpu_tasks(
@@ -155,114 +137,13 @@ def input_blocks(
     return blocks
 
 
-class ResultSink(Datasink):
-    """The writer stage. Each write task gets at least ``rows_per_file`` rows, writes the good ones
-    through every output and the failed ones to one dead-letter part, and returns its counts."""
-
-    def __init__(
-        self,
-        save_dir: str,
-        storage: StorageSection,
-        outputs: Sequence[Output],
-        rows_per_file: int,
-        counters: Sequence[str] = (),
-    ):
-        self.save_dir = save_dir.rstrip("/")
-        self.storage = storage
-        self.outputs = list(outputs)
-        self.rows_per_file = rows_per_file
-        self.counters = tuple(counters)  # numeric columns of the good rows, summed for the summary
-        self.stats: dict[str, Any] = {}
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def get_name(self) -> str:
-        return "ResultWriter"
-
-    def write(self, blocks, ctx) -> dict[str, Any]:
-        tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {"ok": 0, "failed": {}, "seconds": {}, "counts": {}, "peak_mb": {}}
-        table = pa.concat_tables(tables)
-        fs, root = st.filesystem(self.save_dir, self.storage)
-        failed_mask = pc.is_valid(table.column(S.ERROR_TYPE))
-        good, bad = table.filter(pc.invert(failed_mask)), table.filter(failed_mask)
-        if good.num_rows:
-            part = st.part_name(row_keys(good))
-            for output in self.outputs:
-                output.write(good, fs, root, part)
-        if bad.num_rows:
-            rows = bad.select([S.VIDEO_ID, S.URI, S.STAGE, S.ERROR_TYPE, S.MESSAGE]).to_pylist()
-            st.write_parquet(
-                dead_letter_table(rows),
-                fs,
-                f"{root}/{S.DEAD_LETTERS_DIR}/{st.part_name(bad.column(S.VIDEO_ID).to_pylist())}",
-            )
-        reasons = collections.Counter(
-            f"{s}/{e}"
-            for s, e in zip(bad.column(S.STAGE).to_pylist(), bad.column(S.ERROR_TYPE).to_pylist(), strict=True)
-        )
-        seconds = {
-            stage: float(pc.sum(table.column(col)).as_py() or 0.0)
-            for stage, col in STAGE_SECONDS.items()
-            if col in table.column_names
-        }
-        counts = {c: int(pc.sum(good.column(c)).as_py() or 0) for c in self.counters}
-        peaks = {
-            stage: float(pc.max(table.column(col)).as_py() or 0.0)
-            for stage, col in STAGE_PEAK_MB.items()
-            if col in table.column_names
-        }
-        videos = video_rows(good).num_rows  # not the timeline chunks of tagging with segments
-        return {"ok": videos, "failed": dict(reasons), "seconds": seconds, "counts": counts, "peak_mb": peaks}
-
-    def on_write_complete(self, write_result) -> None:
-        ok, failed, seconds, counts = 0, collections.Counter(), collections.Counter(), collections.Counter()
-        peaks: dict[str, float] = {}
-        for r in write_result.write_returns:
-            ok += r["ok"]
-            failed.update(r["failed"])
-            seconds.update(r["seconds"])
-            counts.update(r["counts"])
-            for stage, mb in r["peak_mb"].items():
-                peaks[stage] = max(peaks.get(stage, 0.0), mb)
-        self.stats = {
-            "ok": ok,
-            "failed": dict(failed),
-            "seconds": dict(seconds),
-            "counts": dict(counts),
-            "peak_mb": peaks,
-        }
-
-
-@dataclass
-class OutputState:
-    """What an output folder already holds (video ids as Arrow arrays: a million of them as Python
-    strings in sets would cost the driver hundreds of MB)."""
-
-    done: pa.Array
-    dead: pa.Array
-    schema: pa.Schema | None  # of the first part of the result table
-
-
-def output_state(fs: pafs.FileSystem, root: str, result_dir: str) -> OutputState:
-    parts = st.list_files(fs, f"{root}/{result_dir}", ".parquet")
-    schema = pq.read_schema(parts[0], filesystem=fs) if parts else None
-    done = st.read_column(fs, f"{root}/{result_dir}", S.VIDEO_ID).combine_chunks()
-    dead = st.read_column(fs, f"{root}/{S.DEAD_LETTERS_DIR}", S.VIDEO_ID).combine_chunks()
-    return OutputState(done, dead, schema)
-
-
 @dataclass
 class JobSummary:
     """The table every per-video job prints at the end."""
 
     job: str
     save_dir: str
-    result_dir: str
+    tables: list[str]  # the folders of the job's outputs (besides dead_letters)
     device: str = "cpu"
     manifest_entries: int = 0
     duplicates: int = 0
@@ -295,7 +176,9 @@ class JobSummary:
         ]
         entering = self.submitted + self.failed_at("manifest")
         for stage in ("manifest", *[s for s in STAGE_SECONDS if s in self.stage_seconds]):
-            lost = self.failed_at(stage) + (self.failed_at("read") if stage == "decode" else 0)
+            lost = self.failed_at(stage) + (
+                self.failed_at("read") if stage == "decode" and "read" not in self.stage_seconds else 0
+            )
             busy = self.stage_seconds.get(stage)
             per = f"{busy / max(entering, 1):8.2f}" if busy is not None else f"{'':>8}"
             busy_text = f"{busy:10.1f}" if busy is not None else f"{'':>10}"
@@ -313,9 +196,9 @@ class JobSummary:
             f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "
             f"{frames / wall:.1f} frames/s",
             f"  driver peak memory    {self.driver_peak_mb:.0f} MB",
-            f"  {self.result_dir:<21} {self.save_dir.rstrip('/')}/{self.result_dir}",
-            f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{S.DEAD_LETTERS_DIR}",
         ]
+        lines += [f"  {name:<21} {self.save_dir.rstrip('/')}/{name}" for name in self.tables]
+        lines.append(f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{S.DEAD_LETTERS_DIR}")
         return "\n".join(lines)
 
     def add_sink_stats(self, stats: dict[str, Any]) -> None:
@@ -330,22 +213,27 @@ class JobSummary:
             self.stage_peak_mb[stage] = max(self.stage_peak_mb.get(stage, 0.0), mb)
 
 
-def plan_todo(
-    entries: Manifest, state: OutputState, retry_failed: bool, fs: pafs.FileSystem, root: str, summary: JobSummary
+def todo_entries(
+    entries: Manifest,
+    done: pa.Array,
+    dead: pa.Array,
+    retry_failed: bool,
+    fs: pafs.FileSystem,
+    root: str,
+    summary: JobSummary,
 ) -> pa.Table:
-    """The manifest entries still to process; records rejected manifest lines as dead letters."""
-    skip = state.done if retry_failed else pa.concat_arrays([state.done, state.dead])
+    """The entries still to process (neither done nor, unless ``retry_failed``, dead-lettered);
+    writes the rejected manifest lines as dead letters."""
+    skip = done if retry_failed else pa.concat_arrays([done, dead.cast(pa.string())])
     rejected_ids = pa.array([r[S.VIDEO_ID] for r in entries.rejected], pa.string())
     known = pc.is_in(rejected_ids, value_set=skip).to_pylist()
-    new = [r for r, done in zip(entries.rejected, known, strict=True) if not done]
+    new = [r for r, seen in zip(entries.rejected, known, strict=True) if not seen]
     summary.skipped += len(entries.rejected) - len(new)
     for r in new:
         reason = f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"
         summary.failed[reason] = summary.failed.get(reason, 0) + 1
         log.warning("manifest entry rejected: %s", r[S.MESSAGE])
-    if new:
-        name = st.part_name([r[S.VIDEO_ID] for r in new], prefix="manifest")
-        st.write_parquet(dead_letter_table(new), fs, f"{root}/{S.DEAD_LETTERS_DIR}/{name}")
+    write_dead_letters(new, fs, root, prefix="manifest")
     ids = entries.entries.column(S.VIDEO_ID)
     todo = entries.entries.filter(pc.invert(pc.is_in(ids, value_set=skip))) if len(skip) else entries.entries
     summary.manifest_entries = len(entries) + len(entries.rejected) + entries.duplicates
@@ -355,101 +243,30 @@ def plan_todo(
     return todo
 
 
-COMPACTED_ROWS_PER_FILE = 25_000  # dead letters per compacted part (a few MB held at a time)
+def write_rows(ds, config: Config, save_dir: str, outputs: Sequence[Output], writer_cpus: float = 0.0) -> dict:
+    """Runs ``ds`` into the writer stage (``outputs.sink.ResultSink``) over ``outputs``; returns its
+    counts for the summary. The caller finalizes the outputs (``finalize_outputs``)."""
+    sink = ResultSink(save_dir, config.storage, outputs, config.output.rows_per_file)
+    ds.write_datasink(sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": writer_cpus})
+    return sink.stats
 
 
-def finalize_output(fs: pafs.FileSystem, root: str, result_dir: str, expected: pa.Array | None) -> None:
-    """Checks that every submitted video (``expected``) landed somewhere, removes repeated result
-    rows a retried write task could leave, and compacts the dead letters: one row per video, the
-    latest attempt, none for videos that have results now. Only the ids and times of the dead
-    letters are held at once; their rows are read and written a part at a time."""
-    results, dead_dir = f"{root}/{result_dir}", f"{root}/{S.DEAD_LETTERS_DIR}"
-    _drop_repeated_rows(fs, results)
-    done = st.read_column(fs, results, S.VIDEO_ID).combine_chunks()
-    files = st.list_files(fs, dead_dir, ".parquet")
-    keys = [pq.read_table(f, columns=[S.VIDEO_ID, S.FAILED_AT], filesystem=fs) for f in files]
-    sizes = np.array([k.num_rows for k in keys], np.int64)
-    dead = (
-        pa.concat_tables(keys).combine_chunks()
-        if keys
-        else pa.table(
-            {
-                S.VIDEO_ID: pa.array([], pa.string()),
-                S.FAILED_AT: pa.array([], S.DEAD_LETTER_SCHEMA.field(S.FAILED_AT).type),
-            }
-        )
-    )
-    del keys
+def finalize_outputs(outputs: Sequence[Output], fs: pafs.FileSystem, root: str, expected: pa.Array | None) -> None:
+    """After a run: checks that every submitted video (``expected``) is done or dead-lettered, then
+    finalizes each output in order (compaction; derived tables such as spans come after the tables
+    they are made from), with the videos done."""
+    done = done_videos(outputs, fs, root)
     if expected is not None and len(expected):
-        landed = pa.concat_arrays([done, dead.column(S.VIDEO_ID).combine_chunks().cast(pa.string())])
+        landed = pa.concat_arrays([done, dead_video_ids(fs, root).cast(pa.string())])
         lost = expected.filter(pc.invert(pc.is_in(expected, value_set=landed)))
         if len(lost):
+            tables = " and ".join(o.directory for o in outputs if o.decides_done)
             raise RuntimeError(
-                f"{len(lost)} submitted videos reached neither {result_dir} nor dead letters, "
+                f"{len(lost)} submitted videos reached neither {tables} nor dead letters, "
                 f"e.g. {sorted(lost.to_pylist())[:3]}"
             )
-        del landed
-    # The latest failure of each video that has no result: the first row of each id, sorted.
-    dead = dead.append_column("row", pa.array(np.arange(dead.num_rows, dtype=np.int64)))
-    dead = dead.filter(pc.invert(pc.is_in(dead.column(S.VIDEO_ID), value_set=done)))
-    dead = dead.take(pc.sort_indices(dead, [(S.VIDEO_ID, "ascending"), (S.FAILED_AT, "descending")]))
-    ids = dead.column(S.VIDEO_ID).to_numpy(zero_copy_only=False)
-    first = np.r_[True, ids[1:] != ids[:-1]][: len(ids)]
-    keep = np.sort(dead.column("row").to_numpy()[first])
-    compacted_already = all(f.rsplit("/", 1)[-1].startswith("compacted-") for f in files)
-    if len(keep) == sizes.sum() and (len(files) <= 1 or compacted_already):
-        return
-    name = st.part_name(ids[first].tolist(), prefix="compacted")
-    del dead, ids, first
-    offsets = np.r_[0, np.cumsum(sizes)]
-    pending: list[pa.Table] = []
-    written: set[str] = set()
-
-    def flush() -> None:
-        part = pa.concat_tables(pending)
-        pending.clear()
-        path = f"{dead_dir}/{name[:-8]}-{len(written):05d}.parquet"
-        st.write_parquet(part, fs, path)
-        written.add(path)
-
-    for i, f in enumerate(files):
-        rows = keep[np.searchsorted(keep, offsets[i]) : np.searchsorted(keep, offsets[i + 1])] - offsets[i]
-        if len(rows):
-            pending.append(pq.read_table(f, filesystem=fs, schema=S.DEAD_LETTER_SCHEMA).take(pa.array(rows)))
-        if sum(t.num_rows for t in pending) >= COMPACTED_ROWS_PER_FILE:
-            flush()
-    if pending:
-        flush()
-    written_names = {w.rsplit("/", 1)[-1] for w in written}
-    for f in files:
-        if f.rsplit("/", 1)[-1] not in written_names:
-            fs.delete_file(f)
-
-
-def _drop_repeated_rows(fs: pafs.FileSystem, directory: str) -> None:
-    """Rewrites the parts holding rows whose video_id an earlier part holds already."""
-    parts = st.list_files(fs, directory, ".parquet")
-    ids = [pq.read_table(p, columns=[S.VIDEO_ID], filesystem=fs).column(S.VIDEO_ID).combine_chunks() for p in parts]
-    if not ids:
-        return
-    counts = pc.value_counts(pa.concat_arrays(ids))
-    repeated_anywhere = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if not len(repeated_anywhere):
-        return
-    seen: set[str] = set()
-    for path, part_ids in zip(parts, ids, strict=True):
-        mine = part_ids.filter(pc.is_in(part_ids, value_set=repeated_anywhere)).to_pylist()
-        repeated = [i for i in mine if i in seen]
-        seen.update(mine)
-        if not repeated:
-            continue
-        log.warning("%s repeats %d rows already written elsewhere; rewriting it without them", path, len(repeated))
-        table = pq.read_table(path, filesystem=fs)
-        keep = table.filter(pc.invert(pc.is_in(table.column(S.VIDEO_ID), pa.array(repeated))))
-        if keep.num_rows:
-            st.write_parquet(keep.replace_schema_metadata(table.schema.metadata), fs, path)
-        else:
-            fs.delete_file(path)
+    for output in outputs:
+        output.finalize(fs, root, done)
 
 
 def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:
@@ -466,21 +283,16 @@ def write_run_summary(summary: Any, fs: pafs.FileSystem, root: str) -> None:
 
 @dataclass
 class VideoJob:
-    """What one per-video job supplies to ``run_video_job``: its stages and its outputs."""
+    """What one per-video job supplies to ``run_video_job``."""
 
-    name: str  # in the summary: "extraction", "tagging", "frame cache"
-    result_dir: str  # the folder whose video ids mean "done"
+    name: str  # in the summary: "extraction", "tagging", "frame cache", "prediction"
     device: str
-    stages: Callable[[Any], Any]  # the input Dataset -> the rows the writer takes
-    outputs: list[Output]
-    writer_cpus: float
+    entries: Manifest  # the videos (or rows) to process
+    stages: list[Stage]  # in order: the first takes ``blocks(todo)``, the writer takes the last one's rows
+    outputs: list[Output]  # the tables written (the dead letters are added); whole in all, a video is done
+    writer_cpus: float = 0.0
     frames_per_video: int = 0
-    read_entries: Callable[[], Any] | None = None  # -> a Manifest-like list; default: the manifest
-    input_blocks: Callable[[pa.Table], list[pa.Table]] | None = None  # todo -> blocks; default first_stage_input
-    check_output: Callable[[pafs.FileSystem, str, OutputState], None] | None = None  # refuses a foreign folder
-    done: Callable[[pafs.FileSystem, str, pa.Array], pa.Array] | None = None  # narrows the result ids to the done
-    counters: tuple[str, ...] = ()  # numeric columns of the good rows summed into ``JobSummary.counts``
-    finish: Callable[[pafs.FileSystem, str], None] | None = None  # after finalize (tagging's hub list)
+    blocks: Callable[[pa.Table], list[pa.Table]] | None = None  # todo -> the first stage's blocks
 
 
 def prepare_output(config: Config, save_dir: str) -> Config:
@@ -499,37 +311,29 @@ def read_entries(manifest: str, config: Config) -> Manifest:
         raise ConfigError(f"cannot read manifest {st.redact(manifest)}: {st.redact(str(exc))}") from exc
 
 
-def run_video_job(
-    config: Config, manifest: str, save_dir: str, job: VideoJob, retry_failed: bool, start: float
-) -> JobSummary:
-    """Runs ``job`` over every manifest entry not yet done in ``save_dir`` (``config`` from
+def run_video_job(config: Config, save_dir: str, job: VideoJob, retry_failed: bool, start: float) -> JobSummary:
+    """Runs ``job`` over every entry not yet done in ``save_dir`` (``config`` from
     ``prepare_output``; ``start``: when the job began, for the summary). Needs ``ray.init()``."""
     fs, root = st.filesystem(save_dir, config.storage)
-    state = output_state(fs, root, job.result_dir)
-    if job.check_output is not None:
-        job.check_output(fs, root, state)
-    if job.done is not None:
-        state = replace(state, done=job.done(fs, root, state.done))
-    entries = job.read_entries() if job.read_entries is not None else read_entries(manifest, config)
+    outputs = [*job.outputs, DeadLetterOutput()]
+    for output in outputs:
+        output.check(fs, root)
     summary = JobSummary(
         job.name,
         st.redact(st.canonical_uri(save_dir)),
-        job.result_dir,
+        [o.directory for o in job.outputs],
         job.device,
         frames_per_video=job.frames_per_video,
     )
-    todo = plan_todo(entries, state, retry_failed, fs, root, summary)
+    done = done_videos(outputs, fs, root)
+    todo = todo_entries(job.entries, done, dead_video_ids(fs, root), retry_failed, fs, root, summary)
     log.info("%s: %d videos to process, %d already done, on %s", job.name, todo.num_rows, summary.skipped, job.device)
     if todo.num_rows:
-        sink = ResultSink(save_dir, config.storage, job.outputs, config.output.rows_per_file, job.counters)
-        blocks = job.input_blocks(todo) if job.input_blocks is not None else first_stage_input(todo, config)
-        job.stages(blocks_dataset(blocks)).write_datasink(
-            sink, concurrency=config.resources.writer_concurrency, ray_remote_args={"num_cpus": job.writer_cpus}
-        )
-        summary.add_sink_stats(sink.stats)
-    finalize_output(fs, root, job.result_dir, expected=todo.column(S.VIDEO_ID).combine_chunks())
-    if job.finish is not None:
-        job.finish(fs, root)
+        ds = blocks_dataset(job.blocks(todo) if job.blocks is not None else first_stage_input(todo, config))
+        for stage in job.stages:
+            ds = stage(ds)
+        summary.add_sink_stats(write_rows(ds, config, save_dir, outputs, job.writer_cpus))
+    finalize_outputs(outputs, fs, root, expected=todo.column(S.VIDEO_ID).combine_chunks())
     summary.elapsed_seconds = time.perf_counter() - start
     summary.driver_peak_mb = peak_rss_mb()
     write_run_summary(summary, fs, root)

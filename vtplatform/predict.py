@@ -1,16 +1,19 @@
 """Prediction with either model, side by side: top-k tags per video.
 
 * ``run_predict``: AttentionLSTM, from a feature table or the seed's .npy files (the LSTM stage,
-  ``stages.lstm``, over ``lstm_data``'s batches; ``run_inference`` is shared with its evaluation);
+  ``stages.lstm``, over ``lstm_data``'s batches; ``inference_dataset`` is shared with its evaluation);
 * ``run_predict_tsn``: the TSN classifier, from videos (``stages.classifier.classify``, shared
   with its evaluation).
 
+Both stream their rows through the writer stage into ``outputs.predictions`` (and dead letters for
+videos that could not be loaded), like every per-video job: nothing is gathered in the driver.
+
 Output under ``save_dir`` (a local folder or ``s3://`` prefix)::
 
-    predictions/part-NNNNN.parquet   schema.PREDICTION_SCHEMA: video_id, uri, class ids, names,
+    predictions/part-<hash>.parquet  schema.PREDICTION_SCHEMA: video_id, uri, class ids, names,
                                      probabilities (top k, best first)
-    json/result<i>.json              with seed_json: the seed's per-video file,
-                                     [video_id, {"class_id", "class_name", "probability"}, ...]
+    json/result<i>.json              with seed_json: the seed's per-video file, i the video's place
+                                     in the list: [video_id, {"class_id", "class_name", "probability"}, ...]
 
 Class names come from the label file (line i = class i). Names are not unique (VideoTag's
 label_3396.txt has 10 repeated names), so every output keeps the class ids.
@@ -18,43 +21,44 @@ label_3396.txt has 10 repeated names), so every output keeps the class ids.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
-from vtplatform.config import Config, StorageSection
-from vtplatform.labels import label_fingerprint, label_names_for, seed_json_bytes
+from vtplatform.config import Config
+from vtplatform.labels import label_fingerprint, label_names_for
 from vtplatform.lstm_data import make_dataset, plan_inputs
+from vtplatform.outputs import with_metadata
+from vtplatform.outputs.dead_letters import DeadLetterOutput, write_dead_letters
+from vtplatform.outputs.predictions import PredictionOutput
+from vtplatform.pipeline import finalize_outputs, prepare_output, write_rows
 from vtplatform.stages import lstm, tsn
 from vtplatform.stages.classifier import classify
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_PART = 10_000
 
-
-def run_inference(
+def inference_dataset(
     config: Config, weights: str, inputs, phase_use_gpu: bool, top_k: int | None, batch_size: int, with_targets: bool
 ):
-    """The planned ``inputs`` through the model on an actor pool; yields numpy batches."""
+    """(model config, loaded weights, the planned ``inputs`` through the model on an actor pool:
+    a dataset of numpy batches)."""
     model_config, loaded = lstm.resolve_model(config, weights, inputs.feature_dim)
     lstm.check_feature_provenance(config, loaded.meta, inputs.provenance, inputs.source)
     plan = R.size_pipeline(config, [lstm.inference_need(config)], phase_use_gpu)
     actors = plan.models[lstm.MODEL_NAME]
     spec = lstm.ModelSpec(model_config, loaded.source, config.storage, actors.num_gpus > 0, actors.threads)
     ds = make_dataset(inputs, config, with_targets=with_targets, task_cpus=plan.task_cpus)
-    ds = lstm.inference_stage(ds, spec, top_k, batch_size, actors)
-    return model_config, loaded, ds.iter_batches(batch_size=None, batch_format="numpy")
+    return model_config, loaded, lstm.inference_stage(ds, spec, top_k, batch_size, actors)
 
 
 @dataclass
@@ -77,47 +81,46 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-class PredictionWriter:
-    """Writes ``predictions/part-NNNNN.parquet`` (``ROWS_PER_PART`` rows each, the model and its
-    label set in the schema metadata) and, with ``seed_json``, the seed's ``json/result<i>.json``."""
-
-    def __init__(self, save_dir: str, storage: StorageSection, metadata: dict[str, Any], seed_json: bool):
-        self.fs, self.root = st.filesystem(save_dir, storage)
-        self.schema = S.PREDICTION_SCHEMA.with_metadata({S.METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-        self.seed_json = seed_json
-        self.pending: list[pa.Table] = []
-        self.parts = self.count = 0
-
-    def add(self, table: pa.Table) -> None:
-        """``predictions_table`` rows, in order."""
-        if self.count == 0 and table.num_rows:
-            log.info("top-%d predictions:\n%s", len(table.column(S.CLASS_IDS)[0]), format_predictions(table))
-        if self.seed_json:
-            for i, row in enumerate(table.to_pylist(), start=self.count):
-                st.write_bytes(seed_json_bytes(row), self.fs, f"{self.root}/{S.JSON_DIR}/result{i}.json")
-        self.count += table.num_rows
-        self.pending.append(table)
-        if sum(t.num_rows for t in self.pending) >= ROWS_PER_PART:
-            self._flush()
-
-    def close(self) -> None:
-        if self.pending or self.parts == 0:
-            self._flush()
-
-    def _flush(self) -> None:
-        table = pa.concat_tables(self.pending).cast(self.schema) if self.pending else self.schema.empty_table()
-        path = f"{self.root}/{S.PREDICTIONS_DIR}/part-{self.parts:05d}.parquet"
-        st.write_parquet(table.replace_schema_metadata(self.schema.metadata), self.fs, path)
-        self.pending, self.parts = [], self.parts + 1
-
-
-def prediction_metadata(model: str, weights: str, names: list[str] | None, num_classes: int, top_k: int) -> dict:
-    return {
+def prediction_output(
+    model: str, weights: str, names: list[str] | None, num_classes: int, top_k: int, save_dir: str, seed_json: bool
+) -> PredictionOutput:
+    """The predictions table, its metadata recording the model, weights, label set and k."""
+    made = {
         "model": model,
         "weights": st.redact(weights),
         "label_fingerprint": label_fingerprint(names, num_classes),
         "top_k": top_k,
     }
+    return PredictionOutput(with_metadata(S.PREDICTION_SCHEMA, made), names, save_dir, seed_json)
+
+
+def _write(config: Config, save_dir: str, ds, output: PredictionOutput, expected: pa.Array) -> dict:
+    """The rows of ``ds`` into the predictions (and dead letters), finalized; logs the first ones."""
+    fs, root = st.filesystem(save_dir, config.storage)
+    outputs = [output, DeadLetterOutput()]
+    for o in outputs:
+        o.check(fs, root)
+    stats = write_rows(ds, config, save_dir, outputs)
+    finalize_outputs(outputs, fs, root, expected)
+    parts = output.parts(fs, root)
+    if parts:
+        log.info("predictions (a first part):\n%s", format_predictions(pq.read_table(parts[0], filesystem=fs)))
+    return stats
+
+
+def _lstm_rows(batch: dict[str, np.ndarray], ids: pa.Array, uris: pa.Array) -> pa.Table:
+    """The LSTM stage's numpy batch -> prediction rows with each video's uri and place in the list."""
+    vids = pa.array([str(v) for v in batch[S.VIDEO_ID]], pa.string())
+    where = pc.index_in(vids, value_set=ids)
+    return pa.table(
+        {
+            S.VIDEO_ID: vids,
+            S.URI: uris.take(where),
+            S.LIST_INDEX: where.cast(pa.int64()),
+            S.CLASS_IDS: pa.array(batch[S.CLASS_IDS].tolist(), pa.list_(pa.int32())),
+            S.PROBS: pa.array(batch[S.PROBS].tolist(), pa.list_(pa.float32())),
+        }
+    )
 
 
 def run_predict(
@@ -131,26 +134,43 @@ def run_predict(
     whole_table: bool = False,
 ) -> PredictSummary:
     """AttentionLSTM: top-k tags for every video of ``filelist`` (default INFER.filelist), or with
-    ``whole_table`` for every row of the feature table ``data.features``."""
+    ``whole_table`` for every row of the feature table ``data.features``. Needs ``ray.init()``."""
     start = time.perf_counter()
+    config = prepare_output(config, save_dir)
     top_k = top_k or config.model.topk
     inputs = plan_inputs(config, "infer", None if whole_table else filelist or config.infer.filelist, need_labels=False)
-    model_config, loaded, batches = run_inference(
+    model_config, loaded, ds = inference_dataset(
         config, weights, inputs, config.infer.use_gpu, top_k, config.infer.batch_size, with_targets=False
     )
     names = label_names_for(label_file, model_config.num_classes, config.storage)
     trained = (loaded.meta or {}).get("label_fingerprint")
     if names is not None and trained and trained != label_fingerprint(names, model_config.num_classes):
         log.warning("label file %s differs from the one the model was trained with", st.redact(label_file))
-    metadata = prediction_metadata(lstm.MODEL_NAME, loaded.source, names, model_config.num_classes, top_k)
-    writer = PredictionWriter(save_dir, config.storage, metadata, seed_json)
-    uris = dict(zip(inputs.rows.column(S.VIDEO_ID).to_pylist(), inputs.rows.column(S.URI).to_pylist(), strict=True))
-    for batch in batches:
-        ids = [str(v) for v in batch[S.VIDEO_ID]]
-        writer.add(predictions_table(ids, [uris.get(v) for v in ids], batch[S.CLASS_IDS], batch[S.PROBS], names))
-    writer.close()
+    output = prediction_output(
+        lstm.MODEL_NAME, loaded.source, names, model_config.num_classes, top_k, save_dir, seed_json
+    )
+    ids, uris = (inputs.rows.column(c).combine_chunks() for c in (S.VIDEO_ID, S.URI))
+    ds = ds.map_batches(_lstm_rows, batch_format="numpy", fn_kwargs={"ids": ids, "uris": uris})
+    stats = _write(config, save_dir, ds, output, ids)
     return PredictSummary(
-        st.redact(save_dir), writer.count, dict(inputs.skipped), time.perf_counter() - start, st.redact(loaded.source)
+        st.redact(save_dir), stats["ok"], dict(inputs.skipped), time.perf_counter() - start, st.redact(loaded.source)
+    )
+
+
+def _tsn_rows(batch: pa.Table, ids: pa.Array, k: int) -> pa.Table:
+    """Classifier rows -> prediction rows (the top ``k``, each video's place in the list), failures kept."""
+    where = pc.index_in(batch.column(S.VIDEO_ID), value_set=ids)
+    return pa.table(
+        {
+            S.VIDEO_ID: batch.column(S.VIDEO_ID),
+            S.URI: batch.column(S.URI),
+            S.LIST_INDEX: where.cast(pa.int64()),
+            S.CLASS_IDS: pc.list_slice(batch.column(S.CLASS_IDS), 0, k),
+            S.PROBS: pc.list_slice(batch.column(S.PROBS), 0, k),
+            S.STAGE: batch.column(S.STAGE),
+            S.ERROR_TYPE: batch.column(S.ERROR_TYPE),
+            S.MESSAGE: batch.column(S.MESSAGE),
+        }
     )
 
 
@@ -165,37 +185,22 @@ def run_predict_tsn(
 ) -> PredictSummary:
     """TSN: top-k (``MODEL.topk``) classes of every INFER video (``INFER.seg_num`` centred
     segments); videos that cannot be loaded become dead letters under ``save_dir``."""
+    start = time.perf_counter()
+    config = prepare_output(config, save_dir)
     k = min(top_k or config.model.topk, config.model.num_classes)
-    results = classify(config, "infer", weights, filelist, labelled=False)
+    classified = classify(config, "infer", weights, filelist, labelled=False)
     names = label_names_for(label_file, config.model.num_classes, config.storage)
-    top_ids = np.array([ids[:k] for ids in results.table.column(S.CLASS_IDS).to_pylist()], np.int64).reshape(-1, k)
-    top_probs = np.array([p[:k] for p in results.table.column(S.PROBS).to_pylist()], np.float32).reshape(-1, k)
-    metadata = prediction_metadata(tsn.MODEL_NAME, weights, names, config.model.num_classes, k)
-    writer = PredictionWriter(save_dir, config.storage, metadata, seed_json)
-    video_ids, uris = (results.table.column(c).to_pylist() for c in (S.VIDEO_ID, S.URI))
-    writer.add(predictions_table(video_ids, uris, top_ids, top_probs, names))
-    writer.close()
-    results.write_dead_letters(save_dir, config.storage)
-    return PredictSummary(
-        st.redact(save_dir), writer.count, results.failure_counts(), results.elapsed_seconds, st.redact(weights)
-    )
-
-
-def predictions_table(
-    video_ids: list[str], uris: list[str], top_ids: np.ndarray, top_probs: np.ndarray, class_names: Sequence[str] | None
-) -> pa.Table:
-    """``schema.PREDICTION_SCHEMA`` rows; ``class_names`` null without a label file."""
-    names = [[class_names[c] for c in row] for row in top_ids.tolist()] if class_names is not None else None
-    return pa.table(
-        {
-            S.VIDEO_ID: video_ids,
-            S.URI: uris,
-            S.CLASS_IDS: pa.array(top_ids.tolist(), pa.list_(pa.int32())),
-            S.CLASS_NAMES: pa.array(names or [None] * len(video_ids), pa.list_(pa.string())),
-            S.PROBS: pa.array(top_probs.astype(np.float32).tolist(), pa.list_(pa.float32())),
-        },
-        schema=S.PREDICTION_SCHEMA,
-    )
+    output = prediction_output(tsn.MODEL_NAME, weights, names, config.model.num_classes, k, save_dir, seed_json)
+    fs, root = st.filesystem(save_dir, config.storage)
+    write_dead_letters(classified.rejected, fs, root, prefix="manifest")
+    ids = classified.entries.column(S.VIDEO_ID).combine_chunks()
+    ds = classified.dataset.map_batches(_tsn_rows, batch_format="pyarrow", fn_kwargs={"ids": ids, "k": k})
+    stats = _write(config, save_dir, ds, output, ids)
+    failed = dict(stats["failed"])
+    for r in classified.rejected:
+        reason = f"{r[S.STAGE]}/{r[S.ERROR_TYPE]}"
+        failed[reason] = failed.get(reason, 0) + 1
+    return PredictSummary(st.redact(save_dir), stats["ok"], failed, time.perf_counter() - start, st.redact(weights))
 
 
 def format_predictions(table: pa.Table, limit: int | None = 20) -> str:

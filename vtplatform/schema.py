@@ -85,6 +85,7 @@ FAILED_AT = "failed_at"
 # Between stages only.
 FRAMES = "frames"  # raw (seg, 224, 224, 3) uint8 crops, as bytes
 DECODE_SECONDS = "decode_seconds"  # per-video busy time of each stage, summed for the summary
+READ_SECONDS = "read_seconds"  # tagging from a feature table: reading a video's features
 INFER_SECONDS = "infer_seconds"
 TAG_SECONDS = "tag_seconds"
 TSN_PEAK_MB = "tsn_peak_mb"  # the TSN actor's memory growth over the loaded model, at its highest (MB)
@@ -98,6 +99,7 @@ LOSS = "loss"  # AttentionLSTM evaluation: a video's loss
 LABEL_PROB = "label_prob"  # TSN evaluation: the probability of the true label
 
 # Predictions.
+LIST_INDEX = "list_index"  # between stages: a video's place in the input list (the seed's result<i>.json)
 CLASS_IDS = "class_ids"
 CLASS_NAMES = "class_names"
 PROBS = "probs"
@@ -143,8 +145,22 @@ LAST_CHUNK = "last_chunk"  # the video's last chunk: with chunks 0..this one all
 MAX_PROB = "max_prob"
 MEAN_PROB = "mean_prob"
 
-# What the decode stage hands to the model stage, one row per video. Failed rows carry the
-# error columns and a null ``frames``.
+# Rows travel between stages as a tagged union: every row says its kind (``ROW_KIND``), a video's
+# own row (``VIDEO_ROWS``: its sampled crops, then features, then tags) or, when tagging with
+# segments, a chunk of a video's timeline (``CHUNK_ROWS``). Ray Data may gather rows of both kinds
+# in one block, so a block has every column of ``ROW_SCHEMA`` (those of the other kind null) and a
+# stage that treats the kinds apart goes by ``ROW_KIND``; ``split_rows`` gives each kind's rows
+# with its own columns only, which is what the writer hands the outputs taking that kind. A job's
+# per-video result rows without ``ROW_KIND`` (the frame cache, predictions) are video rows.
+ROW_KIND = "row_kind"
+VIDEO_ROWS = "video"
+CHUNK_ROWS = "chunk"
+FAILED_ROWS = "failed"  # what the dead letters take: the rows that failed, of any kind
+
+THUMBNAIL = "thumbnail"  # the video's own JPEG, on its own row (--thumbnails)
+
+# The columns of a video's row out of the decode stage. Failed rows carry the error columns and a
+# null ``frames``.
 CLIP_SCHEMA = pa.schema(
     [
         (VIDEO_ID, pa.string()),
@@ -159,13 +175,16 @@ CLIP_SCHEMA = pa.schema(
         (STAGE, pa.string()),
         (ERROR_TYPE, pa.string()),
         (MESSAGE, pa.string()),
+        (DECODE_SECONDS, pa.float32()),
+        (THUMBNAIL, pa.binary()),
     ]
 )
 
-# With segments or thumbnails, the decode stage also emits a video's timeline in chunk rows (``CHUNK``
-# set): ``frames`` holds the chunk's timeline crops at ``T_SECONDS``; the windows whose frames it
-# holds are ``frames[WIN_LO[i]:WIN_HI[i]]``; frames before ``NEW_FROM`` were in the chunk before too
-# (overlapping windows). The AttentionLSTM adds the ``WIN_*`` tags. Null on a video's own row.
+# The columns of a timeline chunk row: ``frames`` holds the chunk's timeline crops at
+# ``T_SECONDS``; the windows whose frames it holds are ``frames[WIN_LO[i]:WIN_HI[i]]``; frames
+# before ``NEW_FROM`` were in the chunk before too (overlapping windows). The AttentionLSTM adds the
+# ``WIN_*`` tags (``WINDOW_TAG_FIELDS``). A chunk never fails on its own: a video whose timeline
+# fails is a failed video row.
 NEW_FROM = "new_from"
 WIN_INDEX = "win_index"
 WIN_START = "win_start"
@@ -173,10 +192,9 @@ WIN_END = "win_end"
 WIN_LO = "win_lo"
 WIN_HI = "win_hi"
 WIN_THUMBS = "win_thumbs"  # a JPEG per window (--thumbnails)
-THUMBNAIL = "thumbnail"  # the video's own JPEG, on its own row (--thumbnails)
 TIMELINE_FRAMES = "timeline_frames"  # counted in the job summary
 WINDOWS = "windows"
-TIMELINE_FIELDS = [
+CHUNK_FIELDS = [
     pa.field(CHUNK, pa.int32()),
     pa.field(LAST_CHUNK, pa.bool_()),
     pa.field(NEW_FROM, pa.int32()),
@@ -187,9 +205,18 @@ TIMELINE_FIELDS = [
     pa.field(WIN_LO, pa.list_(pa.int32())),
     pa.field(WIN_HI, pa.list_(pa.int32())),
     pa.field(WIN_THUMBS, pa.list_(pa.binary())),
-    pa.field(THUMBNAIL, pa.binary()),
     pa.field(TIMELINE_FRAMES, pa.int32()),
     pa.field(WINDOWS, pa.int32()),
+]
+SHARED_COLUMNS = (VIDEO_ID, URI, FRAMES, NUM_FRAMES, FPS, DECODER, STAGE, ERROR_TYPE, MESSAGE, DECODE_SECONDS)
+CHUNK_SCHEMA = pa.schema([CLIP_SCHEMA.field(n) for n in SHARED_COLUMNS] + CHUNK_FIELDS)
+# What the decode stage yields: the union, each row's kind in ROW_KIND.
+ROW_SCHEMA = pa.schema([*CLIP_SCHEMA, *CHUNK_FIELDS, pa.field(ROW_KIND, pa.string())])
+
+VIDEO_TAG_FIELDS = [  # the tags the AttentionLSTM adds to a video's row
+    pa.field(CLASS_IDS, pa.list_(pa.int32())),
+    pa.field(PROBS, pa.list_(pa.float32())),
+    pa.field(LABELS, pa.list_(pa.int32())),
 ]
 WIN_CLASS_IDS = "win_class_ids"
 WIN_PROBS = "win_probs"
@@ -201,6 +228,29 @@ WINDOW_TAG_FIELDS = [
     pa.field(WIN_LABELS, pa.list_(pa.list_(pa.int32()))),
     pa.field(WIN_LABEL_PROBS, pa.list_(pa.list_(pa.float32()))),
 ]
+
+# The columns only one kind of row has (the others are shared: ``SHARED_COLUMNS``, and what the
+# model stages add to every row: features, per-row seconds and memory).
+KIND_COLUMNS = {
+    VIDEO_ROWS: {FRAME_INDICES, WIDTH, HEIGHT, THUMBNAIL} | {f.name for f in VIDEO_TAG_FIELDS},
+    CHUNK_ROWS: {f.name for f in CHUNK_FIELDS} | {f.name for f in WINDOW_TAG_FIELDS},
+}
+
+
+def split_rows(table: pa.Table) -> dict[str, pa.Table]:
+    """A block's rows by kind, each kind's with its own columns only (not the other kind's, not
+    ``ROW_KIND``); kinds without rows are left out. Rows without ``ROW_KIND`` are video rows."""
+    if ROW_KIND not in table.column_names:
+        return {VIDEO_ROWS: table} if table.num_rows else {}
+    import pyarrow.compute as pc
+
+    out = {}
+    for kind, other in ((VIDEO_ROWS, CHUNK_ROWS), (CHUNK_ROWS, VIDEO_ROWS)):
+        rows = table.filter(pc.equal(table.column(ROW_KIND), kind))
+        if rows.num_rows:
+            out[kind] = rows.drop_columns([c for c in rows.column_names if c in KIND_COLUMNS[other] or c == ROW_KIND])
+    return out
+
 
 PREDICTION_SCHEMA = pa.schema(
     [

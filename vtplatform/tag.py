@@ -1,7 +1,8 @@
 """Batch tagging: manifest -> decode (CPU tasks) -> TSN (actors) -> AttentionLSTM (actors) -> tags,
-in one Ray Data pipeline; no feature files are written in between.
+in one Ray Data pipeline; no feature files are written in between. Or, with ``run_tag_features``,
+a feature table -> AttentionLSTM -> tags, with no video opened.
 
-Output under ``save_dir`` (local or ``s3://``)::
+Output under ``save_dir`` (local or ``s3://``), one module of ``outputs`` each::
 
     tags/part-<hash>.parquet        schema.TAG_SCHEMA: top-k ids, names, probabilities, and the
                                     labels at or above tag.threshold
@@ -19,17 +20,16 @@ Output under ``save_dir`` (local or ``s3://``)::
 
 With segments the decode tasks also read each video at tag.timeline_fps frames a second of
 presentation time, streaming, and send its timeline through TSN in chunks of whole windows
-(``segments.chunk_windows``); the AttentionLSTM tags each window. The video-level tags are the
+(``windows.chunk_windows``); the AttentionLSTM tags each window. The video-level tags are the
 same with or without segments. A video is done when its tags row and all its chunks are written.
 
 Incremental and resumable like extraction. The features go through the AttentionLSTM rounded to
 ``output.dtype``, exactly as they would be read back from a feature table, so tagging equals
-extraction followed by ``jobs/predict.py``.
+extraction followed by ``jobs/predict.py``, and tagging a feature table equals tagging its videos.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -38,77 +38,29 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
-from vtplatform.labels import check_label_names, label_fingerprint, read_label_names, seed_json_bytes
+from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
+from vtplatform.manifest import Manifest
 from vtplatform.models.weights import fingerprint
-from vtplatform.pipeline import (
-    JobSummary,
-    OutputState,
-    ResultSink,
-    VideoJob,
-    blocks_dataset,
-    finalize_output,
-    output_state,
-    prepare_output,
-    run_video_job,
-)
-from vtplatform.segments import (
-    SegmentOutput,
-    ThumbnailOutput,
-    TimelineOutput,
-    complete_videos,
-    finalize_segments,
-    video_rows,
-)
+from vtplatform.outputs import Output, with_metadata
+from vtplatform.outputs.features import FeatureOutput
+from vtplatform.outputs.segments import WindowTagOutput
+from vtplatform.outputs.spans import SpanOutput
+from vtplatform.outputs.tags import HubList, TagOutput
+from vtplatform.outputs.thumbnails import ThumbnailOutput
+from vtplatform.outputs.timeline import TimelineOutput
+from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, prepare_output, read_entries, run_video_job
 from vtplatform.stages import lstm, tsn
 from vtplatform.stages.decode import decode_stage
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("json", "hub")
-
-
-class TagOutput:
-    """Good rows -> one ``tags`` part, plus the seed's per-video JSON files when asked."""
-
-    directory = S.TAGS_DIR
-
-    def __init__(self, schema: pa.Schema, names: list[str] | None, seed_json: bool):
-        self.schema = schema
-        self.names = names
-        self.seed_json = seed_json
-
-    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
-        good = video_rows(good)
-        if not good.num_rows:
-            return
-        rows = []
-        for vid, uri, ids, probs, labels in zip(
-            *(good.column(c).to_pylist() for c in (S.VIDEO_ID, S.URI, S.CLASS_IDS, S.PROBS, S.LABELS)), strict=True
-        ):
-            rows.append(
-                {
-                    S.VIDEO_ID: vid,
-                    S.URI: uri,
-                    S.CLASS_IDS: ids,
-                    S.CLASS_NAMES: [self.names[i] for i in ids] if self.names else None,
-                    S.PROBS: probs,
-                    S.LABELS: labels,
-                    S.LABEL_NAMES: [self.names[i] for i in labels] if self.names else None,
-                }
-            )
-        st.write_parquet(pa.Table.from_pylist(rows, schema=self.schema), fs, f"{root}/{self.directory}/{part}")
-        if self.seed_json:
-            for row in rows:
-                st.write_bytes(
-                    seed_json_bytes(row), fs, f"{root}/{S.JSON_DIR}/{st.safe_filename(row[S.VIDEO_ID])}.json"
-                )
 
 
 @dataclass
@@ -120,7 +72,7 @@ class Tagger:
     meta: dict[str, Any]  # recorded in every tags part
 
     def schema(self, base: pa.Schema = S.TAG_SCHEMA) -> pa.Schema:
-        return base.with_metadata({S.METADATA_KEY: json.dumps(self.meta, sort_keys=True).encode()})
+        return with_metadata(base, self.meta)
 
 
 def build_tagger(
@@ -176,16 +128,29 @@ def segment_settings(tag) -> dict[str, float] | None:
     }
 
 
-def check_same_tagger(existing: pa.Schema | None, meta: dict, where: str) -> None:
-    old = S.read_provenance(existing) if existing is not None else None
-    if old is None:
-        return
-    keys = ("tsn_weights", "features", "lstm_weights", "top_k", "threshold", "label_fingerprint", "segments")
-    diff = [k for k in keys if old.get(k) != meta.get(k)]
-    if diff:
-        raise ConfigError(
-            f"{st.redact(where)} holds tags made with other settings ({', '.join(diff)} differ); use another --save_dir"
-        )
+def tag_outputs(
+    config: Config, tagger: Tagger, save_dir: str, formats: tuple[str, ...], features: pa.Schema | None = None
+) -> list[Output]:
+    """The tables a tagging run writes (see the module docstring), in the order they finalize:
+    spans after the window tags they are made from. ``features``: the feature table's schema, to
+    write one beside the tags (``tag.write_features``)."""
+    tag = config.tag
+    hub = HubList(tag.hub_threshold, tag.hub_top_k) if "hub" in formats else None
+    outputs: list[Output] = [TagOutput(tagger.schema(), tagger.names, save_dir, "json" in formats, hub)]
+    if features is not None:
+        outputs.append(FeatureOutput(features, write_npy=False, where=save_dir))
+    if tag.segment_seconds:
+        outputs.append(WindowTagOutput(tagger.schema(S.SEGMENT_SCHEMA), tagger.names))
+        outputs.append(SpanOutput(tagger.names, tagger.spec.lstm.model.num_classes))
+    if tag.thumbnails:
+        outputs.append(ThumbnailOutput())
+    return outputs
+
+
+def check_formats(formats: tuple[str, ...]) -> None:
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ConfigError(f"--format takes {list(FORMATS)}, got {sorted(unknown)}")
 
 
 def run_tag(
@@ -199,143 +164,189 @@ def run_tag(
 ) -> JobSummary:
     """Tags every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
     start = time.perf_counter()
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ConfigError(f"--format takes {list(FORMATS)}, got {sorted(unknown)}")
+    check_formats(formats)
     config = prepare_output(config, save_dir)
     plan = R.size_pipeline(config, [tsn.need(config), lstm.tag_need(config)])
     spec = tsn.tsn_spec(config, tsn_weights, plan.device, plan.models[tsn.MODEL_NAME].threads)
     tsn_fingerprint, feature_dim = tsn.weights_fingerprint(config, tsn_weights)
     prov = tsn.provenance(config, tsn_fingerprint, feature_dim, spec.precision)
     tag = config.tag
-    segments = bool(tag.segment_seconds)
-    keep_timeline = segments and tag.write_timeline
-    keep_features = tag.write_features
+    keep_timeline = bool(tag.segment_seconds) and tag.write_timeline
     actors = plan.models[lstm.MODEL_NAME]
-    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, keep_features or keep_timeline)
-    outputs: list = [TagOutput(tagger.schema(), tagger.names, "json" in formats)]
-    if keep_features:
-        schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
-        outputs.append(tsn.FeatureOutput(schema, write_npy=False))
-    if segments:
-        outputs.append(SegmentOutput(tagger.schema(S.SEGMENT_SCHEMA), tagger.names))
+    tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, tag.write_features or keep_timeline)
+    features = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
+    outputs = tag_outputs(config, tagger, save_dir, formats, features if tag.write_features else None)
     if keep_timeline:
         made = {**prov, "timeline": segment_settings(tag)}  # how the features were made, and at which times
-        timeline = S.timeline_schema(feature_dim, config.output.dtype)
-        outputs.append(TimelineOutput(timeline.with_metadata({S.METADATA_KEY: json.dumps(made, sort_keys=True)})))
-    if tag.thumbnails:
-        outputs.append(ThumbnailOutput())
-
-    def check_output(fs: pafs.FileSystem, root: str, state: OutputState) -> None:
-        check_same_tagger(state.schema, tagger.meta, save_dir)
-        if keep_features:
-            tsn.check_same_extractor(output_state(fs, root, S.FEATURES_DIR).schema, prov, save_dir)
-
-    def done(fs: pafs.FileSystem, root: str, tagged: pa.Array) -> pa.Array:
-        """With segments, a tagged video whose windows are not all written (a kill) is not done."""
-        whole = complete_videos(fs, root)
-        return tagged.filter(pc.is_in(tagged, value_set=whole))
-
-    def finish(fs: pafs.FileSystem, root: str) -> None:
-        if segments:
-            classes = tagger.spec.lstm.model.num_classes
-            spanned = finalize_segments(fs, root, tagger.names, classes)
-            log.info("spans of %d videos written to %s/%s", spanned, st.redact(save_dir), S.SPANS_DIR)
-        if "hub" in formats:
-            write_hub_list(fs, root, tag.hub_threshold, tag.hub_top_k)
-
+        outputs.append(TimelineOutput(with_metadata(S.timeline_schema(feature_dim, config.output.dtype), made)))
     job = VideoJob(
         "tagging",
-        S.TAGS_DIR,
         spec.device,
-        stages=lambda ds: lstm.tag_stage(
-            tsn.tsn_stage(decode_stage(ds, config, plan, tagging=True), config, spec, plan),
-            config,
-            tagger.spec,
-            plan,
-        ),
+        entries=read_entries(manifest, config),
+        stages=[
+            lambda ds: decode_stage(ds, config, plan, tagging=True),
+            lambda ds: tsn.tsn_stage(ds, config, spec, plan),
+            lambda ds: lstm.tag_stage(ds, config, tagger.spec, plan),
+        ],
         outputs=outputs,
         writer_cpus=plan.writer_cpus,
         frames_per_video=config.infer.seg_num,
-        check_output=check_output,
-        done=done if segments else None,
-        counters=(S.TIMELINE_FRAMES, S.WINDOWS) if segments else (),
-        finish=finish,
     )
-    return run_video_job(config, manifest, save_dir, job, retry_failed, start)
+    return run_video_job(config, save_dir, job, retry_failed, start)
 
 
-def write_hub_list(fs: pafs.FileSystem, root: str, threshold: float, top_k: int) -> None:
-    """PaddleHub's videotag output for the whole tags table: ``[{"path": uri, "prediction": {name: p}}]``
-    with the tags at or above ``threshold``, at most ``top_k`` per video (names, or ids without a label file)."""
-    files = st.list_files(fs, f"{root}/{S.TAGS_DIR}", ".parquet")
-    items = []
-    for path in files:
-        table = pq.read_table(path, filesystem=fs, columns=[S.URI, S.CLASS_IDS, S.CLASS_NAMES, S.PROBS])
-        for uri, ids, names, probs in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
-            prediction: dict[str, float] = {}
-            for key, p in list(zip(names or [str(i) for i in ids], probs, strict=True))[:top_k]:
-                if p >= threshold:
-                    prediction.setdefault(key, float(p))  # names repeat in label_3396.txt: keep the best
-            items.append({"path": uri, "prediction": prediction})
-    items.sort(key=lambda item: item["path"])
-    st.write_bytes(json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8"), fs, f"{root}/{S.HUB_FILE}")
+# -- tagging a feature table -------------------------------------------------------------------
 
 
-def _feature_rows(batch: pa.Table, storage, skip: frozenset[str]) -> pa.Table:
-    """Feature part files (one path per row) -> their untagged rows, with ``features`` as raw bytes
-    and the null error columns the tagging stage and the writer expect."""
-    tables = []
-    for path in batch.column("path").to_pylist():
-        fs, inner = st.filesystem(path, storage)
-        table = pq.read_table(inner, filesystem=fs, columns=[S.VIDEO_ID, S.URI, S.FEATURES])
-        keep = [vid not in skip for vid in table.column(S.VIDEO_ID).to_pylist()]
-        tables.append(table.filter(pa.array(keep, pa.bool_())))
+@dataclass(frozen=True)
+class FeatureTable:
+    """A feature table's parts, what they record, and which part holds which video."""
+
+    uri: str  # as given
+    parts: list[str]  # inside ``fs``
+    provenance: dict[str, Any]
+    dtype: str
+    ids: pa.Array  # video ids of every row, parts in order
+    uris: pa.Array
+    part_of: pa.Array  # per row, its part's index in ``parts``
+
+
+def open_feature_table(uri: str, config: Config) -> FeatureTable:
+    """Reads a feature table's ids and uris (not its features) and the provenance of its first part."""
+    fs, root = st.filesystem(uri, config.storage)
+    parts = st.list_files(fs, root, ".parquet")
+    if not parts:
+        raise ConfigError(f"no feature table at {st.redact(uri)} (no Parquet parts)")
+    schema = pq.read_schema(parts[0], filesystem=fs)
+    prov = S.read_provenance(schema)
+    if prov is None or S.FEATURES not in schema.names:
+        raise ConfigError(f"{st.redact(uri)} is not a feature table written by jobs/extract.py (no provenance)")
+    dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
+    tables = [pq.read_table(p, columns=[S.VIDEO_ID, S.URI], filesystem=fs) for p in parts]
+    part_of = np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in enumerate(tables)])
     table = pa.concat_tables(tables)
-    feats = table.column(S.FEATURES).combine_chunks().to_numpy_ndarray() if table.num_rows else []
-    nulls = pa.nulls(table.num_rows, pa.string())
+    return FeatureTable(
+        uri,
+        parts,
+        prov,
+        dtype,
+        table.column(S.VIDEO_ID).combine_chunks(),
+        table.column(S.URI).combine_chunks(),
+        pa.array(part_of),
+    )
+
+
+def feature_blocks(table: FeatureTable, todo: pa.Table) -> list[pa.Table]:
+    """One block per part holding videos to tag: the part, and those videos."""
+    wanted = pc.is_in(table.ids, value_set=todo.column(S.VIDEO_ID))
+    rows = pa.table({S.VIDEO_ID: table.ids, S.URI: table.uris, "part": table.part_of}).filter(wanted)
+    blocks = []
+    for index in np.unique(rows.column("part").to_numpy()):
+        mine = rows.filter(pc.equal(rows.column("part"), int(index)))
+        path = table.parts[int(index)]
+        blocks.append(mine.drop_columns(["part"]).append_column(S.PATH, pa.array([path] * mine.num_rows)))
+    return blocks
+
+
+def read_feature_rows(
+    batch: pa.Table, storage, uri: str, provenance: dict[str, Any], shape: tuple[int, int]
+) -> pa.Table:
+    """A block of (video_id, uri, path) -> video rows with the features as bytes, as the TSN stage
+    hands them on; a row that cannot be used (a part that cannot be read, or made differently
+    from the table's first part) becomes a failed row."""
+    fs, _ = st.filesystem(uri, storage)
+    path = batch.column(S.PATH)[0].as_py()
+    ids = batch.column(S.VIDEO_ID)
+    start = time.perf_counter()
+    failure = None
+    try:
+        part = pq.read_table(path, filesystem=fs, columns=[S.VIDEO_ID, S.FEATURES])
+        diff = S.signature_diff(S.read_provenance(part.schema) or {}, provenance)
+        found = list(part.schema.field(S.FEATURES).type.shape)
+        if diff:
+            failure = ("read", "OtherExtractor", f"this part's features were made differently: {'; '.join(diff)}")
+        elif tuple(found) != tuple(shape):
+            failure = ("read", "BadShape", f"features are {found}, the table's {list(shape)}")
+    except OSError as exc:
+        failure = ("read", type(exc).__name__, st.redact(str(exc)))
+    except pa.ArrowException as exc:
+        failure = ("read", type(exc).__name__, st.redact(str(exc)))
+    if failure is not None:
+        message = f"{st.redact(path)}: {failure[2]}"
+        return pa.table(
+            {
+                S.VIDEO_ID: ids,
+                S.URI: batch.column(S.URI),
+                S.FEATURES: pa.nulls(batch.num_rows, pa.large_binary()),
+                **{k: pa.array([v] * batch.num_rows, pa.string()) for k, v in S.failure(*failure[:2], message).items()},
+            }
+        )
+    part = part.filter(pc.is_in(part.column(S.VIDEO_ID), value_set=ids))
+    where = pc.index_in(ids, value_set=part.column(S.VIDEO_ID)).to_pylist()  # a video's first row in the part
+    feats = part.column(S.FEATURES).combine_chunks().to_numpy_ndarray() if part.num_rows else None
+    gone = S.failure("read", "NotInTable", f"{st.redact(path)} no longer holds this video")
+    seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
     return pa.table(
         {
-            S.VIDEO_ID: table.column(S.VIDEO_ID),
-            S.URI: table.column(S.URI),
-            S.FEATURES: pa.array([f.tobytes() for f in feats], pa.large_binary()),
-            S.STAGE: nulls,
-            S.ERROR_TYPE: nulls,
-            S.MESSAGE: nulls,
+            S.VIDEO_ID: ids,
+            S.URI: batch.column(S.URI),
+            S.FEATURES: pa.array([None if i is None else feats[i].tobytes() for i in where], pa.large_binary()),
+            **{k: pa.array([None if i is not None else v for i in where], pa.string()) for k, v in gone.items()},
+            S.READ_SECONDS: pa.array([seconds] * batch.num_rows, pa.float32()),
         }
     )
 
 
-def tag_features(config: Config, features: str, save_dir: str, lstm_weights: str, model_id: str) -> int:
-    """Tags every row of a feature table that ``save_dir`` has no tags for yet (the nightly run's
-    last step); returns how many it tagged. Tags from different models share ``save_dir``; each
-    part records its model in the schema metadata."""
-
-    ffs, froot = st.filesystem(features, config.storage)
-    parts = st.list_files(ffs, froot, ".parquet")
-    if not parts:
-        return 0
-    fs, root = st.filesystem(save_dir, config.storage)
-    done = frozenset(output_state(fs, root, S.TAGS_DIR).done.to_pylist())
-    schema = pq.read_schema(parts[0], filesystem=ffs)
-    dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
+def run_tag_features(
+    config: Config,
+    features: str,
+    save_dir: str,
+    lstm_weights: str,
+    formats: tuple[str, ...] = (),
+    retry_failed: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> JobSummary:
+    """Tags every row of the feature table ``features`` not yet in ``save_dir``, without opening a
+    video: the same ``tags/`` as tagging the videos. ``meta``: more to record in the tags' metadata
+    (the nightly's model id). Needs ``ray.init()``."""
+    start = time.perf_counter()
+    check_formats(formats)
+    if config.tag.segment_seconds or config.tag.thumbnails:
+        raise ConfigError(
+            "a feature table holds neither times nor frames: tag windows from a timeline table "
+            "(tag.segment_seconds with --timeline), and thumbnails from the videos (tag.thumbnails)"
+        )
+    config = prepare_output(config, save_dir)
+    table = open_feature_table(features, config)
+    prov = table.provenance
     plan = R.size_pipeline(config, [lstm.tag_need(config)])
-    actors = plan.models[lstm.MODEL_NAME]
-    tagger = build_tagger(config, lstm_weights, S.read_provenance(schema), dtype, actors, keep_features=False)
-    tagger.meta["model_id"] = model_id
-    sink = ResultSink(
-        save_dir, config.storage, [TagOutput(tagger.schema(), tagger.names, False)], config.output.rows_per_file
+    tagger = build_tagger(config, lstm_weights, prov, table.dtype, plan.models[lstm.MODEL_NAME], False)
+    tagger.meta.update(meta or {})
+    entries = pa.table(
+        {S.VIDEO_ID: table.ids, S.URI: table.uris, S.LABELS: pa.nulls(len(table.ids), pa.list_(pa.int32()))}
+    ).append_column(S.SIZE_BYTES, pa.nulls(len(table.ids), pa.int64()))
+    unique = pc.index_in(pc.unique(table.ids), value_set=table.ids)  # a table may hold a video twice
+    entries = entries.take(unique)
+    shape = (prov["sampling"]["num_segments"], prov["model"]["feature_dim"])
+    job = VideoJob(
+        "tagging features",
+        plan.device,
+        entries=Manifest(entries, duplicates=len(table.ids) - entries.num_rows),
+        stages=[
+            lambda ds: map_cpu_tasks(
+                ds,
+                read_feature_rows,
+                batch_size=None,
+                num_cpus=plan.task_cpus,
+                concurrency=plan.task_concurrency,
+                max_retries=config.resources.decode_max_retries,
+                fn_kwargs={"storage": config.storage, "uri": features, "provenance": prov, "shape": shape},
+            ),
+            lambda ds: lstm.tag_stage(ds, config, tagger.spec, plan),
+        ],
+        outputs=tag_outputs(config, tagger, save_dir, formats),
+        writer_cpus=plan.writer_cpus,
+        frames_per_video=shape[0],
+        blocks=lambda todo: feature_blocks(table, todo),
     )
-    uris = [p if ffs.type_name == "local" else f"s3://{p}" for p in parts]
-    ds = blocks_dataset([pa.table({"path": [u]}) for u in uris])
-    ds = ds.map_batches(
-        _feature_rows,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=plan.task_cpus,
-        fn_kwargs={"storage": config.storage, "skip": done},
-    )
-    lstm.tag_stage(ds, config, tagger.spec, plan).write_datasink(sink, ray_remote_args={"num_cpus": plan.writer_cpus})
-    finalize_output(fs, root, S.TAGS_DIR, expected=None)
-    log.info("tagged %d videos with %s", sink.stats.get("ok", 0), model_id)
-    return sink.stats.get("ok", 0)
+    return run_video_job(config, save_dir, job, retry_failed, start)

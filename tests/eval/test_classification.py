@@ -3,11 +3,12 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from vtplatform import schema as S
 from vtplatform.eval import classification as C
-from vtplatform.predict import format_predictions, predictions_table
+from vtplatform.predict import format_predictions
 
 
 def _case(n=300, classes=12, seed=0):
@@ -84,15 +85,23 @@ def test_names_in_the_report_and_the_log_line():
     json.dumps(report)  # serialisable as it is
 
 
-def test_predictions_table():
-    ids = np.array([[2, 0], [1, 2]])
-    probs = np.array([[0.7, 0.2], [0.5, 0.4]], np.float32)
-    table = predictions_table(["a-1", "b-2"], ["/v/a.mp4", "s3://b/v/b.mp4"], ids, probs, ["x", "y", "z"])
+def test_the_predictions_table_names_classes_by_id():
+    from vtplatform.outputs.predictions import PredictionOutput
+
+    rows = pa.table(
+        {
+            S.VIDEO_ID: ["a-1", "b-2"],
+            S.URI: ["/v/a.mp4", "s3://b/v/b.mp4"],
+            S.CLASS_IDS: pa.array([[2, 0], [1, 2]], pa.list_(pa.int32())),
+            S.PROBS: pa.array([[0.7, 0.2], [0.5, 0.4]], pa.list_(pa.float32())),
+        }
+    )
+    table = PredictionOutput(S.PREDICTION_SCHEMA, ["x", "y", "z"], "OUT").table(rows)
     assert table.schema.equals(S.PREDICTION_SCHEMA)
     assert table.column(S.CLASS_IDS).to_pylist() == [[2, 0], [1, 2]]
     assert table.column(S.CLASS_NAMES).to_pylist() == [["z", "x"], ["y", "z"]]
-    np.testing.assert_allclose(table.column(S.PROBS).to_pylist(), probs)
+    np.testing.assert_allclose(table.column(S.PROBS).to_pylist(), [[0.7, 0.2], [0.5, 0.4]])
     text = format_predictions(table)
     assert "b.mp4" in text and text.count("\n") == 4
-    unnamed = predictions_table(["a"], ["/a.mp4"], ids[:1], probs[:1], None)
+    unnamed = PredictionOutput(S.PREDICTION_SCHEMA, None, "OUT").table(rows.slice(0, 1))
     assert unnamed.column(S.CLASS_NAMES).to_pylist() == [None]

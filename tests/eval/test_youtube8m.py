@@ -13,6 +13,7 @@ from vtplatform.eval.youtube8m import (
     Youtube8mMetrics,
     average_precision,
     batch_log_line,
+    batch_metrics,
     compute_metrics,
     gap,
     hit_at_one,
@@ -186,7 +187,9 @@ def test_seed_log_formats(data):
     )
     aps = eval(line.split("aps: ")[1].split(",\tgap")[0])  # the seed printed a Python list
     assert len(aps) == 9 and aps[3] == 0.0
-    batch = batch_log_line("[TRAIN] Epoch 0, iter 3", 2.5, probs, labels)
+    hit, perr, batch_gap = batch_metrics(probs, labels)
+    assert (hit, batch_gap) == (pytest.approx(result["hit_at_one"]), pytest.approx(result["gap"]))
+    batch = batch_log_line("[TRAIN] Epoch 0, iter 3", 2.5, hit, perr, batch_gap)
     assert re.fullmatch(
         r"\[TRAIN\] Epoch 0, iter 3 , loss = 2\.500000, Hit@1 = [\d.]{4}, PERR = [\d.]{4}, GAP = [\d.]{4}", batch
     )

@@ -74,11 +74,12 @@ def test_exempt_biases_do_not_decay():
 
 
 def test_piecewise_decay_at_the_seeds_epochs(tmp_path):
-    from vtplatform.train.lstm import TrainSpec
+    from vtplatform.train.lstm import LSTMTrainee
 
-    fields = {f: None for f in TrainSpec.__dataclass_fields__}
-    spec = TrainSpec(**{**fields, "learning_rate": 1e-3, "decay_epochs": (5, 8), "decay_gamma": 0.1})
-    assert [spec.lr_at(e) for e in (0, 4, 5, 7, 8, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    fields = {f: None for f in LSTMTrainee.__dataclass_fields__}
+    trainee = LSTMTrainee(**{**fields, "learning_rates": (1e-3, (5, 8), 0.1)})
+    rates = [trainee.learning_rate(e, 1000 * e) for e in (0, 4, 5, 7, 8, 9)]
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
 
 
 def test_loss_sums_classes_and_the_global_batch():
@@ -265,7 +266,7 @@ def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(long_dat
         "--config", str(ROOT / "configs" / "attention_lstm-single.yaml"), "--save_dir", str(tmp_path), *[a for o in _kill_overrides(long_dataset) for a in ("-o", o)],
     ]  # fmt: skip
     run = tmp_path / "AttentionLSTM"
-    kill_job_midway(command, ROOT, run / "epoch_001_step_0000003" / "meta.json", seed=2, timeout=600)
+    kill_job_midway(command, ROOT, run / "epoch_001_step_0000002" / "meta.json", seed=2, timeout=600)
     env = {**os.environ, "RAY_ADDRESS": ""}
     assert not (run / "epoch_003_step_0000000").exists()  # it did not get to the end
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -281,7 +282,7 @@ def test_the_fault_drill_hook_makes_one_worker_raise_once(ray_cluster, dataset, 
     monkeypatch.setenv(FAULT_ENV, "1:5")
     faulted = run_train(_config(dataset), str(tmp_path / "b"))
     run_b = tmp_path / "b" / "AttentionLSTM"
-    assert (run_b / "_fault_injected_1_5").exists() and (run_b / "epoch_001_step_0000002").is_dir()
+    assert (run_b / "_fault_injected_1_5").exists() and (run_b / "epoch_001_step_0000001").is_dir()  # global step 4
     assert faulted.global_step == 6 and faulted.epochs_done == 2
     # the run files and the checkpoint meta every trainer writes (tests/train/test_tsn.py: the same for TSN)
     tags, history = run_files(run_b)

@@ -144,10 +144,11 @@ def _sync_probe(out_dir: Path):
         import ray.train
 
         from vtplatform.models import tsn_classifier as tc
+        from vtplatform.train import scaffold
 
         rank = ray.train.get_context().get_world_rank()
         (out_dir / f"pid{rank}").write_text(str(os.getpid()))
-        model = T.train_loop(config["spec"])
+        model = scaffold.train_worker(config)
         trainable = [(n, p.numpy()) for n, p in model.named_parameters() if not p.stop_gradient]
         (out_dir / f"rank{rank}.json").write_text(
             json.dumps({"trainable": W.fingerprint(trainable), "all": tc.fingerprint(model)})
@@ -160,7 +161,7 @@ def test_two_workers_learn_the_classes_in_sync_and_dead_letter_bad_videos(ray_cl
     config = _config(clips, "TRAIN.epoch=5", "train_run.valid_interval=2", train="train_bad")
     probe = tmp_path / "probe"
     probe.mkdir()
-    summary = T.run_train(config, str(tmp_path / "runs"), label_file=str(clips["labels"]), train_fn=_sync_probe(probe))
+    summary = T.run_train(config, str(tmp_path / "runs"), label_file=str(clips["labels"]), worker=_sync_probe(probe))
     m = summary.metrics
     assert m["epoch"] == 4 and m["valid_videos"] == 12
     # chance is 1/3: the colour classes were learned (over 20 augmentation seeds this recipe scored 0.83-1.0)

@@ -14,7 +14,7 @@ from vtplatform import storage as st
 from vtplatform.config import Config
 from vtplatform.eval.youtube8m import Youtube8mMetrics, seed_log_line
 from vtplatform.lstm_data import plan_inputs
-from vtplatform.predict import run_inference
+from vtplatform.predict import inference_dataset
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,11 @@ def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None =
     """Metrics of ``weights`` on the labelled videos; writes ``save_dir/report.json``."""
     start = time.perf_counter()
     inputs = plan_inputs(config, "test", filelist or config.test.filelist)
-    model_config, loaded, batches = run_inference(
+    model_config, loaded, ds = inference_dataset(
         config, weights, inputs, config.test.use_gpu, None, config.test.batch_size, with_targets=True
     )
     metrics = Youtube8mMetrics(model_config.num_classes, config.model.topk)
-    for batch in batches:
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         metrics.accumulate(batch[S.PROBS], batch[S.TARGETS], batch[S.LOSS])
         log.info("evaluated %d videos", len(metrics))
     result = metrics.result()

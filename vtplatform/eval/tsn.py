@@ -17,7 +17,7 @@ from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
 from vtplatform.eval import classification as C
 from vtplatform.labels import label_names_for
-from vtplatform.stages.classifier import classify
+from vtplatform.stages.classifier import classify, collect
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """TOP1/TOP5, per-class accuracy and confusions on the TEST list (``TEST.seg_num`` centred
     segments); writes ``report.json`` under ``save_dir`` when given. Returns the report."""
-    results = classify(config, "test", weights, filelist, labelled=True)
+    results = collect(classify(config, "test", weights, filelist, labelled=True))
     if not results.table.num_rows:
         raise ConfigError(f"no video of the test list could be loaded ({results.failure_counts()})")
     report = C.evaluate(

@@ -164,12 +164,17 @@ def seed_log_line(metrics: dict[str, Any], info: str = "[TEST] Finish") -> str:
     )
 
 
-def batch_log_line(info: str, loss: float, probs: np.ndarray, labels: np.ndarray, top_k: int = 20) -> str:
-    """The seed's per-iteration line: ``info , loss = L, Hit@1 = H, PERR = P, GAP = G``."""
+def batch_metrics(probs: np.ndarray, labels: np.ndarray, top_k: int = 20) -> tuple[float, float, float]:
+    """(Hit@1, PERR, GAP) of one batch, as the seed's per-iteration line shows them."""
     labels = (np.asarray(labels) > 0).astype(np.uint8)
-    hit = hit_at_one(probs, labels).mean()
-    perr = precision_at_equal_recall(probs, labels).mean()
-    return f"{info} , loss = {loss:.6f}, Hit@1 = {hit:.2f}, PERR = {perr:.2f}, GAP = {gap(probs, labels, top_k):.2f}"
+    hit = float(hit_at_one(probs, labels).mean())
+    perr = float(precision_at_equal_recall(probs, labels).mean())
+    return hit, perr, float(gap(probs, labels, top_k))
+
+
+def batch_log_line(info: str, loss: float, hit: float, perr: float, gap_: float) -> str:
+    """The seed's per-iteration line: ``info , loss = L, Hit@1 = H, PERR = P, GAP = G``."""
+    return f"{info} , loss = {loss:.6f}, Hit@1 = {hit:.2f}, PERR = {perr:.2f}, GAP = {gap_:.2f}"
 
 
 def report_json(metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> str:

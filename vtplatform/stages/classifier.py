@@ -2,7 +2,8 @@
 resources like the TSN feature stage (``resources.tsn_*``); and ``classify``, the pipeline that
 evaluation and prediction share::
 
-    list -> load segments (CPU tasks, ``tsn_data.load_clips``) -> classifier (actor pool) -> driver
+    list -> load segments (CPU tasks, ``tsn_data.load_clips``) -> classifier (actor pool)
+         -> the driver (evaluation, ``collect``) or the prediction table (``predict``)
 
 Videos that cannot be loaded come back as failure rows; they never stop the job.
 """
@@ -13,6 +14,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +29,8 @@ from vtplatform.inference import engine
 from vtplatform.labels import top_k_indices
 from vtplatform.models import tsn_classifier as tc
 from vtplatform.models.weights import read_weights as read_any
-from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks
+from vtplatform.outputs.dead_letters import write_dead_letters
+from vtplatform.pipeline import blocks_dataset, input_blocks
 from vtplatform.stages.decode import videos_per_call
 from vtplatform.stages.tsn import need as tsn_need
 from vtplatform.tsn_data import attach_cache, clip_frames, clip_spec, eval_plan, load_stage, read_list
@@ -95,6 +98,17 @@ class ClassifierStage:
 
 
 @dataclass
+class Classified:
+    """The classifier pipeline over a list: its dataset (``schema.EVAL_RESULT_SCHEMA`` rows,
+    failures included), the entries in list order, and the list's rejected lines."""
+
+    dataset: Any
+    entries: pa.Table  # the list's videos, in list order
+    rejected: list[dict]
+    started: float
+
+
+@dataclass
 class Results:
     table: pa.Table  # S.EVAL_RESULT_SCHEMA rows, in list order, loaded videos only
     failed: list[dict] = field(default_factory=list)  # dead-letter rows
@@ -109,12 +123,11 @@ class Results:
         if not self.failed or not save_dir:
             return
         fs, root = st.filesystem(save_dir, storage)
-        path = f"{root}/{S.DEAD_LETTERS_DIR}/part-{time.time_ns()}.parquet"
-        st.write_parquet(dead_letter_table(self.failed), fs, path)
+        write_dead_letters(self.failed, fs, root)
 
 
-def classify(config: Config, mode: str, weights: str, filelist: str | None, labelled: bool) -> Results:
-    """Runs the pipeline over ``filelist`` (default: the phase's ``filelist``). Needs ``ray.init()``."""
+def classify(config: Config, mode: str, weights: str, filelist: str | None, labelled: bool) -> Classified:
+    """The pipeline over ``filelist`` (default: the phase's ``filelist``), not yet run. Needs ``ray.init()``."""
     start = time.perf_counter()
     phase = getattr(config, mode)
     source = filelist or phase.filelist
@@ -153,13 +166,19 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         fn_constructor_kwargs={"spec": cspec, "storage": config.storage},
         **model.ray_args(),
     )
-    parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return Classified(ds, plan, list(videos.rejected), start)
+
+
+def collect(classified: Classified) -> Results:
+    """Runs the pipeline and gathers its rows in the driver, in list order (evaluation needs them all)."""
+    parts = list(classified.dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(parts) if parts else S.EVAL_RESULT_SCHEMA.empty_table()
-    order = {v: i for i, v in enumerate(plan.column(S.VIDEO_ID).to_pylist())}
+    order = {v: i for i, v in enumerate(classified.entries.column(S.VIDEO_ID).to_pylist())}
     ranks = [order[v] for v in table.column(S.VIDEO_ID).to_pylist()]
     table = table.take(pa.array(np.argsort(ranks, kind="stable"), pa.int64()))
     ok = pa.array([e is None for e in table.column(S.ERROR_TYPE).to_pylist()], pa.bool_())
     failed = table.filter(pc.invert(ok)).select([S.VIDEO_ID, S.URI, S.STAGE, S.ERROR_TYPE, S.MESSAGE]).to_pylist()
     for r in failed:
         log.warning("could not load %s: %s/%s %s", st.redact(r[S.URI]), r[S.STAGE], r[S.ERROR_TYPE], r[S.MESSAGE])
-    return Results(table.filter(ok), list(videos.rejected) + failed, len(videos.rejected), time.perf_counter() - start)
+    elapsed = time.perf_counter() - classified.started
+    return Results(table.filter(ok), classified.rejected + failed, len(classified.rejected), elapsed)

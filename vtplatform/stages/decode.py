@@ -1,9 +1,11 @@
 """The decode stage of extraction and tagging: ``(video_id, uri)`` rows -> sampled crops, in
 Ray CPU tasks, with the ledger that turns a video that kills its decoder into a dead letter.
 
-Batches are Arrow tables (``schema.CLIP_SCHEMA`` out). A video that fails becomes a row with
-``stage``/``error_type``/``message`` set, which later stages pass through untouched and the
-writer turns into a dead letter.
+Batches are Arrow tables (``schema.ROW_SCHEMA``): a video's row (the columns of
+``schema.CLIP_SCHEMA``) and, when tagging with segments, its timeline chunk rows (those of
+``schema.CHUNK_SCHEMA``), each with its kind in ``schema.ROW_KIND``. A video that fails
+becomes a row with ``stage``/``error_type``/``message`` set, which later stages pass through
+untouched and the writer turns into a dead letter.
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from vtplatform import faults as F
+from vtplatform import faults
 from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform.config import Config, StorageSection
 from vtplatform.pipeline import map_cpu_tasks
-from vtplatform.segments import NoWindow, chunk_windows
 from vtplatform.storage import local_copy, redact
 from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, iter_timeline, read_frames, read_options
 from vtplatform.video.transforms import thumbnail_jpeg
+from vtplatform.windows import NoWindow, chunk_windows
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +146,16 @@ def decode_videos(
     storage: StorageSection,
     ledger=None,
     timeout_s: float | None = None,
-    faults: tuple[F.DecodeFault, ...] = (),
+    drills: tuple[faults.DecodeFault, ...] = (),
 ) -> Iterator[pa.Table]:
-    """(video_id, uri) rows -> ``schema.CLIP_SCHEMA`` rows with the sampled crops or the failure, yielded
+    """(video_id, uri) rows -> ``schema.ROW_SCHEMA`` rows with the sampled crops or the failure, yielded
     in blocks of at most ``FRAMES_PER_BLOCK`` crops (or one row, a video or a timeline chunk, when
     that alone holds more), so that a task holds at most about one block of crops whatever the
     length and number of its videos, and a model actor that takes a block at a time too.
 
     With a ``DecodeLedger``, a video whose decoding killed the process twice becomes a dead letter,
     and a watchdog kills the process when one video takes over ``timeout_s`` (a hung decoder
-    cannot be interrupted from Python). ``faults``: the driver's ``VTP_FAULT_DECODE`` drill.
+    cannot be interrupted from Python). ``drills``: the driver's ``VTP_FAULT_DECODE`` fault drill.
     """
     ids, uris = batch.column(S.VIDEO_ID).to_pylist(), batch.column(S.URI).to_pylist()
     careful, deaths = False, {}
@@ -171,22 +173,23 @@ def decode_videos(
         if careful:
             ray.get(ledger.start.remote(vid))
         with _watchdog(ledger, vid, timeout_s):
-            for row in _decode_video(vid, uri, options, storage, faults):
+            for row in _decode_video(vid, uri, options, storage, drills):
                 crops = len(row.get(S.FRAMES) or b"") // crop_bytes
-                if rows and frames + crops > FRAMES_PER_BLOCK:  # full: it goes out before this row joins
-                    yield _clip_table(rows)
+                if frames and frames + crops > FRAMES_PER_BLOCK:  # full: it goes out before this row joins
+                    yield _rows_table(rows)
                     rows, frames = [], 0
                 rows.append(row)
                 frames += crops
         if careful:
             ledger.finish.remote(vid)  # after start in the actor's order; no need to wait
     if rows:
-        yield _clip_table(rows)
+        yield _rows_table(rows)
 
 
-def _clip_table(rows: list[dict]) -> pa.Table:
-    fields = [*S.CLIP_SCHEMA, pa.field(S.DECODE_SECONDS, pa.float32()), *S.TIMELINE_FIELDS]
-    return pa.Table.from_pylist(rows, schema=pa.schema(fields))
+def _rows_table(rows: list[dict]) -> pa.Table:
+    """Decoded rows as a ``schema.ROW_SCHEMA`` block, each row's kind in ``ROW_KIND``."""
+    kinds = {S.ROW_KIND: S.VIDEO_ROWS}, {S.ROW_KIND: S.CHUNK_ROWS}
+    return pa.Table.from_pylist([r | kinds[S.CHUNK in r] for r in rows], schema=S.ROW_SCHEMA)
 
 
 def _crashed(vid: str, uri: str, died: int, timeouts: int, timeout_s: float | None) -> dict:
@@ -222,14 +225,14 @@ def _watchdog(ledger, video_id: str, timeout_s: float | None):
 
 
 def _decode_video(
-    video_id: str, uri: str, options: DecodeOptions, storage: StorageSection, faults: tuple[F.DecodeFault, ...]
+    video_id: str, uri: str, options: DecodeOptions, storage: StorageSection, drills: tuple[faults.DecodeFault, ...]
 ) -> Iterator[dict]:
     """One video's rows: its timeline chunks first (with ``options.timeline``), then its own row
     with the sampled crops, or a failure row. A video whose timeline fails after some chunks is
-    a failure: ``segments.finalize_segments`` drops those chunks' windows."""
+    a failure: the segments output drops those chunks' windows at the end of the run."""
     start = time.perf_counter()
     row = {S.VIDEO_ID: video_id, S.URI: uri}
-    F.act_on_decode(faults, uri)
+    faults.act_on_decode(drills, uri)
     try:
         with local_copy(uri, storage) as path:
             clip = read_frames(
@@ -259,7 +262,7 @@ def _decode_video(
 
 
 def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -> Iterator[dict]:
-    """The chunk rows of a video's timeline (``segments.chunk_windows``), streamed: about
+    """The chunk rows of a video's timeline (``windows.chunk_windows``), streamed: about
     ``timeline.chunk_frames`` crops at a time, whatever the video's length."""
     timeline = options.timeline
     per_frame = infer_plan(1, options.short_size, options.target_size)[1]  # extraction's crop
@@ -323,6 +326,6 @@ def decode_stage(ds, config: Config, plan: R.PipelinePlan, tagging: bool = False
             "storage": config.storage,
             "ledger": decode_ledger(),
             "timeout_s": config.extract.decode_timeout_s,
-            "faults": F.decode_faults(),
+            "drills": faults.decode_faults(),
         },
     )

@@ -171,12 +171,13 @@ class TagSpec:
 
 
 class TagStage:
-    """Features (as bytes, from the TSN stage) -> top-k class ids and probabilities, plus the classes
-    at or above the threshold. A timeline chunk row (``CHUNK`` set) gets the same for each of its
-    windows (``WIN_*``), the AttentionLSTM run over the window's frames. Rows that failed earlier
-    pass through untouched. A video goes through the model alone (the results of a batched call
-    change in the last bits with its other rows), so its tags are the same whatever shares its
-    batch: with or without segments, or in another run."""
+    """Features (as bytes, from the TSN stage) -> tags, by each row's kind (``schema.ROW_KIND``): a
+    video row gets its top-k class ids and probabilities and the classes at or above the threshold
+    (``VIDEO_TAG_FIELDS``); a timeline chunk row gets the same for each of its windows
+    (``WINDOW_TAG_FIELDS``), the AttentionLSTM run over the window's frames. Rows that failed earlier
+    pass through untouched. A video goes through
+    the model alone (the results of a batched call change in the last bits with its other rows), so
+    its tags are the same whatever shares its batch: with or without segments, or in another run."""
 
     def __init__(self, spec: TagSpec):
         self.spec = spec
@@ -184,28 +185,33 @@ class TagStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        spec = self.spec
-        feats = batch.column(S.FEATURES).to_pylist()
-        chunk = batch.column(S.CHUNK).to_pylist() if S.CHUNK in batch.column_names else [None] * len(feats)
-        ok = [i for i, f in enumerate(feats) if f is not None and chunk[i] is None]
-        ids: list[list[int] | None] = [None] * len(feats)
-        probs: list[list[float] | None] = [None] * len(feats)
-        labels: list[list[int] | None] = [None] * len(feats)
-        shape = (1, spec.num_segments, spec.feature_dim)
-        for i in ok:  # a video at a time: its tags must not depend on the rows that share its batch
-            x = np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(shape).astype(np.float32)
-            ids[i], probs[i], labels[i], _ = self.tags(x, np.array([spec.num_segments]))[0]
-        out = batch if spec.keep_features else batch.drop_columns([S.FEATURES])
-        out = out.append_column(S.CLASS_IDS, pa.array(ids, pa.list_(pa.int32())))
-        out = out.append_column(S.PROBS, pa.array(probs, pa.list_(pa.float32())))
-        out = out.append_column(S.LABELS, pa.array(labels, pa.list_(pa.int32())))
-        chunks = [i for i, f in enumerate(feats) if f is not None and chunk[i] is not None]
-        for field, column in zip(S.WINDOW_TAG_FIELDS, self.window_tags(batch, feats, chunks), strict=True):
+        feats = S.binary_views(batch.column(S.FEATURES))
+        kinds = (
+            batch.column(S.ROW_KIND).to_pylist() if S.ROW_KIND in batch.column_names else [S.VIDEO_ROWS] * len(feats)
+        )
+        videos = [i for i, f in enumerate(feats) if f is not None and kinds[i] == S.VIDEO_ROWS]
+        chunks = [i for i, f in enumerate(feats) if f is not None and kinds[i] == S.CHUNK_ROWS]
+        out = batch if self.spec.keep_features else batch.drop_columns([S.FEATURES])
+        tags = [*zip(S.VIDEO_TAG_FIELDS, self.video_tags(feats, videos), strict=True)]
+        tags += zip(S.WINDOW_TAG_FIELDS, self.window_tags(batch, feats, chunks), strict=True)
+        for field, column in tags:  # each kind's tags, null on the rows of the other kind
             out = out.append_column(field, pa.array(column, field.type))
-        per_row = (time.perf_counter() - start) / max(len(ok) + len(chunks), 1)
+        per_row = (time.perf_counter() - start) / max(len(videos) + len(chunks), 1)
         return out.append_column(
             S.TAG_SECONDS, pa.array([per_row if f is not None else 0.0 for f in feats], pa.float32())
         )
+
+    def video_tags(self, feats: list, rows: list[int]) -> list[list]:
+        """The ``VIDEO_TAG_FIELDS`` columns: each video's tags, a video at a time (its tags must not
+        depend on the rows that share its batch)."""
+        spec = self.spec
+        columns: list[list] = [[None] * len(feats) for _ in S.VIDEO_TAG_FIELDS]
+        for i in rows:
+            x = feats[i].view(spec.feature_dtype).reshape(1, spec.num_segments, spec.feature_dim).astype(np.float32)
+            ids, probs, labels, _ = self.tags(x, np.array([spec.num_segments]))[0]
+            for column, value in zip(columns, (ids, probs, labels), strict=True):
+                column[i] = value
+        return columns
 
     def tags(self, x: np.ndarray, lengths: np.ndarray) -> list[tuple[list, list, list, list]]:
         """Padded features (n, T, D) -> per sequence (top-k ids, their probabilities, the classes at
@@ -231,7 +237,7 @@ class TagStage:
         lows, highs = batch.column(S.WIN_LO).to_pylist(), batch.column(S.WIN_HI).to_pylist()
         windows = []  # (row, frames of the window)
         for i in rows:
-            frames = np.frombuffer(feats[i], dtype=spec.feature_dtype).reshape(-1, spec.feature_dim)
+            frames = feats[i].view(spec.feature_dtype).reshape(-1, spec.feature_dim)
             windows += [(i, frames[lo:hi]) for lo, hi in zip(lows[i], highs[i], strict=True)]
             for column in columns:
                 column[i] = []
@@ -251,11 +257,12 @@ WINDOWS_PER_CALL = 64
 
 
 def tag_stage(ds, config: Config, spec: TagSpec, plan: R.PipelinePlan):
-    """Adds the AttentionLSTM tagging actors to a dataset of rows with ``features`` bytes."""
+    """Adds the AttentionLSTM tagging actors to a dataset of rows with ``features`` bytes. A row a
+    call: each video goes through the model alone anyway."""
     actors = plan.models[MODEL_NAME]
     return ds.map_batches(
         TagStage,
-        batch_size=config.resources.lstm_batch_size,
+        batch_size=1,
         batch_format="pyarrow",
         compute=actors.compute(),
         fn_constructor_kwargs={"spec": spec},

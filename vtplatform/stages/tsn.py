@@ -1,21 +1,18 @@
-"""The TSN stage: sampled crops -> (seg, C) features per video, on an actor pool that declares
-its own resources (``resources.tsn_*``); and what TSN features are: their provenance, the check
-that a table holds features made the same way, and the feature table output.
+"""The TSN stage: sampled crops -> (seg, C) features per video (and per timeline chunk), on an
+actor pool that declares its own resources (``resources.tsn_*``); and what TSN features are: the
+weights' fingerprint and the provenance a feature table records (``outputs.features``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import io
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 import vtplatform
 from vtplatform import resources as R
@@ -26,7 +23,6 @@ from vtplatform.inference import frame_engine
 from vtplatform.memory import ActorMemory
 from vtplatform.models.tsn import TSNConfig, load_backbone
 from vtplatform.models.weights import WeightsError
-from vtplatform.segments import video_rows
 
 MODEL_NAME = S.MODEL_TSN
 
@@ -178,57 +174,3 @@ def provenance(config: Config, fingerprint: str, feature_dim: int, precision: st
         "feature_dtype": config.output.dtype,
         "inference_precision": precision,
     }
-
-
-def check_same_extractor(existing: pa.Schema | None, prov: dict[str, Any], where: str) -> None:
-    """Refuses to add features to a table made with another model, weights or settings."""
-    old = S.read_provenance(existing) if existing is not None else None
-    diff = S.signature_diff(old, prov) if old is not None else []
-    if diff:
-        raise ConfigError(
-            f"{st.redact(where)} holds features made differently ({'; '.join(diff)}); "
-            "use another --save_dir or the same model, weights and settings"
-        )
-
-
-class FeatureOutput:
-    """Good rows -> one ``features`` part (the ``feature_schema`` table), plus the seed's
-    ``npy/<video_id>.npy`` files when asked."""
-
-    directory = S.FEATURES_DIR
-
-    def __init__(self, schema: pa.Schema, write_npy: bool):
-        self.schema = schema
-        self.write_npy = write_npy
-
-    def write(self, good: pa.Table, fs: pafs.FileSystem, root: str, part: str) -> None:
-        good = video_rows(good)
-        if not good.num_rows:
-            return
-        features = self.table(good)
-        st.write_parquet(features, fs, f"{root}/{self.directory}/{part}")
-        if self.write_npy:
-            arrays = features.column(S.FEATURES).combine_chunks().to_numpy_ndarray()
-            for video_id, array in zip(features.column(S.VIDEO_ID).to_pylist(), arrays, strict=True):
-                buf = io.BytesIO()
-                np.save(buf, array.astype(np.float32))
-                st.write_bytes(buf.getvalue(), fs, f"{root}/{S.NPY_DIR}/{st.safe_filename(video_id)}.npy")
-
-    def table(self, good: pa.Table) -> pa.Table:
-        tensor_type = self.schema.field(S.FEATURES).type
-        seg, dim = tensor_type.shape
-        dtype = tensor_type.value_type.to_pandas_dtype()
-        feats = np.stack([np.frombuffer(b, dtype=dtype).reshape(seg, dim) for b in good.column(S.FEATURES).to_pylist()])
-        indices = pc.list_flatten(good.column(S.FRAME_INDICES).combine_chunks()).cast(pa.int32())
-        columns = {
-            S.VIDEO_ID: good.column(S.VIDEO_ID),
-            S.URI: good.column(S.URI),
-            S.FEATURES: S.features_array(feats, str(np.dtype(dtype))),
-            S.NUM_FRAMES: good.column(S.NUM_FRAMES),
-            S.FRAME_INDICES: pa.FixedSizeListArray.from_arrays(indices, seg),
-            S.FPS: good.column(S.FPS),
-            S.WIDTH: good.column(S.WIDTH),
-            S.HEIGHT: good.column(S.HEIGHT),
-            S.DECODER: good.column(S.DECODER),
-        }
-        return pa.table(columns, schema=self.schema)

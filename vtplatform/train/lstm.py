@@ -1,4 +1,5 @@
-"""Fine-tuning AttentionLSTM on Ray Train: the driver (``run_train``) and the worker loop.
+"""Fine-tuning AttentionLSTM on Ray Train: the driver (``run_train``) and the model's part in the
+scaffold's one training loop (``LSTMTrainee``: build, optimizer, batches, step, validate).
 
 The seed's recipe: centred RMSProp (rho 0.95, eps 1e-6), L2 decay TRAIN.weight_decay on every
 parameter except the biases of rgb_fc, fc1, fc2 and output, the learning rate times decay_gamma
@@ -7,17 +8,19 @@ at each of decay_epochs, and sigmoid cross-entropy summed over classes and over 
 global batch, split evenly across the workers, and a last partial batch is dropped, as the seed's
 reader did.
 
-Determinism: the data order (a seeded block order, then a seeded shuffle buffer per worker and
-epoch) and the dropout masks (seeded per epoch, step and rank) depend only on train_run.seed,
-so a run resumed from a checkpoint replays what the uninterrupted run would have done.
+Data: each worker reads its share of the epoch (``lstm_data.epoch_rows``: the table's row groups in
+an order drawn from the seed and the epoch, a contiguous share per worker) through Ray Data read
+tasks, then a seeded shuffle buffer (``train_run.shuffle_buffer``). The order and the dropout masks
+(seeded per epoch, step and rank by the loop) depend only on train_run.seed, so a run resumed from
+a checkpoint replays what the uninterrupted run would have done.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,16 +29,13 @@ from vtplatform import faults
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
-from vtplatform.eval.youtube8m import Youtube8mMetrics, batch_log_line, seed_log_line
+from vtplatform.eval.youtube8m import Youtube8mMetrics, batch_log_line, batch_metrics, seed_log_line
 from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
-from vtplatform.lstm_data import collate, make_dataset, plan_inputs
-from vtplatform.memory import peak_rss_mb, private_rss_mb
+from vtplatform.lstm_data import FeatureInputs, cache_units, collate, epoch_rows, load_rows, plan_inputs, unit_blocks
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map, load_state, no_decay_keys
 from vtplatform.models.weights import CheckpointMeta, WeightsError, read_weights
 from vtplatform.stages.lstm import forward_logits, sigmoid_cross_entropy
 from vtplatform.train import checkpoint, scaffold
-from vtplatform.train.backend import all_reduce_sum, check_replicas
-from vtplatform.train.checkpoint import experiment_location
 from vtplatform.train.scaffold import Curves, TrainSummary
 
 log = logging.getLogger(__name__)
@@ -52,38 +52,100 @@ CURVES = Curves(
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    """What every worker needs; plain data (Ray Datasets travel separately)."""
+class LSTMTrainee:
+    """AttentionLSTM's part in ``scaffold.train_worker``; plain data, sent to every worker."""
 
     model: AttentionLSTMConfig
-    config: dict[str, Any]
     storage: StorageSection
     pretrain: str | None
-    epochs: int
-    learning_rate: float
-    decay_epochs: tuple[int, ...]
-    decay_gamma: float
+    learning_rates: tuple[float, tuple[int, ...], float]  # base rate, decay epochs, decay gamma
     weight_decay: float
     local_batch: int
     valid_batch: int
-    steps_per_epoch: int
-    num_workers: int
-    use_gpu: bool
-    amp: str
-    seed: int
-    checkpoint_every_steps: int
-    log_interval: int
-    valid_interval: int
     shuffle_buffer: int
-    threads: int
     top_k: int
-    label_fingerprint: str
-    features: dict[str, Any] | None
-    fault: tuple[int, int] | None = None  # (rank, global step): the driver's VTP_FAULT_INJECT drill
+    seed: int
+    train: FeatureInputs
+    valid: FeatureInputs | None
+    task_cpus: float
+    cache: dict[str, list | None] = field(default_factory=dict)  # phase -> refs of its rows in the object store
+    best_metric: str = BEST_METRIC
+    scalars: tuple[str, ...] = ("loss", "hit_at_one", "perr", "gap")
 
-    def lr_at(self, epoch: int) -> float:
+    def learning_rate(self, epoch: int, global_step: int) -> float:
         """Piecewise decay: the base rate times decay_gamma per decay epoch reached."""
-        return self.learning_rate * self.decay_gamma ** sum(epoch >= e for e in self.decay_epochs)
+        base, epochs, gamma = self.learning_rates
+        return base * gamma ** sum(epoch >= e for e in epochs)
+
+    def build(self, seed: int):
+        model = build_model(self.model, seed=seed)
+        return model, fluid_name_map(model)
+
+    def optimizer(self, model):
+        return make_optimizer(model, self.learning_rate(0, 0), self.weight_decay)
+
+    def load_pretrained(self, model, chief: bool) -> None:
+        if self.pretrain:
+            summary = load_state(
+                model, read_weights(self.pretrain, self.storage).state, st.redact(self.pretrain), self.seed
+            )
+            if chief:
+                log.info("loaded %s (re-initialised: %s)", st.redact(self.pretrain), summary["reinitialised"] or "none")
+
+    def batches(self, ctx, epoch: int, start_step: int):
+        """This worker's batches of the epoch: its rows (``epoch_rows``) read in order, then a shuffle
+        buffer seeded by (seed, epoch, rank); a resumed epoch reads again and skips its first steps."""
+        rows = epoch_rows(self.train.rows, self.seed, epoch, ctx.rank, ctx.world_size)
+        shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer or None}
+        if self.shuffle_buffer:
+            shuffle["local_shuffle_seed"] = scaffold.step_seed(self.seed, epoch, 0, ctx.rank)
+        batches = scaffold.feed(
+            unit_blocks(rows, self.train), self._loader("train"), self.local_batch, "numpy", drop_last=True, **shuffle
+        )
+        return itertools.islice(batches, start_step, None)
+
+    def _loader(self, phase: str):
+        inputs = self.train if phase == "train" else self.valid
+        kwargs = {"table": inputs.table, "storage": self.storage, "num_classes": self.model.num_classes}
+        kwargs["cache"] = self.cache.get(phase)
+        return lambda ds: ds.map_batches(
+            load_rows, batch_size=None, batch_format="pyarrow", num_cpus=self.task_cpus, fn_kwargs=kwargs
+        )
+
+    def step(self, net, optimizer, batch, amp: str, scaler) -> scaffold.Step:
+        x, lengths, targets = collate(batch)
+        per_video, logits = train_step(net, optimizer, x, lengths, targets, _world(), amp, scaler)
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        figures = batch_metrics(probs, targets, self.top_k)
+        return scaffold.Step(float(per_video.sum()), len(per_video), (float(per_video.mean()), *figures))
+
+    def progress_line(self, epoch: int, step: int, steps: int, loss: float, scalars: dict[str, float]) -> str:
+        info = f"[TRAIN {time.strftime('%Y-%m-%d %H:%M:%S')}] Epoch {epoch}, iter {step}/{steps}"
+        return batch_log_line(info, loss, scalars["hit_at_one"], scalars["perr"], scalars["gap"])
+
+    def validate(self, model) -> dict[str, float]:
+        """Metrics over the whole validation set, in table order."""
+        if self.valid is None:
+            return {}
+        metrics = Youtube8mMetrics(self.model.num_classes, self.top_k)
+        blocks = unit_blocks(self.valid.rows, self.valid)
+        for batch in scaffold.feed(blocks, self._loader("valid"), self.valid_batch, "numpy"):
+            x, lengths, targets = collate(batch)
+            logits = forward_logits(model, x, lengths)
+            probs = 1.0 / (1.0 + np.exp(-logits))
+            metrics.accumulate(probs, targets, sigmoid_cross_entropy(logits, targets).sum(axis=1))
+        result = metrics.result()
+        log.info("%s", seed_log_line(result, "[VALID] Finish"))
+        return {f"valid_{k}": float(result[k]) for k in ("gap", "hit_at_one", "perr", "map", "avg_loss")}
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        return {}
+
+
+def _world() -> int:
+    import paddle.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -118,32 +180,21 @@ def run_train(
     if pretrain:
         _check_pretrain(model_config, pretrain, config.storage)
     plan = scaffold.place(config)
-    workers, use_gpu = plan.workers, plan.use_gpu
-    spec = _spec(
-        config,
-        model_config,
-        train_inputs,
-        pretrain,
-        plan,
-        label_fingerprint(names, model_config.num_classes),
-    )
-    if valid_inputs is None:
-        spec = dataclasses.replace(spec, valid_interval=0)
+    trainee, loop = _spec(config, model_config, train_inputs, valid_inputs, pretrain, plan, names)
     log.info(
         "training %s: %d videos, %d workers x batch %d, %d steps/epoch, %d epochs, on %s",
-        run_name, len(train_inputs), workers, spec.local_batch, spec.steps_per_epoch, spec.epochs,
-        "GPU" if use_gpu else "CPU",
+        run_name, len(train_inputs), plan.workers, trainee.local_batch, loop.steps_per_epoch, loop.epochs,
+        "GPU" if plan.use_gpu else "CPU",
     )  # fmt: skip
-    data = _ray_data(config, train_inputs, valid_inputs, plan.task_cpus)
-    result = scaffold.fit(train_loop, spec, plan, config, save_dir, run_name, **data)
+    result = scaffold.fit(trainee, loop, plan, config, save_dir, run_name)
     run = checkpoint.run_uri(save_dir, run_name)
     summary = TrainSummary(
         st.redact(run),
         MODEL_NAME,
-        workers=workers,
-        device="gpu" if use_gpu else "cpu",
-        steps_per_epoch=spec.steps_per_epoch,
-        epochs=spec.epochs,
+        workers=plan.workers,
+        device="gpu" if plan.use_gpu else "cpu",
+        steps_per_epoch=loop.steps_per_epoch,
+        epochs=loop.epochs,
         train_videos=len(train_inputs),
         valid_videos=len(valid_inputs or ()),
         skipped={
@@ -155,36 +206,17 @@ def run_train(
     return scaffold.finish(result, summary, run, config.storage, CURVES, start)
 
 
-def _ray_data(config: Config, train_inputs, valid_inputs, task_cpus: float) -> dict[str, Any]:
-    """The Ray Datasets of the training features (in a seeded block order, split over the
-    workers in order) and of the validation ones, as ``datasets`` and ``dataset_config``."""
-    from ray.train import DataConfig
-
-    datasets = {
-        "train": make_dataset(train_inputs, config, cache=True, task_cpus=task_cpus).randomize_block_order(
-            seed=config.train_run.seed
-        )
-    }
-    if valid_inputs is not None:
-        datasets["valid"] = make_dataset(valid_inputs, config, cache=True, task_cpus=task_cpus)
-    for ds in datasets.values():
-        ds.context.enable_progress_bars = False  # the workers' logs carry the progress
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # with the seeded block order: the same rows reach the same worker in every run
-    split = DataConfig(datasets_to_split=["train"], execution_options=ingest, enable_shard_locality=False)
-    return {"datasets": datasets, "dataset_config": split}
-
-
 def _spec(
     config: Config,
     model: AttentionLSTMConfig,
-    inputs,
+    inputs: FeatureInputs,
+    valid: FeatureInputs | None,
     pretrain: str | None,
     plan,
-    labels: str,
-) -> TrainSpec:
+    names: list[str] | None,
+) -> tuple[LSTMTrainee, scaffold.LoopSpec]:
     train, run = config.train, config.train_run
-    workers, use_gpu = plan.workers, plan.use_gpu
+    workers = plan.workers
     local = train.batch_size // workers
     if local == 0:
         raise ConfigError(
@@ -196,33 +228,49 @@ def _spec(
             f"{len(inputs)} training videos make no full batch of {local} per worker on {workers} workers: "
             "the number of training samples must exceed TRAIN.batch_size"
         )
-    return TrainSpec(
+    cache = {"train": cache_units(inputs, config, plan.task_cpus)}
+    if valid is not None:
+        cache["valid"] = cache_units(valid, config, plan.task_cpus)
+    trainee = LSTMTrainee(
         model=model,
-        config=config.to_dict(),
         storage=config.storage,
         pretrain=pretrain,
-        epochs=train.epoch,
-        learning_rate=train.learning_rate,
-        decay_epochs=tuple(train.decay_epochs),
-        decay_gamma=train.decay_gamma,
+        learning_rates=(train.learning_rate, tuple(train.decay_epochs), train.decay_gamma),
         weight_decay=train.weight_decay,
         local_batch=local,
         valid_batch=config.valid.batch_size,
+        shuffle_buffer=run.shuffle_buffer,
+        top_k=config.model.topk,
+        seed=run.seed,
+        train=inputs,
+        valid=valid,
+        task_cpus=plan.task_cpus,
+        cache=cache,
+    )
+    meta = CheckpointMeta(
+        model_name=MODEL_NAME,
+        model=asdict(model),
+        num_classes=model.num_classes,
+        config=config.to_dict(),
+        best_metric=BEST_METRIC,
         steps_per_epoch=steps,
         num_workers=workers,
-        use_gpu=use_gpu,
-        amp=run.amp,
+        label_fingerprint=label_fingerprint(names, model.num_classes),
+        features=inputs.provenance,
+    )
+    loop = scaffold.LoopSpec(
+        epochs=train.epoch,
+        steps_per_epoch=steps,
         seed=run.seed,
+        amp=run.amp,
+        threads=plan.threads,
         checkpoint_every_steps=run.checkpoint_every_steps,
         log_interval=run.log_interval,
-        valid_interval=run.valid_interval,
-        shuffle_buffer=run.shuffle_buffer,
-        threads=plan.threads,
-        top_k=config.model.topk,
-        label_fingerprint=labels,
-        features=inputs.provenance,
+        valid_interval=run.valid_interval if valid is not None else 0,
+        meta=meta,
         fault=faults.train_fault(),
     )
+    return trainee, loop
 
 
 def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: StorageSection) -> None:
@@ -233,7 +281,7 @@ def _check_pretrain(model_config: AttentionLSTMConfig, pretrain: str, storage: S
         raise ConfigError(f"--pretrain {st.redact(pretrain)} does not fit the model: {exc}") from exc
 
 
-# --- worker ----------------------------------------------------------------------------------
+# --- the model's step ------------------------------------------------------------------------------
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float):
@@ -253,143 +301,6 @@ def make_optimizer(model, learning_rate: float, weight_decay: float):
         parameters=model.parameters(),
         weight_decay=paddle.regularizer.L2Decay(weight_decay),
     )
-
-
-def _step_seed(spec: TrainSpec, epoch: int, step: int, rank: int) -> int:
-    return (spec.seed * 1_000_003 + epoch * 10_007 + step * 101 + rank) % (2**31 - 1)
-
-
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """One worker of the fine-tune (runs inside Ray Train)."""
-    import paddle
-    import ray.train
-
-    spec: TrainSpec = loop_config["spec"]
-    ctx = scaffold.start_worker(spec.threads)
-    model = build_model(spec.model, seed=spec.seed)
-    name_map = fluid_name_map(model)
-    optimizer = make_optimizer(model, spec.lr_at(0), spec.weight_decay)
-    resumed, state = scaffold.resume(ctx, model, optimizer, name_map, spec.epochs)
-    if resumed is None and spec.pretrain:
-        _load_pretrained(model, spec, ctx.is_chief)
-    resumed_sums = _resumed_epoch(resumed, state, spec, ctx.is_chief)
-    net = paddle.DataParallel(model) if ctx.world_size > 1 else model
-    scaler = scaffold.make_scaler(spec.amp)
-    shard = ray.train.get_dataset_shard("train")
-    valid = ray.train.get_dataset_shard("valid") if ctx.is_chief and spec.valid_interval > 0 else None
-    record = scaffold.Recorder(ctx, model, optimizer, name_map, checkpoint_meta(spec))
-    first_epoch = state.epoch
-    for epoch in range(state.epoch, spec.epochs):
-        optimizer.set_lr(spec.lr_at(epoch))
-        model.train()
-        skip = state.step
-        loss_sum, seen = resumed_sums if resumed_sums and epoch == first_epoch else (0.0, 0)
-        started, private_peak = time.perf_counter(), private_rss_mb()
-        if ctx.is_chief:
-            log.info(
-                "------- epoch %d: learning rate %g, %d steps -------", epoch, spec.lr_at(epoch), spec.steps_per_epoch
-            )
-        for step, batch in enumerate(_batches(shard, spec, epoch, ctx.rank)):
-            if step >= spec.steps_per_epoch:
-                break
-            if step < skip:
-                continue  # replaying the data order of a resumed epoch
-            _maybe_inject_fault(spec.fault, ctx.rank, state.global_step)
-            paddle.seed(_step_seed(spec, epoch, step, ctx.rank))
-            x, lengths, targets = collate(batch)
-            per_video, logits = train_step(net, optimizer, x, lengths, targets, ctx.world_size, spec.amp, scaler)
-            loss_sum += float(per_video.sum())
-            seen += len(per_video)
-            state.step, state.global_step = step + 1, state.global_step + 1
-            private_peak = max(private_peak, private_rss_mb())  # sampled while the batch is in hand
-            if ctx.is_chief and (step % spec.log_interval == 0 or step + 1 == spec.steps_per_epoch):
-                _log_step(record, spec, epoch, step, state.global_step, per_video, logits, targets)
-            every = spec.checkpoint_every_steps
-            if every and state.step % every == 0 and state.step < spec.steps_per_epoch:
-                partial = all_reduce_sum(np.array([loss_sum, seen]), ctx.world_size)  # (loss sum, videos) so far
-                mid = {"epoch": epoch, "step": state.step, "global_step": state.global_step}
-                record.report(state, mid, epoch_partial=partial.tolist())
-        totals = all_reduce_sum(np.array([loss_sum, seen]), ctx.world_size)
-        check_replicas(model, ctx.world_size)
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "global_step": state.global_step,
-            "train_loss": float(totals[0] / max(totals[1], 1)),
-            "epoch_seconds": time.perf_counter() - started,  # of this process: a resumed epoch's remainder
-            "worker_peak_mb": peak_rss_mb(),  # the chief's peak resident memory so far (VmHWM)
-            "worker_private_peak_mb": private_peak,  # its own memory at its highest step this epoch
-        }
-        if ctx.is_chief:
-            log.info(
-                "[TRAIN] Epoch %d training finished, %.1f s, loss %.6f",
-                epoch,
-                metrics["epoch_seconds"],
-                metrics["train_loss"],
-            )
-        if valid is not None and (epoch + 1) % spec.valid_interval == 0:
-            metrics.update(_validate(model, valid, spec))
-        best = record.end_epoch(state, metrics, BEST_METRIC)  # only the chief validates: only it finds a best
-        record.report(state, metrics, best=best)
-    record.close()
-
-
-def checkpoint_meta(spec: TrainSpec) -> CheckpointMeta:
-    """What every checkpoint of the run records besides where the run stands."""
-    return CheckpointMeta(
-        model_name=MODEL_NAME,
-        model=asdict(spec.model),
-        num_classes=spec.model.num_classes,
-        config=spec.config,
-        best_metric=BEST_METRIC,
-        steps_per_epoch=spec.steps_per_epoch,
-        num_workers=spec.num_workers,
-        label_fingerprint=spec.label_fingerprint,
-        features=spec.features,
-    )
-
-
-def _load_pretrained(model, spec: TrainSpec, chief: bool) -> None:
-    summary = load_state(model, read_weights(spec.pretrain, spec.storage).state, st.redact(spec.pretrain), spec.seed)
-    if chief:
-        log.info("loaded %s (re-initialised: %s)", st.redact(spec.pretrain), summary["reinitialised"] or "none")
-
-
-def _resumed_epoch(resumed: CheckpointMeta | None, state, spec: TrainSpec, chief: bool) -> tuple[float, int] | None:
-    """The chief's (loss sum, videos) of the epoch a mid-epoch checkpoint left part-done (summed
-    over the workers); None elsewhere and when the run starts an epoch afresh. A run resumed with
-    another batch layout restarts that epoch (on every worker)."""
-    if resumed is None or not state.step:
-        return None
-    if resumed.steps_per_epoch != spec.steps_per_epoch:
-        log.warning(
-            "the run resumed with a different batch layout (%s -> %s steps/epoch): epoch %d restarts",
-            resumed.steps_per_epoch,
-            spec.steps_per_epoch,
-            state.epoch,
-        )
-        state.step = 0
-        return None
-    return resumed.epoch_partial if chief else None
-
-
-def _batches(shard, spec: TrainSpec, epoch: int, rank: int):
-    """This worker's batches of an epoch: the seeded block order, then a seeded shuffle buffer."""
-    return shard.iter_batches(
-        batch_size=spec.local_batch,
-        batch_format="numpy",
-        drop_last=True,
-        local_shuffle_buffer_size=spec.shuffle_buffer or None,
-        local_shuffle_seed=_step_seed(spec, epoch, 0, rank) if spec.shuffle_buffer else None,
-    )
-
-
-def _log_step(record, spec: TrainSpec, epoch: int, step: int, global_step: int, per_video, logits, targets) -> None:
-    """The seed's progress line, and the step's loss and rate in TensorBoard."""
-    probs = 1.0 / (1.0 + np.exp(-logits))
-    info = f"[TRAIN {time.strftime('%Y-%m-%d %H:%M:%S')}] Epoch {epoch}, iter {step}/{spec.steps_per_epoch}"
-    log.info("%s", batch_log_line(info, float(per_video.mean()), probs, targets, spec.top_k))
-    record.scalar("train/loss", float(per_video.mean()), global_step)
-    record.scalar("train/lr", spec.lr_at(epoch), global_step)
 
 
 def train_step(
@@ -415,34 +326,3 @@ def train_step(
     loss = per_video.sum() * float(world_size)  # gradients are averaged over workers: this sums the global batch
     scaffold.optimizer_step(optimizer, loss, scaler)
     return per_video.numpy(), logits.astype("float32").numpy()
-
-
-def _validate(model, valid, spec: TrainSpec) -> dict[str, float]:
-    """Metrics over the whole validation set, on the chief worker."""
-    model.eval()
-    metrics = Youtube8mMetrics(spec.model.num_classes, spec.top_k)
-    for batch in valid.iter_batches(batch_size=spec.valid_batch, batch_format="numpy"):
-        x, lengths, targets = collate(batch)
-        logits = forward_logits(model, x, lengths)
-        metrics.accumulate(1.0 / (1.0 + np.exp(-logits)), targets, sigmoid_cross_entropy(logits, targets).sum(axis=1))
-    model.train()
-    result = metrics.result()
-    log.info("%s", seed_log_line(result, "[VALID] Finish"))
-    return {f"valid_{k}": float(result[k]) for k in ("gap", "hit_at_one", "perr", "map", "avg_loss")}
-
-
-def _maybe_inject_fault(fault: tuple[int, int] | None, rank: int, global_step: int) -> None:
-    """``VTP_FAULT_INJECT=RANK:STEP`` in the driver's environment makes that worker raise once at
-    that step of the run (a marker in the run folder keeps the restarted worker from raising again)."""
-    if fault is None:
-        return
-    target_rank, target_step = fault
-    if rank != target_rank or global_step != target_step:
-        return
-
-    fs, root = experiment_location()
-    marker = f"{root}/_fault_injected_{target_rank}_{target_step}"
-    if st.exists(fs, marker):
-        return
-    st.write_bytes(b"", fs, marker)
-    raise RuntimeError(f"injected fault on worker {rank} at step {global_step} ({faults.TRAIN_ENV})")

@@ -1,16 +1,31 @@
-"""What the fine-tunes share around their own training loops (``train.lstm``, ``train.tsn``).
+"""The one training loop every model's fine-tune runs, and what it needs around it.
 
-Each model keeps its loop, read top to bottom in its module; the pieces here are the same for
+A model takes part through a ``Trainee`` (``train.lstm``, ``train.tsn``): it builds its network
+and optimizer, gives the learning rate, feeds each worker its batches, makes one step and
+validates. The loop (``train_worker``, on each Ray Train worker) does the rest, the same way for
 every model:
 
-- in the driver: ``place`` (where the workers run: one policy for CPU and GPU), ``fit`` (Ray
-  Train on those workers over the Paddle backend, checkpoints in the run folder), ``finish``
-  (the run's ``TrainSummary``, its ``history.json`` and ``curves.png`` from the last checkpoint);
-- in a worker: ``start_worker`` (logging, device, collective group), ``resume`` (the last
-  checkpoint, typed), ``make_scaler``/``autocast``/``optimizer_step`` (one AMP step),
-  ``Recorder`` (checkpoints with a ``models.weights.CheckpointMeta``, TensorBoard scalars, the
-  best checkpoint and the history at the end of an epoch). The replica check after each epoch
-  is ``backend.check_replicas``.
+- **resume**: the run's last checkpoint (weights, optimizer, where the run stands), else the
+  pretrained weights; a checkpoint taken mid-epoch resumes that epoch at its step, with the loss
+  sums of the steps before it;
+- **data**: ``Trainee.batches(ctx, epoch, start_step)`` yields this worker's batches of the epoch
+  from ``start_step``: a deterministic function of (``train_run.seed``, epoch, rank, workers), fed
+  by Ray Data CPU tasks built in the worker (``feed``), so a resumed run sees the batches an
+  uninterrupted one saw; every worker gets ``steps_per_epoch`` batches;
+- **steps**: ``paddle.seed`` from (seed, epoch, step, rank) before each step (dropout), the
+  learning rate set from (epoch, global step), mixed precision under ``train_run.amp`` on GPUs;
+- ``train_run.log_interval``: the progress line (the model's own, the seed's format) every that
+  many steps of an epoch and at its last step, with the figures averaged since the line before,
+  and the same in TensorBoard;
+- ``train_run.checkpoint_every_steps``: a checkpoint every that many steps of the run (global
+  steps), besides one at the end of every epoch;
+- **validation**: on the chief, over the whole validation set, every ``train_run.valid_interval``
+  epochs and after the last; the best checkpoint by the model's metric is copied to ``best/``;
+- after each epoch, the replica check (``backend.check_replicas``) and the epoch's metrics: the
+  mean loss per video over all workers, the model's figures, memory, time.
+
+In the driver: ``place`` (where the workers run), ``fit`` (Ray Train over the Paddle backend, the
+run's checkpoints), ``finish`` (the ``TrainSummary``, ``history.json`` and ``curves.png``).
 
 Run files (``SAVE_DIR/RUN_NAME/``): ``tensorboard/`` (event files of the chief worker),
 ``history.json`` (the metrics of every epoch) and ``curves.png`` (loss and the validation
@@ -27,16 +42,28 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
+
+from vtplatform import faults
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
+from vtplatform.memory import peak_rss_mb, private_rss_mb
 from vtplatform.models.weights import CheckpointMeta
+from vtplatform.pipeline import blocks_dataset
 from vtplatform.resources import TrainPlan, size_training
 from vtplatform.train import checkpoint
-from vtplatform.train.backend import PaddleBackendConfig, PaddleContext, setup_paddle
+from vtplatform.train.backend import (
+    PaddleBackendConfig,
+    PaddleContext,
+    all_reduce_sum,
+    check_replicas,
+    setup_paddle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +92,22 @@ def place(config: Config) -> TrainPlan:
     return plan
 
 
-def fit(train_fn, spec, plan: TrainPlan, config: Config, save_dir: str, run_name: str, **datasets):
-    """Runs ``train_fn`` on ``plan.workers`` Ray Train workers placed as ``plan`` says, over the
-    shared Paddle backend, with the run's checkpoints under ``save_dir/run_name``; returns Ray
-    Train's result. ``datasets``: ``datasets=`` and ``dataset_config=`` for workers fed by Ray Data."""
+def fit(trainee: Trainee, loop: LoopSpec, plan: TrainPlan, config: Config, save_dir: str, run_name: str, worker=None):
+    """Runs ``train_worker`` for ``trainee`` on ``plan.workers`` Ray Train workers placed as ``plan``
+    says, over the shared Paddle backend, with the run's checkpoints under ``save_dir/run_name``;
+    returns Ray Train's result. ``worker``: a function wrapping ``train_worker`` (tests)."""
     from ray.train import ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     run = config.train_run
     trainer = DataParallelTrainer(
-        train_fn,
-        train_loop_config={"spec": spec},
+        worker or train_worker,
+        train_loop_config={"trainee": trainee, "loop": loop},
         backend_config=PaddleBackendConfig(),
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=plan.worker_resources()
         ),
         run_config=checkpoint.run_config(save_dir, run_name, config.storage, run.keep_checkpoints, run.max_failures),
-        **datasets,
     )
     return trainer.fit()
 
@@ -202,6 +228,206 @@ def write_curves(history: list[dict[str, Any]], run: str, storage: StorageSectio
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     st.write_bytes(buf.getvalue(), fs, f"{root}/{S.CURVES_FILE}")
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What the loop needs besides the model's ``Trainee``, decided once by the driver."""
+
+    epochs: int
+    steps_per_epoch: int  # batches every worker takes an epoch
+    seed: int
+    amp: str  # none | float16 | bfloat16 (GPU only)
+    threads: int | None  # Paddle math threads per worker
+    checkpoint_every_steps: int  # counted in steps of the run; 0: only at the end of each epoch
+    log_interval: int  # steps of an epoch between progress lines; 0: none
+    valid_interval: int  # epochs between validations (and after the last); 0: none
+    meta: CheckpointMeta  # what every checkpoint of the run records besides where the run stands
+    fault: tuple[int, int] | None = None  # (rank, global step): the driver's VTP_FAULT_INJECT drill
+
+
+@dataclass
+class Step:
+    """What one training step did: the loss summed over the batch's videos, how many videos it had
+    (0: a step that only joined the gradient all-reduce), and the model's batch figures for the
+    progress line and TensorBoard (``Trainee.scalars``, in that order)."""
+
+    loss_sum: float
+    videos: int
+    scalars: tuple[float, ...]
+
+
+class Trainee(Protocol):
+    """A model's part in ``train_worker``. Built by the driver, sent to every worker."""
+
+    best_metric: str  # validation metric that picks best/ (higher is better)
+    scalars: tuple[str, ...]  # the batch figures ``step`` reports, by name
+
+    def build(self, seed: int) -> tuple[Any, dict[str, str] | None]:
+        """(the network, its checkpoint name map)."""
+
+    def optimizer(self, model) -> Any: ...
+
+    def learning_rate(self, epoch: int, global_step: int) -> float: ...
+
+    def load_pretrained(self, model, chief: bool) -> None:
+        """A fresh run's starting weights (nothing without ``--pretrain``)."""
+
+    def batches(self, ctx: PaddleContext, epoch: int, start_step: int) -> Iterator[Any]:
+        """This worker's batches of ``epoch`` from ``start_step`` on."""
+
+    def step(self, net, optimizer, batch, amp: str, scaler) -> Step: ...
+
+    def validate(self, model) -> dict[str, float]:
+        """Metrics over the whole validation set (on the chief), keys ``valid_*``; {} without one."""
+
+    def progress_line(self, epoch: int, step: int, steps: int, loss: float, scalars: dict[str, float]) -> str: ...
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """After an epoch's steps, on every worker: the model's own epoch metrics."""
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The random state of one step on one worker (dropout), from where the run stands alone."""
+    return (seed * 1_000_003 + epoch * 10_007 + step * 101 + rank) % (2**31 - 1)
+
+
+def train_worker(loop_config: dict[str, Any]):
+    """The training loop of every model, on each Ray Train worker (see the module docstring).
+    Returns the trained network (to a test that wraps it; Ray Train ignores it)."""
+    import paddle
+
+    trainee: Trainee = loop_config["trainee"]
+    spec: LoopSpec = loop_config["loop"]
+    ctx = start_worker(spec.threads)
+    model, names = trainee.build(spec.seed)
+    optimizer = trainee.optimizer(model)
+    resumed, state = resume(ctx, model, optimizer, names, spec.epochs)
+    if resumed is None:
+        trainee.load_pretrained(model, ctx.is_chief)
+    partial = resumed_sums(resumed, state, spec, ctx.is_chief)
+    net = paddle.DataParallel(model) if ctx.world_size > 1 else model
+    amp = spec.amp if ctx.use_gpu else "none"
+    scaler = make_scaler(amp)
+    record = Recorder(ctx, model, optimizer, names, spec.meta)
+    first = state.epoch
+    for epoch in range(state.epoch, spec.epochs):
+        model.train()
+        start = state.step if epoch == first else 0
+        width = 3 + len(trainee.scalars)  # loss sum, videos, steps, then each scalar's sum
+        sums = np.zeros(width)
+        if partial is not None and epoch == first:  # the sums of a part-done epoch (older runs kept two)
+            sums[: min(width, len(partial))] = partial[:width]
+        window: list[Step] = []  # steps since the last progress line
+        started, private_peak = time.perf_counter(), private_rss_mb()
+        if ctx.is_chief:
+            log.info("------- epoch %d: %d steps from step %d -------", epoch, spec.steps_per_epoch, start)
+        for step, batch in enumerate(trainee.batches(ctx, epoch, start), start=start):
+            if step >= spec.steps_per_epoch:
+                break
+            inject_fault(spec.fault, ctx.rank, state.global_step)
+            paddle.seed(step_seed(spec.seed, epoch, step, ctx.rank))
+            optimizer.set_lr(trainee.learning_rate(epoch, state.global_step))
+            done = trainee.step(net, optimizer, batch, amp, scaler)
+            sums += [done.loss_sum, done.videos, 1, *done.scalars]
+            window.append(done)
+            state.step, state.global_step = step + 1, state.global_step + 1
+            private_peak = max(private_peak, private_rss_mb())  # sampled while the batch is in hand
+            if spec.log_interval and (state.step % spec.log_interval == 0 or state.step == spec.steps_per_epoch):
+                _progress(record, trainee, ctx, epoch, state, spec, window, optimizer)
+                window = []
+            every = spec.checkpoint_every_steps
+            if every and state.global_step % every == 0 and state.step < spec.steps_per_epoch:
+                mid = {"epoch": epoch, "step": state.step, "global_step": state.global_step}
+                record.report(state, mid, epoch_partial=all_reduce_sum(sums, ctx.world_size).tolist())
+        totals = all_reduce_sum(sums, ctx.world_size)
+        check_replicas(model, ctx.world_size)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "global_step": state.global_step,
+            "train_loss": float(totals[0] / max(totals[1], 1)),
+            **{
+                f"train_{n}": float(s / max(totals[2], 1)) for n, s in zip(trainee.scalars[1:], totals[4:], strict=True)
+            },
+            "lr": float(optimizer.get_lr()),
+            "epoch_seconds": time.perf_counter() - started,  # of this process: a resumed epoch's remainder
+            "worker_peak_mb": peak_rss_mb(),  # the chief's peak resident memory so far (VmHWM)
+            "worker_private_peak_mb": private_peak,  # its own memory at its highest step this epoch
+            **trainee.end_epoch(epoch),
+        }
+        if ctx.is_chief:
+            log.info(
+                "[TRAIN] Epoch %d finished in %.1f s: loss %.6f", epoch, metrics["epoch_seconds"], metrics["train_loss"]
+            )
+        last = epoch + 1 == spec.epochs
+        if ctx.is_chief and spec.valid_interval and ((epoch + 1) % spec.valid_interval == 0 or last):
+            model.eval()
+            metrics |= trainee.validate(model)
+            model.train()
+        best = record.end_epoch(state, metrics, trainee.best_metric)  # only the chief validates: only it finds a best
+        record.report(state, metrics, best=best)
+    record.close()
+    return model
+
+
+def _progress(record, trainee: Trainee, ctx, epoch: int, state, spec: LoopSpec, window: list[Step], optimizer) -> None:
+    """The progress line over the steps since the last one (chief only), and TensorBoard's scalars."""
+    if not ctx.is_chief or not window:
+        return
+    means = {n: float(np.mean([w.scalars[i] for w in window])) for i, n in enumerate(trainee.scalars)}
+    loss = means[trainee.scalars[0]]
+    log.info("%s", trainee.progress_line(epoch, state.step - 1, spec.steps_per_epoch, loss, means))
+    for name, value in means.items():
+        record.scalar(f"train/{name}", value, state.global_step)
+    record.scalar("train/lr", float(optimizer.get_lr()), state.global_step)
+
+
+def resumed_sums(resumed: CheckpointMeta | None, state, spec: LoopSpec, chief: bool) -> np.ndarray | None:
+    """The chief's sums (loss, videos, steps, scalars) of the epoch a mid-epoch checkpoint left
+    part-done, summed over the workers; None elsewhere and when the run starts an epoch afresh. A
+    run resumed with another batch layout restarts that epoch (on every worker)."""
+    if resumed is None or not state.step:
+        return None
+    if resumed.steps_per_epoch != spec.steps_per_epoch:
+        log.warning(
+            "the run resumed with a different batch layout (%s -> %s steps/epoch): epoch %d restarts",
+            resumed.steps_per_epoch,
+            spec.steps_per_epoch,
+            state.epoch,
+        )
+        state.step = 0
+        return None
+    partial = resumed.epoch_partial
+    if not chief or partial is None:
+        return None
+    return np.array(partial, np.float64)
+
+
+def inject_fault(fault: tuple[int, int] | None, rank: int, global_step: int) -> None:
+    """``VTP_FAULT_INJECT=RANK:STEP`` in the driver's environment makes that worker raise once at
+    that step of the run (a marker in the run folder keeps the restarted worker from raising again)."""
+    if fault is None or (rank, global_step) != tuple(fault):
+        return
+    fs, root = checkpoint.experiment_location()
+    marker = f"{root}/_fault_injected_{rank}_{global_step}"
+    if st.exists(fs, marker):
+        return
+    st.write_bytes(b"", fs, marker)
+    raise RuntimeError(f"injected fault on worker {rank} at step {global_step} ({faults.TRAIN_ENV})")
+
+
+def feed(blocks: list, load: Callable[[Any], Any], batch_size: int, batch_format: str, **iterate: Any) -> Iterator[Any]:
+    """A worker's batches from its plan: ``blocks`` (Arrow tables, in order) through ``load`` (Ray
+    Data CPU tasks that run ahead of the model), in the plan's order whichever task finishes
+    first; ``iterate``: more of ``iter_batches``' options (a local shuffle, dropping a last
+    partial batch, prefetching)."""
+    ds = load(blocks_dataset(blocks))
+    ds.context.execution_options.preserve_order = True  # this dataset's own context, not the process's
+    ds.context.enable_progress_bars = False  # the workers' logs carry the progress
+    return ds.iter_batches(batch_size=batch_size, batch_format=batch_format, **iterate)
 
 
 # --- in a worker ---------------------------------------------------------------------------------

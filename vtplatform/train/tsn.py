@@ -1,8 +1,10 @@
-"""Fine-tuning the TSN classifier on Ray Train, from videos, the seed's frames or the frame cache.
+"""Fine-tuning the TSN classifier on Ray Train, from videos, the seed's frames or the frame cache:
+the driver (``run_train``) and the model's part in the scaffold's one training loop
+(``TSNTrainee``: build, optimizer, batches, step, validate).
 
-Each worker streams its own share of every epoch through a Ray Data pipeline: CPU tasks load
-and augment the samples (``tsn_data.load_clips``) ahead of the model, so the accelerator does
-not wait on decoding; the worker only stacks uint8 segments into batches. Gradients are
+Each worker streams its own share of every epoch through a Ray Data pipeline (``scaffold.feed``):
+CPU tasks load and augment the samples (``tsn_data.load_clips``) ahead of the model, so the
+accelerator does not wait on decoding; the worker only stacks uint8 segments into batches. Gradients are
 averaged across workers by ``paddle.DataParallel`` over the shared Paddle backend
 (``train.backend``); checkpoints, resume and S3 go through ``train.checkpoint``.
 
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vtplatform import faults
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
@@ -33,9 +36,9 @@ from vtplatform.labels import check_label_names, label_fingerprint, read_label_n
 from vtplatform.models import tsn_classifier as tc
 from vtplatform.models.tsn_classifier import TSNClassifierConfig
 from vtplatform.models.weights import CheckpointMeta, read_weights
-from vtplatform.pipeline import blocks_dataset, dead_letter_table, input_blocks
+from vtplatform.outputs.dead_letters import dead_letter_table, write_dead_letters
+from vtplatform.pipeline import input_blocks
 from vtplatform.train import checkpoint, scaffold
-from vtplatform.train.backend import all_reduce_sum, check_replicas
 from vtplatform.train.scaffold import Curves, TrainSummary
 from vtplatform.tsn_data import (
     ClipSpec,
@@ -73,68 +76,22 @@ class LoadResources:
     prefetch_batches: int = 2
 
 
-@dataclass(frozen=True)
-class TSNTrainSpec:
-    """Everything a worker needs, decided once by the driver."""
-
-    model: TSNClassifierConfig
-    epochs: int
-    batch_size: int  # per worker
-    valid_batch_size: int  # per worker
-    learning_rate: float
-    learning_rate_decay: float
-    momentum: float
-    l2_weight_decay: float
-    seed: int
-    pretrain: str | None
-    train: ClipSpec
-    valid: ClipSpec | None
-    train_entries: pa.Table
-    valid_entries: pa.Table | None
-    load: LoadResources
-    threads: int | None
-    amp: str  # none | float16 | bfloat16 (GPU only)
-    checkpoint_every_steps: int
-    log_interval: int
-    valid_interval: int
-    label_fingerprint: str
-    config: dict[str, Any] = field(default_factory=dict)  # the whole config, for meta.json
-
-    @property
-    def segments(self) -> int:
-        return self.train.seg_num * self.train.seglen
-
-
 def lr_boundaries(epochs: int, steps: int) -> list[int]:
     """Optimizer steps after which the rate drops: 1/3 and 2/3 of the epochs (the seed's
     ``piecewise_decay`` on a float boundary b switches at step ceil(b))."""
     return [math.ceil(epochs / 3 * steps), math.ceil(epochs * 2 / 3 * steps)]
 
 
-def make_optimizer(spec: TSNTrainSpec, parameters, steps: int):
-    """The seed's Momentum with L2 decay on every parameter, and its piecewise schedule."""
+def make_optimizer(learning_rate: float, momentum: float, l2_weight_decay: float, parameters):
+    """The seed's Momentum with L2 decay on every parameter (the loop sets the rate of each step)."""
     import paddle
 
-    base, decay = spec.learning_rate, spec.learning_rate_decay
-    bounds = lr_boundaries(spec.epochs, steps)
-    schedule = paddle.optimizer.lr.PiecewiseDecay(bounds, [base, base * decay, base * decay * decay])
-    optimizer = paddle.optimizer.Momentum(
-        learning_rate=schedule,
-        momentum=spec.momentum,
+    return paddle.optimizer.Momentum(
+        learning_rate=learning_rate,
+        momentum=momentum,
         parameters=parameters,
-        weight_decay=paddle.regularizer.L2Decay(spec.l2_weight_decay),
+        weight_decay=paddle.regularizer.L2Decay(l2_weight_decay),
     )
-    return optimizer, schedule
-
-
-def stream(plan: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int):
-    """Batches of loaded samples (``schema.TRAIN_CLIP_SCHEMA`` tables) in plan order, loaded by Ray Data CPU tasks."""
-    import ray
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = blocks_dataset(input_blocks(plan, load.videos_per_task))
-    ds = load_stage(ds, clip, load.cpus, load.concurrency, load.max_retries)
-    return ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=load.prefetch_batches)
 
 
 class DeadLetters:
@@ -192,7 +149,7 @@ def _to_tensors(batch: pa.Table, segments: int, size: int):
 
 
 def train_step(
-    net, optimizer, schedule, frames, labels, amp: str = "none", scaler=None, weight: float = 1.0
+    net, optimizer, frames, labels, amp: str = "none", scaler=None, weight: float = 1.0
 ) -> tuple[float, float]:
     """One optimizer step; returns (loss, top-1 accuracy) on the batch. ``weight`` 0 makes a step
     that only joins the gradient all-reduce (for a worker none of whose batch loaded)."""
@@ -202,25 +159,117 @@ def train_step(
         logits = net(frames)  # (B, num_classes)
         loss = F.cross_entropy(logits.astype("float32"), labels)
     scaffold.optimizer_step(optimizer, loss * weight, scaler)
-    schedule.step()
     accuracy = float((logits.argmax(axis=1) == labels).astype("float32").mean())
     return float(loss), accuracy
 
 
-def validate(model, spec: TSNTrainSpec, rank: int, world: int, dead: DeadLetters) -> dict[str, float]:
-    """TOP1/TOP5 and loss on the VALID list, each worker on its share, summed over workers
-    (a collective: every rank calls it)."""
-    import paddle
-    import paddle.nn.functional as F
+@dataclass
+class TSNTrainee:
+    """TSN's part in ``scaffold.train_worker``: decided by the driver, sent to every worker (which
+    keeps its own dead letters and last good batch in it)."""
 
-    sums = np.zeros(4, np.float64)  # loss sum, top-1 hits, top-5 hits, videos
-    if spec.valid is not None and spec.valid_entries is not None:
-        model.eval()
-        plan = eval_plan(spec.valid_entries, rank, world)
-        size, segments = spec.valid.target_size, spec.valid.seg_num * spec.valid.seglen
+    model: TSNClassifierConfig
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int  # per worker
+    valid_batch_size: int
+    base_rate: float  # TRAIN.learning_rate
+    rate_decay: float  # TRAIN.learning_rate_decay
+    momentum: float
+    l2_weight_decay: float
+    seed: int
+    pretrain: str | None
+    train: ClipSpec
+    valid: ClipSpec | None
+    train_entries: pa.Table
+    valid_entries: pa.Table | None
+    load: LoadResources
+    best_metric: str = BEST_METRIC
+    scalars: tuple[str, ...] = ("loss", "top1")
+    _dead: DeadLetters | None = None
+    _last_good: pa.Table | None = None
+    _epoch: int = 0
+
+    @property
+    def segments(self) -> int:
+        return self.train.seg_num * self.train.seglen
+
+    def learning_rate(self, epoch: int, global_step: int) -> float:
+        """The seed's piecewise schedule, counted in optimizer steps of the run."""
+        drops = sum(global_step >= b for b in lr_boundaries(self.epochs, self.steps_per_epoch))
+        return self.base_rate * self.rate_decay**drops
+
+    def build(self, seed: int):
+        model = tc.build(self.model, seed=seed)
+        return model, tc.name_map(model)
+
+    def optimizer(self, model):
+        return make_optimizer(self.base_rate, self.momentum, self.l2_weight_decay, model.parameters())
+
+    def load_pretrained(self, model, chief: bool) -> None:
+        if self.pretrain:
+            tc.load_pretrained(model, read_weights(self.pretrain, self.train.storage).state)
+
+    def batches(self, ctx, epoch: int, start_step: int):
+        """This worker's samples of the epoch from ``start_step`` (``tsn_data.train_plan``: each drawn
+        from (seed, epoch, video)), loaded by Ray Data CPU tasks running ahead of the model."""
+        self._dead = self._dead or DeadLetters(ctx.rank)
+        plan = train_plan(
+            self.train_entries,
+            range(epoch, epoch + 1),
+            self.seed,
+            ctx.rank,
+            ctx.world_size,
+            self.batch_size,
+            start_step,
+        )
+        if not plan.num_rows:
+            return iter(())
+        return scaffold.feed(
+            input_blocks(plan, self.load.videos_per_task),
+            lambda ds: load_stage(ds, self.train, self.load.cpus, self.load.concurrency, self.load.max_retries),
+            self.batch_size,
+            "pyarrow",
+            prefetch_batches=self.load.prefetch_batches,
+        )
+
+    def step(self, net, optimizer, batch, amp: str, scaler) -> scaffold.Step:
+        """One step on the samples that loaded; a worker none of whose batch loaded joins the
+        gradient all-reduce with a zero-weight step."""
+        batch = self._dead.take(batch)
+        size = self.train.target_size
+        if not batch.num_rows:
+            frames, labels = _to_tensors(self._last_good, self.segments, size) if self._last_good else _blank(self)
+            train_step(net, optimizer, frames, labels, amp, scaler, weight=0.0)
+            return scaffold.Step(0.0, 0, (float("nan"), float("nan")))
+        self._last_good = batch
+        loss, accuracy = train_step(net, optimizer, *_to_tensors(batch, self.segments, size), amp, scaler)
+        return scaffold.Step(loss * batch.num_rows, batch.num_rows, (loss, accuracy))
+
+    def progress_line(self, epoch: int, step: int, steps: int, loss: float, scalars: dict[str, float]) -> str:
+        return f"[TRAIN] Epoch {epoch}, iter {step + 1}/{steps}, loss {loss:.6f}, top1_acc {scalars['top1']:.3f}"
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        self._epoch = epoch
+        self._dead.flush(epoch)
+        return {"dead_letters": len(self._dead.seen)}
+
+    def validate(self, model) -> dict[str, float]:
+        """TOP1/TOP5 and loss over the whole VALID list (on the chief)."""
+        import paddle
+        import paddle.nn.functional as F
+
+        if self.valid is None or self.valid_entries is None:
+            return {}
+        sums = np.zeros(4, np.float64)  # loss sum, top-1 hits, top-5 hits, videos
+        plan = eval_plan(self.valid_entries)
+        size, segments = self.valid.target_size, self.valid.seg_num * self.valid.seglen
+        load = lambda ds: load_stage(ds, self.valid, self.load.cpus, self.load.concurrency, self.load.max_retries)  # noqa: E731
         with paddle.no_grad():
-            for batch in stream(plan, spec.valid, spec.load, spec.valid_batch_size) if plan.num_rows else []:
-                batch = dead.take(batch)
+            for batch in scaffold.feed(
+                input_blocks(plan, self.load.videos_per_task), load, self.valid_batch_size, "pyarrow"
+            ):
+                batch = self._dead.take(batch)
                 if not batch.num_rows:
                     continue
                 frames, labels = _to_tensors(batch, segments, size)
@@ -229,155 +278,42 @@ def validate(model, spec: TSNTrainSpec, rank: int, world: int, dead: DeadLetters
                 y = labels.numpy()
                 loss = float(F.cross_entropy(logits, labels, reduction="sum"))
                 sums += [loss, (top5[:, 0] == y).sum(), (top5 == y[:, None]).any(axis=1).sum(), len(y)]
-        model.train()
-    sums = all_reduce_sum(sums, world)
-    n = max(float(sums[3]), 1.0)
-    return {
-        "valid_loss": sums[0] / n,
-        "valid_top1": sums[1] / n,
-        "valid_top5": sums[2] / n,
-        "valid_videos": int(sums[3]),
-    }
+        self._dead.flush(self._epoch)
+        n = max(float(sums[3]), 1.0)
+        metrics = {"valid_loss": sums[0] / n, "valid_top1": sums[1] / n, "valid_top5": sums[2] / n}
+        log.info(
+            "[VALID] loss %.6f, top1_acc %.4f, top5_acc %.4f (%d videos)",
+            metrics["valid_loss"], metrics["valid_top1"], metrics["valid_top5"], int(sums[3]),
+        )  # fmt: skip
+        return metrics | {"valid_videos": int(sums[3])}
 
 
-def train_loop(spec: TSNTrainSpec):
-    """Runs on every Ray Train worker; returns the trained model (useful to tests)."""
+def _blank(trainee: TSNTrainee):
     import paddle
 
-    ctx = scaffold.start_worker(spec.threads)
-    rank, world = ctx.rank, ctx.world_size
-    model = tc.build(spec.model, seed=spec.seed)
-    names = tc.name_map(model)
-    steps = steps_per_epoch(spec.train_entries.num_rows, world, spec.batch_size)
-    optimizer, schedule = make_optimizer(spec, model.parameters(), steps)
-    resumed, state = scaffold.resume(ctx, model, optimizer, names, spec.epochs)
-    if resumed is not None:
-        schedule.step(state.global_step)  # the rate where the run left off
-    elif spec.pretrain:
-        tc.load_pretrained(model, read_weights(spec.pretrain, spec.train.storage).state)
-    amp = spec.amp if ctx.use_gpu else "none"  # mixed precision is a GPU feature
-    scaler = scaffold.make_scaler(amp)
-    net = paddle.DataParallel(model) if world > 1 else model
-    model.train()
-    record = scaffold.Recorder(ctx, model, optimizer, names, checkpoint_meta(spec, steps, world))
-    dead = DeadLetters(rank)
-    plan = train_plan(
-        spec.train_entries, range(state.epoch, spec.epochs), spec.seed, rank, world, spec.batch_size, state.step
-    )
-    batches = iter(stream(plan, spec.train, spec.load, spec.batch_size)) if plan.num_rows else iter(())
-    size, last_good = spec.train.target_size, None
-    for epoch in range(state.epoch, spec.epochs):
-        started, losses, accs = time.perf_counter(), [], []
-        for step in range(state.step if epoch == state.epoch else 0, steps):
-            batch = dead.take(next(batches))
-            if batch.num_rows:
-                last_good = batch
-                loss, acc = train_step(net, optimizer, schedule, *_to_tensors(batch, spec.segments, size), amp, scaler)
-                losses.append(loss)
-                accs.append(acc)
-            else:  # nothing of this batch loaded: join the all-reduce with a zero-weight step
-                frames, labels = _to_tensors(last_good, spec.segments, size) if last_good is not None else _blank(spec)
-                train_step(net, optimizer, schedule, frames, labels, amp, scaler, weight=0.0)
-            state.global_step += 1
-            if rank == 0 and spec.log_interval and (step + 1) % spec.log_interval == 0:
-                _log_step(record, epoch, step, steps, state.global_step, losses, accs, schedule.get_lr(), spec)
-            every = spec.checkpoint_every_steps
-            if every and state.global_step % every == 0 and step + 1 < steps:
-                state.epoch, state.step = epoch, step + 1
-                mid = {
-                    "epoch": epoch,
-                    "global_step": state.global_step,
-                    "train_loss": float(np.mean(losses or [np.nan])),
-                }
-                record.report(state, mid)
-        dead.flush(epoch)
-        check_replicas(model, world)
-        metrics = {
-            "epoch": epoch,
-            "global_step": state.global_step,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "train_top1": float(np.mean(accs)) if accs else float("nan"),
-            "lr": float(schedule.get_lr()),
-            "epoch_seconds": time.perf_counter() - started,
-            "dead_letters": len(dead.seen),
-        }
-        last = epoch + 1 == spec.epochs
-        if spec.valid is not None and spec.valid_interval and ((epoch + 1) % spec.valid_interval == 0 or last):
-            metrics |= validate(model, spec, rank, world, dead)
-            dead.flush(epoch)
-        if rank == 0:
-            log.info(
-                "[TRAIN] Epoch %d finished in %.1f s: %s; %s",
-                epoch,
-                metrics["epoch_seconds"],
-                _format(metrics),
-                dead.summary(),
-            )
-        best = record.end_epoch(state, metrics, BEST_METRIC)
-        record.report(state, metrics, best=best)
-    record.close()
-    return model
-
-
-def checkpoint_meta(spec: TSNTrainSpec, steps: int, workers: int) -> CheckpointMeta:
-    """What every checkpoint of the run records besides where the run stands (``depth`` at
-    the top as well, as TSN checkpoints always had it)."""
-    return CheckpointMeta(
-        model_name=MODEL_NAME,
-        model=asdict(spec.model),
-        num_classes=spec.model.num_classes,
-        config=spec.config,
-        best_metric=BEST_METRIC,
-        steps_per_epoch=steps,
-        num_workers=workers,
-        label_fingerprint=spec.label_fingerprint,
-        extra={"depth": spec.model.depth},
-    )
-
-
-def _log_step(record, epoch: int, step: int, steps: int, global_step: int, losses, accs, lr, spec) -> None:
-    """The progress line over the last log_interval steps, and the same in TensorBoard."""
-    recent = slice(-spec.log_interval, None)
-    avg_loss, avg_acc = np.mean(losses[recent] or [np.nan]), np.mean(accs[recent] or [np.nan])
-    log.info(
-        "[TRAIN] Epoch %d, iter %d/%d, loss %.6f, top1_acc %.3f, lr %.6g", epoch, step + 1, steps, avg_loss, avg_acc, lr
-    )
-    record.scalar("train/loss", float(avg_loss), global_step)
-    record.scalar("train/top1", float(avg_acc), global_step)
-    record.scalar("train/lr", float(lr), global_step)
-
-
-def _blank(spec: TSNTrainSpec):
-    import paddle
-
-    size = spec.train.target_size
-    return paddle.zeros([1, spec.segments, size, size, 3], "uint8"), paddle.zeros([1], "int64")
-
-
-def _format(metrics: dict[str, Any]) -> str:
-    parts = [f"loss {metrics['train_loss']:.6f}", f"top1 {metrics['train_top1']:.3f}"]
-    if "valid_top1" in metrics:
-        parts.append(
-            f"[VALID] loss {metrics['valid_loss']:.6f}, top1_acc {metrics['valid_top1']:.4f}, "
-            f"top5_acc {metrics['valid_top5']:.4f} ({metrics['valid_videos']} videos)"
-        )
-    return ", ".join(parts)
+    size = trainee.train.target_size
+    return paddle.zeros([1, trainee.segments, size, size, 3], "uint8"), paddle.zeros([1], "int64")
 
 
 # -- the driver ------------------------------------------------------------------------------------
 
 
-def prepare(config: Config, pretrain: str | None, plan, labels: str) -> tuple[TSNTrainSpec, dict[str, Any]]:
-    """Reads the lists (and the frame cache) and checks the recipe, before any worker starts."""
+@dataclass
+class Lists:
+    """What the driver read: the phases' entries and counts, and the list lines it rejected."""
+
+    train: pa.Table
+    valid: pa.Table | None
+    cache: dict[str, Any] | None
+    cached: int
+    rejected: list[dict] = field(default_factory=list)
+
+
+def read_lists(config: Config) -> Lists:
+    """The TRAIN and VALID lists (and what the frame cache holds of them), before any worker starts."""
     train, valid, run = config.train, config.valid, config.train_run
-    workers = plan.workers
     if not train.filelist:
         raise ConfigError("TRAIN.filelist is not set: point it at a TSN list ('path label' per line)")
-    batch, valid_batch = train.batch_size // workers, max(1, valid.batch_size // workers)
-    if batch < 1:
-        raise ConfigError(
-            f"TRAIN.batch_size={train.batch_size} is the global batch; it cannot be split over {workers} workers"
-        )
     train_list = read_list(train.filelist, config)
     valid_list = read_list(valid.filelist, config) if valid.filelist and run.valid_interval else None
     train_entries = train_list.entries
@@ -394,54 +330,81 @@ def prepare(config: Config, pretrain: str | None, plan, labels: str) -> tuple[TS
             cached,
             len(train_list),
         )
-    steps = steps_per_epoch(train_entries.num_rows, workers, batch)
+    rejected = train_list.rejected + (valid_list.rejected if valid_list is not None else [])
+    return Lists(train_entries, valid_entries, cache, cached, rejected)
+
+
+def prepare(
+    config: Config, pretrain: str | None, plan, names: list[str] | None
+) -> tuple[TSNTrainee, scaffold.LoopSpec, Lists]:
+    """The trainee and the loop, from the lists, the recipe and where the workers run."""
+    train, valid, run = config.train, config.valid, config.train_run
+    workers = plan.workers
+    batch, valid_batch = train.batch_size // workers, max(1, valid.batch_size // workers)
+    if batch < 1:
+        raise ConfigError(
+            f"TRAIN.batch_size={train.batch_size} is the global batch; it cannot be split over {workers} workers"
+        )
+    lists = read_lists(config)
+    steps = steps_per_epoch(lists.train.num_rows, workers, batch)
     if steps < 1:
         raise ConfigError(
-            f"{train_entries.num_rows} training videos cannot fill one batch of {batch} per worker "
+            f"{lists.train.num_rows} training videos cannot fill one batch of {batch} per worker "
             f"on {workers} workers: lower TRAIN.batch_size or add videos"
         )
-    if train.total_videos is not None and train.total_videos != train_entries.num_rows:
+    if train.total_videos is not None and train.total_videos != lists.train.num_rows:
         log.info(
             "TRAIN.total_videos=%d is not used: the list has %d videos (%d steps per epoch)",
             train.total_videos,
-            train_entries.num_rows,
+            lists.train.num_rows,
             steps,
         )
     if pretrain is None:
         log.warning("no --pretrain weights: the TSN classifier trains from random init")
     res = config.resources
-    spec = TSNTrainSpec(
-        model=TSNClassifierConfig.from_model_section(config.model),
+    model = TSNClassifierConfig.from_model_section(config.model)
+    trainee = TSNTrainee(
+        model=model,
         epochs=train.epoch,
+        steps_per_epoch=steps,
         batch_size=batch,
         valid_batch_size=valid_batch,
-        learning_rate=train.learning_rate,
-        learning_rate_decay=train.learning_rate_decay,
+        base_rate=train.learning_rate,
+        rate_decay=train.learning_rate_decay,
         momentum=train.momentum,
         l2_weight_decay=train.l2_weight_decay,
         seed=run.seed,
         pretrain=pretrain,
-        train=clip_spec(config, "train", run.seed, cache),
-        valid=clip_spec(config, "valid", run.seed, cache) if valid_entries is not None else None,
-        train_entries=train_entries,
-        valid_entries=valid_entries,
+        train=clip_spec(config, "train", run.seed, lists.cache),
+        valid=clip_spec(config, "valid", run.seed, lists.cache) if lists.valid is not None else None,
+        train_entries=lists.train,
+        valid_entries=lists.valid,
         load=LoadResources(plan.task_cpus, res.decode_concurrency, res.decode_batch_size, res.decode_max_retries),
-        threads=plan.threads,
+    )
+    meta = CheckpointMeta(
+        model_name=MODEL_NAME,
+        model=asdict(model),
+        num_classes=model.num_classes,
+        config=config.to_dict(),
+        best_metric=BEST_METRIC,
+        steps_per_epoch=steps,
+        num_workers=workers,
+        label_fingerprint=label_fingerprint(names, config.model.num_classes),
+        extra={"depth": model.depth},  # at the top as well, as TSN checkpoints always had it
+    )
+    loop = scaffold.LoopSpec(
+        epochs=train.epoch,
+        steps_per_epoch=steps,
+        seed=run.seed,
         amp=run.amp,
+        threads=plan.threads,
         checkpoint_every_steps=run.checkpoint_every_steps,
         log_interval=run.log_interval,
-        valid_interval=run.valid_interval,
-        label_fingerprint=labels,
-        config=config.to_dict(),
+        valid_interval=run.valid_interval if lists.valid is not None else 0,
+        meta=meta,
+        fault=faults.train_fault(),
     )
-    info = {
-        "train": train_entries.num_rows,
-        "valid": valid_entries.num_rows if valid_entries is not None else 0,
-        "cached": cached,
-        "steps": steps,
-        "rejected": train_list.rejected + (valid_list.rejected if valid_list is not None else []),
-    }
-    return spec, info
+    return trainee, loop, lists
 
 
 def run_train(
@@ -450,12 +413,12 @@ def run_train(
     pretrain: str | None = None,
     label_file: str | None = None,
     run_name: str | None = None,
-    train_fn=None,
+    worker=None,
 ) -> TrainSummary:
     """Fine-tunes TSN on ``TRAIN.filelist``, validating on ``VALID.filelist``; checkpoints go to
     ``save_dir/<run_name, train_run.run_name or TSN>``; rerunning with the same name resumes.
     ``label_file`` names the classes (recorded as the label set). Needs ``ray.init()``.
-    ``train_fn`` replaces the worker function (tests wrap ``train_loop`` with it)."""
+    ``worker`` replaces the workers' function (tests wrap ``scaffold.train_worker`` with it)."""
     start = time.perf_counter()
     if config.model.name != MODEL_NAME:
         raise ConfigError(f"MODEL.name is {config.model.name!r}; this trainer fine-tunes TSN")
@@ -466,40 +429,33 @@ def run_train(
     names = read_label_names(label_file, config.storage) if label_file else None
     if names is not None:
         check_label_names(names, config.model.num_classes, label_file)
-    spec, info = prepare(config, pretrain, where, label_fingerprint(names, config.model.num_classes))
+    trainee, loop, lists = prepare(config, pretrain, where, names)
     name = run_name or run.run_name or MODEL_NAME
     run_uri = checkpoint.run_uri(save_dir, name)
     fs, root = st.filesystem(run_uri, config.storage)
-    if info["rejected"]:
-        st.write_parquet(
-            dead_letter_table(info["rejected"]), fs, f"{root}/{S.DEAD_LETTERS_DIR}/manifest-{time.time_ns()}.parquet"
-        )
+    write_dead_letters(lists.rejected, fs, root, prefix="manifest")
     log.info(
         "TSN fine-tune: %d workers (%s, %.2f CPUs each), %d x %d videos per step, %d steps per epoch, %d epochs -> %s",
-        where.workers, "GPU" if where.use_gpu else "CPU", where.cpus_per_worker, where.workers, spec.batch_size,
-        info["steps"], spec.epochs, st.redact(run_uri),
+        where.workers, "GPU" if where.use_gpu else "CPU", where.cpus_per_worker, where.workers, trainee.batch_size,
+        loop.steps_per_epoch, loop.epochs, st.redact(run_uri),
     )  # fmt: skip
-    result = scaffold.fit(train_fn or _worker, spec, where, config, save_dir, name)
+    result = scaffold.fit(trainee, loop, where, config, save_dir, name, worker=worker)
     dead = {v for f in st.list_files(fs, f"{root}/{S.DEAD_LETTERS_DIR}", ".parquet") for v in _ids(fs, f)}
     summary = TrainSummary(
         st.redact(run_uri),
         MODEL_NAME,
         workers=where.workers,
         device="gpu" if where.use_gpu else "cpu",
-        steps_per_epoch=info["steps"],
-        epochs=spec.epochs,
-        train_videos=info["train"],
-        valid_videos=info["valid"],
-        cached=info["cached"],
-        rejected=len(info["rejected"]),
+        steps_per_epoch=loop.steps_per_epoch,
+        epochs=loop.epochs,
+        train_videos=lists.train.num_rows,
+        valid_videos=lists.valid.num_rows if lists.valid is not None else 0,
+        cached=lists.cached,
+        rejected=len(lists.rejected),
         dead_letters=len(dead),
         best_metric=BEST_METRIC,
     )
     return scaffold.finish(result, summary, run_uri, config.storage, CURVES, start)
-
-
-def _worker(config: dict[str, Any]) -> None:
-    train_loop(config["spec"])
 
 
 def _ids(fs, path: str) -> list[str]:

@@ -10,15 +10,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from vtplatform import schema as S
-from vtplatform.segments import (
-    NoWindow,
-    Window,
-    chunk_windows,
-    complete_videos,
-    finalize_segments,
-    merge_spans,
-    windows,
-)
+from vtplatform.outputs.segments import WindowTagOutput
+from vtplatform.outputs.spans import SpanOutput
+from vtplatform.outputs.timeline import TimelineOutput
+from vtplatform.pipeline import finalize_outputs
+from vtplatform.windows import NoWindow, Window, chunk_windows, merge_spans, windows
+
+
+def complete_videos(fs, root):
+    return WindowTagOutput(S.SEGMENT_SCHEMA, None).complete(fs, root)
+
+
+def finalize_segments(fs, root, names, num_classes) -> int:
+    """The outputs of tagging with segments, finalized as a run ends; returns the videos that got spans."""
+    spans = SpanOutput(names, num_classes)
+    outputs = [WindowTagOutput(S.SEGMENT_SCHEMA, names), TimelineOutput(S.timeline_schema(2)), spans]
+    finalize_outputs(outputs, fs, root, expected=None)
+    return spans.made
 
 
 def spans_of(table: pa.Table) -> list[tuple]:
