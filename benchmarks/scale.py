@@ -298,7 +298,7 @@ def _plan_line() -> str:
 
     config = load_config(ROOT / "configs" / "tsn.yaml")
     cluster = R.Cluster(os.cpu_count() or 1, 0, os.cpu_count() or 1, 0)
-    return R.plan_pipeline(config, cluster, [tsn.need(config)], "cpu").describe(cluster)
+    return R.pipeline_sizes(config, cluster, [tsn.need(config)], "cpu").describe(cluster)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def stream_rate(config, seed: int = 0) -> tuple[float, int]:
     """Samples per second of one epoch of training samples, no model."""
     from vtplatform.frame_cache import open_cache
     from vtplatform.train.tsn import LoadResources, stream
-    from vtplatform.tsn_data import attach_cache, clip_spec, read_list, train_plan
+    from vtplatform.tsn_data import attach_cache, clip_spec, read_list, train_samples
 
     entries = read_list(config.train.filelist, config).entries
     cache = None
@@ -86,7 +86,7 @@ def stream_rate(config, seed: int = 0) -> tuple[float, int]:
         cache, index = open_cache(config.frame_cache.path, config.storage)
         entries, _ = attach_cache(entries, index)
     batch = config.train.batch_size
-    plan = train_plan(entries, range(1), seed, 0, 1, batch)
+    plan = train_samples(entries, range(1), seed, 0, 1, batch)
     res = config.resources
     load = LoadResources(res.decode_cpus, res.decode_concurrency, res.decode_batch_size, res.decode_max_retries)
     start, samples = time.perf_counter(), 0

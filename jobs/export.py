@@ -26,9 +26,9 @@ def main() -> int:
     args = p.parse_args()
     cli.setup_logging(args.log_level)
 
+    from vtplatform.champions import resolve_model_dir
     from vtplatform.config import load_config
     from vtplatform.export import run_export
-    from vtplatform.registry import resolve_model_dir
 
     config = load_config(args.config, args.override)
     tsn, lstm = args.tsn_weights, args.lstm_weights

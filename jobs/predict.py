@@ -15,54 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vtplatform import cli
 
 
-def attention_lstm(config, args) -> int:
-    from vtplatform.predict import run_predict
-
-    summary = run_predict(
-        config,
-        args.weights,
-        args.save_dir,
-        label_file=args.label_file,
-        seed_json=args.seed_json,
-        whole_table=bool(args.features and not args.filelist),
-    )
-    print(summary.format(), flush=True)
-    return cli.EXIT_OK
-
-
-def tsn(config, args) -> int:
-    from vtplatform.predict import run_predict_tsn
-
-    summary = run_predict_tsn(
-        config,
-        args.weights,
-        args.save_dir,
-        label_file=args.label_file,
-        seed_json=args.seed_json,
-    )
-    print(summary.format(), flush=True)
-    return cli.EXIT_OK
-
-
-PREDICTORS = {"AttentionLSTM": attention_lstm, "TSN": tsn}
-
-
-def pick(name: str | None, config):
-    """The entry for --model_name (default MODEL.name), matched case-insensitively like the seed."""
-    from vtplatform.config import ConfigError
-
-    name = name or config.model.name
-    found = {k.lower(): k for k in PREDICTORS}.get(name.lower())
-    if found is None:
-        raise ConfigError(f"--model_name {name!r} is not one of {sorted(PREDICTORS)}")
-    if found.lower() != config.model.name.lower():
-        raise ConfigError(f"--model_name {name} but the config's MODEL.name is {config.model.name}")
-    return PREDICTORS[found]
-
-
 def main() -> int:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--model_name", default=None, help=f"one of {sorted(PREDICTORS)} (default: MODEL.name)")
+    p.add_argument("--model_name", default=None, help="AttentionLSTM or TSN (default: MODEL.name)")
     p.add_argument("--weights", required=True, help="checkpoint folder, run folder or weight file (local or s3://)")
     p.add_argument(
         "--label_file", default=None, help="class names, line i = class i (e.g. configs/labels/label_3396.txt)"
@@ -77,13 +32,17 @@ def main() -> int:
     args = p.parse_args()
     cli.setup_logging(args.log_level)
 
+    from vtplatform import catalog
     from vtplatform.config import load_config
 
     flags = {"filelist": "INFER.filelist", "features": "data.features", "infer_topk": "MODEL.topk"}
     config = load_config(args.config, cli.overrides(args, flags))
-    predict = pick(args.model_name, config)
+    model = catalog.pick(args.model_name, config)
     cli.init_ray()
-    return predict(config, args)
+    whole_table = bool(args.features and not args.filelist)  # a feature table and no list: all its rows
+    summary = model.predict(config, args.weights, args.save_dir, args.label_file, args.seed_json, whole_table)
+    print(summary.format(), flush=True)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

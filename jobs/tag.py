@@ -52,8 +52,8 @@ def main() -> int:
     args = p.parse_args()
     cli.setup_logging(args.log_level)
 
+    from vtplatform.champions import resolve_model_dir
     from vtplatform.config import ConfigError, load_config
-    from vtplatform.registry import resolve_model_dir
     from vtplatform.tag import run_tag
 
     flags = {

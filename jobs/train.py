@@ -16,41 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vtplatform import cli
 
 
-def attention_lstm(config, args) -> int:
-    from vtplatform.train.lstm import run_train
-
-    summary = run_train(config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file)
-    print(summary.format(), flush=True)
-    return cli.EXIT_OK
-
-
-def tsn(config, args) -> int:
-    from vtplatform.train.tsn import run_train
-
-    summary = run_train(config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file)
-    print(summary.format(), flush=True)
-    return cli.EXIT_OK
-
-
-TRAINERS = {"AttentionLSTM": attention_lstm, "TSN": tsn}
-
-
-def pick(name: str | None, config):
-    """The entry for --model_name (default MODEL.name), matched case-insensitively like the seed."""
-    from vtplatform.config import ConfigError
-
-    name = name or config.model.name
-    found = {k.lower(): k for k in TRAINERS}.get(name.lower())
-    if found is None:
-        raise ConfigError(f"--model_name {name!r} is not one of {sorted(TRAINERS)}")
-    if found.lower() != config.model.name.lower():
-        raise ConfigError(f"--model_name {name} but the config's MODEL.name is {config.model.name}")
-    return TRAINERS[found]
-
-
 def main() -> int:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--model_name", default=None, help=f"one of {sorted(TRAINERS)} (default: MODEL.name)")
+    p.add_argument("--model_name", default=None, help="AttentionLSTM or TSN (default: MODEL.name)")
     p.add_argument(
         "--pretrain", default=None, help="weights to start from: an official VideoTag file, or one of our checkpoints"
     )
@@ -69,14 +37,17 @@ def main() -> int:
     args = p.parse_args()
     cli.setup_logging(args.log_level)
 
+    from vtplatform import catalog
     from vtplatform.config import load_config
 
     config = load_config(
         args.config, cli.overrides(args, {"run_name": "train_run.run_name", "features": "data.features"})
     )
-    train = pick(args.model_name, config)
+    model = catalog.pick(args.model_name, config)
     cli.init_ray()
-    return train(config, args)
+    summary = model.train(config, args.save_dir, pretrain=args.pretrain, label_file=args.label_file)
+    print(summary.format(), flush=True)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

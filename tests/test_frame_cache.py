@@ -11,7 +11,7 @@ from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.frame_cache import open_cache, run_cache
 from vtplatform.train.tsn import LoadResources, stream
-from vtplatform.tsn_data import attach_cache, clip_spec, read_list, train_plan
+from vtplatform.tsn_data import attach_cache, clip_spec, read_list, train_samples
 
 SMALL = [
     "TRAIN.short_size=64",
@@ -42,7 +42,7 @@ def _config(*overrides):
 
 
 def _batches(config, entries, cache=None, epochs=range(2), rank=0, world=2, batch=2):
-    plan = train_plan(entries, epochs, seed=7, rank=rank, world_size=world, batch_size=batch)
+    plan = train_samples(entries, epochs, seed=7, rank=rank, world_size=world, batch_size=batch)
     return list(stream(plan, clip_spec(config, "train", 7, cache), LOAD, batch))
 
 

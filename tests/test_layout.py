@@ -24,7 +24,7 @@ LAYERS = [
     {"predict", "extract", "tag"},
     {"eval"},
     {"train"},
-    {"export", "registry", "nightly", "report", "cli"},
+    {"export", "champions", "nightly", "report", "catalog", "cli"},
 ]
 
 
@@ -108,6 +108,18 @@ def test_contract_names_are_defined_once_in_schema():
     misplaced = {k: v for k, v in layout.items() if v != ["vtplatform.schema"] and not k.startswith("CURRENT_CLUSTER")}
     assert not misplaced, f"folder and file names belong in vtplatform/schema.py: {misplaced}"
     assert {"DEAD_LETTERS_DIR", "BEST_DIR", "TENSORBOARD_DIR", "EXPORT_TSN_DIR"} <= set(layout)
+
+
+def test_every_model_the_config_accepts_has_its_jobs_in_the_catalog():
+    """One registration: the names the config takes (schema.MODEL_NAMES) are the catalog's entries,
+    and each entry gives every job its functions."""
+    from vtplatform import catalog
+    from vtplatform import schema as S
+
+    assert set(catalog.MODELS) == set(S.MODEL_NAMES)
+    for make in catalog.MODELS.values():
+        jobs = make()
+        assert all(callable(getattr(jobs, f)) for f in ("train", "evaluate", "format_report", "predict"))
 
 
 def test_the_readme_layout_table_lists_the_layers_in_order():

@@ -61,11 +61,11 @@ def test_seed_npy_layout_with_every_kind_of_bad_row(ray_cluster, tmp_path):
     filelist = write_list(tmp_path / "train.list", items, all_labels)
 
     with pytest.raises(D.DataError) as err:
-        D.plan_inputs(config(), "train", str(filelist))
+        D.read_inputs(config(), "train", str(filelist))
     message = str(err.value)
     assert "missing.npy: file not found" in message and "on_bad_row=skip" in message
 
-    inputs = D.plan_inputs(config("data.on_bad_row=skip"), "train", str(filelist))
+    inputs = D.read_inputs(config("data.on_bad_row=skip"), "train", str(filelist))
     assert inputs.skipped == {D.MISSING_FEATURES: 1, D.BAD_SHAPE: 2, D.UNREADABLE: 1, D.LABEL_OUT_OF_RANGE: 1}
     assert len(inputs) == 5 and ids[2] not in inputs.rows.column(S.VIDEO_ID).to_pylist()
     got = rows_of(D.make_dataset(inputs, config()))
@@ -85,8 +85,8 @@ def test_a_malformed_list_line_is_a_bad_row(ray_cluster, tmp_path):
     text = f"{paths[0]} 1 2\n{paths[1]}\x00 1\n{paths[2]} 3\n"
     (tmp_path / "l.list").write_text(text)
     with pytest.raises(D.DataError, match="line 2: line contains a NUL byte"):
-        D.plan_inputs(config(), "train", str(tmp_path / "l.list"))
-    inputs = D.plan_inputs(config("data.on_bad_row=skip"), "train", str(tmp_path / "l.list"))
+        D.read_inputs(config(), "train", str(tmp_path / "l.list"))
+    inputs = D.read_inputs(config("data.on_bad_row=skip"), "train", str(tmp_path / "l.list"))
     assert inputs.skipped == {D.BAD_LINE: 1} and len(inputs) == 2
 
 
@@ -103,7 +103,7 @@ def test_list_names_with_spaces_tabs_and_unicode(ray_cluster, tmp_path):
     assert labels.column(S.VIDEO_ID).to_pylist()[:3] == names  # an .npy names its video by the file stem
     assert labels.column(S.URI).to_pylist() == [*map(str, paths), f"{paths[0]} one"]
     assert labels.column(S.LABELS).to_pylist() == [[1, 3], [2], [0], []]
-    inputs = D.plan_inputs(config("data.on_bad_row=skip"), "train", str(tmp_path / "l.list"))
+    inputs = D.read_inputs(config("data.on_bad_row=skip"), "train", str(tmp_path / "l.list"))
     assert inputs.skipped == {D.MISSING_FEATURES: 1} and len(inputs) == 3
     got = rows_of(D.make_dataset(inputs, config()))
     for i, name in enumerate(names):
@@ -121,7 +121,7 @@ def table(tmp_path):
 def test_table_joined_to_a_seed_list_of_npy_names(ray_cluster, tmp_path, table):
     root, ids, feats, labels, _ = table
     filelist = write_list(tmp_path / "train.list", [f"out/npy/{v}.npy" for v in ids[:8]], labels[:8])
-    inputs = D.plan_inputs(config(f"data.features={root}"), "train", str(filelist))
+    inputs = D.read_inputs(config(f"data.features={root}"), "train", str(filelist))
     assert len(inputs) == 8 and inputs.unlabelled == 3 and inputs.feature_dim == DIM and inputs.num_segments == SEG
     assert inputs.provenance["model"]["depth"] == 18
     got = rows_of(D.make_dataset(inputs, config(f"data.features={root}")))
@@ -136,15 +136,15 @@ def test_table_joined_to_labels_tables_by_video_id_or_uri(ray_cluster, tmp_path,
     root, ids, _, labels, uris = table
     by_id = pa.table({S.VIDEO_ID: ids[:3], S.LABELS: pa.array(labels[:3], pa.list_(pa.int32()))})
     pq.write_table(by_id, tmp_path / "labels.parquet")
-    inputs = D.plan_inputs(config(f"data.features={root}"), "valid", str(tmp_path / "labels.parquet"))
+    inputs = D.read_inputs(config(f"data.features={root}"), "valid", str(tmp_path / "labels.parquet"))
     assert inputs.rows.column(S.LABELS).to_pylist() == labels[:3]
     csv = pa.table(
         {S.URI: [*uris[3:6], "/videos/unknown.mp4"], S.LABELS: [*(" ".join(map(str, x)) for x in labels[3:6]), "1"]}
     )
     pacsv.write_csv(csv, tmp_path / "labels.csv")
     with pytest.raises(D.DataError, match=r"unknown\.mp4: not in the feature table"):
-        D.plan_inputs(config(f"data.features={root}"), "valid", str(tmp_path / "labels.csv"))
-    inputs = D.plan_inputs(
+        D.read_inputs(config(f"data.features={root}"), "valid", str(tmp_path / "labels.csv"))
+    inputs = D.read_inputs(
         config(f"data.features={root}", "data.on_bad_row=skip"), "valid", str(tmp_path / "labels.csv")
     )
     assert inputs.rows.column(S.VIDEO_ID).to_pylist() == ids[3:6] and inputs.skipped == {D.MISSING_FEATURES: 1}
@@ -168,10 +168,10 @@ def test_table_provenance_is_checked(tmp_path):
 
 def test_prediction_inputs_are_the_whole_table_without_labels(ray_cluster, table):
     root, ids, _, _, uris = table
-    inputs = D.plan_inputs(config(f"data.features={root}"), "infer", None, need_labels=False)
+    inputs = D.read_inputs(config(f"data.features={root}"), "infer", None, need_labels=False)
     assert inputs.rows.column(S.VIDEO_ID).to_pylist() == ids and inputs.rows.column(S.URI).to_pylist() == uris
     with pytest.raises(ConfigError, match=r"TRAIN\.filelist must name the labels"):
-        D.plan_inputs(config(f"data.features={root}"), "train", None)
+        D.read_inputs(config(f"data.features={root}"), "train", None)
 
 
 def test_large_row_groups_stream_in_slices(ray_cluster, tmp_path):
@@ -181,7 +181,7 @@ def test_large_row_groups_stream_in_slices(ray_cluster, tmp_path):
     write_feature_table(tmp_path, ids, feats, rows_per_file=n)  # one file, one row group
     filelist = write_list(tmp_path / "l.list", [f"{v}.npy" for v in ids], labels)
     cfg = config(f"data.features={tmp_path / 'features'}")
-    inputs = D.plan_inputs(cfg, "train", str(filelist))
+    inputs = D.read_inputs(cfg, "train", str(filelist))
     assert inputs.table_units == [(str(tmp_path / "features" / "part-00000.parquet"), 0)]
     unit = pa.table({S.PATH: [inputs.table_units[0][0]], "row_group": [0]})
     index = {

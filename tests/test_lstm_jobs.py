@@ -303,7 +303,7 @@ def test_trains_from_a_table_that_extraction_wrote(ray_cluster, tmp_path):
         ],
     )
     summary = run_train(config, str(tmp_path / "ckpt"))
-    assert summary.epochs_done == 2 and summary.train_videos == 3 and summary.best_valid_gap is not None
+    assert summary.epochs_finished == 2 and summary.train_videos == 3 and summary.best_valid_gap is not None
     trained = read_weights(str(tmp_path / "ckpt" / "AttentionLSTM"), StorageSection())
     assert trained.meta["model"]["feature_dim"] == 512 and trained.state["rgb_fc.w_0"].shape == (512, 8)
     assert trained.meta["features"]["model"]["depth"] == 18

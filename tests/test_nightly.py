@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, ROOT, run_job
 from tests.ray_nodes import kill_later, kill_tree
-from vtplatform import registry as R
+from vtplatform import champions as R
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.faults import NIGHTLY_ENV as STOP_AFTER_ENV

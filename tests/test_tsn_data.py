@@ -21,7 +21,7 @@ from vtplatform.tsn_data import (
     clip_spec,
     load_clips,
     read_list,
-    train_plan,
+    train_samples,
 )
 from vtplatform.video.reader import ReadOptions
 
@@ -49,7 +49,7 @@ def indexed(tmp_path_factory):
 def _plan(uri, label=1, epoch=0, video_id="vid"):
     row = {S.VIDEO_ID: video_id, S.URI: str(uri), S.LABEL: label, S.NUM_FRAMES: -1, S.EPOCH: epoch}
     row |= {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1}
-    return pa.Table.from_pylist([row], schema=S.TRAIN_PLAN_SCHEMA)
+    return pa.Table.from_pylist([row], schema=S.SAMPLE_SCHEMA)
 
 
 def _ordinals(frames):
@@ -127,7 +127,7 @@ def _entries(n):
 
 def test_train_plan_shuffles_per_epoch_and_deals_equal_disjoint_shares():
     entries = _entries(23)
-    plans = [train_plan(entries, range(0, 3), seed=5, rank=r, world_size=2, batch_size=4) for r in range(2)]
+    plans = [train_samples(entries, range(0, 3), seed=5, rank=r, world_size=2, batch_size=4) for r in range(2)]
     for plan in plans:
         assert plan.num_rows == 3 * 8  # (23 // 2) // 4 = 2 batches of 4 per epoch
         assert plan.column(S.EPOCH).to_pylist() == [0] * 8 + [1] * 8 + [2] * 8
@@ -136,12 +136,12 @@ def test_train_plan_shuffles_per_epoch_and_deals_equal_disjoint_shares():
         assert len(shares[0]) == len(shares[1]) == 8 and not shares[0] & shares[1]
     orders = [plans[0].column(S.VIDEO_ID).to_pylist()[8 * e : 8 * e + 8] for e in range(3)]
     assert orders[0] != orders[1] != orders[2]
-    again = train_plan(entries, range(0, 3), seed=5, rank=0, world_size=2, batch_size=4)
+    again = train_samples(entries, range(0, 3), seed=5, rank=0, world_size=2, batch_size=4)
     assert again.equals(plans[0])
-    resumed = train_plan(entries, range(1, 3), seed=5, rank=0, world_size=2, batch_size=4, skip_steps=1)
+    resumed = train_samples(entries, range(1, 3), seed=5, rank=0, world_size=2, batch_size=4, skip_steps=1)
     assert resumed.column(S.VIDEO_ID).to_pylist() == plans[0].column(S.VIDEO_ID).to_pylist()[12:]
     with pytest.raises(ConfigError, match="cannot fill one batch"):
-        train_plan(_entries(7), range(1), 0, 0, 2, 4)
+        train_samples(_entries(7), range(1), 0, 0, 2, 4)
 
 
 def test_training_samples_follow_the_videotag_rule(indexed):

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from vtplatform.schema import MODEL_NAMES
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,7 @@ class ModelSection:
     fc2_size: int = 4096
 
     def __post_init__(self) -> None:
-        _choice("MODEL", "name", self.name, ("TSN", "AttentionLSTM", "VideoTag"))  # VideoTag: TSN then AttentionLSTM
+        _choice("MODEL", "name", self.name, (*MODEL_NAMES, "VideoTag"))  # VideoTag: TSN then AttentionLSTM
         _choice("MODEL", "format", self.format, ("video", "frames"))
         _choice("MODEL", "num_layers", self.num_layers, (18, 34, 50, 101, 152))
         if len(self.image_mean) != 3 or len(self.image_std) != 3:

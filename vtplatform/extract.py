@@ -35,8 +35,8 @@ def run_extract(
     """Extracts features for every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
     start = time.perf_counter()
     config = prepare_output(config, save_dir)
-    plan = R.size_pipeline(config, [tsn.need(config)])
-    spec = tsn.tsn_spec(config, weights, plan.device, plan.models[tsn.MODEL_NAME].threads)
+    sizes = R.size_pipeline(config, [tsn.need(config)])
+    spec = tsn.tsn_spec(config, weights, sizes.device, sizes.models[tsn.MODEL_NAME].threads)
     fingerprint, feature_dim = tsn.weights_fingerprint(config, weights)
     prov = tsn.provenance(config, fingerprint, feature_dim, spec.precision)
     schema = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
@@ -45,11 +45,11 @@ def run_extract(
         spec.device,
         entries=read_entries(manifest, config),
         stages=[
-            lambda ds: decode_stage(ds, config, plan),
-            lambda ds: tsn.tsn_stage(ds, config, spec, plan),
+            lambda ds: decode_stage(ds, config, sizes),
+            lambda ds: tsn.tsn_stage(ds, config, spec, sizes),
         ],
         outputs=[FeatureOutput(schema, config.output.format == "npy", save_dir)],
-        writer_cpus=plan.writer_cpus,
+        writer_cpus=sizes.writer_cpus,
         frames_per_video=config.infer.seg_num,
     )
     return run_video_job(config, save_dir, job, retry_failed, start)

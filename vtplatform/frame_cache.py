@@ -37,7 +37,7 @@ from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.outputs import frame_cache as cache_tables
 from vtplatform.outputs.frame_cache import FrameCacheOutput
 from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, prepare_output, run_video_job
-from vtplatform.resources import plan_tasks, sized
+from vtplatform.resources import sized, task_sizes
 from vtplatform.tsn_data import pool_indices, read_list
 from vtplatform.video.reader import BadVideo, ReadOptions, iter_all_frames, read_frames, read_options
 from vtplatform.video.transforms import scale
@@ -251,7 +251,7 @@ def run_cache(config: Config, filelist: str, save_dir: str, retry_failed: bool =
     config = prepare_output(config, save_dir)
     settings = cache_settings(config)
     res, per_file = config.resources, config.frame_cache.videos_per_file
-    sizes = sized(config, lambda c: plan_tasks(config, c), [{"CPU": res.decode_cpus}])
+    sizes = sized(config, lambda c: task_sizes(config, c), [{"CPU": res.decode_cpus}])
     task = CacheTask(save_dir, settings, read_options(config), config.storage)
     job = VideoJob(
         "frame cache",

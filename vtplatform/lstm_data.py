@@ -12,7 +12,7 @@ Two layouts, chosen by ``data.features``:
 * the seed's layout (``data.features`` unset): the filelist lists ``.npy`` feature files,
   ``[T, D]`` float arrays, with their labels.
 
-Planning (``plan_inputs``) runs in the driver and reads only ids, labels and ``.npy`` headers.
+Planning (``read_inputs``) runs in the driver and reads only ids, labels and ``.npy`` headers.
 Rows that cannot be used (a missing feature file, a label >= num_classes, a wrong feature shape)
 raise ``DataError`` naming them, or with ``data.on_bad_row=skip`` are counted and left out.
 ``make_dataset`` then streams features in blocks, so memory stays bounded for any table size.
@@ -233,18 +233,18 @@ def open_feature_table(uri: str, storage: StorageSection) -> FeatureTable:
 # --- planning --------------------------------------------------------------------------------
 
 
-def plan_inputs(config: Config, phase: str, filelist: str | None, need_labels: bool = True) -> FeatureInputs:
+def read_inputs(config: Config, phase: str, filelist: str | None, need_labels: bool = True) -> FeatureInputs:
     """Which rows ``phase`` reads and with which labels. For prediction (``need_labels=False``)
     a feature table is read whole when no filelist is given."""
     num_classes = config.model.num_classes
     if config.data.features:
         table = open_feature_table(config.data.features, config.storage)
-        inputs = _plan_table(table, phase, filelist, config, need_labels)
+        inputs = _table_inputs(table, phase, filelist, config, need_labels)
         itemsize = table.itemsize
     else:
         if not filelist:
             raise ConfigError(f"{phase.upper()}.filelist is not set (or set data.features to a feature table)")
-        inputs = _plan_npy(filelist, phase, config)
+        inputs = _npy_inputs(filelist, phase, config)
     bad = _out_of_range(inputs.rows, num_classes) if need_labels else []
     if bad:
         _bad_rows(
@@ -298,7 +298,7 @@ def _settle_bad_rows(config: Config, inputs: FeatureInputs) -> None:
         log.warning("%s: skipping %d row(s) with %s, e.g. %s", inputs.phase, len(examples), reason, examples[0])
 
 
-def _plan_table(
+def _table_inputs(
     table: FeatureTable, phase: str, filelist: str | None, config: Config, need_labels: bool
 ) -> FeatureInputs:
     keys = pa.concat_tables([pq.read_table(f, columns=[S.VIDEO_ID, S.URI], filesystem=table.fs) for f in table.files])
@@ -357,7 +357,7 @@ def _units_of(table: FeatureTable, rows: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.cumsum(sizes), rows, side="right")
 
 
-def _plan_npy(filelist: str, phase: str, config: Config) -> FeatureInputs:
+def _npy_inputs(filelist: str, phase: str, config: Config) -> FeatureInputs:
     """The seed's layout: checks every listed .npy file's header (in parallel on Ray Data)."""
     import ray
 

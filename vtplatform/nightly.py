@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vtplatform import champions as R
 from vtplatform import faults
-from vtplatform import registry as R
 from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError
@@ -268,7 +268,7 @@ def _train_evaluate_promote(config: Config, where: dict[str, str], state: dict, 
         return {
             "labelled": labelled,
             "videos": trained.train_videos,
-            "epochs": trained.epochs_done,
+            "epochs": trained.epochs_finished,
             "weights": candidate,
         }
 

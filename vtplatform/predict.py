@@ -36,7 +36,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config
 from vtplatform.labels import label_fingerprint, label_names_for
-from vtplatform.lstm_data import make_dataset, plan_inputs
+from vtplatform.lstm_data import make_dataset, read_inputs
 from vtplatform.outputs import with_metadata
 from vtplatform.outputs.dead_letters import DeadLetterOutput, write_dead_letters
 from vtplatform.outputs.predictions import PredictionOutput
@@ -54,10 +54,10 @@ def inference_dataset(
     a dataset of numpy batches)."""
     model_config, loaded = lstm.resolve_model(config, weights, inputs.feature_dim)
     lstm.check_feature_provenance(config, loaded.meta, inputs.provenance, inputs.source)
-    plan = R.size_pipeline(config, [lstm.inference_need(config)], phase_use_gpu)
-    actors = plan.models[lstm.MODEL_NAME]
+    sizes = R.size_pipeline(config, [lstm.inference_need(config)], phase_use_gpu)
+    actors = sizes.models[lstm.MODEL_NAME]
     spec = lstm.ModelSpec(model_config, loaded.source, config.storage, actors.num_gpus > 0, actors.threads)
-    ds = make_dataset(inputs, config, with_targets=with_targets, task_cpus=plan.task_cpus)
+    ds = make_dataset(inputs, config, with_targets=with_targets, task_cpus=sizes.task_cpus)
     return model_config, loaded, lstm.inference_stage(ds, spec, top_k, batch_size, actors)
 
 
@@ -138,7 +138,7 @@ def run_predict(
     start = time.perf_counter()
     config = prepare_output(config, save_dir)
     top_k = top_k or config.model.topk
-    inputs = plan_inputs(config, "infer", None if whole_table else filelist or config.infer.filelist, need_labels=False)
+    inputs = read_inputs(config, "infer", None if whole_table else filelist or config.infer.filelist, need_labels=False)
     model_config, loaded, ds = inference_dataset(
         config, weights, inputs, config.infer.use_gpu, top_k, config.infer.batch_size, with_targets=False
     )

@@ -90,7 +90,7 @@ class ModelNeed:
 
 
 @dataclass(frozen=True)
-class ActorStage:
+class ActorSizes:
     """One model stage as it will run: an actor pool of ``min_actors``..``max_actors``."""
 
     name: str
@@ -110,11 +110,11 @@ class ActorStage:
 
 
 @dataclass(frozen=True)
-class PipelinePlan:
+class PipelineSizes:
     device: str  # where the models run
     task_cpus: float  # per decode/read task
     task_concurrency: int | None
-    models: dict[str, ActorStage]
+    models: dict[str, ActorSizes]
     writer_cpus: float = 0.0
 
     def describe(self, cluster: Cluster) -> str:
@@ -128,7 +128,7 @@ class PipelinePlan:
         return f"stages on {cluster.describe()}, models on {self.device}: " + "; ".join(parts)
 
 
-def plan_pipeline(config: Config, cluster: Cluster, needs: list[ModelNeed], device_: str) -> PipelinePlan:
+def pipeline_sizes(config: Config, cluster: Cluster, needs: list[ModelNeed], device_: str) -> PipelineSizes:
     """Stage sizes for decode/read tasks feeding ``needs`` (in pipeline order) on ``cluster``."""
     res = config.resources
     _require_cpus(cluster)
@@ -136,34 +136,34 @@ def plan_pipeline(config: Config, cluster: Cluster, needs: list[ModelNeed], devi
     gpus = _fit_gpus(needs, gpus, cluster) if device_ == "gpu" else gpus
     budget = cluster.cpus * MODEL_SHARE
     cpus = _fit([n.cpus for n in needs], budget, cluster.node_cpus)
-    stages: dict[str, ActorStage] = {}
+    stages: dict[str, ActorSizes] = {}
     spare = max(budget - sum(cpus), 0.0)
     for need, c, g in zip(needs, cpus, gpus, strict=True):
         most = need.actors  # GPU actors beyond the GPUs there are wait for an autoscaler, never block
         if g == 0 and c > 0:  # CPU actors: more only as far as the CPUs kept for models allow
             most = min(most, 1 + int(spare // c))
             spare -= (max(1, most) - 1) * c
-        stages[need.name] = ActorStage(need.name, c, g, 1, max(1, most), threads_for(c, need.threads))
+        stages[need.name] = ActorSizes(need.name, c, g, 1, max(1, most), threads_for(c, need.threads))
     task_cpus = _floor(min(res.decode_cpus, cluster.cpus - sum(cpus), cluster.node_cpus))
-    plan = PipelinePlan(device_, max(task_cpus, STEP), res.decode_concurrency, stages)
-    log.info("%s", plan.describe(cluster))
-    return plan
+    sizes = PipelineSizes(device_, max(task_cpus, STEP), res.decode_concurrency, stages)
+    log.info("%s", sizes.describe(cluster))
+    return sizes
 
 
-def plan_tasks(config: Config, cluster: Cluster) -> PipelinePlan:
+def task_sizes(config: Config, cluster: Cluster) -> PipelineSizes:
     """A job of CPU tasks alone (the frame cache)."""
     _require_cpus(cluster)
     cpus = _floor(min(config.resources.decode_cpus, cluster.node_cpus))
-    plan = PipelinePlan("cpu", max(cpus, STEP), config.resources.decode_concurrency, {})
-    log.info("%s", plan.describe(cluster))
-    return plan
+    sizes = PipelineSizes("cpu", max(cpus, STEP), config.resources.decode_concurrency, {})
+    log.info("%s", sizes.describe(cluster))
+    return sizes
 
 
 # --- fine-tunes -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TrainPlan:
+class TrainSizes:
     workers: int
     use_gpu: bool
     cpus_per_worker: float
@@ -181,7 +181,7 @@ class TrainPlan:
         )
 
 
-def plan_training(config: Config, cluster: Cluster, phase_use_gpu: bool = True) -> TrainPlan:
+def training_sizes(config: Config, cluster: Cluster, phase_use_gpu: bool = True) -> TrainSizes:
     """Ray Train workers (``resources.train_workers``, else the seed's ``TRAIN.num_gpus``) and the
     size of the tasks that feed them."""
     res = config.resources
@@ -210,42 +210,42 @@ def plan_training(config: Config, cluster: Cluster, phase_use_gpu: bool = True) 
                 "lower resources.train_workers (or TRAIN.num_gpus)"
             )
     task_cpus = _floor(min(res.decode_cpus, cluster.cpus - cpus * workers, cluster.node_cpus))
-    plan = TrainPlan(workers, where == "gpu", cpus, threads_for(cpus, res.train_threads), max(task_cpus, STEP))
-    log.info("training: %s", plan.describe(cluster))
-    return plan
+    sizes = TrainSizes(workers, where == "gpu", cpus, threads_for(cpus, res.train_threads), max(task_cpus, STEP))
+    log.info("training: %s", sizes.describe(cluster))
+    return sizes
 
 
 # --- the entry points: size on the cluster there is, or wait for an autoscaler -----------------
 
 
-def size_pipeline(config: Config, needs: list[ModelNeed], phase_use_gpu: bool = True) -> PipelinePlan:
-    """``plan_pipeline`` on the cluster this job runs on (see ``sized``)."""
+def size_pipeline(config: Config, needs: list[ModelNeed], phase_use_gpu: bool = True) -> PipelineSizes:
+    """``pipeline_sizes`` on the cluster this job runs on (see ``sized``)."""
     gpu = str(config.resources.use_gpu).lower() == "true"
     bundles = [{"CPU": config.resources.decode_cpus}]
     bundles += [{"CPU": n.cpus, **({"GPU": n.gpus} if gpu and n.gpus else {})} for n in needs]
-    return sized(config, lambda c: plan_pipeline(config, c, needs, device(config, c, phase_use_gpu)), bundles)
+    return sized(config, lambda c: pipeline_sizes(config, c, needs, device(config, c, phase_use_gpu)), bundles)
 
 
-def size_training(config: Config, phase_use_gpu: bool = True) -> TrainPlan:
-    """``plan_training`` on the cluster this job runs on (see ``sized``)."""
+def size_training(config: Config, phase_use_gpu: bool = True) -> TrainSizes:
+    """``training_sizes`` on the cluster this job runs on (see ``sized``)."""
     workers = config.resources.train_workers or config.train.num_gpus
     gpu = str(config.resources.use_gpu).lower() == "true"
     bundles = [{"CPU": config.resources.train_cpus or 1.0, **({"GPU": 1} if gpu else {})}] * workers
-    return sized(config, lambda c: plan_training(config, c, phase_use_gpu), [*bundles, {"CPU": 1.0}])
+    return sized(config, lambda c: training_sizes(config, c, phase_use_gpu), [*bundles, {"CPU": 1.0}])
 
 
 # --- waiting for an autoscaling cluster --------------------------------------------------------
 
 
-def sized(config: Config, plan: Callable[[Cluster], object], bundles: list[dict[str, float]]):
-    """``plan(Cluster.find())``; when that fails and ``resources.wait_for_resources_s`` is set,
+def sized(config: Config, size: Callable[[Cluster], object], bundles: list[dict[str, float]]):
+    """``size(Cluster.find())``; when that fails and ``resources.wait_for_resources_s`` is set,
     asks the autoscaler for ``bundles`` and tries again as nodes join, until the time is up."""
     wait = config.resources.wait_for_resources_s
     deadline = time.monotonic() + wait
     asked = False
     while True:
         try:
-            return plan(Cluster.find())
+            return size(Cluster.find())
         except ConfigError as exc:
             if time.monotonic() >= deadline:
                 if wait:

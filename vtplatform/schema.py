@@ -22,6 +22,7 @@ import pyarrow as pa
 
 MODEL_TSN = "TSN"  # the model names configs, checkpoints and actor stages use
 MODEL_ATTENTION_LSTM = "AttentionLSTM"
+MODEL_NAMES = (MODEL_TSN, MODEL_ATTENTION_LSTM)  # the models jobs run (vtplatform.catalog has each one's jobs)
 SCHEMA_VERSION = 1
 METADATA_KEY = b"vtplatform"
 
@@ -426,7 +427,7 @@ def timeline_schema(feature_dim: int, dtype: str = "float16") -> pa.Schema:
 
 # TSN training and evaluation (tsn_data): one row per sample to load, a video and the epoch
 # whose random draws it uses.
-TRAIN_PLAN_SCHEMA = pa.schema(
+SAMPLE_SCHEMA = pa.schema(
     [
         (VIDEO_ID, pa.string()),
         (URI, pa.string()),

@@ -80,7 +80,7 @@ def build_tagger(
     lstm_weights: str,
     prov: dict[str, Any],
     feature_dtype: str,
-    actors: R.ActorStage,
+    actors: R.ActorSizes,
     keep_features: bool,
 ) -> Tagger:
     """Resolves the AttentionLSTM weights for features described by ``prov`` (their provenance),
@@ -166,13 +166,13 @@ def run_tag(
     start = time.perf_counter()
     check_formats(formats)
     config = prepare_output(config, save_dir)
-    plan = R.size_pipeline(config, [tsn.need(config), lstm.tag_need(config)])
-    spec = tsn.tsn_spec(config, tsn_weights, plan.device, plan.models[tsn.MODEL_NAME].threads)
+    sizes = R.size_pipeline(config, [tsn.need(config), lstm.tag_need(config)])
+    spec = tsn.tsn_spec(config, tsn_weights, sizes.device, sizes.models[tsn.MODEL_NAME].threads)
     tsn_fingerprint, feature_dim = tsn.weights_fingerprint(config, tsn_weights)
     prov = tsn.provenance(config, tsn_fingerprint, feature_dim, spec.precision)
     tag = config.tag
     keep_timeline = bool(tag.segment_seconds) and tag.write_timeline
-    actors = plan.models[lstm.MODEL_NAME]
+    actors = sizes.models[lstm.MODEL_NAME]
     tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, tag.write_features or keep_timeline)
     features = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
     outputs = tag_outputs(config, tagger, save_dir, formats, features if tag.write_features else None)
@@ -184,12 +184,12 @@ def run_tag(
         spec.device,
         entries=read_entries(manifest, config),
         stages=[
-            lambda ds: decode_stage(ds, config, plan, tagging=True),
-            lambda ds: tsn.tsn_stage(ds, config, spec, plan),
-            lambda ds: lstm.tag_stage(ds, config, tagger.spec, plan),
+            lambda ds: decode_stage(ds, config, sizes, tagging=True),
+            lambda ds: tsn.tsn_stage(ds, config, spec, sizes),
+            lambda ds: lstm.tag_stage(ds, config, tagger.spec, sizes),
         ],
         outputs=outputs,
-        writer_cpus=plan.writer_cpus,
+        writer_cpus=sizes.writer_cpus,
         frames_per_video=config.infer.seg_num,
     )
     return run_video_job(config, save_dir, job, retry_failed, start)
@@ -319,8 +319,8 @@ def run_tag_features(
     config = prepare_output(config, save_dir)
     table = open_feature_table(features, config)
     prov = table.provenance
-    plan = R.size_pipeline(config, [lstm.tag_need(config)])
-    tagger = build_tagger(config, lstm_weights, prov, table.dtype, plan.models[lstm.MODEL_NAME], False)
+    sizes = R.size_pipeline(config, [lstm.tag_need(config)])
+    tagger = build_tagger(config, lstm_weights, prov, table.dtype, sizes.models[lstm.MODEL_NAME], False)
     tagger.meta.update(meta or {})
     entries = pa.table(
         {S.VIDEO_ID: table.ids, S.URI: table.uris, S.LABELS: pa.nulls(len(table.ids), pa.list_(pa.int32()))}
@@ -330,22 +330,22 @@ def run_tag_features(
     shape = (prov["sampling"]["num_segments"], prov["model"]["feature_dim"])
     job = VideoJob(
         "tagging features",
-        plan.device,
+        sizes.device,
         entries=Manifest(entries, duplicates=len(table.ids) - entries.num_rows),
         stages=[
             lambda ds: map_cpu_tasks(
                 ds,
                 read_feature_rows,
                 batch_size=None,
-                num_cpus=plan.task_cpus,
-                concurrency=plan.task_concurrency,
+                num_cpus=sizes.task_cpus,
+                concurrency=sizes.task_concurrency,
                 max_retries=config.resources.decode_max_retries,
                 fn_kwargs={"storage": config.storage, "uri": features, "provenance": prov, "shape": shape},
             ),
-            lambda ds: lstm.tag_stage(ds, config, tagger.spec, plan),
+            lambda ds: lstm.tag_stage(ds, config, tagger.spec, sizes),
         ],
         outputs=tag_outputs(config, tagger, save_dir, formats),
-        writer_cpus=plan.writer_cpus,
+        writer_cpus=sizes.writer_cpus,
         frames_per_video=shape[0],
         blocks=lambda todo: feature_blocks(table, todo),
     )

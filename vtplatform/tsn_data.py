@@ -44,7 +44,7 @@ MODES = ("train", "valid", "test", "infer")
 
 @dataclass
 class LabelledList:
-    entries: pa.Table  # S.TRAIN_PLAN_SCHEMA without the epoch (epoch 0), unique video_id
+    entries: pa.Table  # S.SAMPLE_SCHEMA without the epoch (epoch 0), unique video_id
     rejected: list[dict] = field(default_factory=list)  # dead-letter rows, stage "manifest"
     duplicates: int = 0
 
@@ -74,7 +74,7 @@ def read_list(source: str, config: Config, labelled: bool = True) -> LabelledLis
         kept.append(row | {S.LABEL: labels[0] if len(labels) == 1 else -1})
     for r in rejected:
         log.warning("list entry rejected: %s", r[S.MESSAGE])
-    entries = pa.Table.from_pylist([_plan_row(r) for r in kept], schema=S.TRAIN_PLAN_SCHEMA)
+    entries = pa.Table.from_pylist([_sample_row(r) for r in kept], schema=S.SAMPLE_SCHEMA)
     if not len(entries):
         raise ConfigError(
             f"{redact(source)} lists no usable {'labelled ' if labelled else ''}videos ({len(rejected)} rejected)"
@@ -90,7 +90,7 @@ def _label_problem(labels: list[int], num_classes: int) -> str | None:
     return None
 
 
-def _plan_row(row: dict) -> dict:
+def _sample_row(row: dict) -> dict:
     return {
         S.VIDEO_ID: row[S.VIDEO_ID],
         S.URI: row[S.URI],
@@ -154,7 +154,7 @@ def steps_per_epoch(num_videos: int, world_size: int, batch_size: int) -> int:
     return (num_videos // world_size) // batch_size
 
 
-def train_plan(
+def train_samples(
     entries: pa.Table, epochs: range, seed: int, rank: int, world_size: int, batch_size: int, skip_steps: int = 0
 ) -> pa.Table:
     """This worker's samples for ``epochs``, in order: each epoch shuffles every video with a
@@ -182,7 +182,7 @@ def train_plan(
     return pa.concat_tables(parts) if parts else entries.slice(0, 0)
 
 
-def eval_plan(entries: pa.Table, rank: int = 0, world_size: int = 1) -> pa.Table:
+def eval_samples(entries: pa.Table, rank: int = 0, world_size: int = 1) -> pa.Table:
     """Every video once, in list order, dealt round-robin to the workers."""
     return entries.take(pa.array(np.arange(rank, entries.num_rows, world_size), pa.int64()))
 
@@ -200,7 +200,7 @@ def attach_cache(entries: pa.Table, cache_index: pa.Table | None) -> tuple[pa.Ta
             row |= {k: hit[k] for k in (S.SHARD, S.FIRST_ROW_GROUP, S.POOL_SIZE, S.HEIGHT, S.WIDTH, S.NUM_FRAMES)}
         rows.append(row)
     hits = sum(1 for r in rows if r[S.SHARD] is not None)
-    return pa.Table.from_pylist(rows, schema=S.TRAIN_PLAN_SCHEMA), hits
+    return pa.Table.from_pylist(rows, schema=S.SAMPLE_SCHEMA), hits
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def positions(pool_size: int, spec: ClipSpec, rng: np.random.Generator | None) -
 
 
 def load_stage(ds, spec: ClipSpec, num_cpus: float, concurrency: int | None, max_retries: int):
-    """Adds the loading tasks (``load_clips``, a block of plan rows per task) to a dataset."""
+    """Adds the loading tasks (``load_clips``, a block of sample rows per task) to a dataset."""
     return map_cpu_tasks(
         ds,
         load_clips,
@@ -292,7 +292,7 @@ def load_stage(ds, spec: ClipSpec, num_cpus: float, concurrency: int | None, max
 
 
 def load_clips(batch: pa.Table, spec: ClipSpec) -> pa.Table:
-    """``S.TRAIN_PLAN_SCHEMA`` rows -> ``S.TRAIN_CLIP_SCHEMA`` rows (a Ray Data CPU stage)."""
+    """``S.SAMPLE_SCHEMA`` rows -> ``S.TRAIN_CLIP_SCHEMA`` rows (a Ray Data CPU stage)."""
     shards: dict[str, Any] = {}  # cache shards opened by this call
     try:
         rows = [_load_one(row, spec, shards) for row in batch.to_pylist()]

@@ -38,7 +38,7 @@ def test_classifier_stage_gives_top_k_and_label_probabilities(saved, tmp_path):
     ]
     plan = pa.Table.from_pylist(
         [r | {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1} for r in rows],
-        schema=S.TRAIN_PLAN_SCHEMA,
+        schema=S.SAMPLE_SCHEMA,
     )
     clips = load_clips(plan, clip_spec(config, "test", 0))
     spec = ClassifierSpec(
@@ -64,7 +64,7 @@ def _plan(clip, labels: list[int]) -> pa.Table:
         | {S.SHARD: None, S.FIRST_ROW_GROUP: -1, S.POOL_SIZE: -1, S.HEIGHT: -1, S.WIDTH: -1}
         for i, label in enumerate(labels)
     ]
-    return pa.Table.from_pylist(rows, schema=S.TRAIN_PLAN_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=S.SAMPLE_SCHEMA)
 
 
 def test_top5_over_eight_classes_from_the_stage_against_brute_force(tmp_path):

@@ -197,7 +197,7 @@ def uninterrupted(ray_cluster, long_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("lstm_plain")
     config = load_config(ROOT / "configs" / "attention_lstm-single.yaml", _kill_overrides(long_dataset))
     summary = run_train(config, str(out), run_name="AttentionLSTM")
-    assert summary.epochs_done == 3 and summary.global_step == 30  # 80 videos / 2 workers / 4 per worker
+    assert summary.epochs_finished == 3 and summary.global_step == 30  # 80 videos / 2 workers / 4 per worker
     run = out / "AttentionLSTM"
     history = json.loads((run / "history.json").read_text())
     for h in history:  # the worker's own memory, sampled at each step, within its peak RSS
@@ -251,7 +251,7 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_uninterrupted_weights(
     summary = run_train(config, str(tmp_path), run_name="AttentionLSTM")
     killer.join(timeout=5)
     assert killer.fired, "no worker was killed"
-    assert summary.epochs_done == 3 and summary.global_step == 30
+    assert summary.epochs_finished == 3 and summary.global_step == 30
     _assert_same_weights(run, uninterrupted[0])
     history = _numbers(json.loads((run / "history.json").read_text()))
     assert history == [pytest.approx(h, rel=1e-6) for h in _numbers(uninterrupted[1])]  # the part-done epoch's too
@@ -283,7 +283,7 @@ def test_the_fault_drill_hook_makes_one_worker_raise_once(ray_cluster, dataset, 
     faulted = run_train(_config(dataset), str(tmp_path / "b"))
     run_b = tmp_path / "b" / "AttentionLSTM"
     assert (run_b / "_fault_injected_1_5").exists() and (run_b / "epoch_001_step_0000001").is_dir()  # global step 4
-    assert faulted.global_step == 6 and faulted.epochs_done == 2
+    assert faulted.global_step == 6 and faulted.epochs_finished == 2
     # the run files and the checkpoint meta every trainer writes (tests/train/test_tsn.py: the same for TSN)
     tags, history = run_files(run_b)
     assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/valid_gap"} <= tags

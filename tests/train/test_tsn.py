@@ -19,7 +19,7 @@ from tests.tsn_clips import write_class_clips, write_list
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, StorageSection, load_config
 from vtplatform.models import weights as W
-from vtplatform.resources import TrainPlan
+from vtplatform.resources import TrainSizes
 from vtplatform.train import tsn as T
 
 SMALL = [
@@ -133,8 +133,8 @@ def test_mixed_precision_without_gpus_is_refused_as_for_attention_lstm(ray_clust
     assert not (tmp_path / "runs").exists()
 
 
-def _plan(workers: int) -> TrainPlan:
-    return TrainPlan(workers, use_gpu=False, cpus_per_worker=0.5, threads=1, task_cpus=1.0)
+def _plan(workers: int) -> TrainSizes:
+    return TrainSizes(workers, use_gpu=False, cpus_per_worker=0.5, threads=1, task_cpus=1.0)
 
 
 def _sync_probe(out_dir: Path):

@@ -13,7 +13,7 @@ from vtplatform import schema as S
 from vtplatform import storage as st
 from vtplatform.config import Config
 from vtplatform.eval.youtube8m import Youtube8mMetrics, seed_log_line
-from vtplatform.lstm_data import plan_inputs
+from vtplatform.lstm_data import read_inputs
 from vtplatform.predict import inference_dataset
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def run_eval(config: Config, weights: str, save_dir: str, filelist: str | None = None) -> dict[str, Any]:
     """Metrics of ``weights`` on the labelled videos; writes ``save_dir/report.json``."""
     start = time.perf_counter()
-    inputs = plan_inputs(config, "test", filelist or config.test.filelist)
+    inputs = read_inputs(config, "test", filelist or config.test.filelist)
     model_config, loaded, ds = inference_dataset(
         config, weights, inputs, config.test.use_gpu, None, config.test.batch_size, with_targets=True
     )

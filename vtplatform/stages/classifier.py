@@ -33,7 +33,7 @@ from vtplatform.outputs.dead_letters import write_dead_letters
 from vtplatform.pipeline import blocks_dataset, input_blocks
 from vtplatform.stages.decode import videos_per_call
 from vtplatform.stages.tsn import need as tsn_need
-from vtplatform.tsn_data import attach_cache, clip_frames, clip_spec, eval_plan, load_stage, read_list
+from vtplatform.tsn_data import attach_cache, clip_frames, clip_spec, eval_samples, load_stage, read_list
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,8 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         segments=spec.seg_num * spec.seglen,
         target_size=spec.target_size,
     )
-    plan = eval_plan(entries)
-    ds = blocks_dataset(input_blocks(plan, res.decode_batch_size))
+    samples = eval_samples(entries)
+    ds = blocks_dataset(input_blocks(samples, res.decode_batch_size))
     ds = load_stage(ds, spec, sizes.task_cpus, sizes.task_concurrency, res.decode_max_retries)
     ds = ds.map_batches(
         ClassifierStage,
@@ -166,7 +166,7 @@ def classify(config: Config, mode: str, weights: str, filelist: str | None, labe
         fn_constructor_kwargs={"spec": cspec, "storage": config.storage},
         **model.ray_args(),
     )
-    return Classified(ds, plan, list(videos.rejected), start)
+    return Classified(ds, samples, list(videos.rejected), start)
 
 
 def collect(classified: Classified) -> Results:

@@ -103,7 +103,7 @@ class TimelineOptions:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Extraction's sampling plan (``video.reader.infer_plan``) and how to read the videos; for
+    """Extraction's sampling sizes (``video.reader.infer_plan``) and how to read the videos; for
     tagging with segments, the timeline too, and whether to make thumbnails."""
 
     num_segments: int
@@ -310,16 +310,16 @@ def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
     return S.failure(stage, error_type, redact(message)) | {S.DECODE_SECONDS: time.perf_counter() - start}
 
 
-def decode_stage(ds, config: Config, plan: R.PipelinePlan, tagging: bool = False):
+def decode_stage(ds, config: Config, sizes: R.PipelineSizes, tagging: bool = False):
     """Adds the decode tasks to a dataset of ``(video_id, uri, size_bytes)`` blocks, one task a
-    block, sized by ``plan`` (``resources.decode_*``); ``tagging``: as ``decode_options`` says."""
+    block, sized by ``sizes`` (``resources.decode_*``); ``tagging``: as ``decode_options`` says."""
     res = config.resources
     return map_cpu_tasks(
         ds,
         decode_videos,
         batch_size=None,  # a block per task, as pipeline.first_stage_input made them
-        num_cpus=plan.task_cpus,
-        concurrency=plan.task_concurrency,
+        num_cpus=sizes.task_cpus,
+        concurrency=sizes.task_concurrency,
         max_retries=res.decode_max_retries + CRASHES_BEFORE_DEAD_LETTER * res.decode_batch_size,
         fn_kwargs={
             "options": decode_options(config, tagging),

@@ -256,10 +256,10 @@ class TagStage:
 WINDOWS_PER_CALL = 64
 
 
-def tag_stage(ds, config: Config, spec: TagSpec, plan: R.PipelinePlan):
+def tag_stage(ds, config: Config, spec: TagSpec, sizes: R.PipelineSizes):
     """Adds the AttentionLSTM tagging actors to a dataset of rows with ``features`` bytes. A row a
     call: each video goes through the model alone anyway."""
-    actors = plan.models[MODEL_NAME]
+    actors = sizes.models[MODEL_NAME]
     return ds.map_batches(
         TagStage,
         batch_size=1,
@@ -270,7 +270,7 @@ def tag_stage(ds, config: Config, spec: TagSpec, plan: R.PipelinePlan):
     )
 
 
-def inference_stage(ds, spec: ModelSpec, top_k: int | None, batch_size: int, actors: R.ActorStage):
+def inference_stage(ds, spec: ModelSpec, top_k: int | None, batch_size: int, actors: R.ActorSizes):
     """Adds the AttentionLSTM actors to a dataset of numpy feature batches (``lstm_data``)."""
     return ds.map_batches(
         LSTMStage,

@@ -139,10 +139,10 @@ def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
     return fingerprint, tsn_config.feature_dim
 
 
-def tsn_stage(ds, config: Config, spec: TSNSpec, plan: R.PipelinePlan):
+def tsn_stage(ds, config: Config, spec: TSNSpec, sizes: R.PipelineSizes):
     """Adds the TSN actors to a dataset of decoded rows: rows with ``features`` bytes. A row a call:
     an actor task takes one decoded block, never several gathered to make up a number of rows."""
-    tsn = plan.models[MODEL_NAME]
+    tsn = sizes.models[MODEL_NAME]
     return ds.map_batches(
         TSNStage,
         batch_size=1,

@@ -31,7 +31,7 @@ from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.eval.youtube8m import Youtube8mMetrics, batch_log_line, batch_metrics, seed_log_line
 from vtplatform.labels import check_label_names, label_fingerprint, read_label_names
-from vtplatform.lstm_data import FeatureInputs, cache_units, collate, epoch_rows, load_rows, plan_inputs, unit_blocks
+from vtplatform.lstm_data import FeatureInputs, cache_units, collate, epoch_rows, load_rows, read_inputs, unit_blocks
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map, load_state, no_decay_keys
 from vtplatform.models.weights import CheckpointMeta, WeightsError, read_weights
 from vtplatform.stages.lstm import forward_logits, sigmoid_cross_entropy
@@ -162,10 +162,10 @@ def run_train(
     same run name and ``save_dir`` resumes from the last checkpoint. Needs ``ray.init()``."""
     start = time.perf_counter()
     run_name = run_name or config.train_run.run_name or MODEL_NAME
-    train_inputs = plan_inputs(config, "train", config.train.filelist)
+    train_inputs = read_inputs(config, "train", config.train.filelist)
     valid_inputs = None
     if config.valid.filelist and config.train_run.valid_interval > 0:
-        valid_inputs = plan_inputs(config, "valid", config.valid.filelist)
+        valid_inputs = read_inputs(config, "valid", config.valid.filelist)
     model_config = AttentionLSTMConfig.from_model_section(config.model, train_inputs.feature_dim)
     if model_config.feature_dim != config.model.feature_dims[0]:
         log.info(
@@ -179,20 +179,20 @@ def run_train(
         check_label_names(names, model_config.num_classes, label_file)
     if pretrain:
         _check_pretrain(model_config, pretrain, config.storage)
-    plan = scaffold.place(config)
-    trainee, loop = _spec(config, model_config, train_inputs, valid_inputs, pretrain, plan, names)
+    sizes = scaffold.place(config)
+    trainee, loop = _spec(config, model_config, train_inputs, valid_inputs, pretrain, sizes, names)
     log.info(
         "training %s: %d videos, %d workers x batch %d, %d steps/epoch, %d epochs, on %s",
-        run_name, len(train_inputs), plan.workers, trainee.local_batch, loop.steps_per_epoch, loop.epochs,
-        "GPU" if plan.use_gpu else "CPU",
+        run_name, len(train_inputs), sizes.workers, trainee.local_batch, loop.steps_per_epoch, loop.epochs,
+        "GPU" if sizes.use_gpu else "CPU",
     )  # fmt: skip
-    result = scaffold.fit(trainee, loop, plan, config, save_dir, run_name)
+    result = scaffold.fit(trainee, loop, sizes, config, save_dir, run_name)
     run = checkpoint.run_uri(save_dir, run_name)
     summary = TrainSummary(
         st.redact(run),
         MODEL_NAME,
-        workers=plan.workers,
-        device="gpu" if plan.use_gpu else "cpu",
+        workers=sizes.workers,
+        device="gpu" if sizes.use_gpu else "cpu",
         steps_per_epoch=loop.steps_per_epoch,
         epochs=loop.epochs,
         train_videos=len(train_inputs),
@@ -212,11 +212,11 @@ def _spec(
     inputs: FeatureInputs,
     valid: FeatureInputs | None,
     pretrain: str | None,
-    plan,
+    sizes,
     names: list[str] | None,
 ) -> tuple[LSTMTrainee, scaffold.LoopSpec]:
     train, run = config.train, config.train_run
-    workers = plan.workers
+    workers = sizes.workers
     local = train.batch_size // workers
     if local == 0:
         raise ConfigError(
@@ -228,9 +228,9 @@ def _spec(
             f"{len(inputs)} training videos make no full batch of {local} per worker on {workers} workers: "
             "the number of training samples must exceed TRAIN.batch_size"
         )
-    cache = {"train": cache_units(inputs, config, plan.task_cpus)}
+    cache = {"train": cache_units(inputs, config, sizes.task_cpus)}
     if valid is not None:
-        cache["valid"] = cache_units(valid, config, plan.task_cpus)
+        cache["valid"] = cache_units(valid, config, sizes.task_cpus)
     trainee = LSTMTrainee(
         model=model,
         storage=config.storage,
@@ -244,7 +244,7 @@ def _spec(
         seed=run.seed,
         train=inputs,
         valid=valid,
-        task_cpus=plan.task_cpus,
+        task_cpus=sizes.task_cpus,
         cache=cache,
     )
     meta = CheckpointMeta(
@@ -263,7 +263,7 @@ def _spec(
         steps_per_epoch=steps,
         seed=run.seed,
         amp=run.amp,
-        threads=plan.threads,
+        threads=sizes.threads,
         checkpoint_every_steps=run.checkpoint_every_steps,
         log_interval=run.log_interval,
         valid_interval=run.valid_interval if valid is not None else 0,

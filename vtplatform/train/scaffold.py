@@ -55,7 +55,7 @@ from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.memory import peak_rss_mb, private_rss_mb
 from vtplatform.models.weights import CheckpointMeta
 from vtplatform.pipeline import blocks_dataset
-from vtplatform.resources import TrainPlan, size_training
+from vtplatform.resources import TrainSizes, size_training
 from vtplatform.train import checkpoint
 from vtplatform.train.backend import (
     PaddleBackendConfig,
@@ -73,27 +73,27 @@ LOSS_SCALE = 2.0**15  # float16 AMP: the GradScaler's initial loss scaling
 # --- in the driver -----------------------------------------------------------------------------
 
 
-def place(config: Config) -> TrainPlan:
-    """The training workers' ``resources.TrainPlan``: the same policy for every model.
+def place(config: Config) -> TrainSizes:
+    """The training workers' ``resources.TrainSizes``: the same policy for every model.
     ``resources.use_gpu`` decides, and on ``auto`` the seed's ``TRAIN.use_gpu`` says whether
     this phase may use the cluster's GPUs; the worker CPUs, the Paddle math threads of a worker
-    (``plan.threads``, on CPU and GPU workers alike) and the data-task CPUs come from
-    ``resources.plan_training``. Mixed precision (``train_run.amp``) needs GPUs."""
-    plan = size_training(config, config.train.use_gpu)
-    if config.train.use_gpu and not plan.use_gpu:
+    (``sizes.threads``, on CPU and GPU workers alike) and the data-task CPUs come from
+    ``resources.training_sizes``. Mixed precision (``train_run.amp``) needs GPUs."""
+    sizes = size_training(config, config.train.use_gpu)
+    if config.train.use_gpu and not sizes.use_gpu:
         log.info(
             "TRAIN.use_gpu is set but no GPU is used (resources.use_gpu=%s): training on CPU", config.resources.use_gpu
         )
-    if config.train_run.amp != "none" and not plan.use_gpu:
+    if config.train_run.amp != "none" and not sizes.use_gpu:
         raise ConfigError(
             f"train_run.amp={config.train_run.amp} needs GPUs; none are used "
             "(resources.use_gpu, TRAIN.use_gpu, or no GPU in the cluster)"
         )
-    return plan
+    return sizes
 
 
-def fit(trainee: Trainee, loop: LoopSpec, plan: TrainPlan, config: Config, save_dir: str, run_name: str, worker=None):
-    """Runs ``train_worker`` for ``trainee`` on ``plan.workers`` Ray Train workers placed as ``plan``
+def fit(trainee: Trainee, loop: LoopSpec, sizes: TrainSizes, config: Config, save_dir: str, run_name: str, worker=None):
+    """Runs ``train_worker`` for ``trainee`` on ``sizes.workers`` Ray Train workers placed as ``sizes``
     says, over the shared Paddle backend, with the run's checkpoints under ``save_dir/run_name``;
     returns Ray Train's result. ``worker``: a function wrapping ``train_worker`` (tests)."""
     from ray.train import ScalingConfig
@@ -105,7 +105,7 @@ def fit(trainee: Trainee, loop: LoopSpec, plan: TrainPlan, config: Config, save_
         train_loop_config={"trainee": trainee, "loop": loop},
         backend_config=PaddleBackendConfig(),
         scaling_config=ScalingConfig(
-            num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=plan.worker_resources()
+            num_workers=sizes.workers, use_gpu=sizes.use_gpu, resources_per_worker=sizes.worker_resources()
         ),
         run_config=checkpoint.run_config(save_dir, run_name, config.storage, run.keep_checkpoints, run.max_failures),
     )
@@ -140,7 +140,7 @@ class TrainSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # list entries left out, by reason
     rejected: int = 0  # list entries rejected (written to dead_letters/)
     dead_letters: int = 0  # videos dead-lettered while training
-    epochs_done: int = 0
+    epochs_finished: int = 0
     global_step: int = 0
     best_metric: str | None = None
     best: float | None = None
@@ -167,7 +167,7 @@ class TrainSummary:
         lines += [f"  rejected          {self.rejected} list entries"] if self.rejected else []
         lines += [f"  dead-lettered     {self.dead_letters} videos"] if self.dead_letters else []
         lines += [
-            f"  epochs done       {self.epochs_done} ({self.global_step} steps)",
+            f"  epochs finished   {self.epochs_finished} ({self.global_step} steps)",
             "  last epoch        "
             + ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
             f"  best {self.best_metric or 'metric':<12} {best}",
@@ -188,7 +188,7 @@ def finish(
         summary.checkpoint = st.redact(result.checkpoint.path)
         with result.checkpoint.as_directory() as directory, open(os.path.join(directory, S.META_FILE), "rb") as f:
             meta = CheckpointMeta.from_dict(json.loads(f.read()))
-        summary.epochs_done, summary.global_step, summary.best = meta.epoch, meta.global_step, meta.best
+        summary.epochs_finished, summary.global_step, summary.best = meta.epoch, meta.global_step, meta.best
         summary.best_metric = meta.best_metric or summary.best_metric
         summary.last_metrics = meta.history[-1] if meta.history else {}
         write_curves(meta.history, run, storage, curves)
@@ -420,8 +420,8 @@ def inject_fault(fault: tuple[int, int] | None, rank: int, global_step: int) -> 
 
 
 def feed(blocks: list, load: Callable[[Any], Any], batch_size: int, batch_format: str, **iterate: Any) -> Iterator[Any]:
-    """A worker's batches from its plan: ``blocks`` (Arrow tables, in order) through ``load`` (Ray
-    Data CPU tasks that run ahead of the model), in the plan's order whichever task finishes
+    """A worker's batches from its sizes: ``blocks`` (Arrow tables, in order) through ``load`` (Ray
+    Data CPU tasks that run ahead of the model), in the sizes's order whichever task finishes
     first; ``iterate``: more of ``iter_batches``' options (a local shuffle, dropping a last
     partial batch, prefetching)."""
     ds = load(blocks_dataset(blocks))

@@ -45,11 +45,11 @@ from vtplatform.tsn_data import (
     attach_cache,
     clip_frames,
     clip_spec,
-    eval_plan,
+    eval_samples,
     load_stage,
     read_list,
     steps_per_epoch,
-    train_plan,
+    train_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -211,10 +211,10 @@ class TSNTrainee:
             tc.load_pretrained(model, read_weights(self.pretrain, self.train.storage).state)
 
     def batches(self, ctx, epoch: int, start_step: int):
-        """This worker's samples of the epoch from ``start_step`` (``tsn_data.train_plan``: each drawn
+        """This worker's samples of the epoch from ``start_step`` (``tsn_data.train_samples``: each drawn
         from (seed, epoch, video)), loaded by Ray Data CPU tasks running ahead of the model."""
         self._dead = self._dead or DeadLetters(ctx.rank)
-        plan = train_plan(
+        samples = train_samples(
             self.train_entries,
             range(epoch, epoch + 1),
             self.seed,
@@ -223,10 +223,10 @@ class TSNTrainee:
             self.batch_size,
             start_step,
         )
-        if not plan.num_rows:
+        if not samples.num_rows:
             return iter(())
         return scaffold.feed(
-            input_blocks(plan, self.load.videos_per_task),
+            input_blocks(samples, self.load.videos_per_task),
             lambda ds: load_stage(ds, self.train, self.load.cpus, self.load.concurrency, self.load.max_retries),
             self.batch_size,
             "pyarrow",
@@ -262,12 +262,12 @@ class TSNTrainee:
         if self.valid is None or self.valid_entries is None:
             return {}
         sums = np.zeros(4, np.float64)  # loss sum, top-1 hits, top-5 hits, videos
-        plan = eval_plan(self.valid_entries)
+        samples = eval_samples(self.valid_entries)
         size, segments = self.valid.target_size, self.valid.seg_num * self.valid.seglen
         load = lambda ds: load_stage(ds, self.valid, self.load.cpus, self.load.concurrency, self.load.max_retries)  # noqa: E731
         with paddle.no_grad():
             for batch in scaffold.feed(
-                input_blocks(plan, self.load.videos_per_task), load, self.valid_batch_size, "pyarrow"
+                input_blocks(samples, self.load.videos_per_task), load, self.valid_batch_size, "pyarrow"
             ):
                 batch = self._dead.take(batch)
                 if not batch.num_rows:
@@ -335,11 +335,11 @@ def read_lists(config: Config) -> Lists:
 
 
 def prepare(
-    config: Config, pretrain: str | None, plan, names: list[str] | None
+    config: Config, pretrain: str | None, sizes, names: list[str] | None
 ) -> tuple[TSNTrainee, scaffold.LoopSpec, Lists]:
     """The trainee and the loop, from the lists, the recipe and where the workers run."""
     train, valid, run = config.train, config.valid, config.train_run
-    workers = plan.workers
+    workers = sizes.workers
     batch, valid_batch = train.batch_size // workers, max(1, valid.batch_size // workers)
     if batch < 1:
         raise ConfigError(
@@ -379,7 +379,7 @@ def prepare(
         valid=clip_spec(config, "valid", run.seed, lists.cache) if lists.valid is not None else None,
         train_entries=lists.train,
         valid_entries=lists.valid,
-        load=LoadResources(plan.task_cpus, res.decode_concurrency, res.decode_batch_size, res.decode_max_retries),
+        load=LoadResources(sizes.task_cpus, res.decode_concurrency, res.decode_batch_size, res.decode_max_retries),
     )
     meta = CheckpointMeta(
         model_name=MODEL_NAME,
@@ -397,7 +397,7 @@ def prepare(
         steps_per_epoch=steps,
         seed=run.seed,
         amp=run.amp,
-        threads=plan.threads,
+        threads=sizes.threads,
         checkpoint_every_steps=run.checkpoint_every_steps,
         log_interval=run.log_interval,
         valid_interval=run.valid_interval if lists.valid is not None else 0,

@@ -1,4 +1,5 @@
-"""The model registry the nightly run maintains, local or on S3::
+"""The champion store: the registry folder the nightly run keeps (``nightly.registry``, local or on
+S3), which model is the champion, and how each run went::
 
     champion.json             the current champion: model id, weights, metrics, when and by which run
     history/<run_id>.json     one record per nightly run: data and config fingerprints, metrics of
