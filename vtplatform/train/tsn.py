@@ -82,6 +82,20 @@ def lr_boundaries(epochs: int, steps: int) -> list[int]:
     return [math.ceil(epochs / 3 * steps), math.ceil(epochs * 2 / 3 * steps)]
 
 
+def stream(samples: pa.Table, clip: ClipSpec, load: LoadResources, batch_size: int, **iterate):
+    """Batches of loaded samples (``schema.TRAIN_CLIP_SCHEMA`` tables) in ``samples``' order, loaded
+    by Ray Data CPU tasks running ahead of the model (``scaffold.feed``)."""
+    if not samples.num_rows:
+        return iter(())
+    return scaffold.feed(
+        input_blocks(samples, load.videos_per_task),
+        lambda ds: load_stage(ds, clip, load.cpus, load.concurrency, load.max_retries),
+        batch_size,
+        "pyarrow",
+        **iterate,
+    )
+
+
 def make_optimizer(learning_rate: float, momentum: float, l2_weight_decay: float, parameters):
     """The seed's Momentum with L2 decay on every parameter (the loop sets the rate of each step)."""
     import paddle
@@ -223,15 +237,7 @@ class TSNTrainee:
             self.batch_size,
             start_step,
         )
-        if not samples.num_rows:
-            return iter(())
-        return scaffold.feed(
-            input_blocks(samples, self.load.videos_per_task),
-            lambda ds: load_stage(ds, self.train, self.load.cpus, self.load.concurrency, self.load.max_retries),
-            self.batch_size,
-            "pyarrow",
-            prefetch_batches=self.load.prefetch_batches,
-        )
+        return stream(samples, self.train, self.load, self.batch_size, prefetch_batches=self.load.prefetch_batches)
 
     def step(self, net, optimizer, batch, amp: str, scaler) -> scaffold.Step:
         """One step on the samples that loaded; a worker none of whose batch loaded joins the
@@ -264,11 +270,8 @@ class TSNTrainee:
         sums = np.zeros(4, np.float64)  # loss sum, top-1 hits, top-5 hits, videos
         samples = eval_samples(self.valid_entries)
         size, segments = self.valid.target_size, self.valid.seg_num * self.valid.seglen
-        load = lambda ds: load_stage(ds, self.valid, self.load.cpus, self.load.concurrency, self.load.max_retries)  # noqa: E731
         with paddle.no_grad():
-            for batch in scaffold.feed(
-                input_blocks(samples, self.load.videos_per_task), load, self.valid_batch_size, "pyarrow"
-            ):
+            for batch in stream(samples, self.valid, self.load, self.valid_batch_size):
                 batch = self._dead.take(batch)
                 if not batch.num_rows:
                     continue
