@@ -3,6 +3,8 @@
     python jobs/tag.py --config configs/tag.yaml --filelist LIBRARY --save_dir OUT \
         [--tsn_weights W --lstm_weights W2 | --model_dir CHAMPION] [--format json,hub]
         [--segments SECONDS [--stride SECONDS]] [--thumbnails]
+    python jobs/tag.py --config configs/tag.yaml --features OUT/features [--timeline OUT/timeline --segments S] \
+        --save_dir TAGS --model_dir REGISTRY          # from the stores: no video is opened
     ray job submit --working-dir . -- python jobs/tag.py ...
 
 --segments also tags windows of that many seconds along each video (segments/, spans/; see
@@ -23,8 +25,10 @@ from vtplatform import cli
 def main() -> int:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument(
-        "--filelist", required=True, help="list file, directory, glob, or Parquet/CSV table with a uri column"
+        "--filelist", default=None, help="list file, directory, glob, or Parquet/CSV table with a uri column"
     )
+    p.add_argument("--features", default=None, help="tag the rows of this feature table instead of videos")
+    p.add_argument("--timeline", default=None, help="tag windows (--segments) from this timeline table")
     p.add_argument("--save_dir", required=True, help="output folder or s3:// prefix")
     p.add_argument("--tsn_weights", default=None, help="TSN weights (the official VideoTag file or ours)")
     p.add_argument(
@@ -54,7 +58,7 @@ def main() -> int:
 
     from vtplatform.champions import resolve_model_dir
     from vtplatform.config import ConfigError, load_config
-    from vtplatform.tag import run_tag
+    from vtplatform.tag import run_tag, run_tag_stores
 
     flags = {
         "label_file": "tag.label_file",
@@ -71,9 +75,15 @@ def main() -> int:
         tsn = tsn or champion_tsn
     if not lstm:
         raise ConfigError("tagging needs AttentionLSTM weights: --lstm_weights or --model_dir")
+    stores = args.features or args.timeline
+    if bool(args.filelist) == bool(stores):
+        raise ConfigError("give --filelist (videos) or --features/--timeline (stored tables), not both or neither")
     cli.init_ray()
     formats = tuple(f for f in args.format.split(",") if f)
-    summary = run_tag(config, args.filelist, args.save_dir, lstm, tsn, formats, args.retry_failed)
+    if stores:
+        summary = run_tag_stores(config, args.save_dir, lstm, args.features, args.timeline, formats, args.retry_failed)
+    else:
+        summary = run_tag(config, args.filelist, args.save_dir, lstm, tsn, formats, args.retry_failed)
     print(summary.format(), flush=True)
     if summary.submitted + summary.failed_total > 0 and summary.succeeded == 0:
         return cli.EXIT_NOTHING_SUCCEEDED

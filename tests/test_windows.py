@@ -209,7 +209,8 @@ def _segment_part(fs, root, name, video, chunk, last, windows_labels):
     pq.write_table(pa.Table.from_pylist(rows, schema=S.SEGMENT_SCHEMA), f"{root}/{S.SEGMENTS_DIR}/{name}")
     times = [t for k, _, _ in windows_labels for t in (2.0 * k, 2.0 * k + 1)]
     timeline = pa.table(
-        {S.VIDEO_ID: [video] * len(times), S.T_SECONDS: times, S.FEATURES: S.features_array(np.ones((len(times), 2)), "float16")},
+        {S.VIDEO_ID: [video] * len(times), S.T_SECONDS: times, S.FEATURES: S.features_array(np.ones((len(times), 2)), "float16"),
+         S.VIDEO_END_S: [2.0 * windows_labels[-1][0] + 2 if last else None] * len(times), S.URI: [f"{video}.mp4"] * len(times)},
         schema=S.timeline_schema(2),
     )  # fmt: skip
     pq.write_table(timeline, f"{root}/{S.TIMELINE_DIR}/{name}")

@@ -195,9 +195,11 @@ WIN_HI = "win_hi"
 WIN_THUMBS = "win_thumbs"  # a JPEG per window (--thumbnails)
 TIMELINE_FRAMES = "timeline_frames"  # counted in the job summary
 WINDOWS = "windows"
+VIDEO_END_S = "video_end_s"  # on a video's last chunk: where its timeline ends (the end its windows run to)
 CHUNK_FIELDS = [
     pa.field(CHUNK, pa.int32()),
     pa.field(LAST_CHUNK, pa.bool_()),
+    pa.field(VIDEO_END_S, pa.float64()),
     pa.field(NEW_FROM, pa.int32()),
     pa.field(T_SECONDS, pa.list_(pa.float64())),
     pa.field(WIN_INDEX, pa.list_(pa.int32())),
@@ -229,6 +231,13 @@ WINDOW_TAG_FIELDS = [
     pa.field(WIN_LABELS, pa.list_(pa.list_(pa.int32()))),
     pa.field(WIN_LABEL_PROBS, pa.list_(pa.list_(pa.float32()))),
 ]
+
+# What tagging from the stores (a feature table, a timeline table) hands the AttentionLSTM: the rows
+# the TSN stage would, their features read from the stores as bytes, not computed.
+STORE_ROW_SCHEMA = pa.schema(
+    [f for f in ROW_SCHEMA if f.name not in (FRAMES, DECODE_SECONDS)]
+    + [pa.field(FEATURES, pa.large_binary()), pa.field(READ_SECONDS, pa.float32())]
+)
 
 # The columns only one kind of row has (the others are shared: ``SHARED_COLUMNS``, and what the
 # model stages add to every row: features, per-row seconds and memory).
@@ -415,12 +424,15 @@ SPAN_SCHEMA = pa.schema(
 
 
 def timeline_schema(feature_dim: int, dtype: str = "float16") -> pa.Schema:
-    """``timeline/``: one row per timeline frame, its TSN features as a ``(dim,)`` tensor."""
+    """``timeline/``: one row per timeline frame, its TSN features as a ``(dim,)`` tensor; the rows of
+    a video's last chunk also say where the video ends (``VIDEO_END_S``, what its windows run to)."""
     return pa.schema(
         [
             (VIDEO_ID, pa.string()),
             (T_SECONDS, pa.float64()),
             (FEATURES, pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)), (feature_dim,))),
+            (VIDEO_END_S, pa.float64()),
+            (URI, pa.string()),
         ]
     )
 

@@ -1,5 +1,5 @@
 """Batch tagging: manifest -> decode (CPU tasks) -> TSN (actors) -> AttentionLSTM (actors) -> tags,
-in one Ray Data pipeline; no feature files are written in between. Or, with ``run_tag_features``,
+in one Ray Data pipeline; no feature files are written in between. Or, with ``run_tag_stores``,
 a feature table -> AttentionLSTM -> tags, with no video opened.
 
 Output under ``save_dir`` (local or ``s3://``), one module of ``outputs`` each::
@@ -30,6 +30,7 @@ extraction followed by ``jobs/predict.py``, and tagging a feature table equals t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import vtplatform
 from vtplatform import resources as R
 from vtplatform import schema as S
 from vtplatform import storage as st
@@ -57,6 +59,7 @@ from vtplatform.outputs.timeline import TimelineOutput
 from vtplatform.pipeline import JobSummary, VideoJob, map_cpu_tasks, prepare_output, read_entries, run_video_job
 from vtplatform.stages import lstm, tsn
 from vtplatform.stages.decode import decode_stage
+from vtplatform.windows import NoWindow, windows
 
 log = logging.getLogger(__name__)
 
@@ -195,158 +198,317 @@ def run_tag(
     return run_video_job(config, save_dir, job, retry_failed, start)
 
 
-# -- tagging a feature table -------------------------------------------------------------------
+# -- tagging from the stores: a feature table, a timeline table -------------------------------------
 
 
 @dataclass(frozen=True)
-class FeatureTable:
-    """A feature table's parts, what they record, and which part holds which video."""
+class Store:
+    """A stored table a new AttentionLSTM can tag from: its parts, how its features were made
+    (``made``: their provenance, and for a timeline its settings), and per video the parts that
+    hold it (``videos``: video_id, uri, part, frames: one row per video and part)."""
 
-    uri: str  # as given
-    parts: list[str]  # inside ``fs``
-    provenance: dict[str, Any]
+    uri: str
+    parts: list[str]
+    made: dict[str, Any]
     dtype: str
-    ids: pa.Array  # video ids of every row, parts in order
-    uris: pa.Array
-    part_of: pa.Array  # per row, its part's index in ``parts``
+    dim: int
+    videos: pa.Table
 
 
-def open_feature_table(uri: str, config: Config) -> FeatureTable:
-    """Reads a feature table's ids and uris (not its features) and the provenance of its first part."""
+def open_store(uri: str, config: Config, what: str) -> Store:
+    """Reads a feature or timeline table's ids (not its features) and the metadata of its first part;
+    refuses a table that is not one, or (a timeline) one that does not record where videos end."""
     fs, root = st.filesystem(uri, config.storage)
     parts = st.list_files(fs, root, ".parquet")
     if not parts:
-        raise ConfigError(f"no feature table at {st.redact(uri)} (no Parquet parts)")
+        raise ConfigError(f"no {what} table at {st.redact(uri)} (no Parquet parts)")
     schema = pq.read_schema(parts[0], filesystem=fs)
-    prov = S.read_provenance(schema)
-    if prov is None or S.FEATURES not in schema.names:
-        raise ConfigError(f"{st.redact(uri)} is not a feature table written by jobs/extract.py (no provenance)")
-    dtype = np.dtype(schema.field(S.FEATURES).type.value_type.to_pandas_dtype()).name
-    tables = [pq.read_table(p, columns=[S.VIDEO_ID, S.URI], filesystem=fs) for p in parts]
-    part_of = np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in enumerate(tables)])
-    table = pa.concat_tables(tables)
-    return FeatureTable(
-        uri,
-        parts,
-        prov,
-        dtype,
-        table.column(S.VIDEO_ID).combine_chunks(),
-        table.column(S.URI).combine_chunks(),
-        pa.array(part_of),
-    )
+    made = S.read_provenance(schema)
+    if made is None or S.FEATURES not in schema.names:
+        raise ConfigError(f"{st.redact(uri)} is not a {what} table written by vtplatform (no provenance)")
+    if what == "timeline" and (
+        S.VIDEO_END_S not in schema.names or S.URI not in schema.names or "timeline" not in made
+    ):
+        raise ConfigError(
+            f"{st.redact(uri)} does not record where its videos end (a timeline table from before vtplatform "
+            f"{vtplatform.__version__}): tag those videos with --segments from the videos"
+        )
+    tensor = schema.field(S.FEATURES).type
+    dtype = np.dtype(tensor.value_type.to_pandas_dtype()).name
+    tables = []
+    for i, path in enumerate(parts):
+        ids = pq.read_table(path, columns=[S.VIDEO_ID, S.URI], filesystem=fs)
+        counts = ids.group_by([S.VIDEO_ID, S.URI]).aggregate([([], "count_all")])
+        tables.append(counts.append_column("part", pa.array([i] * counts.num_rows, pa.int32())))
+    videos = pa.concat_tables(tables).rename_columns([S.VIDEO_ID, S.URI, "frames", "part"])
+    return Store(uri, parts, made, dtype, int(tensor.shape[-1]), videos)
 
 
-def feature_blocks(table: FeatureTable, todo: pa.Table) -> list[pa.Table]:
-    """One block per part holding videos to tag: the part, and those videos."""
-    wanted = pc.is_in(table.ids, value_set=todo.column(S.VIDEO_ID))
-    rows = pa.table({S.VIDEO_ID: table.ids, S.URI: table.uris, "part": table.part_of}).filter(wanted)
-    blocks = []
-    for index in np.unique(rows.column("part").to_numpy()):
-        mine = rows.filter(pc.equal(rows.column("part"), int(index)))
-        path = table.parts[int(index)]
-        blocks.append(mine.drop_columns(["part"]).append_column(S.PATH, pa.array([path] * mine.num_rows)))
+def check_timeline(store: Store, tag) -> None:
+    """Refuses windows the timeline cannot serve: another frame rate than it was made at, or windows
+    shorter than its frame interval (they would hold no frame)."""
+    recorded = store.made["timeline"]["timeline_fps"]
+    if abs(recorded - tag.timeline_fps) > 1e-9:
+        raise ConfigError(
+            f"{st.redact(store.uri)} holds TSN features at {recorded:g} frames/s, tag.timeline_fps is "
+            f"{tag.timeline_fps:g}: set -o tag.timeline_fps={recorded:g}, or tag the videos with --segments"
+        )
+    if tag.segment_seconds * recorded < 1:
+        raise ConfigError(
+            f"windows of {tag.segment_seconds:g} s need frames {st.redact(store.uri)} lacks (it holds one every "
+            f"{1 / recorded:g} s): use --segments of at least {1 / recorded:g}"
+        )
+
+
+def store_blocks(todo: pa.Table, features: Store | None, timeline: Store | None, videos_per_task: int, frames: int):
+    """The read tasks' blocks: videos to tag with the parts that hold them (``feature_part``, the
+    ``timeline_parts``), grouped by the parts they read, at most ``videos_per_task`` videos and about
+    ``frames`` timeline frames a block."""
+    table = todo.select([S.VIDEO_ID, S.URI])
+    part = pa.nulls(table.num_rows, pa.string())
+    if features is not None:
+        first = features.videos.group_by(S.VIDEO_ID).aggregate([("part", "min")])
+        where = pc.index_in(table.column(S.VIDEO_ID), value_set=first.column(S.VIDEO_ID))
+        index = pc.take(first.column("part_min"), where)
+        part = pa.array([None if i is None else features.parts[i] for i in index.to_pylist()], pa.string())
+    table = table.append_column("feature_part", part)
+    lists: list = [[] for _ in range(table.num_rows)]
+    counts = np.zeros(table.num_rows, np.int64)
+    if timeline is not None:
+        rows = timeline.videos.filter(pc.is_in(timeline.videos.column(S.VIDEO_ID), value_set=table.column(S.VIDEO_ID)))
+        position = {v: i for i, v in enumerate(table.column(S.VIDEO_ID).to_pylist())}
+        for vid, n, i in zip(*(rows.column(c).to_pylist() for c in (S.VIDEO_ID, "frames", "part")), strict=True):
+            lists[position[vid]].append(timeline.parts[i])
+            counts[position[vid]] += n
+    table = table.append_column("timeline_parts", pa.array(lists, pa.list_(pa.string())))
+    table = table.append_column(S.TIMELINE_FRAMES, pa.array(counts, pa.int64()))
+    key = [p or "" for p in table.column("feature_part").to_pylist()]
+    key2 = [sorted(ps)[0] if ps else "" for ps in lists]
+    table = table.take(pa.array(np.lexsort((key2, key)) if table.num_rows else [], pa.int64()))
+    blocks, start, total = [], 0, 0
+    sizes = table.column(S.TIMELINE_FRAMES).to_pylist()
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= videos_per_task or total + n > frames):
+            blocks.append(table.slice(start, i - start))
+            start, total = i, 0
+        total += n
+    if table.num_rows > start:
+        blocks.append(table.slice(start))
     return blocks
 
 
-def read_feature_rows(
-    batch: pa.Table, storage, uri: str, provenance: dict[str, Any], shape: tuple[int, int]
-) -> pa.Table:
-    """A block of (video_id, uri, path) -> video rows with the features as bytes, as the TSN stage
-    hands them on; a row that cannot be used (a part that cannot be read, or made differently
-    from the table's first part) becomes a failed row."""
-    fs, _ = st.filesystem(uri, storage)
-    path = batch.column(S.PATH)[0].as_py()
-    ids = batch.column(S.VIDEO_ID)
+@dataclass(frozen=True)
+class StoreRead:
+    """What a read task needs to turn a block (``store_blocks``) into the rows tagging takes."""
+
+    storage: Any
+    features: dict[str, Any] | None  # provenance of the feature table, shape
+    timeline: dict[str, Any] | None  # its dtype and dim
+    windows: tuple[float, float, int] | None  # segment seconds, stride, timeline frames a chunk row
+    shape: tuple[int, int] | None  # the feature table's (segments, dim)
+
+
+def read_store_rows(block: pa.Table, read: StoreRead) -> pa.Table:
+    """A block of videos -> each video's timeline chunk rows (its windows over the stored timeline,
+    as the decode stage makes them) and its own row (its stored features, or null without a feature
+    table), ``schema.ROW_SCHEMA``-like. A video whose stored rows cannot be used is a failed row."""
     start = time.perf_counter()
-    failure = None
-    try:
-        part = pq.read_table(path, filesystem=fs, columns=[S.VIDEO_ID, S.FEATURES])
-        diff = S.signature_diff(S.read_provenance(part.schema) or {}, provenance)
-        found = list(part.schema.field(S.FEATURES).type.shape)
-        if diff:
-            failure = ("read", "OtherExtractor", f"this part's features were made differently: {'; '.join(diff)}")
-        elif tuple(found) != tuple(shape):
-            failure = ("read", "BadShape", f"features are {found}, the table's {list(shape)}")
-    except OSError as exc:
-        failure = ("read", type(exc).__name__, st.redact(str(exc)))
-    except pa.ArrowException as exc:
-        failure = ("read", type(exc).__name__, st.redact(str(exc)))
-    if failure is not None:
-        message = f"{st.redact(path)}: {failure[2]}"
-        return pa.table(
+    ids = block.column(S.VIDEO_ID)
+    feats, failures = {}, {}
+    if read.features is not None:
+        feats, failures = _stored_features(block, read)
+    frames = _stored_timelines(block, read) if read.timeline is not None else {}
+    rows: list[dict] = []
+    for vid, uri in zip(ids.to_pylist(), block.column(S.URI).to_pylist(), strict=True):
+        failure = failures.get(vid)
+        chunks: list[dict] = []
+        if failure is None and read.timeline is not None:
+            if vid not in frames:
+                failure = S.failure("read", "NotInTimeline", "the timeline table holds no frame of this video")
+            else:
+                try:
+                    chunks = _window_chunks(vid, uri, *frames[vid], read)
+                except NoWindow as exc:
+                    failure = S.failure("decode", "NoWindows", f"the stored timeline: {exc}")
+        rows += [c | {S.ROW_KIND: S.CHUNK_ROWS} for c in chunks] if failure is None else []
+        row = {S.VIDEO_ID: vid, S.URI: uri, S.ROW_KIND: S.VIDEO_ROWS}
+        rows.append(row | (failure or {S.FEATURES: feats.get(vid)}))
+    seconds = (time.perf_counter() - start) / max(len(rows), 1)
+    for row in rows:
+        row[S.READ_SECONDS] = seconds
+    return pa.Table.from_pylist(rows, schema=S.STORE_ROW_SCHEMA)
+
+
+def _stored_features(block: pa.Table, read: StoreRead) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """{video: its features as bytes} from the feature parts, and {video: failure} for parts that
+    cannot be read or were made differently from the table's first part."""
+    out, failures = {}, {}
+    for path in sorted({p for p in block.column("feature_part").to_pylist() if p}):
+        ids = block.filter(pc.equal(block.column("feature_part"), path)).column(S.VIDEO_ID)
+        fs, _ = st.filesystem(read.features["uri"], read.storage)
+        try:
+            part = pq.read_table(path, filesystem=fs, columns=[S.VIDEO_ID, S.FEATURES])
+        except (OSError, pa.ArrowException) as exc:
+            failure = S.failure("read", type(exc).__name__, st.redact(f"{path}: {exc}"))
+            failures.update(dict.fromkeys(ids.to_pylist(), failure))
+            continue
+        diff = S.signature_diff(S.read_provenance(part.schema) or {}, read.features["provenance"])
+        found = tuple(part.schema.field(S.FEATURES).type.shape)
+        if diff or found != tuple(read.shape):
+            why = "; ".join(diff) or f"features are {list(found)}, the table's {list(read.shape)}"
+            failure = S.failure("read", "OtherExtractor", st.redact(f"{path} was made differently: {why}"))
+            failures.update(dict.fromkeys(ids.to_pylist(), failure))
+            continue
+        part = part.filter(pc.is_in(part.column(S.VIDEO_ID), value_set=ids))
+        arrays = part.column(S.FEATURES).combine_chunks().to_numpy_ndarray()
+        for vid, array in zip(part.column(S.VIDEO_ID).to_pylist(), arrays, strict=True):
+            out.setdefault(vid, array.tobytes())  # a video twice in a part: its first row
+    for vid, path in zip(block.column(S.VIDEO_ID).to_pylist(), block.column("feature_part").to_pylist(), strict=True):
+        if vid not in out and vid not in failures:
+            failures[vid] = S.failure("read", "NotInTable", f"{st.redact(str(path))} holds no features of this video")
+    return out, failures
+
+
+def _stored_timelines(block: pa.Table, read: StoreRead) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """{video: (times, features (frames, dim), where it ends)} from the timeline parts the block names."""
+    paths = sorted({p for ps in block.column("timeline_parts").to_pylist() for p in ps})
+    ids = block.column(S.VIDEO_ID)
+    fs, _ = st.filesystem(read.timeline["uri"], read.storage)
+    columns = [S.VIDEO_ID, S.T_SECONDS, S.FEATURES, S.VIDEO_END_S]
+    tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in paths]
+    table = pa.concat_tables([t.filter(pc.is_in(t.column(S.VIDEO_ID), value_set=ids)) for t in tables])
+    table = table.sort_by([(S.VIDEO_ID, "ascending"), (S.T_SECONDS, "ascending")])
+    out = {}
+    vids = table.column(S.VIDEO_ID).to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, vids[1:] != vids[:-1], True]) if len(vids) else []
+    for lo, hi in itertools.pairwise(bounds):
+        rows = table.slice(lo, hi - lo)
+        times = rows.column(S.T_SECONDS).to_numpy()
+        feats = rows.column(S.FEATURES).combine_chunks().to_numpy_ndarray()
+        ends = [e for e in rows.column(S.VIDEO_END_S).to_pylist() if e is not None]
+        out[str(vids[lo])] = (times, feats, max(ends) if ends else float(times[-1]))
+    return out
+
+
+def _window_chunks(vid: str, uri: str, times: np.ndarray, feats: np.ndarray, end: float, read: StoreRead) -> list[dict]:
+    """One video's windows over its stored timeline (``windows.windows``: the same as the decode stage's
+    ``chunk_windows``), in chunk rows of whole windows, about ``chunk`` frames each."""
+    segment_s, stride_s, chunk = read.windows
+    grid = windows(times, segment_s, stride_s, end)
+    if not grid:
+        raise NoWindow("no window holds a timeline frame")
+    groups, current = [], []
+    for w in grid:
+        if current and max(x.frames.stop for x in [*current, w]) - current[0].frames.start > chunk:
+            groups.append(current)
+            current = []
+        current.append(w)
+    groups.append(current)
+    rows = []
+    for index, group in enumerate(groups):
+        lo, hi = group[0].frames.start, max(w.frames.stop for w in group)
+        last = index + 1 == len(groups)
+        rows.append(
             {
-                S.VIDEO_ID: ids,
-                S.URI: batch.column(S.URI),
-                S.FEATURES: pa.nulls(batch.num_rows, pa.large_binary()),
-                **{k: pa.array([v] * batch.num_rows, pa.string()) for k, v in S.failure(*failure[:2], message).items()},
+                S.VIDEO_ID: vid,
+                S.URI: uri,
+                S.FEATURES: feats[lo:hi].tobytes(),
+                S.NUM_FRAMES: hi - lo,
+                S.CHUNK: index,
+                S.LAST_CHUNK: last,
+                S.VIDEO_END_S: end if last else None,
+                S.NEW_FROM: 0,
+                S.T_SECONDS: times[lo:hi].tolist(),
+                S.WIN_INDEX: [w.index for w in group],
+                S.WIN_START: [w.start_s for w in group],
+                S.WIN_END: [w.end_s for w in group],
+                S.WIN_LO: [w.frames.start - lo for w in group],
+                S.WIN_HI: [w.frames.stop - lo for w in group],
+                S.TIMELINE_FRAMES: hi - lo,
+                S.WINDOWS: len(group),
             }
         )
-    part = part.filter(pc.is_in(part.column(S.VIDEO_ID), value_set=ids))
-    where = pc.index_in(ids, value_set=part.column(S.VIDEO_ID)).to_pylist()  # a video's first row in the part
-    feats = part.column(S.FEATURES).combine_chunks().to_numpy_ndarray() if part.num_rows else None
-    gone = S.failure("read", "NotInTable", f"{st.redact(path)} no longer holds this video")
-    seconds = (time.perf_counter() - start) / max(batch.num_rows, 1)
-    return pa.table(
-        {
-            S.VIDEO_ID: ids,
-            S.URI: batch.column(S.URI),
-            S.FEATURES: pa.array([None if i is None else feats[i].tobytes() for i in where], pa.large_binary()),
-            **{k: pa.array([None if i is not None else v for i in where], pa.string()) for k, v in gone.items()},
-            S.READ_SECONDS: pa.array([seconds] * batch.num_rows, pa.float32()),
-        }
-    )
+    return rows
 
 
-def run_tag_features(
+def run_tag_stores(
     config: Config,
-    features: str,
     save_dir: str,
     lstm_weights: str,
+    features: str | None = None,
+    timeline: str | None = None,
     formats: tuple[str, ...] = (),
     retry_failed: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> JobSummary:
-    """Tags every row of the feature table ``features`` not yet in ``save_dir``, without opening a
-    video: the same ``tags/`` as tagging the videos. ``meta``: more to record in the tags' metadata
-    (the nightly's model id). Needs ``ray.init()``."""
+    """Tags from the stores, with no video opened: ``tags/`` from the feature table ``features``
+    (every row not yet in ``save_dir``), and with ``tag.segment_seconds`` the window tags and spans
+    from the timeline table ``timeline``; the same tables as tagging the videos. Given both, a
+    video needs both. ``meta``: more to record in the outputs' metadata (the nightly's model id).
+    Needs ``ray.init()``."""
     start = time.perf_counter()
     check_formats(formats)
-    if config.tag.segment_seconds or config.tag.thumbnails:
-        raise ConfigError(
-            "a feature table holds neither times nor frames: tag windows from a timeline table "
-            "(tag.segment_seconds with --timeline), and thumbnails from the videos (tag.thumbnails)"
-        )
+    tag = config.tag
+    if tag.thumbnails:
+        raise ConfigError("thumbnails need the videos (tag.thumbnails): the stores hold no frames")
+    if timeline is not None and not tag.segment_seconds:
+        raise ConfigError("--timeline tags windows: give their length with --segments (tag.segment_seconds)")
+    if timeline is None and tag.segment_seconds:
+        raise ConfigError("windows need the timeline table (--timeline): a feature table holds no times")
+    if features is None and timeline is None:
+        raise ConfigError("tagging from the stores needs --features, --timeline, or both")
     config = prepare_output(config, save_dir)
-    table = open_feature_table(features, config)
-    prov = table.provenance
+    stores = {k: open_store(u, config, k) for k, u in (("features", features), ("timeline", timeline)) if u}
+    if "timeline" in stores:
+        check_timeline(stores["timeline"], tag)
+    base = stores.get("features") or stores["timeline"]
+    prov = {k: v for k, v in base.made.items() if k != "timeline"}
     sizes = R.size_pipeline(config, [lstm.tag_need(config)])
-    tagger = build_tagger(config, lstm_weights, prov, table.dtype, sizes.models[lstm.MODEL_NAME], False)
+    tagger = build_tagger(config, lstm_weights, prov, base.dtype, sizes.models[lstm.MODEL_NAME], False)
     tagger.meta.update(meta or {})
-    entries = pa.table(
-        {S.VIDEO_ID: table.ids, S.URI: table.uris, S.LABELS: pa.nulls(len(table.ids), pa.list_(pa.int32()))}
-    ).append_column(S.SIZE_BYTES, pa.nulls(len(table.ids), pa.int64()))
-    unique = pc.index_in(pc.unique(table.ids), value_set=table.ids)  # a table may hold a video twice
-    entries = entries.take(unique)
+    outputs = tag_outputs(config, tagger, save_dir, formats)
+    if "features" not in stores:  # windows only: the video-level tags need the 300 sampled frames
+        outputs = [o for o in outputs if o.directory != S.TAGS_DIR]
+    videos = base.videos.group_by([S.VIDEO_ID]).aggregate([(S.URI, "min")]).rename_columns([S.VIDEO_ID, S.URI])
+    entries = videos.append_column(S.LABELS, pa.nulls(videos.num_rows, pa.list_(pa.int32())))
+    entries = entries.append_column(S.SIZE_BYTES, pa.nulls(videos.num_rows, pa.int64()))
     shape = (prov["sampling"]["num_segments"], prov["model"]["feature_dim"])
+    read = StoreRead(
+        config.storage,
+        {"uri": features, "provenance": prov} if features else None,
+        {"uri": timeline} if timeline else None,
+        (tag.segment_seconds, tag.segment_stride_seconds or tag.segment_seconds, tag.timeline_chunk_frames)
+        if timeline
+        else None,
+        shape,
+    )
+    res = config.resources
     job = VideoJob(
-        "tagging features",
+        "tagging from stores",
         sizes.device,
-        entries=Manifest(entries, duplicates=len(table.ids) - entries.num_rows),
+        entries=Manifest(entries),
         stages=[
             lambda ds: map_cpu_tasks(
                 ds,
-                read_feature_rows,
+                read_store_rows,
                 batch_size=None,
                 num_cpus=sizes.task_cpus,
                 concurrency=sizes.task_concurrency,
-                max_retries=config.resources.decode_max_retries,
-                fn_kwargs={"storage": config.storage, "uri": features, "provenance": prov, "shape": shape},
+                max_retries=res.decode_max_retries,
+                fn_kwargs={"read": read},
             ),
             lambda ds: lstm.tag_stage(ds, config, tagger.spec, sizes),
         ],
-        outputs=tag_outputs(config, tagger, save_dir, formats),
+        outputs=outputs,
         writer_cpus=sizes.writer_cpus,
         frames_per_video=shape[0],
-        blocks=lambda todo: feature_blocks(table, todo),
+        blocks=lambda todo: store_blocks(
+            todo, stores.get("features"), stores.get("timeline"), res.decode_batch_size, STORE_FRAMES_PER_TASK
+        ),
     )
     return run_video_job(config, save_dir, job, retry_failed, start)
+
+
+STORE_FRAMES_PER_TASK = (
+    8192  # timeline frames a read task holds at most (about 32 MB at 2048 float16), unless one video has more
+)

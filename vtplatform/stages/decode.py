@@ -287,6 +287,7 @@ def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -
                 S.DECODE_SECONDS: time.perf_counter() - mark,
                 S.CHUNK: chunk.index,
                 S.LAST_CHUNK: chunk.last,
+                S.VIDEO_END_S: max(float(info.end_s or info.duration_s), chunk.times[-1]) if chunk.last else None,
                 S.NEW_FROM: chunk.new_from,
                 S.T_SECONDS: chunk.times,
                 S.WIN_INDEX: [w.index for w in wins],
