@@ -40,6 +40,15 @@ def require_cjk_font() -> None:
         )
 
 
+def chromium_path() -> str:
+    """The system Chromium, or a test failure (never a skip: CI installs it) saying how to get it."""
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail(f"Chromium not found on PATH ({', '.join(CHROMIUM_NAMES)}); {INSTALL_HINT}", pytrace=False)
+
+
 class BrowserError(RuntimeError):
     pass
 
