@@ -116,6 +116,7 @@ def test_spans_sit_where_each_class_is_and_video_tags_do_not_change(trained, tmp
     assert "0 failed" in printed
     windows = pq.read_table(out / S.SEGMENTS_DIR, columns=[S.VIDEO_ID, S.WINDOW]).num_rows
     assert left < windows, f"the kill came after every window was written: {left} of {windows} ({killed.replay})"
+    print(f"at the kill: {left} of {windows} window rows written, no spans", flush=True)
     tags = pq.read_table(out / S.TAGS_DIR)
     assert tags.num_rows == 5
     long_id = tags.filter(pc.match_substring(tags.column(S.URI), "long.mp4")).column(S.VIDEO_ID)[0].as_py()
