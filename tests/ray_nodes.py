@@ -110,6 +110,13 @@ class LocalCluster:
             text=True,
             timeout=120,
         )
+        if out.returncode != 0 or not out.stdout.strip():
+            head = Path(self.temp_dir, "head.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"no driver could join {self.gcs} (exit {out.returncode}; head node "
+                f"{'alive' if self.head.proc.poll() is None else f'exited {self.head.proc.returncode}'}):\n"
+                f"{out.stderr[-2000:]}\nhead.log ends:\n{head}"
+            )
         return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
     def wait_for_cpus(self, cpus: float, timeout: float = 120) -> None:
