@@ -79,8 +79,10 @@ def test_extraction_finishes_with_one_row_per_video_after_losing_a_node(cluster,
             shutil.copy(EXAMPLES / name, paths[-1])
     (tmp_path / "m.list").write_text("".join(f"{p}\n" for p in paths))
     out = tmp_path / "out"
-    # one video a TSN call: rows reach storage as they are done, and the actor is busy until the last
-    overrides = ["MODEL.num_layers=18", "INFER.seg_num=8", "output.rows_per_file=2", "resources.tsn_batch_size=1"]
+    # one video a decode task and a TSN call: rows reach storage as they are done, while the TSN
+    # actor has videos left (with all 12 in one decode task, they all came out of TSN at the end)
+    overrides = ["MODEL.num_layers=18", "INFER.seg_num=8", "output.rows_per_file=2"]
+    overrides += ["resources.decode_batch_size=1", "resources.tsn_batch_size=1"]
     command = [sys.executable, "jobs/extract.py", "--config", "configs/tsn.yaml", "--filelist", str(tmp_path / "m.list"),
                "--save_dir", str(out), *[a for o in overrides for a in ("-o", o)]]  # fmt: skip
     job = run(command, cluster)
