@@ -1,6 +1,6 @@
 # make demo   extract features from the bundled clips (local Ray, local storage, CPU)
 # make test   the whole test suite, slow tests included (starts its own Ray and a moto S3 server on loopback;
-#             installs Debian's chromium for the report's browser test when it is missing)
+#             installs Debian's chromium and fonts-noto-cjk for the report's browser tests when they are missing)
 # make test-fast   the inner loop: everything but the slow tests
 # Each target creates its virtual environment on first use.
 
@@ -23,9 +23,11 @@ $(MOTO_VENV)/.installed:
 	$(MOTO_VENV)/bin/pip install --quiet 'moto[server]>=5,<6'
 	touch $@
 
-# Debian's Chromium: tests/test_report.py opens the HTML report in it, headless (installed once, as root like CI).
+# Debian's Chromium: tests/test_report.py opens the HTML report in it, headless (installed once, as root like CI);
+# and Debian's Noto CJK fonts, which draw label_3396.txt's Chinese names (without them Chromium draws boxes).
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	@fc-list :lang=zh family | grep -q "Noto Sans CJK" || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-cjk)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python jobs/extract.py --config configs/demo.yaml --filelist examples/demo.list --save_dir data/demo

@@ -26,6 +26,18 @@ import pytest
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 INSTALL_HINT = "install Debian's package: `apt-get update -qq && apt-get install -y -qq chromium` (`make test` does it)"
+CJK_FONT_PACKAGE = "fonts-noto-cjk"  # Debian's Noto Sans CJK: what shows label_3396.txt's Chinese names
+
+
+def require_cjk_font() -> None:
+    """Noto Sans CJK on the system (fontconfig), or a test failure saying how to get it."""
+    found = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True, check=False).stdout
+    if "Noto Sans CJK" not in found:
+        pytest.fail(
+            f"Noto Sans CJK not found (fc-list :lang=zh): install Debian's {CJK_FONT_PACKAGE} "
+            f"(`apt-get install -y -qq {CJK_FONT_PACKAGE}`; `make test` does it)",
+            pytrace=False,
+        )
 
 
 def chromium_path() -> str:
@@ -203,6 +215,18 @@ class Browser:
         )
         if text:
             self.send("Input.insertText", session=True, text=text)
+
+    def fonts(self, selector: str) -> dict[str, int]:
+        """{font family: glyphs drawn with it} for the text of the first element matching
+        ``selector``, as Chromium laid it out (DevTools' "Rendered Fonts")."""
+        self.send("DOM.enable", session=True)
+        self.send("CSS.enable", session=True)
+        root = self.send("DOM.getDocument", session=True, depth=0)["root"]["nodeId"]
+        node = self.send("DOM.querySelector", session=True, nodeId=root, selector=selector)["nodeId"]
+        if not node:
+            raise BrowserError(f"no element matches {selector}")
+        fonts = self.send("CSS.getPlatformFontsForNode", session=True, nodeId=node)["fonts"]
+        return {f["familyName"]: f["glyphCount"] for f in fonts}
 
     def screenshot(self) -> bytes:
         """A PNG of the whole page."""

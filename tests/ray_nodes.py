@@ -1,22 +1,32 @@
 """Real Ray nodes for tests: `ray start --block` processes on loopback, each with ports of its own,
 so that a test can run jobs on a cluster of its chosen shape, kill a node as a spot instance
-dies, and stop the whole cluster without touching any other Ray on the machine."""
+dies, and stop the whole cluster without touching any other Ray on the machine.
+
+And the tests' kills: a process is picked only below the test's own driver, node or raylets
+(``pids_named(..., under=...)``, ``own_ray``), at a moment drawn fresh on every run and printed
+(``kill_later``; ``VTP_TEST_KILL_DELAY_S`` replays one), and a kill that finds no target fails."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 RAY = str(Path(sys.executable).with_name("ray"))
 AGENT_PORT_FLAGS = (
@@ -100,6 +110,13 @@ class LocalCluster:
             text=True,
             timeout=120,
         )
+        if out.returncode != 0 or not out.stdout.strip():
+            head = Path(self.temp_dir, "head.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"no driver could join {self.gcs} (exit {out.returncode}; head node "
+                f"{'alive' if self.head.proc.poll() is None else f'exited {self.head.proc.returncode}'}):\n"
+                f"{out.stderr[-2000:]}\nhead.log ends:\n{head}"
+            )
         return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
     def wait_for_cpus(self, cpus: float, timeout: float = 120) -> None:
@@ -197,63 +214,164 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def pids_named(fragment: str, under: int | None = None) -> list[int]:
-    """Live processes whose command line contains ``fragment`` (Ray titles its workers
-    ``ray::ClassName...``), optionally only those below process ``under``."""
-    scope = set(descendants(under)) if under is not None else None
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or (scope is not None and int(entry) not in scope):
-            continue
+def pids_named(fragment: str, *, under: int | Iterable[int]) -> list[int]:
+    """Live processes below ``under`` (a pid, or several: the test's own driver, node or raylets)
+    whose command line contains ``fragment`` (Ray titles its workers ``ray::ClassName...``).
+    There is no machine-wide form: other tests and other jobs run their own Rays on this machine."""
+    roots = [under] if isinstance(under, int) else list(under)
+    scope = {pid for root in roots for pid in descendants(root)}
+    return sorted(pid for pid in scope if fragment in _cmdline(pid))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class OwnRay:
+    """The Ray cluster this process's driver is connected to, as processes and files on this
+    machine: its raylets (every worker process of the cluster here runs below one of them) and
+    their session log folders (``worker-<id>-<job>-<pid>.err``: what each worker wrote)."""
+
+    raylets: tuple[int, ...]
+    log_dirs: tuple[Path, ...]
+
+    def worker_logs(self, pid: int) -> list[Path]:
+        return sorted(p for d in self.log_dirs for p in d.glob(f"worker-*-{pid}.*") if p.suffix in (".err", ".out"))
+
+    def logged(self, pattern: re.Pattern) -> dict[int, list[re.Match]]:
+        """{worker pid: the matches of ``pattern`` in its log lines}, for the workers that logged a match."""
+        found: dict[int, list[re.Match]] = {}
+        for d in self.log_dirs:
+            for path in sorted(d.glob("worker-*")):
+                if path.suffix not in (".err", ".out"):
+                    continue
+                pid = int(path.stem.rsplit("-", 1)[1])
+                for line in path.read_text(errors="replace").splitlines():
+                    if match := pattern.search(line):
+                        found.setdefault(pid, []).append(match)
+        return found
+
+
+def own_ray() -> OwnRay:
+    """The raylets and log folders of the Ray that ``ray.init`` connected this process to, found
+    by the raylet socket each of its alive nodes reports (a socket path is unique to a session)."""
+    import ray
+
+    sockets = {node["RayletSocketName"] for node in ray.nodes() if node["Alive"]}
+    flags = [f"--raylet_socket_name={socket}" for socket in sockets]
+    raylets = tuple(
+        sorted(
+            int(e)
+            for e in os.listdir("/proc")
+            if e.isdigit() and any(flag in _cmdline(int(e)).split() for flag in flags)
+        )
+    )
+    assert raylets, f"no raylet process on this machine serves the sockets {sorted(sockets)}"
+    return OwnRay(raylets, tuple(sorted({Path(socket).parent.parent / "logs" for socket in sockets})))
+
+
+# --- kills at moments the code under test does not choose --------------------------------------
+
+DELAY_ENV = "VTP_TEST_KILL_DELAY_S"  # forces every kill delay, to replay a failure
+
+
+def kill_delay(low: float, high: float, what: str) -> float:
+    """A delay drawn fresh from ``[low, high]`` seconds (seeded by the OS, so every run tries
+    another moment), or the one ``VTP_TEST_KILL_DELAY_S`` forces; printed to the test's log."""
+    forced = os.environ.get(DELAY_ENV, "").strip()
+    delay = float(forced) if forced else random.SystemRandom().uniform(low, high)
+    how = "forced by" if forced else "drawn fresh; replay with"
+    print(f"kill delay for {what}: {delay:.3f} s ({how} {DELAY_ENV}={delay:.3f})", flush=True)
+    return delay
+
+
+class Killer(threading.Thread):
+    """Waits until ``ready()``, then ``delay_s``, then calls ``kill()``. ``fired`` holds what
+    ``kill`` returned, ``error`` the traceback of a ``ready``/``kill`` that raised (a kill that
+    cannot find its target is a failure, never a silent skip)."""
+
+    def __init__(self, ready: Callable[[], bool], kill: Callable[[], Any], delay_s: float, timeout: float):
+        super().__init__(daemon=True)
+        self.ready, self.kill, self.delay_s, self.timeout = ready, kill, delay_s, timeout
+        self.fired: list = []
+        self.error: str | None = None
+        self.at: float | None = None  # time.time() when kill() was called
+
+    @property
+    def replay(self) -> str:
+        """For assertion messages: how to rerun the test with this very delay."""
+        return f"{DELAY_ENV}={self.delay_s:.3f}"
+
+    def run(self) -> None:
+        deadline = time.time() + self.timeout
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmdline:
-            found.append(int(entry))
-    return sorted(found)
-
-
-def kill_later(ready, kill, *, delay: tuple[float, float] = (0.0, 1.0), timeout: float = 600, seed: int = 0):
-    """A thread that waits until ``ready()``, then a random delay in ``delay`` (a moment the code
-    under test did not choose), then calls ``kill()``; ``.fired`` lists what ``kill`` returned."""
-    import random
-    import threading
-
-    rng = random.Random(seed)
-
-    class Killer(threading.Thread):
-        def run(self) -> None:
-            deadline = time.time() + timeout
             while time.time() < deadline:
-                if ready():
-                    time.sleep(rng.uniform(*delay))
-                    self.fired.append(kill())
+                if self.ready():
+                    time.sleep(self.delay_s)
+                    self.at = time.time()
+                    self.fired.append(self.kill())
                     return
                 time.sleep(0.1)
+        except BaseException:
+            self.error = traceback.format_exc()
 
-    thread = Killer(daemon=True)
-    thread.fired: list = []
-    thread.start()
-    return thread
+    def landed(self, join_timeout: float = 30.0):
+        """Joins the thread and returns what ``kill`` returned; fails when the kill never ran or raised."""
+        self.join(timeout=join_timeout)
+        assert self.error is None, f"the kill failed ({self.replay}):\n{self.error}"
+        assert self.fired, f"nothing was killed: not ready within {self.timeout} s ({self.replay})"
+        return self.fired[0]
 
 
-def kill_job_midway(command: list[str], cwd: Path, marker: Path, *, seed: int, timeout: float = 900) -> list[int]:
+def kill_later(
+    ready: Callable[[], bool],
+    kill: Callable[[], Any],
+    *,
+    delay: tuple[float, float] = (0.0, 1.0),
+    timeout: float = 600,
+    what: str = "the kill",
+) -> Killer:
+    """Starts a ``Killer``: once ``ready()``, a fresh random delay in ``delay`` (a moment the
+    code under test did not choose), then ``kill()``."""
+    killer = Killer(ready, kill, kill_delay(*delay, what), timeout)
+    killer.start()
+    return killer
+
+
+@dataclass
+class KilledJob:
+    pids: list[int]  # the driver and every process it had started, all dead now
+    delay_s: float
+    at: float  # time.time() of the kill
+    replay: str  # for assertion messages
+
+
+def kill_job_midway(command: list[str], cwd: Path, ready: Callable[[], bool], *, timeout: float = 900) -> KilledJob:
     """Runs ``command`` (a job that starts its own Ray), SIGKILLs it and every process it started
-    a random moment after ``marker`` appears, and returns the pids killed, having checked that the
-    kill landed and that nothing it started survived."""
+    a random moment after ``ready()`` holds, and checks that the kill landed on the running job
+    and that nothing it started survived. What the job had stored stays as it was at the kill
+    (its whole Ray died with it), for the test to check."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     driver = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     family: list[int] = []
 
     def kill_driver() -> int:
+        assert driver.poll() is None, f"the job ended (exit {driver.returncode}) before the kill"
         family.extend(descendants(driver.pid))
         kill_tree(driver.pid)
         return driver.pid
 
-    killer = kill_later(marker.exists, kill_driver, seed=seed)
-    driver.wait(timeout=timeout)
-    killer.join(timeout=5)
-    assert killer.fired and driver.returncode == -signal.SIGKILL
-    assert len(family) > 3 and not survivors(family)  # its Ray died with it
-    return family
+    killer = kill_later(ready, kill_driver, what=f"the driver of {Path(command[1]).name}")
+    try:
+        driver.wait(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            kill_tree(driver.pid)
+    killer.landed()
+    assert driver.returncode == -signal.SIGKILL, f"exit {driver.returncode} ({killer.replay})"
+    assert len(family) > 3 and not survivors(family), f"its Ray outlived it ({killer.replay})"
+    return KilledJob(family, killer.delay_s, killer.at, killer.replay)

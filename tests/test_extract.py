@@ -18,6 +18,7 @@ import pytest
 
 from tests.clips import truncate, write_audio_only, write_indexed_clip, write_noise_clip
 from tests.conftest import EXAMPLES, ROOT, run_job
+from tests.ray_nodes import kill_later
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.extract import run_extract
@@ -293,15 +294,21 @@ def test_killed_midway_then_rerun_ends_with_exactly_one_row_per_video(ray_cluste
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.time() + 300
-    while not (out / S.FEATURES_DIR).exists() or not any((out / S.FEATURES_DIR).glob("part-*.parquet")):
-        assert proc.poll() is None, "the job ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+    def kill_driver() -> None:
+        assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    first_part = lambda: any((out / S.FEATURES_DIR).glob("part-*.parquet"))  # noqa: E731
+    killer = kill_later(first_part, kill_driver, timeout=300, what="the extraction driver")
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killer.landed()
     partial = _settled_rows(out)  # a write task of the dead driver may still finish on the cluster
-    assert 0 < partial < len(paths), "kill the job midway"
+    assert 0 < partial < len(paths), f"not killed midway: {partial} of {len(paths)} rows ({killer.replay})"
 
     res = run_job("extract.py", *cmd[2:], env={"RAY_ADDRESS": ray_cluster})
     assert res.returncode == 0, res.stderr[-3000:]

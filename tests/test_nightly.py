@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, ROOT, run_job
 from tests.ray_nodes import kill_later, kill_tree
+from tests.train.kills import assert_resumed, on_disk, registered, resumed_in
 from vtplatform import champions as R
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
@@ -228,22 +229,23 @@ def test_a_nightly_driver_killed_during_the_fine_tune_ends_with_one_row_and_one_
     env = {**os.environ, "RAY_ADDRESS": ""}
     driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def fine_tuning() -> bool:
-        # 4 steps in: the controller has registered the early checkpoints (a kill within a moment
-        # of a checkpoint may lose that one, and a rerun then rightly resumes from the one before)
-        return any((registry / "models").glob("*/epoch_002_step_0000000/meta.json"))
+    def fine_tuning() -> bool:  # 4 of its 12 steps are behind it, and Ray Train has registered that checkpoint
+        return any("epoch_002_step_0000000" in registered(run) for run in (registry / "models").glob("*"))
 
-    killer = kill_later(fine_tuning, lambda: kill_tree(driver.pid), delay=(0.0, 1.0), seed=5)
+    killer = kill_later(fine_tuning, lambda: kill_tree(driver.pid), what="the nightly driver")
     driver.wait(timeout=900)
-    killer.join(timeout=5)
-    assert killer.fired and driver.returncode == -signal.SIGKILL
+    killer.landed()
+    assert driver.returncode == -signal.SIGKILL, killer.replay
     (run_id,) = [p.name for p in (registry / "runs").iterdir()]
     assert not json.loads((registry / "runs" / run_id / "state.json").read_text())["done"]
     assert not (registry / "tags").exists()
+    fine_tune = registry / "models" / run_id
+    at_kill, known = on_disk(fine_tune), registered(fine_tune)  # what the dead run left
 
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert "resumed from" in rerun.stderr  # the fine-tune went on from its checkpoint
+    resumed = resumed_in(rerun.stderr)  # the fine-tune went on from there
+    assert_resumed(fine_tune, resumed, at_kill, known, killer.at, "epoch_006_step_0000000", killer.replay)
     features = pq.read_table(registry / "features" / "features").column(S.VIDEO_ID).to_pylist()
     tags = _tags(registry).column(S.VIDEO_ID).to_pylist()
     assert len(features) == len(set(features)) == len(CLIPS)

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import EXAMPLES, ROOT
 from tests.ray_nodes import Node, descendants, kill_later, pids_named, start_cluster
 from tests.synthetic_features import make_videos, write_feature_table, write_list
+from tests.train.kills import assert_resumed, on_disk, registered, registered_after, resumed_in
 from vtplatform import schema as S
 from vtplatform.config import load_config
 from vtplatform.models import weights as W
@@ -39,20 +40,24 @@ def cluster(tmp_path):
 
 
 def node_running(cluster, title: str) -> Node:
-    """The worker node that hosts a process titled ``title`` (else the first worker node)."""
-    for node in cluster.workers:
-        if node.proc.poll() is None and pids_named(title, under=node.proc.pid):
-            return node
-    return cluster.workers[0]
+    """The worker node that hosts a process titled ``title``; a failure when none does (killing an
+    idle node would test nothing)."""
+    hosts = [n for n in cluster.workers if n.proc.poll() is None and pids_named(title, under=n.proc.pid)]
+    assert hosts, f"no worker node runs a {title} process: nothing for the lost node to take down"
+    return hosts[0]
 
 
-def lose_a_node(cluster, title: str):
-    def kill() -> int:
+def lose_a_node(cluster, title: str, progress):
+    """A kill: the node hosting ``title`` dies with everything on it (its processes, counted),
+    ``progress()`` says how far the job was at that moment, and a replacement node is added."""
+
+    def kill() -> tuple[int, object]:
         node = node_running(cluster, title)
         lost = len(descendants(node.proc.pid))
+        at_kill = progress()
         node.kill()
         cluster.add_worker(num_cpus=1)  # the autoscaler's replacement
-        return lost
+        return lost, at_kill
 
     return kill
 
@@ -74,14 +79,23 @@ def test_extraction_finishes_with_one_row_per_video_after_losing_a_node(cluster,
             shutil.copy(EXAMPLES / name, paths[-1])
     (tmp_path / "m.list").write_text("".join(f"{p}\n" for p in paths))
     out = tmp_path / "out"
+    # one video a decode task (TSN takes a row a call): rows reach storage as they are done, while
+    # the TSN actor has videos left
+    overrides = ["MODEL.num_layers=18", "INFER.seg_num=8", "output.rows_per_file=2"]
+    overrides += ["resources.decode_batch_size=1"]
     command = [sys.executable, "jobs/extract.py", "--config", "configs/tsn.yaml", "--filelist", str(tmp_path / "m.list"),
-               "--save_dir", str(out), "-o", "MODEL.num_layers=18", "-o", "INFER.seg_num=8", "-o", "output.rows_per_file=2"]  # fmt: skip
+               "--save_dir", str(out), *[a for o in overrides for a in ("-o", o)]]  # fmt: skip
     job = run(command, cluster)
-    killer = kill_later(lambda: any((out / "features").glob("part-*.parquet")), lose_a_node(cluster, "MapWorker"))
+
+    def rows() -> int:  # the videos in OUT/features so far
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "features").glob("part-*.parquet"))
+
+    killer = kill_later(lambda: rows() > 0, lose_a_node(cluster, "MapWorker", rows), what="the TSN actor's node")
     stdout, stderr = job.communicate(timeout=900)
-    killer.join(timeout=30)
-    assert killer.fired and killer.fired[0] > 0, "no node was lost"
-    assert job.returncode == 0, stderr[-4000:]
+    lost, rows_at_kill = killer.landed()
+    # the node held the TSN actor (and more), and videos remained to be done
+    assert lost > 0 and 0 < rows_at_kill < len(paths), (lost, rows_at_kill, killer.replay)
+    assert job.returncode == 0, f"{killer.replay}\n{stderr[-4000:]}"
     ids = pq.read_table(out / "features").column(S.VIDEO_ID).to_pylist()
     assert sorted(ids) == sorted(derive_video_id(str(p)) for p in paths)  # one row each, no duplicates
     assert not (out / "dead_letters").exists() or pq.read_table(out / "dead_letters").num_rows == 0
@@ -103,13 +117,19 @@ def test_training_resumes_from_its_last_checkpoint_after_losing_a_node(ray_clust
     command = [sys.executable, "jobs/train.py", "--model_name=AttentionLSTM", "--config", str(config_file)]
     command += ["--save_dir", str(tmp_path / "lost"), *[a for o in overrides for a in ("-o", o)]]
     job = run(command, cluster)
-    ckpt = tmp_path / "lost" / "AttentionLSTM" / "epoch_000_step_0000003" / "meta.json"
-    killer = kill_later(ckpt.exists, lose_a_node(cluster, "RayTrainWorker"))
+    lost_run = tmp_path / "lost" / "AttentionLSTM"
+    done = lambda: (on_disk(lost_run), registered(lost_run))  # noqa: E731
+    killer = kill_later(
+        registered_after(lost_run, "epoch_000_step_0000003"),
+        lose_a_node(cluster, "RayTrainWorker", done),
+        what="the training worker's node",
+    )
     _, stderr = job.communicate(timeout=900)
-    killer.join(timeout=30)
-    assert killer.fired and killer.fired[0] > 0, "no node was lost"
-    assert job.returncode == 0, stderr[-4000:]
-    assert "resumed from" in stderr
+    lost, (at_kill, known) = killer.landed()
+    assert lost > 0, killer.replay
+    assert job.returncode == 0, f"{killer.replay}\n{stderr[-4000:]}"
+    resumed = resumed_in(stderr)
+    assert_resumed(lost_run, resumed, at_kill, known, killer.at, "epoch_002_step_0000000", killer.replay)
     last = sorted((tmp_path / "lost" / "AttentionLSTM").glob("epoch_*"))[-1]
     plain = W.read_state(tmp_path / "plain" / "AttentionLSTM" / last.name / "model.pdparams")
     assert last.name == "epoch_002_step_0000000"

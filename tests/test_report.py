@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image
 
-from tests.browser import Browser
-from tests.conftest import run_job
+from tests.browser import Browser, require_cjk_font
+from tests.conftest import ROOT, run_job
 from vtplatform import schema as S
 from vtplatform import storage as st
 
@@ -58,8 +58,10 @@ def _jpeg(seed: int) -> bytes:
 def write_tags_out(fs: pafs.FileSystem, root: str) -> None:
     """A tags OUT as jobs/tag.py --segments --thumbnails writes it (gamma has no thumbnail)."""
     tags, segments, spans = [], [], []
+    ids = {
+        n: k for k, n in enumerate(sorted({n for v in LIBRARY.values() for n in [*v[1], *v[3], *(s[0] for s in v[5])]}))
+    }
     for i, (video_id, (uri, names, probs, labels, windows, video_spans)) in enumerate(LIBRARY.items()):
-        ids = {n: k for k, n in enumerate(sorted({*names, *labels, *(s[0] for s in video_spans)}))}
         tags.append(
             {
                 S.VIDEO_ID: video_id,
@@ -217,3 +219,126 @@ def test_report_reads_s3_and_fails_clearly_without_tags(tmp_path, moto_endpoint,
 
     proc = run_job("report.py", "--tags", f"s3://{s3_bucket}/nothing", "--save_dir", str(save), "-o", endpoint)
     assert proc.returncode == 2 and "no tags under" in proc.stderr and "jobs/tag.py" in proc.stderr
+
+
+# --- classes told apart by id: tags without names, and names that repeat ---------------------
+
+LABEL_3396 = ROOT / "configs" / "labels" / "label_3396.txt"
+# video_id -> (top-k ids, probs, label ids, spans as (class id, start, end, max)); windows of 10 s to 40 s
+BY_ID = {
+    "v1": ([3, 7, 1], [0.9, 0.6, 0.2], [3, 7], [(3, 0, 20, 0.9), (7, 10, 30, 0.7), (7, 30, 40, 0.55)]),
+    "v2": ([7, 2], [0.8, 0.1], [7], [(7, 0, 40, 0.8)]),
+}
+
+
+def _names_that_repeat() -> tuple[list[str], str, list[int]]:
+    """label_3396.txt's names, one that two classes share, and those two ids."""
+    names = LABEL_3396.read_text(encoding="utf-8").splitlines()
+    ids = {}
+    for i, name in enumerate(names):
+        ids.setdefault(name, []).append(i)
+    assert ids["猫"] == [2014, 2835]  # the shipped file gives two classes one name
+    return names, "猫", ids["猫"]
+
+
+def _write_by_id(root, names: list[str] | None) -> None:
+    """A tags OUT of ``BY_ID`` as jobs/tag.py --segments writes it: with ``names`` (a label file),
+    or without (no --label_file: every name column null)."""
+    fs = pafs.LocalFileSystem()
+    named = (lambda ids: [names[i] for i in ids]) if names else (lambda ids: None)
+    tags, segments, spans = [], [], []
+    for video_id, (top, probs, labels, video_spans) in BY_ID.items():
+        tags.append(
+            {S.VIDEO_ID: video_id, S.URI: f"/lib/{video_id}.mp4", S.CLASS_IDS: top, S.CLASS_NAMES: named(top),
+             S.PROBS: probs, S.LABELS: labels, S.LABEL_NAMES: named(labels)}
+        )  # fmt: skip
+        for w in range(4):
+            segments.append(
+                {S.VIDEO_ID: video_id, S.URI: f"/lib/{video_id}.mp4", S.WINDOW: w, S.START_S: 10.0 * w,
+                 S.END_S: 10.0 * w + 10, S.CLASS_IDS: top[:1], S.CLASS_NAMES: named(top[:1]), S.PROBS: probs[:1]}
+            )  # fmt: skip
+        for class_id, start, end, top_p in video_spans:
+            spans.append(
+                {S.VIDEO_ID: video_id, S.CLASS_ID: class_id, S.NAME: names[class_id] if names else None,
+                 S.START_S: float(start), S.END_S: float(end), S.MAX_PROB: top_p, S.MEAN_PROB: top_p - 0.05}
+            )  # fmt: skip
+    st.write_parquet(pa.Table.from_pylist(tags, schema=S.TAG_SCHEMA), fs, f"{root}/{S.TAGS_DIR}/part-0.parquet")
+    st.write_parquet(
+        pa.Table.from_pylist(segments, schema=S.SEGMENT_SCHEMA), fs, f"{root}/{S.SEGMENTS_DIR}/part-0.parquet"
+    )
+    st.write_parquet(pa.Table.from_pylist(spans, schema=S.SPAN_SCHEMA), fs, f"{root}/{S.SPANS_DIR}/part-0.parquet")
+
+
+def _rows(b: Browser, video_id: str, testid: str) -> list[tuple[str, str]]:
+    """(data-name, data-class-id) of a card's visible elements with that test hook."""
+    return [
+        tuple(x)
+        for x in b.eval(
+            f'({VISIBLE})(\'[data-video-id="{video_id}"] [data-testid="{testid}"]\')'
+            ".map((e) => [e.getAttribute('data-name'), e.getAttribute('data-class-id')])"
+        )
+    ]
+
+
+def test_report_tells_classes_apart_by_id_without_names_and_with_repeated_names(tmp_path):
+    """Tags made without --label_file (names null) and with label_3396.txt, where classes 2014
+    and 2835 are both 猫: every class keeps its own bars, chips and timeline row, labelled by
+    its id where the name is missing or shared, the filter finds them, and the Chinese names
+    are drawn with a CJK font (not as boxes)."""
+    require_cjk_font()
+    names, shared, (cat_a, cat_b) = _names_that_repeat()
+    pages = {}
+    for kind, label_names in (("unnamed", None), ("label_3396", names)):
+        out = tmp_path / kind
+        if label_names:  # two classes of one name in the same video, and a name of its own
+            BY_ID["v3"] = (
+                [cat_a, cat_b, 0],
+                [0.85, 0.75, 0.3],
+                [cat_a, cat_b],
+                [(cat_a, 0, 20, 0.85), (cat_b, 10, 40, 0.75)],
+            )
+        try:
+            _write_by_id(out, label_names)
+        finally:
+            BY_ID.pop("v3", None)
+        proc = run_job("report.py", "--tags", str(out), "--save_dir", str(out / S.REPORT_DIR), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        pages[kind] = (out / S.REPORT_DIR / "index.html").as_uri()
+
+    with Browser(tmp_path / "chromium-profile") as b:
+        b.open(pages["unnamed"])
+        assert _rows(b, "v1", "tag") == [("class 3", "3"), ("class 7", "7"), ("class 1", "1")]
+        widths = b.eval(f"({VISIBLE})('[data-video-id=\"v1\"] .bar span').map((e) => e.getBoundingClientRect().width)")
+        assert len(widths) == 3 and widths[0] > widths[1] > widths[2] > 0, widths  # the bars are drawn, in order
+        assert _rows(b, "v1", "label") == [("class 3", "3"), ("class 7", "7")]
+        assert _rows(b, "v1", "span-row") == [("class 3", "3"), ("class 7", "7")]  # one row per class, not one unnamed
+        assert [r[1] for r in _rows(b, "v1", "span")] == ["3", "7", "7"]
+        assert _rows(b, "v2", "span-row") == [("class 7", "7")]
+        b.type("#tag-filter", "class 7")
+        assert _visible(b, "video-card", "data-video-id") == ["v1", "v2"]
+        assert _rows(b, "v1", "span-row") == [("class 7", "7")]
+        b.type("#tag-filter", "class 3")
+        assert _visible(b, "video-card", "data-video-id") == ["v1"]
+        b.open(pages["unnamed"] + "?tag=class%202")
+        assert _visible(b, "video-card", "data-video-id") == ["v2"]
+
+        b.open(pages["label_3396"])
+        a, c = f"{shared} #{cat_a}", f"{shared} #{cat_b}"
+        assert _rows(b, "v3", "tag") == [(a, str(cat_a)), (c, str(cat_b)), (names[0], "0")]
+        assert _rows(b, "v3", "label") == [(a, str(cat_a)), (c, str(cat_b))]
+        assert _rows(b, "v3", "span-row") == [(a, str(cat_a)), (c, str(cat_b))]  # two rows, not one merged 猫
+        assert _rows(b, "v1", "tag")[0] == (names[3], "3")  # a name that no other class has is shown as it is
+        b.type("#tag-filter", shared)
+        assert _visible(b, "video-card", "data-video-id") == ["v3"]
+        assert _rows(b, "v3", "span-row") == [(a, str(cat_a)), (c, str(cat_b))]
+        b.type("#tag-filter", f"#{cat_b}")
+        assert _rows(b, "v3", "span-row") == [(c, str(cat_b))]
+        b.type("#tag-filter", "")
+        # the Chinese names are drawn with a font that has their glyphs; the page names such fonts
+        family = b.eval("getComputedStyle(document.querySelector('[data-testid=\"tag\"] .name')).fontFamily")
+        assert '"Noto Sans CJK SC"' in family and '"Microsoft YaHei"' in family, family
+        fonts = b.fonts('[data-video-id="v3"] [data-testid="tag"] .name')
+        cjk = {family: n for family, n in fonts.items() if "CJK" in family}
+        assert sum(cjk.values()) == 1, fonts  # 猫: one glyph, from Noto Sans CJK
+        png = b.screenshot()
+        (tmp_path / "report_label_3396.png").write_bytes(png)

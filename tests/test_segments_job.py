@@ -5,14 +5,18 @@ within one window, and the video-level tags must equal those of a run without se
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.browser import Browser, require_cjk_font
 from tests.clips import write_clip
 from tests.conftest import ROOT, run_job
 from tests.ray_nodes import kill_job_midway
@@ -21,7 +25,11 @@ from vtplatform import schema as S
 from vtplatform.config import load_config
 from vtplatform.storage import safe_filename
 
-NAMES = ["red", "green", "blue"]
+# The classes' names are the shipped label file's words for the colours, as a user's labels would be:
+# 猩红 (scarlet), 绿色 (green), 蓝色 (blue) are classes 44, 632 and 2578 of label_3396.txt.
+LABEL_3396 = (ROOT / "configs" / "labels" / "label_3396.txt").read_text(encoding="utf-8").splitlines()
+NAMES = [LABEL_3396[i] for i in (44, 632, 2578)]
+REPORT_PNG_ENV = "VTP_REPORT_PNG"  # where to keep the report's screenshot (docs/report.png is made so)
 SECTION_S = 12  # the long video: 12 s of each class in turn
 FPS = 5
 WINDOW_S = 4.0
@@ -81,7 +89,10 @@ def trained(ray_cluster, tmp_path_factory):
 def tag_args(root, out, manifest, *extra):
     args = ["--config", "configs/tag.yaml", "--filelist", str(root / manifest), "--save_dir", str(out),
             "--lstm_weights", str(root / "ckpt" / "AttentionLSTM"), "--label_file", str(root / "names.txt"), *extra]  # fmt: skip
-    return args + [a for o in [*TSN, *LSTM, "tag.topk=3", "resources.decode_batch_size=1"] for a in ("-o", o)]
+    # one video a decode task (TSN and the AttentionLSTM take a row a call): rows reach storage as
+    # they are done, so a kill after the first ones lands while others remain
+    one = ["resources.decode_batch_size=1"]
+    return args + [a for o in [*TSN, *LSTM, "tag.topk=3", *one] for a in ("-o", o)]
 
 
 def tag(root, out, manifest, *extra):
@@ -97,9 +108,15 @@ def test_spans_sit_where_each_class_is_and_video_tags_do_not_change(trained, tmp
     segment_args = ["--segments", str(WINDOW_S), "--thumbnails", "-o", "tag.write_timeline=true"]
     segment_args += ["-o", "tag.timeline_chunk_frames=6", "-o", "output.rows_per_file=1"]  # chunks of 2 windows
     command = [sys.executable, str(ROOT / "jobs" / "tag.py"), *tag_args(trained, out, "library.list", *segment_args)]
-    kill_job_midway(command, ROOT, out / S.SEGMENTS_DIR, seed=3)
+    killed = kill_job_midway(command, ROOT, lambda: any((out / S.SEGMENTS_DIR).glob("*.parquet")))
+    # what the killed run left (its Ray died with it): some window rows, and no spans (written last)
+    left = pq.read_table(out / S.SEGMENTS_DIR, columns=[S.VIDEO_ID, S.WINDOW]).num_rows
+    assert left > 0 and not (out / S.SPANS_DIR).exists(), (left, killed.replay)
     printed = tag(trained, out, "library.list", *segment_args)
     assert "0 failed" in printed
+    windows = pq.read_table(out / S.SEGMENTS_DIR, columns=[S.VIDEO_ID, S.WINDOW]).num_rows
+    assert left < windows, f"the kill came after every window was written: {left} of {windows} ({killed.replay})"
+    print(f"at the kill: {left} of {windows} window rows written, no spans", flush=True)
     tags = pq.read_table(out / S.TAGS_DIR)
     assert tags.num_rows == 5
     long_id = tags.filter(pc.match_substring(tags.column(S.URI), "long.mp4")).column(S.VIDEO_ID)[0].as_py()
@@ -145,3 +162,18 @@ def test_spans_sit_where_each_class_is_and_video_tags_do_not_change(trained, tmp
     report = tmp_path / "report"
     assert (report / "index.html").exists()
     assert (report / S.THUMBNAILS_DIR / safe_filename(long_id) / f"{k[-1]:05d}.jpg").exists()
+    require_cjk_font()
+    with Browser(tmp_path / "chromium-profile", width=1100, height=900) as b:
+        b.open((report / "index.html").as_uri())
+        card = f'[data-video-id="{long_id}"]'
+        rows = b.eval(
+            f"[...document.querySelectorAll({json.dumps(card + ' [data-testid=span-row]')})].map((e) => e.dataset.name)"
+        )
+        assert sorted(rows) == sorted(NAMES), rows
+        fonts = b.fonts(f'{card} [data-testid="span-row"] .rname')  # drawn as characters, not boxes
+        assert sum(n for family, n in fonts.items() if "CJK" in family) == 2, fonts
+        b.wait_until("[...document.images].every((i) => i.complete && i.naturalWidth > 0)")
+        png = b.screenshot()
+    (tmp_path / "report.png").write_bytes(png)
+    if os.environ.get(REPORT_PNG_ENV):
+        Path(os.environ[REPORT_PNG_ENV]).write_bytes(png)

@@ -18,6 +18,7 @@ from tests.conftest import EXAMPLES, run_job
 from tests.ray_nodes import free_port, start_cluster
 from tests.tsn_clips import write_class_clips
 from vtplatform import schema as S
+from vtplatform.inference import PADDLE_NOISE
 
 CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv", "mmaction2_test.mp4"]
 NAMES = ["alpha", "beta", "gamma"]
@@ -67,6 +68,9 @@ def job(world, script: str, *args: str) -> str:
     res = run_job(script, *args, env=world["env"], timeout=JOB_TIMEOUT)
     assert res.returncode == 0, f"{script} exited {res.returncode}:\n{res.stderr[-4000:]}"
     assert "stages on" in res.stderr or "training:" in res.stderr  # the sizes it chose are in the log
+    # Paddle's known noise, from the driver or any Ray worker (Ray forwards their output here)
+    noise = [n for n in (*PADDLE_NOISE, "No ccache found") if n in res.stdout + res.stderr]
+    assert not noise, f"{script} printed Paddle's noise {noise}"
     return res.stdout
 
 

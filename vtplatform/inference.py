@@ -3,14 +3,23 @@
 Paddle's dygraph runs CPU ops on one thread unless told otherwise; exporting the graph with
 ``paddle.jit.save`` and running it through ``paddle.inference`` with oneDNN is several times
 faster. On GPU the dygraph model runs directly, optionally under float16 autocast.
+
+Paddle's C++ side writes two lines of its own on the way, straight to the process's file
+descriptors: a glog warning that the exported graph's division "not support input out tensor",
+and "ReduceMeanCheckIfOneDNNSupport" from the oneDNN mean kernel's first run. Neither says
+anything to a user, and every TSN actor printed both. ``paddle_noise_filtered`` drops exactly
+those lines (``PADDLE_NOISE``) while a model is exported and first run; every other line written
+then, Paddle's or anyone's, is written on once the step is over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -20,6 +29,43 @@ log = logging.getLogger(__name__)
 
 FrameFn = Callable[[np.ndarray], np.ndarray]
 
+# Lines Paddle writes that carry nothing for a user (matched as substrings of a line).
+PADDLE_NOISE = (
+    "Paddle static graph(PIR) not support input out tensor",  # glog, at a to_static division (the /255)
+    "ReduceMeanCheckIfOneDNNSupport",  # stdout, when the oneDNN mean kernel is first chosen
+)
+
+
+@contextlib.contextmanager
+def paddle_noise_filtered(noise: tuple[str, ...] = PADDLE_NOISE) -> Iterator[None]:
+    """Runs the body with the process's stdout and stderr (file descriptors 1 and 2, where C++
+    code writes) going to temporary files, then writes their lines on to the real ones, less those
+    that contain a ``noise`` string. Output of the body is delayed, never lost, when it raises."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    captured = []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        stream.flush()
+        libc.fflush(None)
+        saved = os.dup(fd)
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+        os.dup2(tmp.fileno(), fd)
+        captured.append((fd, stream, saved, tmp))
+    try:
+        yield
+    finally:
+        for fd, stream, saved, tmp in captured:
+            stream.flush()
+            libc.fflush(None)
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not any(n.encode() in line for n in noise)]
+            tmp.close()
+            if kept:
+                os.write(fd, b"".join(kept))
+
 
 def export_model(layer, input_spec: list, directory: str, name: str = "model") -> str:
     """``paddle.jit.save`` of ``layer``; returns the path prefix (``directory/name``)."""
@@ -27,7 +73,8 @@ def export_model(layer, input_spec: list, directory: str, name: str = "model") -
 
     static = paddle.jit.to_static(layer, input_spec=input_spec, full_graph=True)
     prefix = os.path.join(directory, name)
-    paddle.jit.save(static, prefix)
+    with paddle_noise_filtered():
+        paddle.jit.save(static, prefix)
     return prefix
 
 
@@ -56,12 +103,18 @@ class Predictor:
         self._predictor = pi.create_predictor(config)
         self._inputs = [self._predictor.get_input_handle(n) for n in self._predictor.get_input_names()]
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+        self._ran = False
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:
         for handle, array in zip(self._inputs, arrays, strict=True):
             handle.reshape(list(array.shape))
             handle.copy_from_cpu(np.ascontiguousarray(array))
-        self._predictor.run()
+        if self._ran:
+            self._predictor.run()
+        else:  # the first run chooses the kernels (and says so)
+            with paddle_noise_filtered():
+                self._predictor.run()
+            self._ran = True
         return self._output.copy_to_cpu()
 
 

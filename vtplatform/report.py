@@ -15,8 +15,16 @@ with segments (``jobs/tag.py --segments``), a timeline over the video's duration
 end of its windows) with one row per label that has spans (the ``max_timeline_labels`` most
 confident), and up to ``max_window_thumbnails`` window thumbnails along it.
 
+Classes are told apart by their ids, never by their names: tags made without ``--label_file``
+have no names, and a label file may give two classes one name (``label_3396.txt`` does). A class
+shows as its name, as ``class 17`` without one, and as ``猫 #2014`` where the report holds
+another class of the same name. The tag filter matches these labels. The page names fonts for
+Chinese, Japanese and Korean names (Noto Sans CJK, as Debian's ``fonts-noto-cjk`` installs it,
+and the usual macOS and Windows ones) after the Latin ones.
+
 Test hooks: ``data-testid`` = ``video-card``, ``tag``, ``label``, ``timeline``, ``span-row``,
-``span``, ``window``, ``no-thumbnail``, ``cap-note``, ``shown-count``; ``id="tag-filter"``.
+``span``, ``window``, ``no-thumbnail``, ``cap-note``, ``shown-count``; ``id="tag-filter"``;
+``data-name`` (the label shown) and ``data-class-id`` on tags, labels, span rows and spans.
 """
 
 from __future__ import annotations
@@ -63,9 +71,20 @@ class ReportSummary:
     missing_thumbnails: int  # thumbnails the page would show that the tags OUT lacks
 
 
+@dataclasses.dataclass(frozen=True)
+class _Class:
+    id: int | None  # the class id: what tells classes apart
+    label: str  # what the page shows: the name, or the id where the name is missing or repeated
+
+    @property
+    def attrs(self) -> str:
+        """Its test hooks: ``data-name`` and ``data-class-id``."""
+        return f'data-name="{_e(self.label)}" data-class-id="{"" if self.id is None else self.id}"'
+
+
 @dataclasses.dataclass
 class _Span:
-    name: str
+    cls: _Class
     start_s: float
     end_s: float
     max_prob: float
@@ -85,9 +104,8 @@ class _Window:
 class _Video:
     video_id: str
     uri: str
-    class_names: list[str]
-    probs: list[float]
-    label_names: list[str]
+    top: list[tuple[_Class, float]]  # the top-k, best first
+    labels: list[_Class]  # at or above the tagging threshold
     windows: list[_Window] = dataclasses.field(default_factory=list)
     spans: list[_Span] = dataclasses.field(default_factory=list)
     thumbnail: str | None = None
@@ -97,19 +115,37 @@ class _Video:
         ends = [w.end_s for w in self.windows] or [s.end_s for s in self.spans]
         return max(ends, default=0.0)
 
-    def timeline_rows(self, limit: int) -> tuple[list[tuple[str, list[_Span]]], int]:
-        """Its labels with spans, most confident first (at most ``limit``), and how many more there are."""
-        by_name: dict[str, list[_Span]] = collections.defaultdict(list)
+    def timeline_rows(self, limit: int) -> tuple[list[tuple[_Class, list[_Span]]], int]:
+        """Its classes with spans, most confident first (at most ``limit``), and how many more there are."""
+        by_class: dict[_Class, list[_Span]] = collections.defaultdict(list)
         for span in self.spans:
-            by_name[span.name].append(span)
-        ranked = sorted(by_name.items(), key=lambda kv: (-max(s.max_prob for s in kv[1]), kv[0]))
-        return [(name, sorted(spans, key=lambda s: s.start_s)) for name, spans in ranked[:limit]], max(
+            by_class[span.cls].append(span)
+        ranked = sorted(by_class.items(), key=lambda kv: (-max(s.max_prob for s in kv[1]), kv[0].label))
+        return [(cls, sorted(spans, key=lambda s: s.start_s)) for cls, spans in ranked[:limit]], max(
             0, len(ranked) - limit
         )
 
     def names(self) -> list[str]:
-        """What the tag filter matches: the labels, the top-k and the span names."""
-        return sorted({*self.label_names, *self.class_names, *(s.name for s in self.spans)})
+        """What the tag filter matches: the labels, the top-k and the span classes, as shown."""
+        return sorted(
+            {*(c.label for c in self.labels), *(c.label for c, _ in self.top), *(s.cls.label for s in self.spans)}
+        )
+
+
+class _Classes:
+    """Labels for the classes a report shows: the name where it names one class, else the id."""
+
+    def __init__(self, pairs: list[tuple[int | None, str | None]]):
+        ids_by_name: dict[str, set[int | None]] = collections.defaultdict(set)
+        for class_id, name in pairs:
+            if name:
+                ids_by_name[name].add(class_id)
+        self._repeated = {name for name, ids in ids_by_name.items() if len(ids) > 1}
+
+    def __call__(self, class_id: int | None, name: str | None) -> _Class:
+        if not name:
+            return _Class(class_id, f"class {class_id}" if class_id is not None else "class ?")
+        return _Class(class_id, f"{name} #{class_id}" if name in self._repeated else name)
 
 
 def build_report(
@@ -156,30 +192,56 @@ def _read(fs: pafs.FileSystem, files: list[str], columns: list[str], ids: pa.Arr
     return dataset.to_table(columns=columns, filter=pc.field(S.VIDEO_ID).isin(ids))
 
 
+def _pairs(ids: list | None, names: list | None) -> list[tuple[int | None, str | None]]:
+    """(class id, name or None) for each class of a row; names are null without a label file."""
+    ids = list(ids or [])
+    names = list(names or [])
+    return [(class_id, names[i] if i < len(names) else None) for i, class_id in enumerate(ids)]
+
+
 def _read_videos(fs: pafs.FileSystem, root: str, tag_files: list[str], ids: pa.Array) -> list[_Video]:
-    columns = [S.VIDEO_ID, S.URI, S.CLASS_NAMES, S.PROBS, S.LABEL_NAMES]
-    videos: dict[str, _Video] = {}
+    columns = [S.VIDEO_ID, S.URI, S.CLASS_IDS, S.CLASS_NAMES, S.PROBS, S.LABELS, S.LABEL_NAMES]
+    tags: dict[str, dict] = {}
     for row in _read(fs, tag_files, columns, ids).to_pylist():
-        if row[S.VIDEO_ID] in videos:  # a video tagged twice: its first row
-            continue
-        videos[row[S.VIDEO_ID]] = _Video(
-            video_id=row[S.VIDEO_ID],
-            uri=st.redact(row[S.URI] or ""),
-            class_names=[n or "" for n in row[S.CLASS_NAMES] or []],
-            probs=[float(p or 0.0) for p in row[S.PROBS] or []],
-            label_names=[n or "" for n in row[S.LABEL_NAMES] or []],
-        )
-    segment_columns = [S.VIDEO_ID, S.WINDOW, S.START_S, S.END_S, S.CLASS_NAMES, S.PROBS]
+        tags.setdefault(row[S.VIDEO_ID], row)  # a video tagged twice: its first row
+    segment_columns = [S.VIDEO_ID, S.WINDOW, S.START_S, S.END_S, S.CLASS_IDS, S.CLASS_NAMES, S.PROBS]
     segments = _read(fs, st.list_files(fs, f"{root}/{S.SEGMENTS_DIR}", ".parquet"), segment_columns, ids)
-    for row in segments.to_pylist() if segments is not None else []:
-        names, probs = row[S.CLASS_NAMES] or [], row[S.PROBS] or []
-        top = f"{names[0]} {probs[0]:.2f}" if names and probs else ""
-        videos[row[S.VIDEO_ID]].windows.append(_Window(row[S.WINDOW], row[S.START_S], row[S.END_S], top))
-    span_columns = [S.VIDEO_ID, S.NAME, S.START_S, S.END_S, S.MAX_PROB, S.MEAN_PROB]
+    segment_rows = segments.to_pylist() if segments is not None else []
+    span_columns = [S.VIDEO_ID, S.CLASS_ID, S.NAME, S.START_S, S.END_S, S.MAX_PROB, S.MEAN_PROB]
     spans = _read(fs, st.list_files(fs, f"{root}/{S.SPANS_DIR}", ".parquet"), span_columns, ids)
-    for row in spans.to_pylist() if spans is not None else []:
+    span_rows = spans.to_pylist() if spans is not None else []
+
+    pairs = [p for r in tags.values() for p in _pairs(r[S.CLASS_IDS], r[S.CLASS_NAMES])]
+    pairs += [p for r in tags.values() for p in _pairs(r[S.LABELS], r[S.LABEL_NAMES])]
+    pairs += [p for r in segment_rows for p in _pairs(r[S.CLASS_IDS], r[S.CLASS_NAMES])]
+    pairs += [(r[S.CLASS_ID], r[S.NAME]) for r in span_rows]
+    classes = _Classes(pairs)
+
+    videos: dict[str, _Video] = {}
+    for video_id, row in tags.items():
+        probs = [float(p or 0.0) for p in row[S.PROBS] or []]
+        videos[video_id] = _Video(
+            video_id=video_id,
+            uri=st.redact(row[S.URI] or ""),
+            top=[
+                (classes(*pair), p)
+                for pair, p in zip(_pairs(row[S.CLASS_IDS], row[S.CLASS_NAMES]), probs, strict=False)
+            ],
+            labels=[classes(*pair) for pair in _pairs(row[S.LABELS], row[S.LABEL_NAMES])],
+        )
+    for row in segment_rows:
+        pairs, probs = _pairs(row[S.CLASS_IDS], row[S.CLASS_NAMES]), row[S.PROBS] or []
+        top = f"{classes(*pairs[0]).label} {probs[0]:.2f}" if pairs and probs else ""
+        videos[row[S.VIDEO_ID]].windows.append(_Window(row[S.WINDOW], row[S.START_S], row[S.END_S], top))
+    for row in span_rows:
         videos[row[S.VIDEO_ID]].spans.append(
-            _Span(row[S.NAME] or "", row[S.START_S], row[S.END_S], row[S.MAX_PROB] or 0.0, row[S.MEAN_PROB] or 0.0)
+            _Span(
+                classes(row[S.CLASS_ID], row[S.NAME]),
+                row[S.START_S],
+                row[S.END_S],
+                row[S.MAX_PROB] or 0.0,
+                row[S.MEAN_PROB] or 0.0,
+            )
         )
     for video in videos.values():
         video.windows.sort(key=lambda w: w.window)
@@ -277,13 +339,13 @@ def _card(video: _Video, options: ReportOptions) -> str:
         thumb = f'<img class="thumb" src="{_e(quote(video.thumbnail))}" alt="" loading="lazy">'
     else:
         thumb = '<div class="thumb placeholder" data-testid="no-thumbnail">no thumbnail</div>'
-    labels = set(video.label_names)
-    chips = "".join(f'<li class="chip" data-testid="label">{_e(n)}</li>' for n in video.label_names)
+    labels = set(video.labels)
+    chips = "".join(f'<li class="chip" data-testid="label" {c.attrs}>{_e(c.label)}</li>' for c in video.labels)
     bars = [
-        f'<li class="tag{" label" if name in labels else ""}" data-testid="tag" data-name="{_e(name)}">'
-        f'<span class="name" title="{_e(name)}">{_e(name)}</span>'
+        f'<li class="tag{" label" if c in labels else ""}" data-testid="tag" {c.attrs}>'
+        f'<span class="name" title="{_e(c.label)}">{_e(c.label)}</span>'
         f'<span class="bar"><span style="width:{_pct(prob)}"></span></span><span class="p">{prob:.2f}</span></li>'
-        for name, prob in zip(video.class_names, video.probs, strict=False)
+        for c, prob in video.top
     ]
     more = (
         f'<details><summary>{len(bars) - options.bars} more</summary><ul class="tags">{"".join(bars[options.bars :])}</ul></details>'
@@ -308,18 +370,18 @@ def _timeline(video: _Video, options: ReportOptions) -> str:
         return ""
     rows, hidden = video.timeline_rows(options.max_timeline_labels)
     lines = []
-    for name, spans in rows:
+    for cls, spans in rows:
         boxes = "".join(
-            f'<span class="span" data-testid="span" data-name="{_e(name)}" '
+            f'<span class="span" data-testid="span" {cls.attrs} '
             f'style="left:{_pct(s.start_s / duration)};width:{_pct((s.end_s - s.start_s) / duration)};'
             f'opacity:{0.35 + 0.65 * min(1.0, max(0.0, s.max_prob)):.2f}" '
-            f'title="{_e(name)}: {_clock(s.start_s)}–{_clock(s.end_s)}, max {s.max_prob:.2f}, mean {s.mean_prob:.2f}">'
-            "</span>"
+            f'title="{_e(cls.label)}: {_clock(s.start_s)}–{_clock(s.end_s)}, max {s.max_prob:.2f}, '
+            f'mean {s.mean_prob:.2f}"></span>'
             for s in spans
         )
         lines.append(
-            f'<div class="row" data-testid="span-row" data-name="{_e(name)}">'
-            f'<span class="rname" title="{_e(name)}">{_e(name)}</span><div class="track">{boxes}</div></div>'
+            f'<div class="row" data-testid="span-row" {cls.attrs}>'
+            f'<span class="rname" title="{_e(cls.label)}">{_e(cls.label)}</span><div class="track">{boxes}</div></div>'
         )
     if not rows:
         lines.append('<p class="note">no spans</p>')
@@ -344,10 +406,13 @@ def _timeline(video: _Video, options: ReportOptions) -> str:
 
 
 _STYLE = """
-:root { --fg:#1d2330; --muted:#667085; --bg:#f4f5f8; --card:#fff; --accent:#2f6fde; --label:#1a9a5b; }
+:root { --fg:#1d2330; --muted:#667085; --bg:#f4f5f8; --card:#fff; --accent:#2f6fde; --label:#1a9a5b;
+  /* Latin first, then fonts with Chinese, Japanese and Korean glyphs: label_3396.txt's names are Chinese */
+  --font: system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "Noto Sans CJK SC", "Source Han Sans SC",
+    "PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "WenQuanYi Micro Hei", sans-serif; }
 * { box-sizing: border-box; }
 [hidden] { display: none !important; }
-body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); background: var(--bg); }
+body { margin: 0; font: 14px/1.4 var(--font); color: var(--fg); background: var(--bg); }
 header { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid #dde1ea; padding: 12px 20px; }
 h1 { margin: 0 0 4px; font-size: 20px; }
 .meta, .note { color: var(--muted); margin: 2px 0; }

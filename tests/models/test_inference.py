@@ -1,4 +1,8 @@
-"""The fast CPU path (Paddle Inference + oneDNN) computes what the dygraph model computes."""
+"""The fast CPU path (Paddle Inference + oneDNN) computes what the dygraph model computes, and
+says nothing of Paddle's internals on the way."""
+
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -52,3 +56,33 @@ def test_float16_on_gpu_is_close_to_float32():
     fp16 = frame_engine(model, "gpu", "float16", threads=1)(frames)
     assert fp16.dtype == np.float32
     np.testing.assert_allclose(fp16, fp32, rtol=2e-2, atol=2e-2 * np.abs(fp32).max())
+
+
+NOISE_RUN = """
+import os, numpy as np
+from vtplatform.inference import frame_engine, paddle_noise_filtered
+from vtplatform.models.tsn import TSNConfig, load_backbone
+
+engine = frame_engine(load_backbone(TSNConfig(18), None)[0], "cpu", "float32", threads=1)
+engine(np.zeros((1, 224, 224, 3), np.uint8))
+with paddle_noise_filtered():
+    os.write(1, b"ReduceMeanCheckIfOneDNNSupport\\nstdout written from C kept\\n")
+    os.write(2, b"W0101 a real glog warning kept\\n")
+    print("a print kept", flush=True)
+print("after", flush=True)
+"""
+
+
+def test_paddle_noise_is_dropped_and_every_other_line_kept():
+    """A fresh process (Paddle's PIR warning comes once a process) imports vtplatform, exports and
+    first runs the TSN model: none of Paddle's known noise reaches its stdout or stderr, while
+    other lines written meanwhile, from C or Python, come through in order."""
+    from tests.conftest import ROOT
+    from vtplatform.inference import PADDLE_NOISE
+
+    res = subprocess.run([sys.executable, "-c", NOISE_RUN], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for noise in (*PADDLE_NOISE, "No ccache found"):
+        assert noise not in res.stdout + res.stderr, noise
+    assert res.stdout.splitlines()[-3:] == ["stdout written from C kept", "a print kept", "after"], res.stdout
+    assert "W0101 a real glog warning kept" in res.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,17 @@ import paddle
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tests.ray_nodes import kill_job_midway, kill_later, pids_named
+from tests.ray_nodes import kill_job_midway, kill_later, own_ray
 from tests.synthetic_features import make_videos, write_feature_table, write_list
+from tests.train.kills import (
+    assert_recovered,
+    assert_resumed,
+    kill_a_training_worker,
+    on_disk,
+    registered,
+    registered_after,
+    resumed_in,
+)
 from tests.train.run_files import META_KEYS, run_files
 from vtplatform.config import ConfigError, StorageSection, load_config
 from vtplatform.faults import TRAIN_ENV as FAULT_ENV
@@ -226,32 +234,22 @@ def _numbers(history: list[dict]) -> list[dict]:
     ]
 
 
-def _mid_epoch_checkpoint(run: Path):
-    return lambda: (run / "epoch_000_step_0000003" / "meta.json").exists()
-
-
 @pytest.mark.slow
 def test_a_worker_killed_mid_epoch_resumes_to_the_uninterrupted_weights(
     ray_cluster, long_dataset, uninterrupted, tmp_path
 ):
-    """SIGKILL of one worker process, by pid, a random moment after the first mid-epoch
-    checkpoint: Ray Train restarts the group from the last checkpoint, and the new workers
-    replay the data order from there."""
+    """SIGKILL of one worker process of this test's Ray, by pid, a random moment after the first
+    mid-epoch checkpoint: Ray Train restarts the group from the last checkpoint, the new workers
+    replay the data order from there, and the run ends with the uninterrupted run's weights."""
     config = load_config(ROOT / "configs" / "attention_lstm-single.yaml", _kill_overrides(long_dataset))
     run = tmp_path / "AttentionLSTM"
-    seen: set[int] = set()
-
-    def kill_one() -> int:
-        workers = pids_named("ray::RayTrainWorker")
-        seen.update(workers)
-        os.kill(workers[-1], signal.SIGKILL)
-        return workers[-1]
-
-    killer = kill_later(_mid_epoch_checkpoint(run), kill_one, delay=(0.0, 1.0), seed=1)
+    ray = own_ray()
+    ready = registered_after(run, "epoch_000_step_0000003")  # the first mid-epoch checkpoint
+    killer = kill_later(ready, lambda: kill_a_training_worker(ray, run, 2), what="a worker")
     summary = run_train(config, str(tmp_path), run_name="AttentionLSTM")
-    killer.join(timeout=5)
-    assert killer.fired, "no worker was killed"
-    assert summary.epochs_finished == 3 and summary.global_step == 30
+    kill = killer.landed()
+    assert_recovered(ray, run, kill, "epoch_003_step_0000000", killer.replay)
+    assert summary.epochs_finished == 3 and summary.global_step == 30, killer.replay
     _assert_same_weights(run, uninterrupted[0])
     history = _numbers(json.loads((run / "history.json").read_text()))
     assert history == [pytest.approx(h, rel=1e-6) for h in _numbers(uninterrupted[1])]  # the part-done epoch's too
@@ -266,12 +264,14 @@ def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(long_dat
         "--config", str(ROOT / "configs" / "attention_lstm-single.yaml"), "--save_dir", str(tmp_path), *[a for o in _kill_overrides(long_dataset) for a in ("-o", o)],
     ]  # fmt: skip
     run = tmp_path / "AttentionLSTM"
-    kill_job_midway(command, ROOT, run / "epoch_001_step_0000002" / "meta.json", seed=2, timeout=600)
+    killed = kill_job_midway(command, ROOT, registered_after(run, "epoch_001_step_0000002"), timeout=600)
+    at_kill, known = on_disk(run), registered(run)  # what the dead job left: its Ray died with it
+    assert "epoch_001_step_0000002" in at_kill, (at_kill, killed.replay)  # global step 12: epoch 1, step 2
     env = {**os.environ, "RAY_ADDRESS": ""}
-    assert not (run / "epoch_003_step_0000000").exists()  # it did not get to the end
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert "resumed from" in rerun.stderr
+    resumed = resumed_in(rerun.stderr)
+    assert_resumed(run, resumed, at_kill, known, killed.at, "epoch_003_step_0000000", killed.replay)
     _assert_same_weights(run, uninterrupted[0])
 
 

@@ -3,7 +3,6 @@ synchronisation, dead letters, eval/predict on the result, kills, resume and S3.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, SEED, run_job
-from tests.ray_nodes import kill_job_midway, kill_later, pids_named
+from tests.ray_nodes import kill_job_midway, kill_later, own_ray
+from tests.train.kills import (
+    assert_recovered,
+    assert_resumed,
+    kill_a_training_worker,
+    on_disk,
+    registered,
+    registered_after,
+    resumed_in,
+)
 from tests.train.run_files import META_KEYS, run_files
 from tests.tsn_clips import write_class_clips, write_list
 from vtplatform import schema as S
@@ -248,20 +256,16 @@ def _assert_resumed_to(run: Path, plain: dict[str, np.ndarray]) -> None:
 
 @pytest.mark.slow
 def test_a_worker_killed_midway_resumes_to_the_uninterrupted_weights(ray_cluster, clips, uninterrupted, tmp_path):
-    """SIGKILL of one worker process by pid, a random moment after the first mid-epoch
-    checkpoint; Ray Train restarts the group from the last checkpoint and the run ends with the
-    weights of a run that was never interrupted."""
+    """SIGKILL of one worker process of this test's Ray, by pid, a random moment after the first
+    mid-epoch checkpoint; Ray Train restarts the group from the last checkpoint and the run ends
+    with the weights of a run that was never interrupted."""
     run = tmp_path / "killed" / "TSN"
-
-    def kill_one() -> int:
-        pid = pids_named("ray::RayTrainWorker")[-1]
-        os.kill(pid, signal.SIGKILL)
-        return pid
-
-    killer = kill_later(lambda: (run / "epoch_000_step_0000002" / "meta.json").exists(), kill_one, seed=3)
+    ray = own_ray()
+    ready = registered_after(run, "epoch_000_step_0000002")  # the first mid-epoch checkpoint
+    killer = kill_later(ready, lambda: kill_a_training_worker(ray, run, 2), what="a worker")
     summary = T.run_train(_config(clips, *KILL), str(tmp_path / "killed"))
-    killer.join(timeout=5)
-    assert killer.fired, "the worker was never killed"
+    kill = killer.landed()
+    assert_recovered(ray, run, kill, "epoch_001_step_0000000", killer.replay)
     assert summary.metrics["epoch"] == 0
     _assert_resumed_to(run, uninterrupted)
 
@@ -276,12 +280,14 @@ def test_a_killed_driver_and_its_ray_rerun_to_the_uninterrupted_weights(clips, u
         "--save_dir", str(tmp_path), *[a for o in [*SMALL, *files, *KILL] for a in ("-o", o)],
     ]  # fmt: skip
     run = tmp_path / "TSN"
-    kill_job_midway(command, ROOT, run / "epoch_000_step_0000004" / "meta.json", seed=4)
+    killed = kill_job_midway(command, ROOT, registered_after(run, "epoch_000_step_0000004"))
+    at_kill, known = on_disk(run), registered(run)  # what the dead job left: its Ray died with it
+    assert "epoch_000_step_0000004" in at_kill, (at_kill, killed.replay)
     env = {**os.environ, "RAY_ADDRESS": ""}
-    assert not (run / "epoch_001_step_0000000").exists()
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert "resumed from" in rerun.stderr
+    resumed = resumed_in(rerun.stderr)
+    assert_resumed(run, resumed, at_kill, known, killed.at, "epoch_001_step_0000000", killed.replay)
     _assert_resumed_to(run, uninterrupted)
 
 
