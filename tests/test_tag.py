@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,7 +16,7 @@ from vtplatform import schema as S
 from vtplatform.config import ConfigError, load_config
 from vtplatform.extract import run_extract
 from vtplatform.storage import derive_video_id
-from vtplatform.tag import run_tag
+from vtplatform.tag import run_tag, run_tag_stores
 
 CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv"]
 NUM_CLASSES = 20
@@ -240,3 +241,157 @@ def test_windows_of_many_lengths_in_one_call_tag_as_each_alone(lstm_weights):
             assert row[S.WIN_PROBS][j] == pytest.approx(probs, abs=1e-6)
             assert row[S.WIN_LABEL_PROBS][j] == pytest.approx(label_probs, abs=1e-6)
     assert len({tuple(p) for row in out[1:] for p in row[S.WIN_PROBS]}) == 5  # the windows differ
+
+
+# --- tagging from the stores (jobs/tag.py --features/--timeline): a new AttentionLSTM re-tags a
+# library from its feature and timeline tables, with the videos moved away, and gets what tagging
+# the videos with that model gets: video tags and window probabilities within 1e-5, spans exactly.
+
+WINDOWS = ["tag.segment_seconds=2", "tag.timeline_fps=2", "tag.timeline_chunk_frames=4", "tag.threshold=0.4"]
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    """A second AttentionLSTM of the same shape: the 'new champion' that re-tags the library."""
+    from vtplatform.models import weights as W
+    from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map
+
+    model = build_model(AttentionLSTMConfig(512, 16, 8, 32, 16, NUM_CLASSES), seed=11)
+    state = model.state_dict()
+    rng = np.random.default_rng(5)
+    for key in ("output.bias", "fc1.bias"):
+        state[key].set_value(rng.normal(0, 1.5, state[key].shape).astype("float32"))
+    path = tmp_path_factory.mktemp("lstm_b") / "attention_lstm.pdparams"
+    W.save_state(model, fluid_name_map(model), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(ray_cluster, library, lstm_weights, tmp_path_factory):
+    """A library tagged by model A from its videos, keeping the feature table and the timeline."""
+    out = tmp_path_factory.mktemp("stores")
+    cfg = config(library, *WINDOWS, "tag.write_features=true", "tag.write_timeline=true")
+    summary = run_tag(cfg, str(library / "m.list"), str(out), str(lstm_weights))
+    assert summary.succeeded == len(CLIPS) and summary.failed_total == 1, summary.format()
+    return out
+
+
+def _segments(folder):
+    table = pq.read_table(folder / S.SEGMENTS_DIR).select(
+        [S.VIDEO_ID, S.WINDOW, S.START_S, S.END_S, S.CLASS_IDS, S.PROBS, S.LABELS]
+    )
+    return {(r[S.VIDEO_ID], r[S.WINDOW]): r for r in table.to_pylist()}
+
+
+def _spans(folder):
+    rows = pq.read_table(folder / S.SPANS_DIR).to_pylist()
+    return sorted((r[S.VIDEO_ID], r[S.CLASS_ID], r[S.START_S], r[S.END_S]) for r in rows)
+
+
+def test_a_new_model_tags_the_stores_as_it_tags_the_videos(ray_cluster, library, other_weights, stores, tmp_path):
+    moved = tmp_path / "moved"  # no video may be opened: they are gone while the stores are tagged
+    moved.mkdir()
+    for name in CLIPS:
+        shutil.move(library / name, moved / name)
+    try:
+        args = ["--config", "configs/tag.yaml", "--features", str(stores / S.FEATURES_DIR), "--timeline",
+                str(stores / S.TIMELINE_DIR), "--segments", "2", "--save_dir", str(tmp_path / "from_stores"),
+                "--lstm_weights", str(other_weights)]  # fmt: skip
+        overrides = [*SMALL, f"tag.label_file={library / 'labels.txt'}", *WINDOWS[1:]]
+        res = run_job("tag.py", *args, *[a for o in overrides for a in ("-o", o)], env={"RAY_ADDRESS": ray_cluster})
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (
+            f"processed now         {len(CLIPS)} ok, 0 failed" in res.stdout
+            and "decode" not in res.stdout.split("stage")[1]
+        )
+    finally:
+        for name in CLIPS:
+            shutil.move(moved / name, library / name)
+    from_videos = tmp_path / "from_videos"
+    summary = run_tag(config(library, *WINDOWS), str(library / "m.list"), str(from_videos), str(other_weights))
+    assert summary.succeeded == len(CLIPS)
+
+    a, b = (pq.read_table(f / S.TAGS_DIR).sort_by(S.VIDEO_ID) for f in (tmp_path / "from_stores", from_videos))
+    assert a.column(S.VIDEO_ID).equals(b.column(S.VIDEO_ID)) and a.num_rows == len(CLIPS)
+    assert a.column(S.CLASS_IDS).to_pylist() == b.column(S.CLASS_IDS).to_pylist()
+    np.testing.assert_allclose(
+        np.array(a.column(S.PROBS).to_pylist()), np.array(b.column(S.PROBS).to_pylist()), atol=1e-5
+    )
+    assert (
+        json.loads(a.schema.metadata[S.METADATA_KEY])["lstm_weights"]
+        == json.loads(b.schema.metadata[S.METADATA_KEY])["lstm_weights"]
+    )
+
+    sa, sb = _segments(tmp_path / "from_stores"), _segments(from_videos)
+    assert sa.keys() == sb.keys() and len(sa) >= 6  # every window of every video, once
+    for key, row in sa.items():
+        other = sb[key]
+        assert (row[S.START_S], row[S.END_S], row[S.CLASS_IDS]) == (
+            other[S.START_S],
+            other[S.END_S],
+            other[S.CLASS_IDS],
+        )
+        np.testing.assert_allclose(row[S.PROBS], other[S.PROBS], atol=1e-5)
+    spans = _spans(tmp_path / "from_stores")
+    assert spans == _spans(from_videos) and spans  # exactly, and there are some
+
+
+def test_the_stores_serve_only_what_they_hold(ray_cluster, library, lstm_weights, stores, tmp_path):
+    """A timeline at another rate, windows shorter than its frame interval, windows without a timeline,
+    a feature table from another extractor: refused in the driver, before any row is read."""
+    features, timeline = str(stores / S.FEATURES_DIR), str(stores / S.TIMELINE_DIR)
+    with pytest.raises(ConfigError, match=r"holds TSN features at 2 frames/s, tag\.timeline_fps is 1"):
+        run_tag_stores(
+            config(library, "tag.segment_seconds=2"), str(tmp_path / "a"), str(lstm_weights), features, timeline
+        )
+    with pytest.raises(ConfigError, match=r"windows of 0\.25 s need frames"):
+        cfg = config(library, "tag.segment_seconds=0.25", "tag.timeline_fps=2")
+        run_tag_stores(cfg, str(tmp_path / "b"), str(lstm_weights), features, timeline)
+    with pytest.raises(ConfigError, match="windows need the timeline table"):
+        run_tag_stores(config(library, "tag.segment_seconds=2"), str(tmp_path / "c"), str(lstm_weights), features)
+    other = tmp_path / "other"  # the same table, said to come from a ResNet-50 extractor
+    other.mkdir()
+    for part in (stores / S.FEATURES_DIR).glob("*.parquet"):
+        table = pq.read_table(part)
+        made = S.read_provenance(table.schema) | {"model": {"name": "TSN", "depth": 50, "feature_dim": 512}}
+        pq.write_table(table.replace_schema_metadata({S.METADATA_KEY: json.dumps(made)}), other / part.name)
+    with pytest.raises(ConfigError, match="made differently from the features the model was trained on"):
+        from vtplatform.models import weights as W
+
+        meta_model = tmp_path / "ckpt"  # a checkpoint that records the features it was trained on
+        meta_model.mkdir()
+        shutil.copy(lstm_weights, meta_model / "model.pdparams")
+        trained_on = S.read_provenance(pq.read_schema(next((stores / S.FEATURES_DIR).glob("*.parquet"))))
+        meta = W.CheckpointMeta("AttentionLSTM", {"feature_dim": 512, "embedding_size": 16, "lstm_size": 8, "fc1_size": 32,
+                                "fc2_size": 16, "num_classes": NUM_CLASSES, "drop_rate": 0.5}, NUM_CLASSES, features=trained_on)  # fmt: skip
+        (meta_model / "meta.json").write_text(json.dumps(meta.to_dict()))
+        run_tag_stores(config(library), str(tmp_path / "d"), str(meta_model), str(other))
+
+
+def test_feature_rows_that_cannot_be_used_are_dead_letters_and_a_rerun_resumes(
+    ray_cluster, library, lstm_weights, stores, tmp_path
+):
+    """A part of the feature table made by another extractor: its videos become dead letters, the
+    others are tagged; a rerun tags nothing again; tags from the stores equal the stored run's tags."""
+    table = tmp_path / "features"
+    table.mkdir()
+    stored = pq.read_table(stores / S.FEATURES_DIR)
+    pq.write_table(stored.slice(0, 2), table / "part-a.parquet")  # the table's first part says how it was made
+    bad = stored.slice(2)
+    made = S.read_provenance(stored.schema) | {"weights": "someone-else"}
+    pq.write_table(bad.replace_schema_metadata({S.METADATA_KEY: json.dumps(made)}), table / "part-b.parquet")
+    cfg = config(library)
+    first = run_tag_stores(cfg, str(tmp_path / "out"), str(lstm_weights), features=str(table))
+    assert first.succeeded == len(CLIPS) - bad.num_rows and first.failed == {"read/OtherExtractor": bad.num_rows}
+    dead = pq.read_table(tmp_path / "out" / S.DEAD_LETTERS_DIR)
+    assert sorted(dead.column(S.VIDEO_ID).to_pylist()) == sorted(bad.column(S.VIDEO_ID).to_pylist())
+    assert "weights" in dead.column(S.MESSAGE)[0].as_py()
+    again = run_tag_stores(cfg, str(tmp_path / "out"), str(lstm_weights), features=str(table))
+    assert again.submitted == 0 and again.skipped == len(CLIPS)
+    ours = pq.read_table(tmp_path / "out" / S.TAGS_DIR).sort_by(S.VIDEO_ID)
+    theirs = pq.read_table(stores / S.TAGS_DIR)
+    theirs = theirs.filter(pc.is_in(theirs.column(S.VIDEO_ID), value_set=ours.column(S.VIDEO_ID))).sort_by(S.VIDEO_ID)
+    assert ours.column(S.CLASS_IDS).to_pylist() == theirs.column(S.CLASS_IDS).to_pylist()
+    np.testing.assert_allclose(
+        np.array(ours.column(S.PROBS).to_pylist()), np.array(theirs.column(S.PROBS).to_pylist()), atol=1e-5
+    )

@@ -6,9 +6,14 @@ S3), which model is the champion, and how each run went::
                               the candidate and the champion, the decision
     models/<run_id>/          each run's fine-tune (Ray Train run folder: checkpoints, best/, curves)
     runs/<run_id>/            each run's state (for resuming), evaluations and report
-    segments/<model_id>/      with nightly.segment_seconds: the segment tags of every library video
-                              made with that champion (a ``jobs/tag.py --segments`` output); each
-                              new champion fills its own folder, earlier ones are kept
+    features/                 the feature store: every library video's TSN features (jobs/extract.py)
+    timeline/                 with nightly.segment_seconds, the timeline store: their TSN features at
+                              tag.timeline_fps, with their times (written as new videos are tagged)
+    tags/<model_id>/          every library video's tags made with that champion: a jobs/tag.py
+                              output (tags/, and with segments segments/ and spans/), re-tagged from
+                              the stores when the model became champion; earlier ones are kept
+    tags/current.json         which of those folders holds the champion's tags of the whole library
+                              (``current_tags``); it moves to a new champion's once that folder is whole
 
 ``jobs/tag.py --model_dir REGISTRY`` tags with the champion.
 """
@@ -80,3 +85,29 @@ def resolve_model_dir(model_dir: str, storage: StorageSection) -> tuple[str | No
     if not st.exists(fs, path):
         raise ConfigError(f"--model_dir {st.redact(model_dir)} does not exist")
     return None, model_dir
+
+
+def read_current(tags: str, storage: StorageSection) -> dict[str, Any] | None:
+    """The pointer to the folder holding the champion's tags of the whole library (None before any)."""
+    return _read_json(join(tags, S.CURRENT_TAGS_FILE), storage)
+
+
+def write_current(tags: str, model_id: str, folder: str, storage: StorageSection) -> None:
+    """Points readers at ``folder``, a model's whole tags; atomic: they see the old folder or the new."""
+    import datetime as dt
+
+    record = {
+        "model_id": model_id,
+        "tags": folder,
+        "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json(join(tags, S.CURRENT_TAGS_FILE), record, storage)
+
+
+def current_tags(registry_tags: str, storage: StorageSection) -> str:
+    """``REGISTRY/tags``' answer to "the champion's tags of every video": the URI of the tags table to
+    read (``pyarrow.parquet.read_table(current_tags(...))``); never a mix of two models."""
+    current = read_current(registry_tags, storage)
+    if current is None:
+        raise ConfigError(f"{st.redact(registry_tags)} has no champion's tags yet ({S.CURRENT_TAGS_FILE})")
+    return join(current["tags"], S.TAGS_DIR)

@@ -277,19 +277,20 @@ class TagSection:
 
 @dataclass(frozen=True)
 class NightlySection:
-    """nightly: the daily incremental extract -> fine-tune -> eval gate -> promote -> tag (-> segments) run."""
+    """nightly: the daily incremental extract -> fine-tune -> eval gate -> promote -> tag the library run."""
 
     library: str | None = None  # the video library: a manifest, folder or glob (local or s3://)
     labels: str | None = None  # training labels: a seed list file or a table keyed by video_id or uri
     holdout: str | None = None  # the fixed evaluation set, same formats; never trained on
     registry: str | None = None  # model registry: champion pointer, history, candidates (local or s3://)
     features: str | None = None  # the feature store (default: REGISTRY/features)
-    tags: str | None = None  # where new videos' tags go (default: REGISTRY/tags)
+    timeline: str | None = None  # the timeline store, with segment_seconds (default: REGISTRY/timeline)
+    tags: str | None = None  # the champions' tags: a folder per model and a current pointer (default: REGISTRY/tags)
     tsn_weights: str | None = None  # the TSN extractor's weights (None: random init, for trials only)
     pretrain: str | None = None  # AttentionLSTM weights to start from while there is no champion
     margin: float = 0.001  # promote only if the candidate's holdout GAP beats the champion's by this
     # also keep segment tags (windows of this many seconds; tag.segment_stride_seconds, tag.timeline_fps)
-    # of every library video up to date with the champion, in REGISTRY/segments/<model_id>/ (off by default)
+    # of every library video up to date with the champion, beside its tags (off by default)
     segment_seconds: float | None = None
 
     def __post_init__(self) -> None:

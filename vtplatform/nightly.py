@@ -1,18 +1,25 @@
 """The nightly run: (a) extract new videos -> (b) fine-tune AttentionLSTM from the champion on all
 labelled features -> (c) evaluate on the fixed holdout -> (d) promote if GAP improves by at least
-``nightly.margin`` -> (e) tag the videos that have no tags yet with the champion -> (f) with
-``nightly.segment_seconds``, keep the segment tags of every library video up to date with the
-champion (``segments_for_champion``).
+``nightly.margin`` -> (e) keep the whole library's tags on the champion (``tag_library``).
+
+(e) tags into the champion's own folder, ``REGISTRY/tags/<model_id>/``, from the stores: the
+feature store for the video-level tags and, with ``nightly.segment_seconds``, the timeline store
+for the window tags and spans, with no video decoded. Videos whose timeline was never stored (new
+ones) are decoded, and their timeline goes into the store as they are tagged, so the next champion
+needs no decode. Once the folder holds the whole library, ``REGISTRY/tags/current.json`` points
+readers to it (``champions.current_tags``): a reader never sees two models mixed, and a kill
+anywhere in a re-tag leaves the pointer on the previous champion's whole folder until the rerun
+finishes it.
 
 A run is identified by the fingerprint of what it trains on (the feature rows and their
 provenance, the labels, the holdout, the model and training settings). A run that finds a
 completed run with the same fingerprint does nothing new; one that finds an unfinished run
 resumes it at the step it reached (the fine-tune itself resumes from its last checkpoint).
-State, evaluations and the report live in ``REGISTRY/runs/<run_id>/`` (see ``registry``).
+State, evaluations and the report live in ``REGISTRY/runs/<run_id>/`` (see ``champions``).
 
-The last steps, tag and segments, only do what is not done yet, so they run on every invocation,
-a completed run's too: they catch up whatever a killed invocation left, and a run killed in one of
-them resumes there. A run is done once all its steps are.
+The last step only does what is not done yet, so it runs on every invocation, a completed run's
+too: it catches up whatever a killed invocation left (new videos, a re-tag cut short), and a run
+killed in it resumes there. A run is done once all its steps are.
 """
 
 from __future__ import annotations
@@ -39,12 +46,13 @@ from vtplatform.eval.lstm import run_eval
 from vtplatform.extract import run_extract
 from vtplatform.labels import read_label_names
 from vtplatform.lstm_data import read_labels
-from vtplatform.tag import run_tag, run_tag_features
+from vtplatform.manifest import read_manifest
+from vtplatform.tag import run_tag, run_tag_stores
 from vtplatform.train.lstm import run_train
 
 log = logging.getLogger(__name__)
 
-STEPS = ("extract", "train", "evaluate", "promote", "tag", "segments")  # segments: with nightly.segment_seconds
+STEPS = ("extract", "train", "evaluate", "promote", "tag")
 
 
 @dataclass
@@ -59,10 +67,11 @@ class NightlySummary:
     decision: str = ""
     candidate: dict[str, float] = field(default_factory=dict)
     champion: dict[str, float] = field(default_factory=dict)
-    tagged: int = 0
-    segment_videos: int | None = None  # videos that got segment tags now (None: segments are off)
-    segment_failed: int = 0  # videos the segment tagging failed on now (dead letters in its folder)
-    segments: str = ""  # the champion's segment tags folder
+    tagged: int = 0  # videos tagged now with the champion (from the stores, or decoded)
+    decoded: int = 0  # of those, decoded for want of a stored timeline
+    tag_failed: int = 0
+    tags: str = ""  # the champion's tags folder
+    current: str = ""  # the folder REGISTRY/tags/current.json points to
     report: str = ""
 
     def format(self) -> str:
@@ -78,10 +87,12 @@ class NightlySummary:
                 if metrics:
                     lines.append(f"  {name:<19} GAP {metrics['gap']:.4f}  Hit@1 {metrics['hit_at_one']:.4f}")
             lines.append(f"  decision            {self.decision}")
-        lines.append(f"  tagged              {self.tagged} videos")
-        if self.segment_videos is not None:
-            where = f" in {st.redact(self.segments)}" if self.segments else " (no champion yet)"
-            lines.append(f"  segment tags        {self.segment_videos} videos, {self.segment_failed} failed{where}")
+        where = f" in {st.redact(self.tags)}" if self.tags else " (no champion yet)"
+        lines.append(
+            f"  tagged              {self.tagged} videos, {self.decoded} decoded, {self.tag_failed} failed{where}"
+        )
+        if self.current:
+            lines.append(f"  champion's tags     {st.redact(self.current)}")
         lines += [f"  step {step:<14} {seconds:8.1f} s" for step, seconds in self.steps.items()]
         if self.report:
             lines.append(f"  report              {self.report}")
@@ -96,17 +107,19 @@ def _require(config: Config) -> None:
 
 def locations(config: Config) -> dict[str, str]:
     n = config.nightly
+    extract = n.features or R.join(n.registry, S.FEATURES_DIR)
     return {
-        "features": n.features or R.join(n.registry, S.FEATURES_DIR),
-        "tags": n.tags or R.join(n.registry, S.TAGS_DIR),
+        "extract": extract,  # extraction's OUT: the feature table and its dead letters
+        "features": R.join(extract, S.FEATURES_DIR),  # the feature table
+        "timeline": n.timeline or R.join(n.registry, S.TIMELINE_DIR),
+        "tags": n.tags or R.join(n.registry, S.TAGS_DIR),  # a folder per champion, and current.json
         "models": R.join(n.registry, S.MODELS_DIR),
-        "segments": R.join(n.registry, S.SEGMENTS_DIR),  # one folder per champion: REGISTRY/segments/<model_id>/
     }
 
 
 def steps(config: Config) -> tuple[str, ...]:
-    """The steps a run with this config goes through."""
-    return STEPS if config.nightly.segment_seconds else STEPS[:-1]
+    """The steps a run goes through."""
+    return STEPS
 
 
 def _content_hash(uri: str, config: Config) -> str:
@@ -184,7 +197,7 @@ def run_nightly(config: Config) -> NightlySummary:
     summary = NightlySummary()
 
     start = time.perf_counter()
-    extracted = run_extract(config, config.nightly.library, where["features"], weights=config.nightly.tsn_weights)
+    extracted = run_extract(config, config.nightly.library, where["extract"], weights=config.nightly.tsn_weights)
     summary.new_videos, summary.failed_videos = extracted.succeeded, extracted.failed_total
     summary.steps["extract"] = time.perf_counter() - start
     faults.stop_nightly_after("extract")
@@ -214,11 +227,9 @@ def run_nightly(config: Config) -> NightlySummary:
             log.info("resuming run %s at step %s", run_id, summary.resumed_from)
         summary.run_id = run_id
         _train_evaluate_promote(config, where, state, summary)
-    summary.tagged = _final_step(config, state, "tag", summary, lambda: tag_untagged(config, where))
-    if config.nightly.segment_seconds:
-        segments = _final_step(config, state, "segments", summary, lambda: segments_for_champion(config, where))
-        summary.segment_videos, summary.segment_failed = segments["videos"], segments["failed"]
-        summary.segments = segments["save_dir"] or ""
+    tagged = _final_step(config, state, "tag", summary, lambda: tag_library(config, where))
+    summary.tagged, summary.decoded, summary.tag_failed = tagged["tagged"], tagged["decoded"], tagged["failed"]
+    summary.tags, summary.current = tagged["save_dir"] or "", tagged["current"] or ""
     return summary
 
 
@@ -423,55 +434,126 @@ def write_report(config: Config, run_id: str, evaluated: dict, decision: str) ->
     return R.join(run_dir, "report.md")
 
 
-def tag_untagged(config: Config, where: dict[str, str]) -> int:
-    """Tags, with the current champion, every video of the feature store that has no tags yet."""
+def tag_library(config: Config, where: dict[str, str]) -> dict[str, Any]:
+    """Keeps every library video's tags on the champion (see the module docstring): tags from the
+    stores what its folder lacks, decodes the videos whose timeline was never stored (with
+    segments), and points ``REGISTRY/tags/current.json`` to the folder once it holds the whole
+    library. Returns the counts of this call."""
     champion = R.read_champion(config.nightly.registry, config.storage)
+    out: dict[str, Any] = {"model_id": None, "save_dir": None, "tagged": 0, "decoded": 0, "failed": 0, "current": None}
     if champion is None:
         log.warning("no champion yet: nothing to tag with")
-        return 0
-    cfg = replace(config, tag=replace(config.tag, segment_seconds=None, thumbnails=False))  # video-level tags
-    done = run_tag_features(
-        cfg, where["features"], where["tags"], champion["lstm_weights"], meta={"model_id": champion["model_id"]}
+        return out
+    model_id, weights = champion["model_id"], champion["lstm_weights"]
+    save_dir = R.join(where["tags"], model_id)
+    segments = config.nightly.segment_seconds
+    cfg = replace(
+        config,
+        tag=replace(config.tag, segment_seconds=segments, thumbnails=False, write_timeline=bool(segments)),
     )
-    log.info("tagged %d videos with %s", done.succeeded, champion["model_id"])
-    return done.succeeded
-
-
-def segments_for_champion(config: Config, where: dict[str, str]) -> dict[str, Any]:
-    """Segment tags (``tag.segment_seconds`` = ``nightly.segment_seconds``, windows shaped by
-    ``tag.segment_stride_seconds`` and ``tag.timeline_fps``) of every library video, with the
-    current champion, in ``REGISTRY/segments/<model_id>/``: a ``jobs/tag.py --segments`` output
-    (``tags/``, ``segments/``, ``spans/``, dead letters, run summaries) that ``jobs/report.py``
-    reads. ``run_tag`` is incremental, so a night without a new champion decodes only the videos
-    that folder lacks (the new ones), and a new champion re-tags the whole library into its own
-    folder; earlier champions' folders are left as they are. Returns the counts of this call."""
-    champion = R.read_champion(config.nightly.registry, config.storage)
-    if champion is None:
-        log.warning("no champion yet: no segment tags")
-        return {"model_id": None, "save_dir": None, "videos": 0, "failed": 0, "skipped": 0}
-    save_dir = R.join(where["segments"], champion["model_id"])
-    cfg = replace(config, tag=replace(config.tag, segment_seconds=config.nightly.segment_seconds))
+    meta = {"model_id": model_id}
+    timeline = where["timeline"] if segments and _has_parts(where["timeline"], config) else None
+    features_only = replace(cfg, tag=replace(cfg.tag, segment_seconds=None))
     try:
-        done = run_tag(cfg, config.nightly.library, save_dir, champion["lstm_weights"], config.nightly.tsn_weights)
+        if _has_parts(where["features"], config):
+            stored = run_tag_stores(
+                cfg if timeline else features_only, save_dir, weights, where["features"], timeline, meta=meta
+            )
+            out["tagged"], out["failed"] = stored.succeeded, stored.failed_total
+        if segments:
+            decoded = _decode_without_timeline(cfg, where, save_dir, weights, meta)
+            out["tagged"] += decoded.succeeded
+            out["decoded"], out["failed"] = decoded.submitted, out["failed"] + decoded.failed_total
     except ConfigError as exc:
         fs, root = st.filesystem(save_dir, config.storage)
-        if st.exists(fs, f"{root}/{S.TAGS_DIR}"):  # most likely made with other segment or tag settings
+        if st.exists(fs, f"{root}/{S.TAGS_DIR}") or st.exists(fs, f"{root}/{S.SEGMENTS_DIR}"):
             raise ConfigError(
-                f"nightly segments: {exc} (that is the champion's segment folder: delete it to re-tag the "
-                "library with the current settings, or restore the settings it was made with)"
+                f"nightly tags: {exc} (that is the champion's tags folder: delete it to re-tag the library with "
+                "the current settings, or restore the settings it was made with)"
             ) from exc
         raise
+    out.update(model_id=model_id, save_dir=save_dir)
+    if _whole(cfg, where, save_dir):
+        current = R.read_current(where["tags"], config.storage)
+        if current is None or current["model_id"] != model_id:
+            R.write_current(where["tags"], model_id, save_dir, config.storage)
+            log.info("the champion's tags of the whole library are now in %s", st.redact(save_dir))
+        out["current"] = save_dir
+    else:
+        current = R.read_current(where["tags"], config.storage)
+        out["current"] = current["tags"] if current else None
+        log.warning("%s does not hold every library video yet: readers stay on %s", st.redact(save_dir), out["current"])
     log.info(
-        "segment tags of %d more videos (%d failed, %d done before) in %s",
-        done.succeeded,
-        done.failed_total,
-        done.skipped,
-        st.redact(save_dir),
+        "tagged %d videos with %s (%d decoded for want of a stored timeline, %d failed) in %s",
+        out["tagged"], model_id, out["decoded"], out["failed"], st.redact(save_dir),
+    )  # fmt: skip
+    return out
+
+
+def _has_parts(uri: str, config: Config) -> bool:
+    fs, root = st.filesystem(uri, config.storage)
+    return bool(st.list_files(fs, root, ".parquet"))
+
+
+def _folder_state(cfg: Config, save_dir: str) -> tuple[pa.Array, pa.Table]:
+    """(the videos whole in a tags folder, its dead letters: video ids and error types)."""
+    from vtplatform.outputs import done_videos
+    from vtplatform.outputs.segments import WindowTagOutput
+    from vtplatform.outputs.tags import TagOutput
+
+    fs, root = st.filesystem(save_dir, cfg.storage)
+    outputs = [TagOutput(S.TAG_SCHEMA, None, save_dir)]
+    if cfg.tag.segment_seconds:
+        outputs.append(WindowTagOutput(S.SEGMENT_SCHEMA, None))
+    dead_dir = f"{root}/{S.DEAD_LETTERS_DIR}"
+    dead = [
+        pq.read_table(f, filesystem=fs, columns=[S.VIDEO_ID, S.ERROR_TYPE])
+        for f in st.list_files(fs, dead_dir, ".parquet")
+    ]
+    empty = pa.table({S.VIDEO_ID: pa.array([], pa.string()), S.ERROR_TYPE: pa.array([], pa.string())})
+    return done_videos(outputs, fs, root), pa.concat_tables(dead) if dead else empty
+
+
+def _decode_without_timeline(cfg: Config, where: dict[str, str], save_dir: str, weights: str, meta: dict):
+    """Decodes (with segments, its timeline into the store) every library video the folder does not
+    hold whole that no stored timeline could serve; returns the tag job's summary."""
+    manifest = read_manifest(cfg.nightly.library, cfg.storage)
+    done, dead = _folder_state(cfg, save_dir)
+    other = dead.filter(pc.invert(pc.is_in(dead.column(S.ERROR_TYPE), pa.array(["NotInTimeline", "NotInTable"]))))
+    skip = pa.concat_arrays([done, other.column(S.VIDEO_ID).combine_chunks().cast(pa.string())])
+    ids = manifest.entries.column(S.VIDEO_ID)
+    todo = manifest.entries.filter(pc.invert(pc.is_in(ids, value_set=skip))) if len(skip) else manifest.entries
+    fs, root = st.filesystem(save_dir, cfg.storage)
+    path = f"{root}/_decode.parquet"  # '_': not one of the folder's tables
+    st.write_parquet(todo.select([S.VIDEO_ID, S.URI]), fs, path)
+    uri = path if fs.type_name == "local" else f"s3://{path}"
+    if todo.num_rows:
+        log.info("%d library videos have no stored timeline (or features): decoding them", todo.num_rows)
+    return run_tag(
+        cfg,
+        uri,
+        save_dir,
+        weights,
+        cfg.nightly.tsn_weights,
+        retry_failed=True,
+        timeline_store=where["timeline"],
+        meta=meta,
     )
-    return {
-        "model_id": champion["model_id"],
-        "save_dir": save_dir,
-        "videos": done.succeeded,
-        "failed": done.failed_total,
-        "skipped": done.skipped,
-    }
+
+
+def _whole(cfg: Config, where: dict[str, str], save_dir: str) -> bool:
+    """Whether the folder holds every library video that can be tagged: each done, or dead-lettered
+    for a reason of its own (not for a missing timeline, which a decode makes up for)."""
+    manifest = read_manifest(cfg.nightly.library, cfg.storage)
+    done, dead = _folder_state(cfg, save_dir)
+    own = dead.filter(pc.invert(pc.is_in(dead.column(S.ERROR_TYPE), pa.array(["NotInTimeline", "NotInTable"]))))
+    fs, root = st.filesystem(where["extract"], cfg.storage)
+    extract_dead = st.read_column(fs, f"{root}/{S.DEAD_LETTERS_DIR}", S.VIDEO_ID).combine_chunks()
+    landed = pa.concat_arrays(
+        [done, own.column(S.VIDEO_ID).combine_chunks().cast(pa.string()), extract_dead.cast(pa.string())]
+    )
+    return (
+        bool(pc.all(pc.is_in(manifest.entries.column(S.VIDEO_ID), value_set=landed)).as_py())
+        if manifest.entries.num_rows
+        else True
+    )

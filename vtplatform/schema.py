@@ -47,6 +47,7 @@ REPORT_DIR = "report"  # jobs/report.py's default output under a tags OUT
 REPORT_FILE = "report.json"  # evaluation: the metrics
 RUN_STATE_FILE = "state.json"  # registry: a nightly run's state, under runs/<run_id>/
 CHAMPION_FILE = "champion.json"  # registry: the current champion
+CURRENT_TAGS_FILE = "current.json"  # registry: which model's tags folder holds the whole library's tags
 EVAL_DIR = "eval"  # registry: a nightly run's evaluations, under runs/<run_id>/
 HUB_FILE = "hub_results.json"  # tagging with --format hub
 INDEX_FILE = "index.html"  # jobs/report.py's page

@@ -164,8 +164,12 @@ def run_tag(
     tsn_weights: str | None = None,
     formats: tuple[str, ...] = (),
     retry_failed: bool = False,
+    timeline_store: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> JobSummary:
-    """Tags every manifest video not yet in ``save_dir``. Needs ``ray.init()``."""
+    """Tags every manifest video not yet in ``save_dir``. ``timeline_store``: with
+    ``tag.write_timeline``, the timeline table to add to instead of ``save_dir/timeline`` (the
+    nightly's store); ``meta``: more to record in the outputs' metadata. Needs ``ray.init()``."""
     start = time.perf_counter()
     check_formats(formats)
     config = prepare_output(config, save_dir)
@@ -177,11 +181,13 @@ def run_tag(
     keep_timeline = bool(tag.segment_seconds) and tag.write_timeline
     actors = sizes.models[lstm.MODEL_NAME]
     tagger = build_tagger(config, lstm_weights, prov, config.output.dtype, actors, tag.write_features or keep_timeline)
+    tagger.meta.update(meta or {})
     features = S.feature_schema(config.infer.seg_num, feature_dim, config.output.dtype, prov)
     outputs = tag_outputs(config, tagger, save_dir, formats, features if tag.write_features else None)
     if keep_timeline:
         made = {**prov, "timeline": segment_settings(tag)}  # how the features were made, and at which times
-        outputs.append(TimelineOutput(with_metadata(S.timeline_schema(feature_dim, config.output.dtype), made)))
+        schema = with_metadata(S.timeline_schema(feature_dim, config.output.dtype), made)
+        outputs.append(TimelineOutput(schema, timeline_store, config.storage))
     job = VideoJob(
         "tagging",
         spec.device,
