@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import EXAMPLES
-from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, iter_all_frames, iter_timeline, read_frames
+from vtplatform.video.reader import (
+    BadVideo,
+    ReadOptions,
+    infer_plan,
+    iter_all_frames,
+    iter_timeline,
+    read_frames,
+    read_frames_and_timeline,
+)
 from vtplatform.video.transforms import scale, scale_and_crop
 
 DIGESTS = Path(__file__).with_name("crop_digests.json")
@@ -76,6 +84,32 @@ def path_digest(clip: str, path: str) -> dict:
     except BadVideo as exc:
         return _failure(exc)
     raise ValueError(f"unknown path {path}")
+
+
+def one_pass_digests(clip: str, read: str, fps: float) -> tuple[dict, dict]:
+    """``read_frames_and_timeline`` with the options of ``read`` (a ``READS`` key): the digests of
+    its samples and of its timeline, in the form of ``read`` and ``timeline-<fps>``."""
+    file = str(EXAMPLES / clip)
+    try:
+        info, frames = read_frames_and_timeline(file, *infer_plan(300), fps, READS[read])
+        items = list(frames)
+    except BadVideo as exc:
+        return _failure(exc), _failure(exc)
+    out = info.sampled
+    sampled = {
+        "sha256": _sha([out.frames]),
+        "decoder": out.decoder,
+        "num_frames": out.num_frames,
+        "indices": _sha([out.indices]),
+        "size": [out.width, out.height],
+    }
+    timeline = {
+        "sha256": _sha([f for _, f in items]),
+        "times": _sha([np.array([t for t, _ in items], np.float64)]),
+        "count": len(items),
+        "end_s": info.end_s,
+    }
+    return sampled, timeline
 
 
 PATHS = [*READS, *(f"{a}-{t}" for a in ALL for t in ("crop", "scale")), *(f"timeline-{f:g}" for f in TIMELINE_FPS)]
