@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 
 
 # Per-video seconds each stage adds to its rows, summed by the writer for the summary.
-STAGE_SECONDS = {"decode": S.DECODE_SECONDS, "tsn": S.INFER_SECONDS, "lstm": S.TAG_SECONDS}
+STAGE_SECONDS = {
+    "decode": S.DECODE_SECONDS,
+    "preprocess": S.PREPROCESS_SECONDS,  # in the decode tasks, after decoding: RGB conversion, scale, crop
+    "tsn": S.INFER_SECONDS,
+    "lstm": S.TAG_SECONDS,
+}
 # Per-row memory figures of model actors (``memory.ActorMemory``: growth over the loaded model, and
 # the most one call added), of which the writer keeps the largest for the summary.
 STAGE_PEAK_MB = {"tsn": S.TSN_PEAK_MB, "tsn call": S.TSN_CALL_MB}

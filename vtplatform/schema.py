@@ -85,6 +85,7 @@ FAILED_AT = "failed_at"
 # Between stages only.
 FRAMES = "frames"  # raw (seg, 224, 224, 3) uint8 crops, as bytes
 DECODE_SECONDS = "decode_seconds"  # per-video busy time of each stage, summed for the summary
+PREPROCESS_SECONDS = "preprocess_seconds"  # the decode task's RGB conversion, scale and crop (not in decode_seconds)
 INFER_SECONDS = "infer_seconds"
 TAG_SECONDS = "tag_seconds"
 TSN_PEAK_MB = "tsn_peak_mb"  # the TSN actor's memory growth over the loaded model, at its highest (MB)

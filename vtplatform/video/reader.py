@@ -170,13 +170,17 @@ def iter_timeline(
     (now) or has no decodable frame (from the iterator, at its end); ``ValueError`` for
     ``fps <= 0``.
     """
-    import av
-
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     _check_readable(path)
+    return _timeline(path, fps, _Prep(per_frame), options)
+
+
+def _timeline(path: str, fps: float, prep: _Prep, options: ReadOptions) -> tuple[TimelineInfo, Iterator]:
+    import av
+
     info, ticks = _timeline_start(path, fps)  # raises BadVideo now for a file PyAV cannot open
-    prep = _Prep(per_frame)
+    info.preprocess_seconds = prep.seconds
 
     def frames() -> Iterator[tuple[float, np.ndarray]]:
         decoded = 0
@@ -323,7 +327,9 @@ def _both_decord(
     picks = _demuxed_picks(path, ticks, num_frames) if num_frames >= 1 else None
     if picks is None or len(picks) > hold_frames:
         sampled = _read_decord(reader, choose, per_frame, options)
-        info, frames = iter_timeline(path, fps, per_frame, options)
+        prep = _Prep(per_frame)
+        prep.seconds = sampled.preprocess_seconds  # the timeline's time adds to the samples'
+        info, frames = _timeline(path, fps, prep, options)
         info.sampled = sampled
         return info, frames
     timeline = dict(picks)
