@@ -86,12 +86,12 @@ def path_digest(clip: str, path: str) -> dict:
     raise ValueError(f"unknown path {path}")
 
 
-def one_pass_digests(clip: str, read: str, fps: float) -> tuple[dict, dict]:
+def one_pass_digests(clip: str, read: str, fps: float, hold_frames: int = 512) -> tuple[dict, dict]:
     """``read_frames_and_timeline`` with the options of ``read`` (a ``READS`` key): the digests of
     its samples and of its timeline, in the form of ``read`` and ``timeline-<fps>``."""
     file = str(EXAMPLES / clip)
     try:
-        info, frames = read_frames_and_timeline(file, *infer_plan(300), fps, READS[read])
+        info, frames = read_frames_and_timeline(file, *infer_plan(300), fps, READS[read], hold_frames)
         items = list(frames)
     except BadVideo as exc:
         return _failure(exc), _failure(exc)
