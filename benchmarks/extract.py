@@ -1,6 +1,6 @@
 """Extraction benchmarks, each a ratio measured side by side in one run (these machines are noisy).
 
-    python benchmarks/extract.py [--depth 50] [--segments 32] [--videos 12] [--skip a,b,c,d,e]
+    python benchmarks/extract.py [--depth 50] [--segments 32] [--videos 12] [--skip a,b,c,d,e,f]
 
 (a) per clip: the CPU seconds (user + system, all threads) of our decode + preprocess of 300
     segments against those of `ffmpeg -threads 1 -i CLIP -f null -` on the same clip (goals:
@@ -21,6 +21,10 @@
     one, for our decoders and for the seed's decode-everything loop.
 (d) the CPU inference engine: ResNet-101 frames/s and GFLOP/s of dygraph as it comes and of the
     Paddle Inference path the TSN actors use, against numpy's sgemm on the same cores.
+(f) where preprocessing's time goes, per frame size: Pillow's bilinear resize to 341x256 (what
+    VideoTag's scale is), its `box=` resize of only the crop and how many of the crop's values that
+    gets wrong (it is not exact, so the reader does not use it), and PyAV's conversion to RGB with
+    a converter per frame (`to_ndarray(format="rgb24")`) against one reused converter on one thread.
 (e) `jobs/tag.py` over the bundled clips with and without `--segments 10` (1 frame/s): the run
     summary's `stage_seconds` (decode, preprocess) of each, and the ratio of the decode stage's
     (goal <= 1.15x), with a small TSN and AttentionLSTM (decode does not depend on them).
@@ -359,6 +363,42 @@ def bench_engine(frames: int = 16) -> None:
         )
 
 
+def bench_preprocess(repeats: int = 50) -> None:
+    import av
+    from av.video.reformatter import VideoReformatter
+    from PIL import Image
+
+    def ms(fn) -> float:
+        fn()
+        start = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return (time.process_time() - start) / repeats * 1e3
+
+    print("\n(f) per frame, CPU ms: Pillow's resize to 341x256; its box= resize of the 224x224 crop (values off by")
+    print(
+        "    one against the full resize's crop); PyAV's yuv420p -> rgb24 with a new converter per frame, and one reused"
+    )
+    print(f"    {'frame':>9} {'resize':>7} {'box':>7} {'box off':>8} {'new conv':>9} {'reused':>7}")
+    rng = np.random.default_rng(0)
+    for w, h in [(320, 240), (426, 240), (640, 360), (1280, 720), (1920, 1080)]:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image = Image.fromarray(rgb)
+        full = ms(lambda im=image: im.resize((341, 256), Image.BILINEAR))
+        box = (58 * w / 341, 16 * h / 256, 282 * w / 341, 240 * h / 256)
+        cropped = ms(lambda im=image, b=box: im.resize((224, 224), Image.BILINEAR, box=b))
+        want = np.asarray(image.resize((341, 256), Image.BILINEAR))[16:240, 58:282]
+        got = np.asarray(image.resize((224, 224), Image.BILINEAR, box=box))
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        # to_ndarray(format=...) on each new decoded frame builds that frame's own converter: so does this
+        fresh = ms(lambda f=frame: VideoReformatter().reformat(f, format="rgb24").to_ndarray())
+        converter = VideoReformatter()
+        reused = ms(lambda f=frame, c=converter: c.reformat(f, format="rgb24", threads=1).to_ndarray())
+        print(
+            f"    {w:>4}x{h:<4} {full:>7.2f} {cropped:>7.2f} {(want != got).mean():>7.3%} {fresh:>9.2f} {reused:>7.2f}"
+        )
+
+
 def bench_segments(workdir: Path, repeats: int) -> None:
     """jobs/tag.py over the bundled clips without and with --segments 10 (1 frame/s): stage_seconds."""
     import glob
@@ -405,7 +445,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--segments", type=int, default=32)
     p.add_argument("--videos", type=int, default=12)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d,e")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d,e,f")
     p.add_argument("--repeats", type=int, default=2, help="(e): runs of each tag job")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -422,6 +462,8 @@ def main() -> None:
             bench_engine()
         if "e" not in skip:
             bench_segments(Path(tmp), args.repeats)
+        if "f" not in skip:
+            bench_preprocess()
 
 
 if __name__ == "__main__":
