@@ -2,7 +2,8 @@
 in order (``iter_all_frames``), never the whole video in memory. Extraction, tagging, training,
 evaluation and the frame cache all read through here, so a cached frame is the same array the
 video path would have produced. Time-localized tagging reads frames at a fixed rate of
-presentation time (``iter_timeline``), streaming.
+presentation time (``iter_timeline``), streaming, and with the sampled frames from the same decode
+(``read_frames_and_timeline``).
 
 A plan is ``choose(num_frames) -> indices`` (any indices, any order, repeats allowed) and
 ``per_frame(rgb)``, applied to each decoded RGB frame (H, W, 3) uint8 as soon as it is decoded (a
@@ -25,6 +26,10 @@ Files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks), and 
 frames decode than packets were counted, go through PyAV in two passes, counting the decodable
 frames first (decoder ``pyav``): PyAV skips packets it cannot decode, the way VideoTag's OpenCV
 loop skipped failed reads.
+
+PyAV's frames go to RGB through one converter per stream (``_Prep``), and only the frames a plan
+or a timeline picks are converted. The time spent converting and in ``per_frame`` is reported
+(``preprocess_seconds``) apart from the rest, decoding.
 """
 
 from __future__ import annotations
