@@ -302,6 +302,7 @@ def _demuxed_picks(path: str, ticks: _Ticks, num_frames: int) -> list[tuple[int,
         stream = container.streams.video[0]
         if container.format.name not in PTS_CONTAINERS and stream.codec_context.has_b_frames:
             return None  # e.g. AVI: packets carry decode-order stamps; the decoder's reordering decides
+        time_base = stream.time_base  # read now: the stream's memory goes with the container
         stamps = []
         for packet in container.demux(stream):
             if not packet.size:
@@ -318,7 +319,7 @@ def _demuxed_picks(path: str, ticks: _Ticks, num_frames: int) -> list[tuple[int,
         return None
     picks = []
     for ordinal, (pts, duration) in enumerate(stamps):
-        t = ticks.take(pts, duration, stream.time_base)
+        t = ticks.take(pts, duration, time_base)
         if t is not None:
             picks.append((ordinal, t))
     return picks
