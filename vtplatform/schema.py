@@ -87,7 +87,8 @@ FAILED_AT = "failed_at"
 # Between stages only.
 FRAMES = "frames"  # raw (seg, 224, 224, 3) uint8 crops, as bytes
 DECODE_SECONDS = "decode_seconds"  # per-video busy time of each stage, summed for the summary
-READ_SECONDS = "read_seconds"  # tagging from a feature table: reading a video's features
+PREPROCESS_SECONDS = "preprocess_seconds"  # the decode task's RGB conversion, scale and crop (not in decode_seconds)
+READ_SECONDS = "read_seconds"  # tagging from the stores: reading a video's stored features
 INFER_SECONDS = "infer_seconds"
 TAG_SECONDS = "tag_seconds"
 TSN_PEAK_MB = "tsn_peak_mb"  # the TSN actor's memory growth over the loaded model, at its highest (MB)
@@ -178,6 +179,7 @@ CLIP_SCHEMA = pa.schema(
         (ERROR_TYPE, pa.string()),
         (MESSAGE, pa.string()),
         (DECODE_SECONDS, pa.float32()),
+        (PREPROCESS_SECONDS, pa.float32()),
         (THUMBNAIL, pa.binary()),
     ]
 )
@@ -212,7 +214,19 @@ CHUNK_FIELDS = [
     pa.field(TIMELINE_FRAMES, pa.int32()),
     pa.field(WINDOWS, pa.int32()),
 ]
-SHARED_COLUMNS = (VIDEO_ID, URI, FRAMES, NUM_FRAMES, FPS, DECODER, STAGE, ERROR_TYPE, MESSAGE, DECODE_SECONDS)
+SHARED_COLUMNS = (
+    VIDEO_ID,
+    URI,
+    FRAMES,
+    NUM_FRAMES,
+    FPS,
+    DECODER,
+    STAGE,
+    ERROR_TYPE,
+    MESSAGE,
+    DECODE_SECONDS,
+    PREPROCESS_SECONDS,
+)
 CHUNK_SCHEMA = pa.schema([CLIP_SCHEMA.field(n) for n in SHARED_COLUMNS] + CHUNK_FIELDS)
 # What the decode stage yields: the union, each row's kind in ROW_KIND.
 ROW_SCHEMA = pa.schema([*CLIP_SCHEMA, *CHUNK_FIELDS, pa.field(ROW_KIND, pa.string())])
@@ -236,7 +250,7 @@ WINDOW_TAG_FIELDS = [
 # What tagging from the stores (a feature table, a timeline table) hands the AttentionLSTM: the rows
 # the TSN stage would, their features read from the stores as bytes, not computed.
 STORE_ROW_SCHEMA = pa.schema(
-    [f for f in ROW_SCHEMA if f.name not in (FRAMES, DECODE_SECONDS)]
+    [f for f in ROW_SCHEMA if f.name not in (FRAMES, DECODE_SECONDS, PREPROCESS_SECONDS)]
     + [pa.field(FEATURES, pa.large_binary()), pa.field(READ_SECONDS, pa.float32())]
 )
 

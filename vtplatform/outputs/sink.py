@@ -25,7 +25,13 @@ from vtplatform.config import StorageSection
 from vtplatform.outputs import Output
 
 # Per-row seconds each stage adds to its rows, summed for the summary.
-STAGE_SECONDS = {"read": S.READ_SECONDS, "decode": S.DECODE_SECONDS, "tsn": S.INFER_SECONDS, "lstm": S.TAG_SECONDS}
+STAGE_SECONDS = {
+    "read": S.READ_SECONDS,  # tagging from the stores
+    "decode": S.DECODE_SECONDS,
+    "preprocess": S.PREPROCESS_SECONDS,  # in the decode tasks, after decoding: RGB conversion, scale, crop
+    "tsn": S.INFER_SECONDS,
+    "lstm": S.TAG_SECONDS,
+}
 # Per-row memory figures of model actors (``memory.ActorMemory``), the largest kept for the summary.
 STAGE_PEAK_MB = {"tsn": S.TSN_PEAK_MB, "tsn call": S.TSN_CALL_MB}
 # Numeric columns summed into the summary's counts wherever rows carry them.

@@ -31,7 +31,14 @@ from vtplatform import schema as S
 from vtplatform.config import Config, StorageSection
 from vtplatform.pipeline import map_cpu_tasks
 from vtplatform.storage import local_copy, redact
-from vtplatform.video.reader import BadVideo, ReadOptions, infer_plan, iter_timeline, read_frames, read_options
+from vtplatform.video.reader import (
+    BadVideo,
+    ReadOptions,
+    infer_plan,
+    read_frames,
+    read_frames_and_timeline,
+    read_options,
+)
 from vtplatform.video.transforms import thumbnail_jpeg
 from vtplatform.windows import NoWindow, chunk_windows
 
@@ -224,23 +231,46 @@ def _watchdog(ledger, video_id: str, timeout_s: float | None):
         timer.cancel()
 
 
+class _Busy:
+    """A video's busy time, handed out to its rows as they are yielded: the time since the last
+    row (the consumer's time between rows not counted), split into decode and preprocess (RGB
+    conversion where the reader does it, scale and crop: the reader's ``preprocess_seconds``)."""
+
+    def __init__(self) -> None:
+        self.mark = time.perf_counter()
+        self.preprocess = 0.0
+
+    def take(self, preprocess_total: float) -> dict:
+        now = time.perf_counter()
+        pre = max(0.0, preprocess_total - self.preprocess)
+        out = {S.DECODE_SECONDS: max(0.0, now - self.mark - pre), S.PREPROCESS_SECONDS: pre}
+        self.mark, self.preprocess = now, preprocess_total
+        return out
+
+
 def _decode_video(
     video_id: str, uri: str, options: DecodeOptions, storage: StorageSection, drills: tuple[faults.DecodeFault, ...]
 ) -> Iterator[dict]:
     """One video's rows: its timeline chunks first (with ``options.timeline``), then its own row
-    with the sampled crops, or a failure row. A video whose timeline fails after some chunks is
-    a failure: the segments output drops those chunks' windows at the end of the run."""
+    with the sampled crops, or a failure row. With a timeline, one decode gives both (``video.
+    reader.read_frames_and_timeline``). A video whose timeline fails after some chunks is a
+    failure: the segments output drops those chunks' windows at the end of the run."""
     start = time.perf_counter()
+    busy = _Busy()
     row = {S.VIDEO_ID: video_id, S.URI: uri}
     faults.act_on_decode(drills, uri)
+    sampling = infer_plan(options.num_segments, options.short_size, options.target_size)
     try:
         with local_copy(uri, storage) as path:
-            clip = read_frames(
-                path, *infer_plan(options.num_segments, options.short_size, options.target_size), options.read
-            )
-            own = time.perf_counter() - start
-            if options.timeline is not None:
-                yield from _timeline_rows(video_id, uri, path, options)
+            if options.timeline is None:
+                clip = read_frames(path, *sampling, options.read)
+            else:
+                timeline = options.timeline
+                info, frames = read_frames_and_timeline(
+                    path, *sampling, timeline.fps, options.read, hold_frames=timeline.chunk_frames
+                )
+                yield from _timeline_rows(video_id, uri, info, frames, options, busy)
+                clip = info.sampled
     except BadVideo as bad:
         yield row | _failure(bad.stage, bad.error_type, bad.message, start)
         return
@@ -248,6 +278,7 @@ def _decode_video(
         yield row | _failure("read", type(exc).__name__, str(exc), start)
         return
     thumbnail = thumbnail_jpeg(clip.frames[len(clip.frames) // 2]) if options.thumbnails else None
+    preprocessed = clip.preprocess_seconds if options.timeline is None else info.preprocess_seconds
     yield row | {
         S.FRAMES: clip.frames.tobytes(),
         S.NUM_FRAMES: clip.num_frames,
@@ -256,18 +287,16 @@ def _decode_video(
         S.WIDTH: clip.width,
         S.HEIGHT: clip.height,
         S.DECODER: clip.decoder,
-        S.DECODE_SECONDS: own,
         S.THUMBNAIL: thumbnail,
+        **busy.take(preprocessed),
     }
 
 
-def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -> Iterator[dict]:
-    """The chunk rows of a video's timeline (``windows.chunk_windows``), streamed: about
-    ``timeline.chunk_frames`` crops at a time, whatever the video's length."""
+def _timeline_rows(video_id: str, uri: str, info, frames, options: DecodeOptions, busy: _Busy) -> Iterator[dict]:
+    """The chunk rows of a video's timeline (``windows.chunk_windows``) from the reader's
+    ``(info, frames)``, streamed: about ``timeline.chunk_frames`` crops at a time, whatever the
+    video's length."""
     timeline = options.timeline
-    per_frame = infer_plan(1, options.short_size, options.target_size)[1]  # extraction's crop
-    info, frames = iter_timeline(path, timeline.fps, per_frame, options.read)
-    mark = time.perf_counter()
     try:
         chunks = chunk_windows(
             frames, timeline.segment_s, timeline.stride_s, lambda: info.end_s or info.duration_s, timeline.chunk_frames
@@ -284,7 +313,6 @@ def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -
                 S.NUM_FRAMES: len(chunk.items),
                 S.FPS: timeline.fps,
                 S.DECODER: info.decoder,
-                S.DECODE_SECONDS: time.perf_counter() - mark,
                 S.CHUNK: chunk.index,
                 S.LAST_CHUNK: chunk.last,
                 S.VIDEO_END_S: max(float(info.end_s or info.duration_s), chunk.times[-1]) if chunk.last else None,
@@ -298,9 +326,9 @@ def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -
                 S.WIN_THUMBS: thumbs,
                 S.TIMELINE_FRAMES: len(chunk.items) - chunk.new_from,
                 S.WINDOWS: len(wins),
+                **busy.take(info.preprocess_seconds),
             }
             del chunk, thumbs  # not held while the next chunk decodes
-            mark = time.perf_counter()
     except BadVideo as bad:
         raise BadVideo(bad.stage, bad.error_type, f"the timeline at {timeline.fps} frames/s: {bad.message}") from bad
     except NoWindow as exc:
@@ -308,7 +336,10 @@ def _timeline_rows(video_id: str, uri: str, path: str, options: DecodeOptions) -
 
 
 def _failure(stage: str, error_type: str, message: str, start: float) -> dict:
-    return S.failure(stage, error_type, redact(message)) | {S.DECODE_SECONDS: time.perf_counter() - start}
+    return S.failure(stage, error_type, redact(message)) | {
+        S.DECODE_SECONDS: time.perf_counter() - start,
+        S.PREPROCESS_SECONDS: 0.0,
+    }
 
 
 def decode_stage(ds, config: Config, sizes: R.PipelineSizes, tagging: bool = False):

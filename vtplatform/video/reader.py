@@ -2,7 +2,8 @@
 in order (``iter_all_frames``), never the whole video in memory. Extraction, tagging, training,
 evaluation and the frame cache all read through here, so a cached frame is the same array the
 video path would have produced. Time-localized tagging reads frames at a fixed rate of
-presentation time (``iter_timeline``), streaming.
+presentation time (``iter_timeline``), streaming, and with the sampled frames from the same decode
+(``read_frames_and_timeline``).
 
 A plan is ``choose(num_frames) -> indices`` (any indices, any order, repeats allowed) and
 ``per_frame(rgb)``, applied to each decoded RGB frame (H, W, 3) uint8 as soon as it is decoded (a
@@ -25,13 +26,19 @@ Files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks), and 
 frames decode than packets were counted, go through PyAV in two passes, counting the decodable
 frames first (decoder ``pyav``): PyAV skips packets it cannot decode, the way VideoTag's OpenCV
 loop skipped failed reads.
+
+PyAV's frames go to RGB through one converter per stream (``_Prep``), and only the frames a plan
+or a timeline picks are converted. The time spent converting and in ``per_frame`` is reported
+(``preprocess_seconds``) apart from the rest, decoding.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -83,6 +90,7 @@ class Frames:
     width: int  # decoded frame size, as displayed (after rotation), before per_frame
     height: int
     decoder: str  # decord | pyav | pyav-stream
+    preprocess_seconds: float = 0.0  # of the time to read: converting to RGB (PyAV) and per_frame
 
 
 def infer_plan(num_segments: int, short_size: int = 256, target_size: int = 224) -> tuple[ChooseFn, FrameFn]:
@@ -138,6 +146,8 @@ class TimelineInfo:
     duration_s: float  # the video's duration as the header says it (approximate); 0.0 if unknown
     end_s: float | None = None  # set as frames decode: the latest decoded frame's time + duration
     decoder: str = "pyav"
+    preprocess_seconds: float = 0.0  # so far: converting to RGB (PyAV) and per_frame
+    sampled: Frames | None = None  # read_frames_and_timeline: the sampled frames, once the timeline is exhausted
 
 
 def iter_timeline(
@@ -165,13 +175,110 @@ def iter_timeline(
     (now) or has no decodable frame (from the iterator, at its end); ``ValueError`` for
     ``fps <= 0``.
     """
-    import av
-
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     _check_readable(path)
-    rate = Fraction(fps).limit_denominator(1_000_000)
-    container = _open_pyav(path)  # raises BadVideo now for a file PyAV cannot open
+    return _timeline(path, fps, _Prep(per_frame), options)
+
+
+def _timeline(path: str, fps: float, prep: _Prep, options: ReadOptions) -> tuple[TimelineInfo, Iterator]:
+    import av
+
+    info, ticks = _timeline_start(path, fps)  # raises BadVideo now for a file PyAV cannot open
+    info.preprocess_seconds = prep.seconds
+
+    def frames() -> Iterator[tuple[float, np.ndarray]]:
+        decoded = 0
+        try:
+            for frame in _pyav_frames(path, options.threads):
+                decoded += 1
+                t = ticks.take(frame.pts, frame.duration, frame.time_base)
+                info.end_s = ticks.end_s
+                if t is not None:
+                    crop = prep.pyav(frame)
+                    info.preprocess_seconds = prep.seconds
+                    yield t, crop
+        except av.error.FFmpegError as exc:
+            raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
+        if not decoded:
+            raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
+
+    return info, frames()
+
+
+def read_frames_and_timeline(
+    path: str, choose: ChooseFn, per_frame: FrameFn, fps: float, options: ReadOptions, hold_frames: int = 512
+) -> tuple[TimelineInfo, Iterator[tuple[float, np.ndarray]]]:
+    """``read_frames`` and ``iter_timeline`` of one file from one decode, with ``per_frame`` for both.
+
+    The iterator yields what ``iter_timeline(path, fps, per_frame, options)`` yields; once it is
+    exhausted, ``info.sampled`` holds what ``read_frames(path, choose, per_frame, options)``
+    returns, from the same decoder choice, so the sampled frames are byte for byte
+    ``read_frames``'s. A frame that is both sampled and on the timeline is converted and
+    transformed once.
+
+    * PyAV's one pass (long videos, files decord seeks wrongly): the pass that picks the samples
+      goes on to the end for the timeline. When fewer frames decode than packets were counted, a
+      second pass picks the samples among the frames that decode, as ``read_frames`` does.
+    * decord: the timeline's frames are picked by the same tick rule from the presentation
+      timestamps of the file's packets (demuxed by PyAV, nothing decoded), and decord decodes the
+      samples and those frames in one sequential pass. This needs presentation timestamps
+      (MP4/MOV, Matroska/WebM, or a codec without B-frames) on every packet, no two alike, none
+      marked to discard, and as many packets as decord has frames:
+      then decord's frame ``i`` (presentation order) is the ``i``-th frame the timeline would decode.
+      Otherwise, or with more than ``hold_frames`` timeline frames (they are held until decord
+      is done; its files are at most ``decord_max_frames`` long), the samples come from decord and
+      the timeline from ``iter_timeline``: two decodes, as before.
+    * PyAV's two passes (forced, or files decord rejects): the counting pass is the timeline's.
+
+    Raises as ``read_frames`` and ``iter_timeline`` do; errors found while iterating come from the
+    iterator.
+    """
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    return _decode(
+        path,
+        options,
+        on_decord=lambda reader: _both_decord(reader, path, choose, per_frame, fps, options, hold_frames),
+        on_pyav=lambda: _both_pyav(path, choose, per_frame, fps, options, stream=False),
+        on_stream=lambda: _both_pyav(path, choose, per_frame, fps, options, stream=True),
+    )
+
+
+class _Ticks:
+    """The timeline's tick rule (``iter_timeline``) over frames in presentation order."""
+
+    def __init__(self, fps: float, origin: int | None, time_base: Fraction, avg: Fraction | None):
+        self.rate = Fraction(fps).limit_denominator(1_000_000)
+        self.zero, self.time_base = origin, time_base
+        self.step = 1 / Fraction(avg) if avg else Fraction(0)
+        self.t: Fraction | None = None
+        self.next_tick = 0
+        self.end_s: float | None = None
+
+    def take(self, pts: int | None, duration: int | None, time_base: Fraction | None) -> float | None:
+        """This frame's time when the rule picks it, else None; ``end_s`` follows the frames seen."""
+        base = time_base or self.time_base
+        if pts is None:
+            self.t = Fraction(0) if self.t is None else self.t + self.step
+        else:
+            if self.zero is None:
+                self.zero = pts
+            self.t = (pts - self.zero) * base
+        t = self.t
+        end = float(t + (duration * base if duration else self.step))
+        self.end_s = max(end, self.end_s or 0.0)
+        if t * self.rate < self.next_tick:
+            return None
+        self.next_tick = math.floor(t * self.rate) + 1
+        return float(t)
+
+
+def _timeline_start(path: str, fps: float) -> tuple[TimelineInfo, _Ticks]:
+    """The header's frame rate and duration, and the tick rule from the stream's start."""
+    import av
+
+    container = _open_pyav(path)  # raises BadVideo for a file PyAV cannot open
     try:
         stream = container.streams.video[0]
         time_base, origin = stream.time_base, stream.start_time
@@ -182,30 +289,114 @@ def iter_timeline(
             duration = container.duration / av.time_base if container.duration else 0.0
     finally:
         container.close()
-    info = TimelineInfo(float(avg) if avg else 0.0, max(duration, 0.0))
-    step = 1 / Fraction(avg) if avg else Fraction(0)
+    return TimelineInfo(float(avg) if avg else 0.0, max(duration, 0.0)), _Ticks(fps, origin, time_base, avg)
+
+
+def _demuxed_picks(path: str, ticks: _Ticks, num_frames: int) -> list[tuple[int, float]] | None:
+    """(frame ordinal, time) of the timeline's frames, from the packets' timestamps alone; None
+    where they cannot stand for the decoded frames (see ``read_frames_and_timeline``)."""
+    import av
+
+    container = _open_pyav(path)
+    try:
+        stream = container.streams.video[0]
+        if container.format.name not in PTS_CONTAINERS and stream.codec_context.has_b_frames:
+            return None  # e.g. AVI: packets carry decode-order stamps; the decoder's reordering decides
+        time_base = stream.time_base  # read now: the stream's memory goes with the container
+        stamps = []
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            if packet.pts is None or packet.is_discard:
+                return None
+            stamps.append((packet.pts, packet.duration))
+    except av.error.FFmpegError:
+        return None
+    finally:
+        container.close()
+    stamps.sort()
+    if len(stamps) != num_frames or any(a[0] == b[0] for a, b in itertools.pairwise(stamps)):
+        return None
+    picks = []
+    for ordinal, (pts, duration) in enumerate(stamps):
+        t = ticks.take(pts, duration, time_base)
+        if t is not None:
+            picks.append((ordinal, t))
+    return picks
+
+
+def _both_decord(
+    reader, path: str, choose: ChooseFn, per_frame: FrameFn, fps: float, options: ReadOptions, hold_frames: int
+) -> tuple[TimelineInfo, Iterator[tuple[float, np.ndarray]]]:
+    num_frames = len(reader)
+    info, ticks = _timeline_start(path, fps)
+    picks = _demuxed_picks(path, ticks, num_frames) if num_frames >= 1 else None
+    if picks is None or len(picks) > hold_frames:
+        sampled = _read_decord(reader, choose, per_frame, options)
+        prep = _Prep(per_frame)
+        prep.seconds = sampled.preprocess_seconds  # the timeline's time adds to the samples'
+        info, frames = _timeline(path, fps, prep, options)
+        info.sampled = sampled
+        return info, frames
+    timeline = dict(picks)
+    sampled, crops = _read_decord(reader, choose, per_frame, options, also=np.array(sorted(timeline), np.int64))
+    info.sampled, info.end_s, info.decoder = sampled, ticks.end_s, "decord"
+    info.preprocess_seconds = sampled.preprocess_seconds
+    return info, iter([(timeline[i], crops[i]) for i in sorted(timeline)])
+
+
+def _both_pyav(
+    path: str, choose: ChooseFn, per_frame: FrameFn, fps: float, options: ReadOptions, stream: bool
+) -> tuple[TimelineInfo, Iterator[tuple[float, np.ndarray]]]:
+    import av
+
+    _check_readable(path)
+    info, ticks = _timeline_start(path, fps)
+    num_frames = _count_packets(path) if stream else 0
+    unique, indices = np.zeros(0, np.int64), None
+    if num_frames >= 1:  # PyAV's one pass: the samples are known before decoding
+        indices = _check_indices(choose(num_frames), num_frames)
+        unique = np.unique(indices)
+    wanted = set(unique.tolist())
+    prep = _Prep(per_frame)
 
     def frames() -> Iterator[tuple[float, np.ndarray]]:
-        zero, t, next_tick, decoded = origin, None, 0, 0
+        out, decoded = {}, 0
         try:
-            for frame in _pyav_frames(path, options.threads):
+            for ordinal, frame in enumerate(_pyav_frames(path, options.threads)):
                 decoded += 1
-                if frame.pts is None:
-                    t = Fraction(0) if t is None else t + step
-                else:
-                    if zero is None:
-                        zero = frame.pts
-                    t = (frame.pts - zero) * (frame.time_base or time_base)
-                end = float(t + (frame.duration * (frame.time_base or time_base) if frame.duration else step))
-                info.end_s = max(end, info.end_s or 0.0)
-                if t * rate < next_tick:
+                t = ticks.take(frame.pts, frame.duration, frame.time_base)
+                info.end_s = ticks.end_s
+                if t is None and ordinal not in wanted:
                     continue
-                next_tick = math.floor(t * rate) + 1
-                yield float(t), per_frame(_display_rgb(frame))
+                crop = prep.pyav(frame)
+                info.preprocess_seconds = prep.seconds
+                if ordinal in wanted:
+                    out[ordinal] = crop
+                if t is not None:
+                    yield t, crop
         except av.error.FFmpegError as exc:
             raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
         if not decoded:
             raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
+        if indices is not None and len(out) == len(unique):
+            size = prep.size
+            crops = [out[i] for i in unique.tolist()]
+            info.sampled = _frames(crops, unique, indices, num_frames, info.fps, size, "pyav-stream", prep.seconds)
+            return
+        if indices is not None:
+            log.info("%s: only some of its %d packets decode; counting decodable frames", path, num_frames)
+        # read_frames' two passes: this pass counted the decodable frames; a second one picks.
+        second = _Prep(per_frame)
+        chosen = _check_indices(choose(decoded), decoded)
+        picked = np.unique(chosen)
+        crops = _pick_pyav(path, picked, second, options.threads)
+        if len(crops) != len(picked):
+            raise BadVideo(
+                "decode", "UnstableDecode", f"decoded {len(crops)} of {len(picked)} sampled frames on the second pass"
+            )
+        info.sampled = _frames(crops, picked, chosen, decoded, info.fps, second.size, "pyav", second.seconds)
+        info.preprocess_seconds = prep.seconds + second.seconds
 
     return info, frames()
 
@@ -287,28 +478,82 @@ def _frames(
     fps: float,
     size: tuple[int, int],
     decoder: str,
+    preprocess_seconds: float,
 ) -> Frames:
     """The result, from the transformed frames of ``unique`` (sorted) in order."""
     shapes = {f.shape for f in out}
     if len(shapes) != 1:
         raise BadVideo("decode", "InconsistentFrameSize", f"frames of different sizes after scaling: {sorted(shapes)}")
     frames = np.stack(out)[np.searchsorted(unique, indices)]
-    return Frames(frames, indices, num_frames, fps, int(size[1]), int(size[0]), decoder)
+    return Frames(frames, indices, num_frames, fps, int(size[1]), int(size[0]), decoder, preprocess_seconds)
 
 
-def _read_decord(reader, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames:
+class _Prep:
+    """``per_frame`` of decoded frames, timed (``seconds``). PyAV frames go to RGB through one
+    converter for the whole stream: a single swscale context, on one thread, reused for every
+    frame, where ``frame.to_ndarray(format="rgb24")`` set one up per frame (with a thread pool):
+    the same conversion (same formats, sizes, colorspace, range and flags; swscale's output does
+    not depend on its thread count), without rebuilding it. decord's frames come as RGB arrays."""
+
+    def __init__(self, per_frame: FrameFn):
+        self.per_frame = per_frame
+        self.seconds = 0.0
+        self.size = (0, 0)  # (height, width) of the last RGB frame, as displayed
+        self._reformatter = None
+
+    def pyav(self, frame) -> np.ndarray:
+        """per_frame of a PyAV frame as RGB, turned the way its display matrix says (decord does this itself)."""
+        start = time.perf_counter()
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
+        rgb = self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+        rgb = np.ascontiguousarray(np.rot90(rgb, (frame.rotation // 90) % 4))
+        self.size = rgb.shape[:2]
+        out = self.per_frame(rgb)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def rgb(self, rgb: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        self.size = rgb.shape[:2]
+        out = self.per_frame(rgb)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _read_decord(
+    reader, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions, also: np.ndarray | None = None
+) -> Frames:
+    """The chosen frames through decord. ``also``: more frame ordinals (sorted) decoded in the same
+    pass; then returns (frames, {ordinal: per_frame(frame)} of those)."""
     num_frames = len(reader)
     if num_frames < 1:
         raise BadVideo("decode", "NoFrames", "the video stream has no frames")
     indices = _check_indices(choose(num_frames), num_frames)
     unique = np.unique(indices)
-    out, size = [], (0, 0)
-    for start in range(0, len(unique), options.chunk_frames):
-        batch = reader.get_batch(unique[start : start + options.chunk_frames].tolist()).asnumpy()
-        size = batch.shape[1:3]  # decord applies the display rotation itself
-        out.extend(per_frame(f) for f in batch)
+    order = unique if also is None else np.union1d(unique, also)
+    prep, done = _Prep(per_frame), {}
+    for start in range(0, len(order), options.chunk_frames):
+        chunk = order[start : start + options.chunk_frames]
+        batch = reader.get_batch(chunk.tolist()).asnumpy()  # decord applies the display rotation itself
+        for ordinal, f in zip(chunk.tolist(), batch, strict=True):
+            done[ordinal] = prep.rgb(f)
         del batch
-    return _frames(out, unique, indices, num_frames, float(reader.get_avg_fps()), size, "decord")
+    frames = _frames(
+        [done[i] for i in unique.tolist()],
+        unique,
+        indices,
+        num_frames,
+        float(reader.get_avg_fps()),
+        prep.size,
+        "decord",
+        prep.seconds,
+    )
+    if also is None:
+        return frames
+    return frames, {i: done[i] for i in also.tolist()}
 
 
 def _stream_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames | None:
@@ -320,39 +565,37 @@ def _stream_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadO
         return None
     indices = _check_indices(choose(num_frames), num_frames)
     unique = np.unique(indices)
-    out, size = _pick_pyav(path, unique, per_frame, options.threads)
+    prep = _Prep(per_frame)
+    out = _pick_pyav(path, unique, prep, options.threads)
     if len(out) != len(unique):
         log.info("%s: only some of its %d packets decode; counting decodable frames", path, num_frames)
         return None
-    return _frames(out, unique, indices, num_frames, _pyav_fps(path), size, "pyav-stream")
+    return _frames(out, unique, indices, num_frames, _pyav_fps(path), prep.size, "pyav-stream", prep.seconds)
 
 
 def _read_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames:
     num_frames = _pyav_count(path, options.threads)  # pass 1: count, keep nothing
     indices = _check_indices(choose(num_frames), num_frames)
     unique = np.unique(indices)
-    out, size = _pick_pyav(path, unique, per_frame, options.threads)  # pass 2: keep the chosen ones
+    prep = _Prep(per_frame)
+    out = _pick_pyav(path, unique, prep, options.threads)  # pass 2: keep the chosen ones
     if len(out) != len(unique):
         raise BadVideo(
             "decode", "UnstableDecode", f"decoded {len(out)} of {len(unique)} sampled frames on the second pass"
         )
-    return _frames(out, unique, indices, num_frames, _pyav_fps(path), size, "pyav")
+    return _frames(out, unique, indices, num_frames, _pyav_fps(path), prep.size, "pyav", prep.seconds)
 
 
-def _pick_pyav(
-    path: str, unique: np.ndarray, per_frame: FrameFn, threads: int
-) -> tuple[list[np.ndarray], tuple[int, int]]:
-    """``per_frame`` of the frames whose ordinals are in ``unique`` (sorted), in one decoding pass."""
+def _pick_pyav(path: str, unique: np.ndarray, prep: _Prep, threads: int) -> list[np.ndarray]:
+    """``prep`` of the frames whose ordinals are in ``unique`` (sorted), in one decoding pass."""
     wanted = set(unique.tolist())
-    out, size = [], (0, 0)
+    out = []
     for ordinal, frame in enumerate(_pyav_frames(path, threads)):
         if ordinal in wanted:
-            rgb = _display_rgb(frame)
-            size = rgb.shape[:2]
-            out.append(per_frame(rgb))
+            out.append(prep.pyav(frame))
         if ordinal >= unique[-1]:
             break
-    return out, size
+    return out
 
 
 def _all_decord(reader, per_frame: FrameFn, options: ReadOptions) -> tuple[StreamInfo, Iterator[np.ndarray]]:
@@ -382,11 +625,12 @@ def _all_pyav(path: str, per_frame: FrameFn, options: ReadOptions) -> tuple[Stre
     import av
 
     fps = _pyav_fps(path)  # raises BadVideo now for a file PyAV cannot open
+    prep = _Prep(per_frame)
 
     def frames() -> Iterator[np.ndarray]:
         try:
             for frame in _pyav_frames(path, options.threads):
-                yield per_frame(_display_rgb(frame))
+                yield prep.pyav(frame)
         except av.error.FFmpegError as exc:
             raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
 
@@ -432,6 +676,8 @@ def _pyav_frames(path: str, threads: int) -> Iterator:
         container.close()
 
 
+# Containers whose packets carry presentation timestamps (the timeline's picks can come from demuxing).
+PTS_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
 # Where decord's frame-accurate seeking was checked against PyAV's sequential decoding (tests).
 DECORD_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"}
 DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mjpeg", "ffv1"}
@@ -482,11 +728,6 @@ def _count_packets(path: str) -> int:
         raise BadVideo("decode", "DecodeError", f"PyAV cannot demux the file: {exc}") from exc
     finally:
         container.close()
-
-
-def _display_rgb(frame) -> np.ndarray:
-    """A PyAV frame as RGB (H, W, 3) uint8, turned the way its display matrix says (decord does this itself)."""
-    return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), (frame.rotation // 90) % 4))
 
 
 def _pyav_count(path: str, threads: int) -> int:
