@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import EXAMPLES, ROOT, run_job
-from tests.ray_nodes import kill_later, kill_tree
+from tests.ray_nodes import kill_job_midway, kill_later, kill_tree
 from tests.train.kills import assert_resumed, on_disk, registered, resumed_in
 from vtplatform import champions as R
 from vtplatform import schema as S
@@ -83,21 +83,28 @@ def setup(tmp_path):
 
 
 def _tags(registry):
-    return pq.read_table(registry / "tags" / "tags")
+    """The champion's tags of the whole library, as a reader finds them (``champions.current_tags``)."""
+    from vtplatform.config import StorageSection
+
+    return pq.read_table(R.current_tags(str(registry / "tags"), StorageSection()))
 
 
 SEGMENT_S = 5.0
 
 
 def _segment_tags(registry, model_id: str, videos: list[str]) -> list[str]:
-    """Checks a champion's segment folder holds windows of exactly ``videos``, made with that
-    champion's weights, and readable spans; returns its tags, segments and spans part files."""
-    folder = registry / "segments" / model_id
+    """Checks a champion's tags folder holds the tags and windows of exactly ``videos``, made with
+    that champion's weights, and readable spans; returns its tags, segments and spans part files."""
+    folder = registry / "tags" / model_id
+    tags = pq.read_table(folder / "tags")
+    assert sorted(tags.column(S.VIDEO_ID).to_pylist()) == sorted(videos)  # one row each
     segments = pq.read_table(folder / "segments")
     assert sorted(set(segments.column(S.VIDEO_ID).to_pylist())) == sorted(videos)
-    meta = S.read_provenance(segments.schema)
-    assert meta["lstm_source"].startswith(str(registry / "models" / model_id))
-    assert meta["segments"] == {"seconds": SEGMENT_S, "stride_seconds": SEGMENT_S, "timeline_fps": 1.0}
+    for table in (tags, segments):
+        meta = S.read_provenance(table.schema)
+        assert meta["lstm_source"].startswith(str(registry / "models" / model_id))
+    assert meta["segments"] == {"seconds": SEGMENT_S, "stride_seconds": SEGMENT_S, "timeline_fps": 1.0,
+                                "timeline_chunk_frames": 512}  # fmt: skip
     for vid in videos:  # the clips last 1 to 10.4 s: windows 0, 1, ... from 0 s, one per 5 s
         rows = segments.filter(pc.equal(segments.column(S.VIDEO_ID), vid))
         assert sorted(rows.column(S.WINDOW).to_pylist()) == list(range(rows.num_rows))
@@ -109,14 +116,22 @@ def _segment_tags(registry, model_id: str, videos: list[str]) -> list[str]:
     return sorted(f"{d}/{p.name}" for d in ("tags", "segments", "spans") for p in (folder / d).iterdir())
 
 
+def _models_of(table) -> set[str]:
+    """The lstm_source of every part of a tags table (one folder: one model)."""
+    return {S.read_provenance(pq.read_schema(p))["lstm_source"] for p in table}
+
+
 @pytest.mark.slow
 def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_cluster, setup):
-    """The first run promotes its model and tags the library, and its segment tags; a same-day
-    rerun does nothing new. Then two new videos arrive. The run is killed right after extract, then
-    after train, evaluate, promote and tag in turn (each rerun resumes where the last one died),
-    then finishes: nothing is redone, the gate decides once (a fine-tune with learning rate 0 ties
-    the champion, so margin 0 promotes it), the new champion's segment folder gets the whole
-    library, and a further rerun does nothing."""
+    """The first run promotes its model and tags the library, with its windows (every video decoded,
+    its timeline stored); a same-day rerun does nothing new. Then two new videos arrive. The run is
+    killed right after extract, then after train, evaluate and promote in turn (each rerun resumes
+    where the last one died), then a random moment into the new champion's re-tag of the library.
+    The rerun finishes it: nothing is redone, the gate decided once (a fine-tune with learning rate 0
+    ties the champion, so margin 0 promotes it), the new champion's folder holds the whole library
+    re-tagged from the stores (only the two new videos decoded, for want of a stored timeline), a
+    reader saw the old champion's whole tags until then and the new one's after, and a further rerun
+    does nothing."""
     tmp_path, lib, overrides = setup
     overrides = [*overrides, f"nightly.segment_seconds={SEGMENT_S}"]
     registry = tmp_path / "registry"
@@ -138,20 +153,20 @@ def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_clu
         and (registry / "runs" / first.run_id / "report.png").stat().st_size > 1000
     )
     tags = _tags(registry)
-    assert tags.num_rows == len(CLIPS) and first.tagged == len(CLIPS)
+    assert tags.num_rows == len(CLIPS) and first.tagged == len(CLIPS) and first.decoded == len(CLIPS)
     assert all(len(ids) == 3 for ids in tags.column(S.CLASS_IDS).to_pylist())
     assert json.loads(tags.schema.metadata[S.METADATA_KEY])["model_id"] == first.run_id
     first_library = tags.column(S.VIDEO_ID).to_pylist()
-    assert (first.segment_videos, first.segment_failed) == (len(CLIPS), 0)
-    assert (
-        first.segments == str(registry / "segments" / first.run_id) and "segment tags        6 videos" in first.format()
-    )
+    assert first.current == first.tags == str(registry / "tags" / first.run_id)
+    assert f"tagged              {len(CLIPS)} videos, {len(CLIPS)} decoded, 0 failed" in first.format()
+    timeline = pq.read_table(registry / "timeline")  # the timeline store: every video's, with its end
+    assert sorted(set(timeline.column(S.VIDEO_ID).to_pylist())) == sorted(first_library)
     first_segments = _segment_tags(registry, first.run_id, first_library)
     same_day = run_nightly(config)
-    assert same_day.nothing_new and same_day.run_id == first.run_id and same_day.tagged == 0
+    assert same_day.nothing_new and same_day.run_id == first.run_id and (same_day.tagged, same_day.decoded) == (0, 0)
     assert "train" not in same_day.steps and len(R.history(str(registry), config.storage)) == 1
     assert R.read_champion(str(registry), config.storage) == champion and _tags(registry).num_rows == len(CLIPS)
-    assert same_day.segment_videos == 0 and _segment_tags(registry, first.run_id, first_library) == first_segments
+    assert _segment_tags(registry, first.run_id, first_library) == first_segments
 
     for name in LATER:
         shutil.copy(EXAMPLES / name, lib / name)
@@ -169,7 +184,6 @@ def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_clu
         ("train", ["train"], None),
         ("evaluate", ["train", "evaluate"], "evaluate"),
         ("promote", ["train", "evaluate", "promote"], "promote"),
-        ("tag", ["train", "evaluate", "promote", "tag"], "tag"),
     ):
         killed = run_job("nightly.py", *args, env={**env, STOP_AFTER_ENV: step})
         assert killed.returncode == -9, killed.stderr[-3000:]
@@ -182,35 +196,46 @@ def test_first_run_then_new_data_gated_with_a_run_killed_after_each_step(ray_clu
             assert checkpoints
         state = json.loads((registry / "runs" / run_id / "state.json").read_text())
         assert state["completed"] == completed and not state["done"]
-        assert len(R.history(str(registry), config.storage)) == (2 if step in ("promote", "tag") else 1)
-    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags before the kill
-    assert not (registry / "segments" / run_id).exists()
+        assert len(R.history(str(registry), config.storage)) == (2 if step == "promote" else 1)
+    assert R.read_champion(str(registry), config.storage)["model_id"] == run_id  # promoted, the library not re-tagged
+    assert _models_of((registry / "tags" / first.run_id / "tags").glob("*.parquet")) == {
+        S.read_provenance(_tags(registry).schema)["lstm_source"]
+    }
 
-    resumed = run_job("nightly.py", *args, env=env)  # a run killed at the segment step resumes there
+    # a random moment into the new champion's re-tag: a reader still sees the old champion's whole tags
+    new_tags = registry / "tags" / run_id / "tags"
+    command = [sys.executable, str(ROOT / "jobs" / "nightly.py"), *args]
+    kill_job_midway(command, ROOT, lambda: any(new_tags.glob("*.parquet")), timeout=900)
+    seen = _tags(registry)
+    assert sorted(seen.column(S.VIDEO_ID).to_pylist()) == sorted(first_library)  # the old folder, whole
+    assert json.loads(seen.schema.metadata[S.METADATA_KEY])["model_id"] == first.run_id
+
+    resumed = run_job("nightly.py", *args, env=env)  # the rerun finishes the re-tag
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed at step     segments" in resumed.stdout
+    assert "resumed at step     tag" in resumed.stdout
     history = R.history(str(registry), config.storage)
     assert [h["run_id"] for h in history] == [first.run_id, run_id]  # promoted once, not twice
     second = history[1]
     assert second["champion_before"] == first.run_id and second["candidate"] == second["champion"]  # a tie
     assert second["decision"] == decide(second["candidate"], second["champion"], 0.0) == "promoted"
-    champion = R.read_champion(str(registry), config.storage)
-    assert champion["model_id"] == run_id
     report = (registry / "runs" / run_id / "report.md").read_text()
     assert "champion" in report and "| +0.0000 |" in report  # no per-class changes: test_report_per_class_changes
-    assert _tags(registry).num_rows == len(CLIPS) + len(LATER)  # the new videos got tags
-    library = _tags(registry).column(S.VIDEO_ID).to_pylist()
-    # the new champion re-tagged the whole library into its own folder; the old one's is untouched
-    assert f"segment tags        {len(library)} videos, 0 failed in {registry / 'segments' / run_id}" in resumed.stdout
-    new_segments = _segment_tags(registry, run_id, library)
-    assert _segment_tags(registry, first.run_id, first_library) == first_segments
+    tags = _tags(registry)  # the new champion's, of every video, once, and only its
+    library = tags.column(S.VIDEO_ID).to_pylist()
+    assert len(library) == len(set(library)) == len(CLIPS) + len(LATER)
+    assert json.loads(tags.schema.metadata[S.METADATA_KEY])["model_id"] == run_id
+    assert _models_of(new_tags.glob("*.parquet")) == {S.read_provenance(tags.schema)["lstm_source"]}
     state = json.loads((registry / "runs" / run_id / "state.json").read_text())
-    assert (
-        state["done"] and state["completed"][-2:] == ["tag", "segments"] and state["segments"]["videos"] == len(library)
-    )
+    assert state["done"] and state["completed"][-1] == "tag"
+    assert state["tag"]["decoded"] == len(LATER)  # the stored videos came from the stores: no decode
+    new_segments = _segment_tags(registry, run_id, library)
+    assert _segment_tags(registry, first.run_id, first_library) == first_segments  # the old one's untouched
     again = run_job("nightly.py", *args, env=env)  # and the day after, with nothing new, nothing happens
     assert again.returncode == 0 and len(R.history(str(registry), config.storage)) == 2
-    assert "segment tags        0 videos" in again.stdout and _segment_tags(registry, run_id, library) == new_segments
+    assert (
+        "tagged              0 videos, 0 decoded" in again.stdout
+        and _segment_tags(registry, run_id, library) == new_segments
+    )
     other_windows = load_config(ROOT / "configs" / "nightly.yaml", [*later, "nightly.segment_seconds=4"])
     with pytest.raises(ConfigError, match=r"segments differ.*delete it to re-tag"):  # never mixed in one folder
         run_nightly(other_windows)

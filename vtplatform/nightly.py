@@ -453,17 +453,17 @@ def tag_library(config: Config, where: dict[str, str]) -> dict[str, Any]:
     )
     meta = {"model_id": model_id}
     timeline = where["timeline"] if segments and _has_parts(where["timeline"], config) else None
-    features_only = replace(cfg, tag=replace(cfg.tag, segment_seconds=None))
     try:
-        if _has_parts(where["features"], config):
-            stored = run_tag_stores(
-                cfg if timeline else features_only, save_dir, weights, where["features"], timeline, meta=meta
-            )
+        # from the stores; with windows, only once there is a timeline store (the videos without a
+        # stored timeline become NotInTimeline dead letters, which the decode below makes up for)
+        if _has_parts(where["features"], config) and (timeline or not segments):
+            stored = run_tag_stores(cfg, save_dir, weights, where["features"], timeline, meta=meta)
             out["tagged"], out["failed"] = stored.succeeded, stored.failed_total
         if segments:
             decoded = _decode_without_timeline(cfg, where, save_dir, weights, meta)
-            out["tagged"] += decoded.succeeded
-            out["decoded"], out["failed"] = decoded.submitted, out["failed"] + decoded.failed_total
+            if decoded is not None:
+                out["tagged"] += decoded.succeeded
+                out["decoded"], out["failed"] = decoded.submitted, out["failed"] + decoded.failed_total
     except ConfigError as exc:
         fs, root = st.filesystem(save_dir, config.storage)
         if st.exists(fs, f"{root}/{S.TAGS_DIR}") or st.exists(fs, f"{root}/{S.SEGMENTS_DIR}"):
@@ -516,19 +516,20 @@ def _folder_state(cfg: Config, save_dir: str) -> tuple[pa.Array, pa.Table]:
 
 def _decode_without_timeline(cfg: Config, where: dict[str, str], save_dir: str, weights: str, meta: dict):
     """Decodes (with segments, its timeline into the store) every library video the folder does not
-    hold whole that no stored timeline could serve; returns the tag job's summary."""
+    hold whole that no stored timeline could serve; returns the tag job's summary (None: none to)."""
     manifest = read_manifest(cfg.nightly.library, cfg.storage)
     done, dead = _folder_state(cfg, save_dir)
     other = dead.filter(pc.invert(pc.is_in(dead.column(S.ERROR_TYPE), pa.array(["NotInTimeline", "NotInTable"]))))
     skip = pa.concat_arrays([done, other.column(S.VIDEO_ID).combine_chunks().cast(pa.string())])
     ids = manifest.entries.column(S.VIDEO_ID)
     todo = manifest.entries.filter(pc.invert(pc.is_in(ids, value_set=skip))) if len(skip) else manifest.entries
+    if not todo.num_rows:
+        return None
     fs, root = st.filesystem(save_dir, cfg.storage)
     path = f"{root}/_decode.parquet"  # '_': not one of the folder's tables
     st.write_parquet(todo.select([S.VIDEO_ID, S.URI]), fs, path)
     uri = path if fs.type_name == "local" else f"s3://{path}"
-    if todo.num_rows:
-        log.info("%d library videos have no stored timeline (or features): decoding them", todo.num_rows)
+    log.info("%d library videos have no stored timeline (or features): decoding them", todo.num_rows)
     return run_tag(
         cfg,
         uri,

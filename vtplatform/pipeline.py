@@ -186,11 +186,12 @@ class JobSummary:
             entering -= lost
         lines += [f"    failed {reason:<28} {count}" for reason, count in sorted(self.failed.items())]
         lines += [f"  {name:<21} {count}" for name, count in sorted(self.counts.items())]
-        if "tsn" in self.stage_peak_mb:
-            lines.append(
-                f"  tsn actor memory      +{self.stage_peak_mb['tsn']:.0f} MB at its peak over the loaded model, "
-                f"+{self.stage_peak_mb.get('tsn call', 0.0):.0f} MB at most in one call"
-            )
+        for stage in ("tsn", "lstm"):
+            if stage in self.stage_peak_mb:
+                lines.append(
+                    f"  {stage + ' actor memory':<21} +{self.stage_peak_mb[stage]:.0f} MB at its peak over "
+                    f"the loaded model, +{self.stage_peak_mb.get(f'{stage} call', 0.0):.0f} MB at most in one call"
+                )
         frames = self.counts.get(S.CACHED_FRAMES, self.succeeded * self.frames_per_video)
         lines += [
             f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "

@@ -33,7 +33,7 @@ STAGE_SECONDS = {
     "lstm": S.TAG_SECONDS,
 }
 # Per-row memory figures of model actors (``memory.ActorMemory``), the largest kept for the summary.
-STAGE_PEAK_MB = {"tsn": S.TSN_PEAK_MB, "tsn call": S.TSN_CALL_MB}
+STAGE_PEAK_MB = {"tsn": S.TSN_PEAK_MB, "tsn call": S.TSN_CALL_MB, "lstm": S.LSTM_PEAK_MB, "lstm call": S.LSTM_CALL_MB}
 # Numeric columns summed into the summary's counts wherever rows carry them.
 COUNTED = (S.TIMELINE_FRAMES, S.WINDOWS, S.CACHED_FRAMES, S.CACHED_BYTES)
 

@@ -22,6 +22,7 @@ from vtplatform import storage as st
 from vtplatform.config import Config, ConfigError, StorageSection
 from vtplatform.labels import top_k_indices
 from vtplatform.lstm_data import collate
+from vtplatform.memory import ActorMemory
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, load_state
 from vtplatform.models.weights import read_weights
 
@@ -182,9 +183,11 @@ class TagStage:
     def __init__(self, spec: TagSpec):
         self.spec = spec
         self.model = LSTMStage(spec.lstm, top_k=spec.top_k).model
+        self.memory = ActorMemory()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
+        self.memory.begin()
         feats = S.binary_views(batch.column(S.FEATURES))
         kinds = (
             batch.column(S.ROW_KIND).to_pylist() if S.ROW_KIND in batch.column_names else [S.VIDEO_ROWS] * len(feats)
@@ -197,9 +200,13 @@ class TagStage:
         for field, column in tags:  # each kind's tags, null on the rows of the other kind
             out = out.append_column(field, pa.array(column, field.type))
         per_row = (time.perf_counter() - start) / max(len(videos) + len(chunks), 1)
-        return out.append_column(
+        out = out.append_column(
             S.TAG_SECONDS, pa.array([per_row if f is not None else 0.0 for f in feats], pa.float32())
         )
+        self.memory.end()
+        for name, mb in ((S.LSTM_PEAK_MB, self.memory.grown), (S.LSTM_CALL_MB, self.memory.call)):
+            out = out.append_column(pa.field(name, pa.float32()), pa.array([mb] * len(feats), pa.float32()))
+        return out
 
     def video_tags(self, feats: list, rows: list[int]) -> list[list]:
         """The ``VIDEO_TAG_FIELDS`` columns: each video's tags, a video at a time (its tags must not
