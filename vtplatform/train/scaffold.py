@@ -277,7 +277,8 @@ class Trainee(Protocol):
         """A fresh run's starting weights (nothing without ``--pretrain``)."""
 
     def batches(self, ctx: PaddleContext, epoch: int, start_step: int) -> Iterator[Any]:
-        """This worker's batches of ``epoch`` from ``start_step`` on."""
+        """This worker's batches of ``epoch`` from ``start_step`` on (the loop takes the epoch's
+        steps and no more, so an iterator may go on into the next epoch's batches)."""
 
     def step(self, net, optimizer, batch, amp: str, scaler) -> Step: ...
 
@@ -325,9 +326,8 @@ def train_worker(loop_config: dict[str, Any]):
         started, private_peak = time.perf_counter(), private_rss_mb()
         if ctx.is_chief:
             log.info("------- epoch %d: %d steps from step %d -------", epoch, spec.steps_per_epoch, start)
-        for step, batch in enumerate(trainee.batches(ctx, epoch, start), start=start):
-            if step >= spec.steps_per_epoch:
-                break
+        steps = range(start, spec.steps_per_epoch)  # first in zip: no batch beyond the epoch's is taken
+        for step, batch in zip(steps, trainee.batches(ctx, epoch, start), strict=False):
             inject_fault(spec.fault, ctx.rank, state.global_step)
             paddle.seed(step_seed(spec.seed, epoch, step, ctx.rank))
             optimizer.set_lr(trainee.learning_rate(epoch, state.global_step))

@@ -203,6 +203,7 @@ class TSNTrainee:
     _dead: DeadLetters | None = None
     _last_good: pa.Table | None = None
     _epoch: int = 0
+    _stream: Any = None  # the worker's batches, all the epochs left (``batches``)
 
     @property
     def segments(self) -> int:
@@ -225,19 +226,20 @@ class TSNTrainee:
             tc.load_pretrained(model, read_weights(self.pretrain, self.train.storage).state)
 
     def batches(self, ctx, epoch: int, start_step: int):
-        """This worker's samples of the epoch from ``start_step`` (``tsn_data.train_samples``: each drawn
-        from (seed, epoch, video)), loaded by Ray Data CPU tasks running ahead of the model."""
+        """This worker's samples from ``start_step`` of ``epoch`` on (``tsn_data.train_samples``: each
+        drawn from (seed, epoch, video)), loaded by Ray Data CPU tasks running ahead of the model:
+        one stream for all the epochs left, so loading runs on across epoch ends."""
         self._dead = self._dead or DeadLetters(ctx.rank)
-        samples = train_samples(
-            self.train_entries,
-            range(epoch, epoch + 1),
-            self.seed,
-            ctx.rank,
-            ctx.world_size,
-            self.batch_size,
-            start_step,
-        )
-        return stream(samples, self.train, self.load, self.batch_size, prefetch_batches=self.load.prefetch_batches)
+        if self._stream is None:
+            epochs = range(epoch, self.epochs)
+            samples = train_samples(
+                self.train_entries, epochs, self.seed, ctx.rank, ctx.world_size, self.batch_size, start_step
+            )
+            batches = stream(
+                samples, self.train, self.load, self.batch_size, prefetch_batches=self.load.prefetch_batches
+            )
+            self._stream = iter(batches)
+        return self._stream
 
     def step(self, net, optimizer, batch, amp: str, scaler) -> scaffold.Step:
         """One step on the samples that loaded; a worker none of whose batch loaded joins the
