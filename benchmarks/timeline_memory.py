@@ -13,7 +13,7 @@ windows, chunks and blocks it yielded, the largest block, and the seconds taken.
 long/short ratio of the growth, against what holding the long clip's timeline crops at once
 would take (timeline frames x 224 x 224 x 3 bytes): the decode stage must hold about one chunk
 (``FRAMES_PER_BLOCK`` crops, plus a window) at a time, whatever the video's length. The long
-clip runs again with ``segments.chunk_windows`` given its whole timeline at once, the way an
+clip runs again with ``windows.chunk_windows`` given its whole timeline at once, the way an
 implementation holding the video's timeline would behave (``--no-held`` skips it).
 """
 
@@ -79,7 +79,7 @@ print(json.dumps(out))
 
 def measure(path: Path, fps: float, segment_s: float, stride_s: float, segments: int, held: bool = False) -> dict:
     """One decode of ``path`` in a fresh process (its own VmHWM), blocks dropped as they come;
-    ``held``: with ``segments.chunk_windows`` given the whole timeline at once (``list(frames)``)."""
+    ``held``: with ``windows.chunk_windows`` given the whole timeline at once (``list(frames)``)."""
     args = dict(path=str(path), fps=fps, segment_s=segment_s, stride_s=stride_s, segments=segments, held=held)
     code = CHILD.format(root=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], check=True, capture_output=True, text=True)
@@ -153,7 +153,7 @@ def main() -> None:
         r = runs["long, held"][1]
         grow_h = r["peak_mb"] - r["base_mb"]
         print(
-            f"    held whole (chunk_windows over list(frames)): growth {grow_h} MB, {grow_h / max(grow_l, 1):.2f}x streamed"
+            f"    held whole (windows.chunk_windows over list(frames)): growth {grow_h} MB, {grow_h / max(grow_l, 1):.2f}x streamed"
         )
 
 

@@ -144,7 +144,9 @@ def test_spans_sit_where_each_class_is_and_video_tags_do_not_change(trained, tmp
     timeline = pq.read_table(out / S.TIMELINE_DIR).filter(pc.field(S.VIDEO_ID) == long_id)
     assert sorted(timeline.column(S.T_SECONDS).to_pylist()) == [float(t) for t in range(3 * SECTION_S)]
     made = S.read_provenance(pq.read_schema(next((out / S.TIMELINE_DIR).glob("*.parquet"))))
-    assert made["timeline"] == {"seconds": WINDOW_S, "stride_seconds": WINDOW_S, "timeline_fps": 1.0}
+    assert made["timeline"] == {
+        "seconds": WINDOW_S, "stride_seconds": WINDOW_S, "timeline_fps": 1.0, "timeline_chunk_frames": 6
+    }  # fmt: skip
     assert made["model"]["depth"] == 18 and made["preprocessing"]["target_size"] == 112
 
     thumbs = out / S.THUMBNAILS_DIR

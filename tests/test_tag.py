@@ -192,7 +192,12 @@ def test_the_tsn_actors_memory_is_bounded_by_frames_not_by_rows(ray_cluster, tmp
 def test_an_output_made_with_other_window_settings_is_refused(library):
     """Every setting that shapes the windows and their chunks (which the resume bookkeeping counts)
     is checked against an existing output, ``tag.timeline_chunk_frames`` included."""
-    from vtplatform.tag import check_same_tagger, segment_settings
+    from vtplatform.outputs import check_signature
+    from vtplatform.outputs.tags import TAGGER_KEYS
+    from vtplatform.tag import segment_settings
+
+    def check_same_tagger(existing, made, where):
+        check_signature(existing, made, TAGGER_KEYS, where, "tags")
 
     made = config(library, "tag.segment_seconds=4", "tag.timeline_chunk_frames=64").tag
     existing = pa.schema([]).with_metadata({S.METADATA_KEY: json.dumps({"segments": segment_settings(made)})})
@@ -221,6 +226,7 @@ def test_windows_of_many_lengths_in_one_call_tag_as_each_alone(lstm_weights):
             S.VIDEO_ID: ["v", "c", "c"],
             S.FEATURES: pa.array([video.tobytes(), *(c.tobytes() for c in chunks)], pa.large_binary()),
             S.CHUNK: pa.array([None, 0, 1], pa.int32()),
+            S.ROW_KIND: [S.VIDEO_ROWS, S.CHUNK_ROWS, S.CHUNK_ROWS],
             S.WIN_LO: [None, *([lo for lo, _ in b] for b in bounds)],
             S.WIN_HI: [None, *([hi for _, hi in b] for b in bounds)],
         }

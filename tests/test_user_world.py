@@ -135,7 +135,8 @@ def test_nightly(world):
     out = job(world, "nightly.py", "--config", "configs/nightly.yaml",
               *o(*EXTRACT, *LSTM, "resources.train_workers=1", *nightly))  # fmt: skip
     assert "decision            first" in out
-    assert pq.read_table(registry / "tags" / "tags").num_rows == len(CLIPS)
+    current = json.loads((registry / "tags" / S.CURRENT_TAGS_FILE).read_text())
+    assert pq.read_table(Path(current["tags"]) / S.TAGS_DIR).num_rows == len(CLIPS)
 
 
 # --- joining a cluster -----------------------------------------------------------------------

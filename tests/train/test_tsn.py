@@ -74,23 +74,20 @@ def _config(clips, *overrides, train="train"):
 def test_seed_schedule_drops_tenfold_at_a_third_and_two_thirds():
     assert T.lr_boundaries(45, 10) == [150, 300]
     assert T.lr_boundaries(4, 3) == [4, 8]  # ceil(4/3*3)=4, ceil(8/3*3)=8
-
-    class Spec:
-        learning_rate, learning_rate_decay, epochs, momentum, l2_weight_decay = 0.01, 0.1, 45, 0.9, 1e-4
+    # The rate the loop sets at each global step of the run (optimizer.set_lr before the step).
+    trainee = T.TSNTrainee.__new__(T.TSNTrainee)
+    trainee.epochs, trainee.steps_per_epoch, trainee.base_rate, trainee.rate_decay = 45, 10, 0.01, 0.1
+    rates = [trainee.learning_rate(step // 10, step) for step in range(301)]
+    assert rates[149] == 0.01 and rates[150] == pytest.approx(0.001) and rates[300] == pytest.approx(0.0001)
+    assert rates[299] == pytest.approx(0.001)
 
     import paddle
 
     w = paddle.create_parameter(
         [3], "float32", default_initializer=paddle.nn.initializer.Assign(np.array([1.0, -2.0, 0.5], np.float32))
     )
-    optimizer, schedule = T.make_optimizer(Spec, [w], steps=10)
-    rates = []
-    for _ in range(301):
-        rates.append(schedule.get_lr())
-        schedule.step()
-    assert rates[149] == 0.01 and rates[150] == pytest.approx(0.001) and rates[300] == pytest.approx(0.0001)
+    optimizer = T.make_optimizer(0.01, 0.9, 1e-4, [w])
     # Momentum 0.9 with L2 1e-4 folded into the gradient: v = 0.9 v + (g + 1e-4 w); w -= lr * v
-    schedule.step(0)
     expected, velocity = w.numpy().astype(np.float64), np.zeros(3)
     for _ in range(3):
         loss = (w * paddle.to_tensor([1.0, 2.0, 3.0])).sum()
@@ -112,17 +109,17 @@ def test_seed_configs_and_lists_as_they_are(tmp_path, monkeypatch):
         (lists / f"{name}.list").write_text("".join(f"data/mp4/{i}.mp4 {i % 400}\n" for i in range(300)))
     for name, workers in (("tsn.yaml", 8), ("tsn-single.yaml", 1)):
         config = load_config(SEED / "configs" / name)
-        spec, info = T.prepare(config, None, _plan(config.train.num_gpus), "labels")
+        spec, loop, _ = T.prepare(config, None, _plan(config.train.num_gpus), "labels")
         assert config.train.num_gpus == workers
         assert spec.batch_size == 32 and spec.model.depth == 101 and spec.model.num_classes == 400
-        assert info["steps"] == 300 // workers // 32
+        assert spec.steps_per_epoch == loop.steps_per_epoch == 300 // workers // 32
         assert spec.train.seg_num == 3 and spec.valid.seg_num == 3 and spec.train.target_size == 224
         assert spec.train_entries.column(S.URI).to_pylist()[0] == str(tmp_path / "data/mp4/0.mp4")
-        assert (spec.momentum, spec.l2_weight_decay, spec.learning_rate_decay) == (0.9, 1e-4, 0.1)
+        assert (spec.momentum, spec.l2_weight_decay, spec.rate_decay) == (0.9, 1e-4, 0.1)
     assert load_config(SEED / "configs" / "tsn.yaml").test.seg_num == 7
     (lists / "train.list").write_text("".join(f"frames/v{i} {40 + i} {i % 3}\n" for i in range(64)))
     config = load_config(SEED / "configs" / "tsn-single.yaml", ["MODEL.format=frames", "VALID.filelist=None"])
-    spec, info = T.prepare(config, None, _plan(1), "labels")
+    spec, _, _ = T.prepare(config, None, _plan(1), "labels")
     assert spec.train.source_format == "frames" and spec.valid is None
     assert spec.train_entries.column(S.NUM_FRAMES).to_pylist()[:2] == [40, 41]
     with pytest.raises(ConfigError, match="cannot fill one batch"):
