@@ -484,7 +484,9 @@ def _frames(
     shapes = {f.shape for f in out}
     if len(shapes) != 1:
         raise BadVideo("decode", "InconsistentFrameSize", f"frames of different sizes after scaling: {sorted(shapes)}")
-    frames = np.stack(out)[np.searchsorted(unique, indices)]
+    frames = np.empty((len(indices), *out[0].shape), out[0].dtype)  # one copy of each crop, into place
+    for k, i in enumerate(np.searchsorted(unique, indices).tolist()):
+        frames[k] = out[i]
     return Frames(frames, indices, num_frames, fps, int(size[1]), int(size[0]), decoder, preprocess_seconds)
 
 

@@ -34,6 +34,7 @@ import functools
 import logging
 import math
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,31 +97,48 @@ def resize_crop(
         return _pillow(rgb, size, top, left, height, width)
     hpass, vpass = kernels
     in_h, in_w = rgb.shape[:2]
+    plan = _plan(in_w, in_h, out_w, out_h, top, left, height, width)
     flat = np.ascontiguousarray(rgb).reshape(in_h, in_w * 3)
+    first, second = plan.first, plan.second
+    mid = np.empty(plan.mid_shape, np.uint8) if first is not None else np.ascontiguousarray(flat[plan.rows, plan.cols])
+    if first is not None:
+        (hpass if plan.horizontal_first else vpass)(flat, *first, mid)
+    if second is None:
+        return mid.reshape(height, width, 3)
+    out = np.empty((height, width * 3), np.uint8)
+    (vpass if plan.horizontal_first else hpass)(mid, *second, out)
+    return out.reshape(height, width, 3)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The two passes' arguments for one geometry (frame size, output size, crop); None: no such pass."""
+
+    horizontal_first: bool
+    mid_shape: tuple[int, int]  # the first pass's output (rows, bytes)
+    first: tuple | None  # the first pass's arguments after the source
+    second: tuple | None  # the second pass's arguments after the first pass's output
+    rows: slice  # without a first pass: the source rows and bytes the second pass reads
+    cols: slice
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(in_w: int, in_h: int, out_w: int, out_h: int, top: int, left: int, height: int, width: int) -> _Plan:
     need_horizontal, need_vertical = out_w != in_w, out_h != in_h
     v_first, v_count, v_weights = (a[top : top + height] for a in bilinear_coeffs(in_h, out_h))
     h_first, h_count, h_weights = (a[left : left + width] for a in bilinear_coeffs(in_w, out_w))
-    out = np.empty((height, width * 3), np.uint8)
     if horizontal_first(in_w, in_h, out_w, out_h):
         # the source rows the crop's rows reach, through the horizontal pass (the crop's columns only)
         r0, r1 = (int(v_first[0]), int((v_first + v_count).max())) if need_vertical else (top, top + height)
-        if need_horizontal:
-            mid = np.empty((r1 - r0, width * 3), np.uint8)
-            hpass(flat, r0, r1, int(h_first[0]), int((h_first + h_count).max()), h_first, h_count, h_weights, mid)
-        else:
-            mid = np.ascontiguousarray(flat[r0:r1, left * 3 : (left + width) * 3])
-        if not need_vertical:
-            return mid.reshape(height, width, 3)
-        vpass(mid, 0, width * 3, v_first - np.int32(r0), v_count, v_weights, out)
-    else:
-        # Pillow 13 runs the vertical pass first here: over the source columns the crop's columns reach
-        x0, x1 = (int(h_first[0]), int((h_first + h_count).max())) if need_horizontal else (left, left + width)
-        mid = np.empty((height, (x1 - x0) * 3), np.uint8)
-        vpass(flat, x0 * 3, x1 * 3, v_first, v_count, v_weights, mid)
-        if not need_horizontal:
-            return mid.reshape(height, width, 3)
-        hpass(mid, 0, height, 0, x1 - x0, h_first - np.int32(x0), h_count, h_weights, out)
-    return out.reshape(height, width, 3)
+        x0, x1 = int(h_first[0]), int((h_first + h_count).max())
+        first = (r0, r1, x0, x1, h_first, h_count, h_weights) if need_horizontal else None
+        second = (0, width * 3, v_first - np.int32(r0), v_count, v_weights) if need_vertical else None
+        return _Plan(True, (r1 - r0, width * 3), first, second, slice(r0, r1), slice(left * 3, (left + width) * 3))
+    # Pillow 13 runs the vertical pass first here (so need_vertical): over the source columns the crop's reach
+    x0, x1 = (int(h_first[0]), int((h_first + h_count).max())) if need_horizontal else (left, left + width)
+    first = (x0 * 3, x1 * 3, v_first, v_count, v_weights)
+    second = (0, height, 0, x1 - x0, h_first - np.int32(x0), h_count, h_weights) if need_horizontal else None
+    return _Plan(False, (height, (x1 - x0) * 3), first, second, slice(0), slice(0))
 
 
 def horizontal_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:

@@ -39,20 +39,19 @@ def hpass(src, r0, r1, x0, x1, first, count, weights, out):
     for yb in range(r0, r1, BLOCK_ROWS):
         nb = min(BLOCK_ROWS, r1 - yb)
         for b in range(nb):
-            row = src[yb + b]
+            row = src[yb + b, x0 * 3 : x1 * 3]  # a view, so that no index needs a negative-index check
             o = b * 3
             for x in range(nx):
-                q = (x0 + x) * 3
-                buf[x, o] = row[q]
-                buf[x, o + 1] = row[q + 1]
-                buf[x, o + 2] = row[q + 2]
+                buf[x, o] = row[3 * x]
+                buf[x, o + 1] = row[3 * x + 1]
+                buf[x, o + 2] = row[3 * x + 2]
         for j in range(n_out):
             for m in range(BLOCK_ROWS * 3):
                 acc[m] = HALF
             p = first[j] - x0
             for t in range(count[j]):
                 w = weights[j, t]
-                column = buf[p + t]
+                column = buf[p + t]  # a row of buf: its values for source column x0 + p + t
                 for m in range(BLOCK_ROWS * 3):
                     acc[m] += np.int32(column[m]) * w
             for b in range(nb):
@@ -72,8 +71,8 @@ def vpass(src, c0, c1, first, count, weights, out):
             acc[m] = HALF
         for t in range(count[i]):
             w = weights[i, t]
-            row = src[first[i] + t]
+            row = src[first[i] + t, c0:c1]  # a view: indexing row[m] lets the loop vectorize
             for m in range(n):
-                acc[m] += np.int32(row[c0 + m]) * w
+                acc[m] += np.int32(row[m]) * w
         for m in range(n):
             out[i, m] = min(max(acc[m] >> PRECISION_BITS, 0), 255)
