@@ -10,8 +10,10 @@
     with B-frames in AVI, MJPEG, MPEG-2 in TS, 1080p H.264, HEVC, VP9). For each clip: the path
     the reader takes (decoder auto), then decord seek and PyAV's one pass forced where they can
     read the clip, decord's sequential read of every frame (the frame cache's, `iter_all_frames`),
-    and the timeline path (`--segments`: the 300 samples and a 1 frame/s timeline from one
-    decode) against the samples alone.
+    the timeline path (`--segments`: the 300 samples and a 1 frame/s timeline from one decode)
+    against the samples alone, and the reader's path with Pillow's full resize then the crop (the
+    preprocessing before the compiled crop-only resize, `scale_and_crop(backend="pillow")`: the
+    same bytes).
 (b) throughput of the Ray Data pipeline (decode tasks -> TSN actor -> writer) against a
     sequential loop that decodes and then infers one video at a time, the seed's way (decode
     every frame into a list, sample, preprocess, run the dygraph model), on the same clips and
@@ -23,8 +25,11 @@
     Paddle Inference path the TSN actors use, against numpy's sgemm on the same cores.
 (f) where preprocessing's time goes, per frame size: Pillow's bilinear resize to 341x256 (what
     VideoTag's scale is), its `box=` resize of only the crop and how many of the crop's values that
-    gets wrong (it is not exact, so the reader does not use it), and PyAV's conversion to RGB with
-    a converter per frame (`to_ndarray(format="rgb24")`) against one reused converter on one thread.
+    gets wrong (it is not exact), the compiled crop-only resize the reader uses
+    (`video/resample.py`) and how many values it gets wrong (none: it is exact), and PyAV's
+    conversion to RGB with a converter per frame (`to_ndarray(format="rgb24")`) against one reused
+    converter on one thread. Then the compiled resize's start-up in a fresh process: compiling it
+    (an empty numba cache) and loading it from numba's cache.
 (e) `jobs/tag.py` over the bundled clips with and without `--segments 10` (1 frame/s): the run
     summary's `stage_seconds` (decode, preprocess) of each, and the ratio of the decode stage's
     (goal <= 1.15x), with a small TSN and AttentionLSTM (decode does not depend on them).
@@ -33,6 +38,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -159,16 +165,19 @@ def bench_decode(clips: list[Path]) -> None:
         read_frames,
         read_frames_and_timeline,
     )
+    from vtplatform.video.sampling import infer_indices
+    from vtplatform.video.transforms import scale_and_crop
 
     ffmpeg = ffmpeg_binary()
     plan = infer_plan(300)
+    pillow_plan = (lambda n: infer_indices(n, 300)), functools.partial(scale_and_crop, backend="pillow")
     paths = {
         "auto": ReadOptions(threads=1),
         "decord": ReadOptions(decoder="decord", threads=1),
         "pyav-1": ReadOptions(threads=1, decord_max_frames=0),  # PyAV's one pass, forced by the length guard
     }
 
-    def sampled(clip: Path, options: ReadOptions):
+    def sampled(clip: Path, options: ReadOptions, plan=plan):
         return read_frames(str(clip), *plan, options)
 
     def timeline(clip: Path) -> None:
@@ -188,8 +197,9 @@ def bench_decode(clips: list[Path]) -> None:
     print(
         f"    {'clip':<40} {'frames':>6} {'path':<12} {'ours':>7} {'ffmpeg':>7} {'ratio':>6}"
         f" | {'decord':>6} {'pyav-1':>6} {'seq':>6} | {'+timeline':>9} {'ratio':>6} {'vs alone':>8}"
+        f" | {'pillow':>6} {'ratio':>6}"
     )
-    ratios, timeline_ratios, worst = [], [], ("", 0.0)
+    ratios, timeline_ratios, pillow_ratios, worst = [], [], [], ("", 0.0)
     for clip in clips:
         theirs = child_cpu_of([ffmpeg, "-v", "error", "-threads", "1", "-i", str(clip), "-f", "null", "-"])
         first = sampled(clip, paths["auto"])
@@ -205,17 +215,21 @@ def bench_decode(clips: list[Path]) -> None:
         except BadVideo:
             forced["seq"] = "   -  "
         with_timeline = cpu_of(lambda c=clip: timeline(c))
+        with_pillow = cpu_of(lambda c=clip: sampled(c, paths["auto"], pillow_plan))
         ratios.append(ours / theirs)
         timeline_ratios.append(with_timeline / theirs)
+        pillow_ratios.append(with_pillow / theirs)
         worst = max(worst, (clip.name, ours / theirs), key=lambda x: x[1])
         print(
             f"    {clip.name:<40} {first.num_frames:>6} {first.decoder:<12} {ours:>7.3f} {theirs:>7.3f}"
             f" {ours / theirs:>5.2f}x | {forced['decord']:>6} {forced['pyav-1']:>6} {forced['seq']:>6}"
             f" | {with_timeline:>9.3f} {with_timeline / theirs:>5.2f}x {with_timeline / ours:>7.2f}x"
+            f" | {with_pillow:>6.3f} {with_pillow / theirs:>5.2f}x"
         )
     print(
         f"    geometric mean ratio {np.exp(np.mean(np.log(ratios))):.2f}x (goal <= 1.3x), worst {worst[1]:.2f}x"
-        f" on {worst[0]} (goal <= 2x); with the timeline: {np.exp(np.mean(np.log(timeline_ratios))):.2f}x"
+        f" on {worst[0]} (goal <= 2x); with the timeline: {np.exp(np.mean(np.log(timeline_ratios))):.2f}x;"
+        f" with Pillow's full resize: {np.exp(np.mean(np.log(pillow_ratios))):.2f}x"
     )
 
 
@@ -368,6 +382,8 @@ def bench_preprocess(repeats: int = 50) -> None:
     from av.video.reformatter import VideoReformatter
     from PIL import Image
 
+    from vtplatform.video.transforms import scale_and_crop
+
     def ms(fn) -> float:
         fn()
         start = time.process_time()
@@ -377,9 +393,13 @@ def bench_preprocess(repeats: int = 50) -> None:
 
     print("\n(f) per frame, CPU ms: Pillow's resize to 341x256; its box= resize of the 224x224 crop (values off by")
     print(
-        "    one against the full resize's crop); PyAV's yuv420p -> rgb24 with a new converter per frame, and one reused"
+        "    one against the full resize's crop); ours, the compiled crop-only resize the reader uses (values off: none);"
     )
-    print(f"    {'frame':>9} {'resize':>7} {'box':>7} {'box off':>8} {'new conv':>9} {'reused':>7}")
+    print("    PyAV's yuv420p -> rgb24 with a new converter per frame, and one reused")
+    print(
+        f"    {'frame':>9} {'resize':>7} {'box':>7} {'box off':>8} {'ours':>7} {'ours off':>8}"
+        f" {'new conv':>9} {'reused':>7}"
+    )
     rng = np.random.default_rng(0)
     for w, h in [(320, 240), (426, 240), (640, 360), (1280, 720), (1920, 1080)]:
         rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -389,14 +409,25 @@ def bench_preprocess(repeats: int = 50) -> None:
         cropped = ms(lambda im=image, b=box: im.resize((224, 224), Image.BILINEAR, box=b))
         want = np.asarray(image.resize((341, 256), Image.BILINEAR))[16:240, 58:282]
         got = np.asarray(image.resize((224, 224), Image.BILINEAR, box=box))
+        ours = ms(lambda x=rgb: scale_and_crop(x))
+        exact = scale_and_crop(rgb)
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
         # to_ndarray(format=...) on each new decoded frame builds that frame's own converter: so does this
         fresh = ms(lambda f=frame: VideoReformatter().reformat(f, format="rgb24").to_ndarray())
         converter = VideoReformatter()
         reused = ms(lambda f=frame, c=converter: c.reformat(f, format="rgb24", threads=1).to_ndarray())
         print(
-            f"    {w:>4}x{h:<4} {full:>7.2f} {cropped:>7.2f} {(want != got).mean():>7.3%} {fresh:>9.2f} {reused:>7.2f}"
+            f"    {w:>4}x{h:<4} {full:>7.2f} {cropped:>7.2f} {(want != got).mean():>7.3%} {ours:>7.2f}"
+            f" {(want != exact).mean():>7.3%} {fresh:>9.2f} {reused:>7.2f}"
         )
+    code = "import time; from vtplatform.video.resample import _kernels; _kernels(required=True); print(time.process_time())"
+    with tempfile.TemporaryDirectory(prefix="vtp-numba-") as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+        runs = [float(subprocess.check_output([sys.executable, "-c", code], env=env, text=True)) for _ in range(2)]
+    print(
+        f"    the compiled resize in a fresh process, CPU s to import it and have it ready: {runs[0]:.2f} compiling"
+        f" it (empty numba cache), {runs[1]:.2f} loading it from numba's cache"
+    )
 
 
 def bench_segments(workdir: Path, repeats: int) -> None:

@@ -7,7 +7,7 @@ presentation time (``iter_timeline``), streaming, and with the sampled frames fr
 
 A plan is ``choose(num_frames) -> indices`` (any indices, any order, repeats allowed) and
 ``per_frame(rgb)``, applied to each decoded RGB frame (H, W, 3) uint8 as soon as it is decoded (a
-scale, or a scale and a crop), so at most ``chunk_frames`` full-size frames are held at a time.
+scale, or a scale and a crop), so one full-size frame is held at a time.
 ``infer_plan`` is VideoTag's inference plan, the one extraction and tagging use.
 
 One decoder choice serves both readers (``ReadOptions.decoder``: ``auto``, or ``decord`` or
@@ -71,7 +71,7 @@ class BadVideo(Exception):
 class ReadOptions:
     decoder: str = "auto"  # auto | decord | pyav
     threads: int = 1
-    chunk_frames: int = 8  # full-size frames held at once
+    chunk_frames: int = 8  # full-size frames held at once, at most (the readers hold one)
     decord_max_frames: int = 1200  # longer videos stream through PyAV (decoder "auto")
 
 
@@ -484,7 +484,9 @@ def _frames(
     shapes = {f.shape for f in out}
     if len(shapes) != 1:
         raise BadVideo("decode", "InconsistentFrameSize", f"frames of different sizes after scaling: {sorted(shapes)}")
-    frames = np.stack(out)[np.searchsorted(unique, indices)]
+    frames = np.empty((len(indices), *out[0].shape), out[0].dtype)  # one copy of each crop, into place
+    for k, i in enumerate(np.searchsorted(unique, indices).tolist()):
+        frames[k] = out[i]
     return Frames(frames, indices, num_frames, fps, int(size[1]), int(size[0]), decoder, preprocess_seconds)
 
 
@@ -535,12 +537,8 @@ def _read_decord(
     unique = np.unique(indices)
     order = unique if also is None else np.union1d(unique, also)
     prep, done = _Prep(per_frame), {}
-    for start in range(0, len(order), options.chunk_frames):
-        chunk = order[start : start + options.chunk_frames]
-        batch = reader.get_batch(chunk.tolist()).asnumpy()  # decord applies the display rotation itself
-        for ordinal, f in zip(chunk.tolist(), batch, strict=True):
-            done[ordinal] = prep.rgb(f)
-        del batch
+    for ordinal in order.tolist():
+        done[ordinal] = prep.rgb(_decord_frame(reader, ordinal))
     frames = _frames(
         [done[i] for i in unique.tolist()],
         unique,
@@ -554,6 +552,31 @@ def _read_decord(
     if also is None:
         return frames
     return frames, {i: done[i] for i in also.tolist()}
+
+
+class _DLPack:
+    """A decord NDArray as numpy's ``from_dlpack`` takes it (decord's ``to_dlpack`` gives the bare capsule)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **_):
+        return self.array.to_dlpack()
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU: decord.cpu(0)
+
+
+def _decord_frame(reader, ordinal: int) -> np.ndarray:
+    """Frame ``ordinal`` (H, W, 3) uint8 from decord, which applies the display rotation itself.
+
+    One frame a call, shared with numpy without a copy: decord's ``GetBatch`` decodes its indices
+    one after another in any case (seeking when the next one is not the frame after the current),
+    so a call per frame makes the same seeks and decodes as a batch of them. A batch of several
+    full-size frames costs more: its buffer is a fresh allocation on every call (past glibc's mmap
+    threshold, so the kernel zeroes its pages again: at 1080p as much system time as the decoding
+    itself), and ``asnumpy`` copies it once more."""
+    return np.from_dlpack(_DLPack(reader.get_batch([ordinal])))[0]
 
 
 def _stream_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames | None:
@@ -602,21 +625,19 @@ def _all_decord(reader, per_frame: FrameFn, options: ReadOptions) -> tuple[Strea
     num_frames = len(reader)
     if num_frames < 1:
         raise BadVideo("decode", "NoFrames", "the video stream has no frames")
-    first = reader.get_batch([0]).asnumpy()  # fails here, before anything is yielded, on most bad files
-    del first
+    first = _decord_frame(reader, 0)  # fails here, before anything is yielded, on most bad files
     info = StreamInfo(num_frames, float(reader.get_avg_fps()), "decord")
 
     def frames() -> Iterator[np.ndarray]:
-        for start in range(0, num_frames, options.chunk_frames):
+        yield per_frame(first)
+        for ordinal in range(1, num_frames):
             try:
-                batch = reader.get_batch(list(range(start, min(start + options.chunk_frames, num_frames)))).asnumpy()
+                frame = _decord_frame(reader, ordinal)
             except Exception as exc:
                 if _is_decord_error(exc):
-                    raise BadVideo("decode", "DecodeError", f"decord, frame {start}: {_first_line(exc)}") from exc
+                    raise BadVideo("decode", "DecodeError", f"decord, frame {ordinal}: {_first_line(exc)}") from exc
                 raise
-            for f in batch:
-                yield per_frame(f)
-            del batch
+            yield per_frame(frame)
 
     return info, frames()
 

@@ -7,6 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from vtplatform.video.resample import resize_crop
+
 
 def scaled_size(width: int, height: int, short_size: int = 256) -> tuple[int, int]:
     """VideoTag's ``group_scale``: keep a frame whose short side is already ``short_size``;
@@ -23,14 +25,20 @@ def crop_offsets(width: int, height: int, target_size: int = 224) -> tuple[int, 
     return round((height - target_size) / 2.0), round((width - target_size) / 2.0)
 
 
-def scale_and_crop(rgb: np.ndarray, short_size: int = 256, target_size: int = 224) -> np.ndarray:
+def scale_and_crop(rgb: np.ndarray, short_size: int = 256, target_size: int = 224, backend: str = "auto") -> np.ndarray:
     """One decoded RGB frame (H, W, 3) uint8 -> its centre crop (target, target, 3) uint8.
 
     Resizing is Pillow's bilinear filter on uint8, as VideoTag did (it antialiases when
-    downscaling, unlike ``cv2.resize``).
+    downscaling, unlike ``cv2.resize``). Only the crop is computed (``resample.resize_crop``, the
+    same bytes as Pillow's full resize cropped; ``backend`` as there).
     """
+    height, width = rgb.shape[:2]
+    size = scaled_size(width, height, short_size)
+    h_off, w_off = crop_offsets(size[0], size[1], target_size)
+    inside = 0 <= h_off <= size[1] - target_size and 0 <= w_off <= size[0] - target_size
+    if size != (width, height) and inside:
+        return resize_crop(rgb, size, h_off, w_off, target_size, target_size, backend)
     rgb = scale(rgb, short_size)
-    h_off, w_off = crop_offsets(rgb.shape[1], rgb.shape[0], target_size)
     return np.ascontiguousarray(rgb[h_off : h_off + target_size, w_off : w_off + target_size])
 
 
