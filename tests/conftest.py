@@ -114,7 +114,8 @@ def run_job(
 ) -> subprocess.CompletedProcess:
     """Runs ``python jobs/<script>`` as a user would, returning the completed process."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
+    start = time.perf_counter()
+    res = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / script), *args],
         cwd=cwd,
         env=full_env,
@@ -122,3 +123,8 @@ def run_job(
         text=True,
         timeout=timeout,
     )
+    if os.environ.get("VTP_TEST_JOB_TIMES"):  # where the suite's time goes: one line per job run
+        with open(os.environ["VTP_TEST_JOB_TIMES"], "a") as out:
+            test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+            out.write(f"{time.perf_counter() - start:7.1f}s {script} rc={res.returncode} {test}\n")
+    return res
