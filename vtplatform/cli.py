@@ -53,9 +53,12 @@ def overrides(args: argparse.Namespace, flags: dict[str, str] | None = None) -> 
 
 
 def setup_logging(level: str) -> None:
+    """Logs to stderr, every line redacted (botocore's DEBUG lines carry the access key id)."""
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(storage.RedactingFilter())
 
 
 def init_ray(**kwargs) -> None:

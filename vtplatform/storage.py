@@ -445,7 +445,9 @@ def format_retries(counts: dict[str, int]) -> str:
 
 
 def storage_failure(exc: BaseException) -> StorageError | None:
-    """The ``StorageError`` behind ``exc``, looking through causes and Ray's task-error wrappers."""
+    """The ``StorageError`` behind ``exc``, looking through causes and Ray's task-error wrappers
+    (a ``RayTaskError(StorageError)`` is one too, but its text is the remote traceback: the
+    original, its ``cause``, is the one returned)."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -453,9 +455,10 @@ def storage_failure(exc: BaseException) -> StorageError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, StorageError):
+        inner = getattr(e, "cause", None)
+        if isinstance(e, StorageError) and not isinstance(inner, StorageError):
             return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += [e.__cause__, e.__context__, inner]
     return None
 
 
@@ -733,6 +736,18 @@ def redact(text: str) -> str:
             text = text.replace(value, "***")
     text = _USERINFO.sub(r"\g<scheme>***@", text)
     return _AWS_KEY_ID.sub("***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A log handler's filter that ``redact``s every record it passes, whoever logged it (botocore's
+    DEBUG lines print request headers, whose Authorization names the access key id)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 @contextlib.contextmanager
