@@ -131,6 +131,11 @@ class ProxyServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (open for the server's life)
         self.log_lock = threading.Lock()
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (a job killed mid-request) is no error of the proxy's."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def log(self, entry: dict) -> None:
         with self.log_lock:
             self.log_file.write(json.dumps(entry) + "\n")

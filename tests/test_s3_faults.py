@@ -300,25 +300,32 @@ def test_attention_lstm_train_killed_resumed_then_eval_and_predict(
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     clean = _clean(moto_endpoint)
+    T0 = time.time()
     reference = subprocess.run(
         [sys.executable, *_lstm_train_args(features, str(features["local"]), str(tmp_path / "plain"), moto_endpoint)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]
+    print("TIMING reference", time.time() - T0)
 
     save = f"s3://{bucket}/runs"
     command = [sys.executable, *_lstm_train_args(features, features["s3"], save, faulty_s3.endpoint)]
     driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = f"{bucket}/runs/AttentionLSTM"
     try:
-        _wait_for(clean, f"{run}/epoch_000_step_0000004/meta.json", driver)
+        # the second checkpoint: by then Ray Train has recorded the first, so the rerun resumes
+        _wait_for(clean, f"{run}/epoch_001_step_0000000/meta.json", driver)
         time.sleep(np.random.default_rng(1).uniform(0.0, 1.0))
     finally:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     assert clean.get_file_info(f"{run}/epoch_002_step_0000000").type == pafs.FileType.NotFound  # killed mid-run
+    print("TIMING killed", time.time() - T0)
     mark = _quiet(faulty_s3)  # the killed job's workers are gone
+    print("TIMING quiet", time.time() - T0)
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    Path("/tmp/s3x/rerun.txt").write_text(rerun.stdout + rerun.stderr)
+    print("TIMING rerun", time.time() - T0)
     _check_job(rerun, faulty_s3, mark)
     assert "resumed from" in rerun.stderr and "storage retries" in rerun.stdout
 
@@ -387,6 +394,142 @@ def _lstm_eval_and_predict(ray_cluster, moto_endpoint, faulty_s3, features, run:
         assert row[S.CLASS_IDS] == np.argsort(-probs[i], kind="stable")[:2].tolist()
         np.testing.assert_allclose(row[S.PROBS], np.sort(probs[i])[::-1][:2], atol=1e-5)
     _no_secrets_under(fs, f"{run[5:]}-predict")
+
+
+# --- TSN: videos and checkpoints on S3, driver killed and resumed, eval and predict ---------------
+
+TSN = ["MODEL.num_classes=3", "MODEL.num_layers=18", "TRAIN.batch_size=6", "TRAIN.learning_rate=0.002"]
+TSN += ["TRAIN.epoch=2", "resources.train_workers=2", "resources.train_cpus=0.5", "resources.train_threads=1"]
+TSN += ["resources.tsn_threads=1", "resources.use_gpu=false", "train_run.checkpoint_every_steps=1"]
+TSN += ["train_run.keep_checkpoints=10", "INFER.seg_num=3", "TEST.seg_num=3"]
+TSN += [
+    f"{phase}.{key}" for phase in ("TRAIN", "VALID", "TEST", "INFER") for key in ("short_size=64", "target_size=56")
+]
+
+
+@pytest.fixture(scope="module")
+def tsn_clips(moto_endpoint, bucket, tmp_path_factory):
+    """12 training and 3 validation clips in 3 colour classes, on S3, listed by s3:// URI."""
+    from tests.tsn_clips import write_class_clips
+
+    root = tmp_path_factory.mktemp("faults_tsn")
+    fs = _clean(moto_endpoint)
+    lists = {}
+    for phase, per_class, seed in (("train", 4, 1), ("valid", 1, 2)):
+        lines = []
+        for path, label in write_class_clips(root / phase, per_class, seed=seed):
+            _put(fs, f"{bucket}/tsn/{phase}/{path.name}", path.read_bytes())
+            lines.append(f"s3://{bucket}/tsn/{phase}/{path.name} {label}\n")
+        lists[phase] = root / f"{phase}.list"
+        lists[phase].write_text("".join(lines))
+    (root / "labels.txt").write_text("reddish\ngreenish\nbluish\n")
+    return {"root": root, "lists": lists, "labels": root / "labels.txt"}
+
+
+def _tsn_args(tsn_clips, endpoint: str) -> list[str]:
+    lists = tsn_clips["lists"]
+    files = [f"TRAIN.filelist={lists['train']}", f"VALID.filelist={lists['valid']}"]
+    files += [f"TEST.filelist={lists['valid']}", f"INFER.filelist={lists['valid']}"]
+    return ["--model_name=TSN", "--config", "configs/tsn.yaml", *_o(*TSN, *files, f"storage.endpoint_url={endpoint}")]
+
+
+@pytest.mark.slow
+def test_tsn_train_killed_resumed_then_eval_and_predict(
+    ray_cluster, moto_endpoint, faulty_s3, bucket, tsn_clips, tmp_path
+):
+    """TSN fine-tuning decodes its videos from S3 and checkpoints there, through the faults; its
+    driver is SIGKILLed after two checkpoints and the same command resumes, to the weights of an
+    uninterrupted run against moto directly. Eval and predict then read the run and the videos
+    through the faults; eval's TOP1 is what predict's top classes say."""
+    from vtplatform.models import weights as W
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    clean = _clean(moto_endpoint)
+    plain = [sys.executable, str(ROOT / "jobs" / "train.py"), *_tsn_args(tsn_clips, moto_endpoint)]
+    reference = subprocess.run(
+        [*plain, "--save_dir", f"s3://{bucket}/tsn-plain"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    save, run = f"s3://{bucket}/tsn-runs", f"{bucket}/tsn-runs/TSN"
+    command = [sys.executable, str(ROOT / "jobs" / "train.py"), *_tsn_args(tsn_clips, faulty_s3.endpoint)]
+    command += ["--save_dir", save]
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(clean, f"{run}/epoch_001_step_0000000/meta.json", driver, timeout=600)
+        time.sleep(np.random.default_rng(2).uniform(0.0, 1.0))
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert clean.get_file_info(f"{run}/epoch_002_step_0000000").type == pafs.FileType.NotFound  # killed mid-run
+    mark = _quiet(faulty_s3)
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    _check_job(rerun, faulty_s3, mark)
+    assert "resumed from" in rerun.stderr and "storage retries" in rerun.stdout
+
+    storage = StorageSection(endpoint_url=moto_endpoint)
+    checkpoints = W.list_checkpoints(f"s3://{run}", storage)
+    names = ["epoch_000_step_0000001", "epoch_001_step_0000000", "epoch_001_step_0000001", "epoch_002_step_0000000"]
+    assert [c.rsplit("/", 1)[1] for c in sorted(checkpoints)] == names
+    for ckpt in checkpoints:
+        assert W.read_weights(ckpt, storage).meta["model_name"] == "TSN"
+    final = W.read_weights(f"s3://{run}/epoch_002_step_0000000", storage).state
+    expected = W.read_weights(f"s3://{bucket}/tsn-plain/TSN/epoch_002_step_0000000", storage).state
+    assert final.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-6, err_msg=key)
+
+    common = [*_tsn_args(tsn_clips, faulty_s3.endpoint), "--weights", f"s3://{run}"]
+    mark = faulty_s3.mark()
+    res = run_job("eval.py", *common, "--save_dir", f"s3://{bucket}/tsn-eval", env=env)
+    _check_job(res, faulty_s3, mark)
+    mark = faulty_s3.mark()
+    res = run_job(
+        "predict.py", *common, "--label_file", str(tsn_clips["labels"]), "--save_dir", f"s3://{bucket}/tsn-pred",
+        env=env,
+    )  # fmt: skip
+    _check_job(res, faulty_s3, mark)
+    report = json.loads(clean.open_input_file(f"{bucket}/tsn-eval/report.json").read())
+    predictions = _rows(clean, f"{bucket}/tsn-pred/predictions").to_pylist()
+    labels = {line.split()[0]: int(line.split()[1]) for line in tsn_clips["lists"]["valid"].read_text().splitlines()}
+    assert sorted(r[S.URI] for r in predictions) == sorted(labels)  # one row per video
+    top1 = np.mean([r[S.CLASS_IDS][0] == labels[r[S.URI]] for r in predictions])
+    assert report["TOP1_ACC"] == pytest.approx(top1)
+    _no_secrets_under(clean, f"{bucket}/tsn-runs")
+
+
+# --- the nightly run, its registry on S3 ----------------------------------------------------------
+
+NIGHTLY = ["MODEL.num_layers=18", "INFER.seg_num=3", *LSTM, "MODEL.num_classes=4", "MODEL.topk=2"]
+NIGHTLY += ["TRAIN.epoch=2", "TRAIN.batch_size=1", "TRAIN.num_gpus=1", "TRAIN.decay_epochs=[1]", "TEST.batch_size=2"]
+NIGHTLY += ["resources.train_workers=1", "resources.train_cpus=1", "resources.train_threads=1", "tag.topk=2"]
+NIGHTLY += ["resources.tsn_threads=1", "resources.tsn_actors=1", "output.rows_per_file=2", "nightly.tsn_weights=null"]
+NIGHTLY += ["nightly.pretrain=null"]
+
+
+@pytest.mark.slow
+def test_nightly_with_its_registry_on_s3(ray_cluster, moto_endpoint, faulty_s3, bucket, library):
+    """``jobs/nightly.py`` over the S3 library with its registry on S3, through the faults: it
+    extracts, fine-tunes, evaluates, promotes and tags, one feature row and one tag row per video."""
+    root = library["root"]
+    uris = library["uris"]
+    (root / "labels.list").write_text("".join(f"{u} {i % 4} {(i + 1) % 4}\n" for i, u in enumerate(uris)))
+    (root / "holdout.list").write_text(f"{uris[0]} 0 1\n")
+    registry = f"s3://{bucket}/registry"
+    overrides = [*NIGHTLY, f"nightly.library=s3://{bucket}/lists/videos.list", f"nightly.labels={root / 'labels.list'}"]
+    overrides += [f"nightly.holdout={root / 'holdout.list'}", f"nightly.registry={registry}"]
+    overrides += [f"tag.label_file={root / 'names.txt'}", f"storage.endpoint_url={faulty_s3.endpoint}"]
+    mark = faulty_s3.mark()
+    res = run_job("nightly.py", "--config", "configs/nightly.yaml", *_o(*overrides), env={"RAY_ADDRESS": ray_cluster})
+    _check_job(res, faulty_s3, mark)
+    fs = _clean(moto_endpoint)
+    champion = json.loads(fs.open_input_file(f"{bucket}/registry/champion.json").read())
+    assert champion["model_id"]
+    for folder in (f"features/{S.FEATURES_DIR}", f"tags/{S.TAGS_DIR}"):
+        _one_row_per_video(_rows(fs, f"{bucket}/registry/{folder}"), library)
+    _only_the_missing_video_is_dead(fs, f"{bucket}/registry/features", bucket)
+    _no_secrets_under(fs, f"{bucket}/registry")
 
 
 # --- past the deadline: the video, or the job, fails clearly --------------------------------------

@@ -310,6 +310,8 @@ def prepare_output(config: Config, save_dir: str) -> Config:
 def read_entries(manifest: str, config: Config) -> Manifest:
     try:
         return read_manifest(manifest, config.storage)
+    except st.StorageError:  # the store kept failing past the retry policy: not a configuration error
+        raise
     except OSError as exc:  # the store refused to list or read the manifest
         raise ConfigError(f"cannot read manifest {st.redact(manifest)}: {st.redact(str(exc))}") from exc
 

@@ -177,7 +177,8 @@ _BOTO_CLIENTS: dict[StorageSection, Any] = {}
 
 
 def list_s3(prefix: str, storage: StorageSection) -> Iterator[list[tuple[str, int]]]:
-    """Pages of ("bucket/key", size) under ``bucket/prefix``, ``LIST_PAGE_KEYS`` (1,000) keys a page, so that a prefix of millions of videos is never held as one list of listing objects.
+    """Pages of ("bucket/key", size) under ``bucket/prefix``, ``LIST_PAGE_KEYS`` (1,000) keys a
+    page, so that a prefix of millions of videos is never held as one list of listing objects.
     Each page is a request of its own under the retry policy."""
     _track_worker_retries()
     bucket, _, key_prefix = prefix.partition("/")
