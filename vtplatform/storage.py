@@ -5,12 +5,12 @@ S3-compatible stores are reached through ``storage.endpoint_url`` or the standar
 AWS environment and are scrubbed from every message we log or write (``redact``).
 
 Every S3 request goes through one retry policy (``StorageSection.retry_*``; ``with_retries``):
-the filesystem ``filesystem()`` returns for ``s3://`` is pyarrow's S3 client with its own retries
-off, wrapped (``RetryingS3``) so that each request it makes is retried here, with full-jitter
-backoff and a deadline, counted (``storage_retries``), and given up with a ``StorageError`` that
-names the URI and the last error. Uploads are whole or absent (an object appears only once its
-upload completes) and reads check that they got every byte the object has, so a reset
-connection never leaves a truncated object or a truncated read behind.
+the filesystem ``filesystem()`` returns for ``s3://`` (``RetryingS3``) makes each request as one
+botocore call with botocore's own retries off, retried here with full-jitter backoff and a
+deadline, counted (``storage_retries``), and given up with a ``StorageError`` that names the URI
+and the last error. Uploads are whole or absent (an object appears only once its upload
+completes) and reads check that they got every byte asked for, so a reset connection never
+leaves a truncated object or a truncated read behind.
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def filesystem(uri: str, storage: StorageSection) -> tuple[pafs.FileSystem, str]
 
 
 def s3_filesystem(storage: StorageSection) -> pafs.FileSystem:
-    """The S3 filesystem of ``storage``: pyarrow's S3 client under this module's retry policy
-    (``RetryingS3``), one per process and storage section."""
+    """The pyarrow filesystem of ``storage``'s S3: every request under this module's retry policy
+    (``RetryingS3``); one per process and storage section, and it pickles (Ray Train sends it to
+    its workers as their ``storage_filesystem``)."""
     _track_worker_retries()
     with _CLIENTS_LOCK:
         fs = _FILESYSTEMS.get(storage)
@@ -126,25 +127,8 @@ def _endpoint_with_scheme(storage: StorageSection) -> str | None:
     return endpoint or None
 
 
-def raw_s3_filesystem(storage: StorageSection) -> pafs.S3FileSystem:
-    """pyarrow's own S3 client with its retries off (one try per request) and the policy's
-    timeouts: ``RetryingS3`` retries each of its requests."""
-    kwargs: dict = {
-        "region": _region(storage),
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-        "connect_timeout": storage.connect_timeout_s,
-        "request_timeout": storage.read_timeout_s,
-    }
-    endpoint = _endpoint_with_scheme(storage)
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**kwargs)
-
-
 def boto_client(storage: StorageSection):
-    """A botocore S3 client (listing, uploads) with its retries off and the policy's timeouts:
+    """The botocore S3 client every S3 request goes through, its own retries off and the policy's timeouts:
     callers retry each request with ``with_retries``. One per process and storage section
     (botocore clients are thread-safe). Checksums only where S3 requires them: S3-compatible
     stores (MinIO, Ceph) do not all take the newer ones."""
@@ -470,22 +454,23 @@ SPOOL_MEMORY_BYTES = 32 << 20  # an upload's bytes stay in memory up to this, th
 
 
 class RetryingS3(pafs.FileSystemHandler):
-    """pyarrow's ``S3FileSystem`` (retries off) with every request under ``with_retries``.
+    """An S3 filesystem for pyarrow (``pafs.PyFileSystem(RetryingS3(storage))``) whose every
+    request is one botocore call under ``with_retries``. pyarrow's own S3 client is not used: it
+    pads a short read with zeros, and its transport retries some resets on its own, unseen.
 
     - Reads (``open_input_file``/``open_input_stream``) are ranged GETs at the reader's offset
       (``RetryingReader``), each retried on its own, so that a reset mid-video resumes where it
       stopped; a read that gets fewer bytes than asked (``Truncated``) is retried, and a stream
       ends only at the object's size.
     - Writes (``open_output_stream``) gather the bytes (in memory, then a temporary file) and
-      upload them on close with botocore (``upload``). The object appears whole or not at all.
+      upload them on close (``upload``). The object appears whole or not at all.
     - Listings (``FileSelector``) are ListObjectsV2 pages, each retried on its own.
-    - Deletes, copies and folder markers are single requests, retried; a delete whose first
-      answer was lost and finds nothing on a retry has succeeded.
+    - Deletes (a page of keys at a time), copies and folder markers are single requests, retried;
+      a delete whose first answer was lost and finds nothing on a retry has succeeded.
     """
 
     def __init__(self, storage: StorageSection):
         self.storage = storage
-        self._fs: pafs.S3FileSystem | None = None
 
     def __getstate__(self) -> dict:
         return {"storage": self.storage}
@@ -499,29 +484,46 @@ class RetryingS3(pafs.FileSystemHandler):
     def __ne__(self, other: object) -> bool:
         return not self == other
 
-    @property
-    def fs(self) -> pafs.S3FileSystem:
-        if self._fs is None:
-            self._fs = raw_s3_filesystem(self.storage)
-        return self._fs
-
-    def retry(self, fn: Callable[[], T], path: str, gone_ok: bool = False) -> T:
-        return with_retries(fn, f"s3://{path}", self.storage, gone_ok=gone_ok)
+    def call(self, method: str, path: str, gone_ok: bool = False, **kwargs: Any) -> Any:
+        """One botocore S3 request under the retry policy (``path`` names it in errors)."""
+        client = boto_client(self.storage)
+        uri = f"s3://{path}"
+        return with_retries(
+            lambda: _boto_call(getattr(client, method), uri, **kwargs), uri, self.storage, gone_ok=gone_ok
+        )
 
     def get_type_name(self) -> str:
         return "s3+retries"
 
     def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
+        return path[5:] if path.startswith("s3://") else path
 
     def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return [self.retry(lambda p=p: self.fs.get_file_info(p), p) for p in paths]
+        return [self._info(p) for p in paths]
+
+    def _info(self, path: str) -> pafs.FileInfo:
+        path = path.strip("/")
+        bucket, _, key = path.partition("/")
+        if not key:
+            try:
+                self.call("head_bucket", path, Bucket=bucket)
+                return pafs.FileInfo(path, pafs.FileType.Directory)
+            except FileNotFoundError:
+                return pafs.FileInfo(path, pafs.FileType.NotFound)
+        try:
+            head = self.call("head_object", path, Bucket=bucket, Key=key)
+            return pafs.FileInfo(path, pafs.FileType.File, size=head["ContentLength"], mtime=head.get("LastModified"))
+        except FileNotFoundError:
+            pass
+        page = self.call("list_objects_v2", path, Bucket=bucket, Prefix=f"{key}/", MaxKeys=1)
+        return pafs.FileInfo(path, pafs.FileType.Directory if page.get("KeyCount") else pafs.FileType.NotFound)
 
     def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
         base = selector.base_dir.strip("/")
         bucket, _, key = base.partition("/")
-        if not bucket:  # the list of buckets
-            return self.retry(lambda: self.fs.get_file_info(selector), base)
+        if not bucket:  # the buckets
+            answer = self.call("list_buckets", "")
+            return [pafs.FileInfo(b["Name"], pafs.FileType.Directory) for b in answer.get("Buckets", ())]
         prefix = f"{key}/" if key else ""
         infos, dirs, found = [], set(), False
         for page in _list_pages(self.storage, bucket, prefix, None if selector.recursive else "/"):
@@ -541,29 +543,51 @@ class RetryingS3(pafs.FileSystemHandler):
                 mtime = obj.get("LastModified")
                 infos.append(pafs.FileInfo(f"{bucket}/{name}", pafs.FileType.File, size=obj["Size"], mtime=mtime))
         infos += [pafs.FileInfo(f"{bucket}/{d}", pafs.FileType.Directory) for d in sorted(dirs)]
-        if not found and not selector.allow_not_found:
-            info = self.retry(lambda: self.fs.get_file_info(base), base)
-            if info.type == pafs.FileType.NotFound:
-                raise FileNotFoundError(f"Path does not exist '{base}'")
+        if not found and not selector.allow_not_found and self._info(base).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"Path does not exist '{base}'")
         return infos
 
     def create_dir(self, path: str, recursive: bool) -> None:
-        self.retry(lambda: self.fs.create_dir(path, recursive=recursive), path)
+        """A folder marker (``key/``, empty), as pyarrow's S3 client makes; buckets are not created."""
+        bucket, _, key = path.strip("/").partition("/")
+        if not key:
+            self.call("head_bucket", bucket, Bucket=bucket)
+            return
+        self.call("put_object", path, Bucket=bucket, Key=f"{key}/", Body=b"")
+
+    def _delete_under(self, path: str, keep_marker: bool) -> bool:
+        """Deletes the keys under ``path/``, a listed page at a time; whether there were any."""
+        bucket, _, key = path.strip("/").partition("/")
+        prefix = f"{key}/" if key else ""
+        found = False
+        for page in _list_pages(self.storage, bucket, prefix):
+            keys = [o["Key"] for o in page.get("Contents", ()) if not (keep_marker and o["Key"] == prefix)]
+            found = found or bool(page.get("Contents"))
+            if keys:
+                self.call("delete_objects", path, Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys],
+                                                                         "Quiet": True})  # fmt: skip
+        return found
 
     def delete_dir(self, path: str) -> None:
-        self.retry(lambda: self.fs.delete_dir(path), path, gone_ok=True)
+        if not self._delete_under(path, keep_marker=False):
+            raise FileNotFoundError(f"Path does not exist '{path}'")
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.retry(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok), path, gone_ok=True)
+        found = self._delete_under(path, keep_marker=True)
+        if not found and not missing_dir_ok and self._info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"Path does not exist '{path}'")
 
     def delete_root_dir_contents(self) -> None:
         raise PermissionError("refusing to delete the contents of every bucket")
 
     def delete_file(self, path: str) -> None:
-        self.retry(lambda: self.fs.delete_file(path), path, gone_ok=True)
+        bucket, _, key = path.strip("/").partition("/")
+        self.call("delete_object", path, Bucket=bucket, Key=key)  # S3 deletes are idempotent
 
     def copy_file(self, src: str, dest: str) -> None:
-        self.retry(lambda: self.fs.copy_file(src, dest), src)
+        src_bucket, _, src_key = src.strip("/").partition("/")
+        bucket, _, key = dest.strip("/").partition("/")
+        self.call("copy_object", dest, Bucket=bucket, Key=key, CopySource={"Bucket": src_bucket, "Key": src_key})
 
     def move(self, src: str, dest: str) -> None:
         self.copy_file(src, dest)
