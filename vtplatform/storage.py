@@ -108,7 +108,7 @@ def s3_filesystem(storage: StorageSection) -> pafs.FileSystem:
     """The pyarrow filesystem of ``storage``'s S3: every request under this module's retry policy
     (``RetryingS3``); one per process and storage section, and it pickles (Ray Train sends it to
     its workers as their ``storage_filesystem``)."""
-    _track_worker_retries()
+    track_retries()
     with _CLIENTS_LOCK:
         fs = _FILESYSTEMS.get(storage)
         if fs is None:
@@ -164,7 +164,7 @@ def list_s3(prefix: str, storage: StorageSection) -> Iterator[list[tuple[str, in
     """Pages of ("bucket/key", size) under ``bucket/prefix``, ``LIST_PAGE_KEYS`` (1,000) keys a
     page, so that a prefix of millions of videos is never held as one list of listing objects.
     Each page is a request of its own under the retry policy."""
-    _track_worker_retries()
+    track_retries()
     bucket, _, key_prefix = prefix.partition("/")
     key_prefix = key_prefix.rstrip("/") + "/" if key_prefix else ""
     for page in _list_pages(storage, bucket, key_prefix):
@@ -239,10 +239,14 @@ class Truncated(OSError):
 
 # Error codes and texts of requests worth another try; anything else (a missing key or bucket,
 # access denied, a bad request) fails at once.
-_THROTTLED_CODES = {"SlowDown", "ServiceUnavailable", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-                    "TooManyRequestsException", "RequestThrottled", "BandwidthLimitExceeded"}  # fmt: skip
-_SERVER_CODES = {"InternalError", "RequestTimeout", "RequestTimeoutException",
-                 "OperationAborted", "PriorRequestNotComplete", "InternalFailure"}  # fmt: skip
+_THROTTLED_CODES = {
+    "SlowDown", "ServiceUnavailable", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "TooManyRequestsException", "RequestThrottled", "BandwidthLimitExceeded",
+}  # fmt: skip
+_SERVER_CODES = {
+    "InternalError", "InternalFailure", "RequestTimeout", "RequestTimeoutException", "OperationAborted",
+    "PriorRequestNotComplete",
+}  # fmt: skip
 _TEXT_THROTTLED = re.compile(r"HTTP status (503|429)|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTLING|SlowDown|Throttl")
 _TEXT_SERVER = re.compile(r"HTTP status 5\d\d|INTERNAL_FAILURE|REQUEST_TIMEOUT|InternalError|ServiceUnavailable")
 _TEXT_CONNECTION = re.compile(
@@ -292,20 +296,15 @@ def backoff_s(storage: StorageSection, retry: int) -> float:
     return _JITTER.uniform(0.0, min(storage.retry_max_s, storage.retry_base_s * 2 ** (retry - 1)))
 
 
-def with_retries(fn: Callable[[], T], uri: str, storage: StorageSection, *, gone_ok: bool = False) -> T:
+def with_retries(fn: Callable[[], T], uri: str, storage: StorageSection) -> T:
     """``fn()``, one idempotent storage request, under the retry policy: a transient failure
     (``transient_reason``) is counted and retried after ``backoff_s``, up to
     ``storage.retry_attempts`` tries and ``storage.retry_deadline_s`` in all; then
-    ``StorageError``. Other errors pass through at once. ``gone_ok``: a ``FileNotFoundError``
-    on a retry means an earlier try did the work and only its answer was lost (a delete)."""
+    ``StorageError``. Other errors pass through at once."""
     start = time.monotonic()
     for attempt in itertools.count(1):
         try:
             return fn()
-        except FileNotFoundError:
-            if gone_ok and attempt > 1:
-                return None  # type: ignore[return-value]
-            raise
         except Exception as exc:
             reason = transient_reason(exc)
             if reason is None:
@@ -363,10 +362,6 @@ def track_retries() -> None:
     """In a driver with Ray up, starts this job's ``RetryTally`` once, so that its Ray workers'
     retried storage requests reach ``storage_retries``; elsewhere it does nothing. Drivers call
     it after ``ray.init``, and ``s3_filesystem`` and ``list_s3`` call it too."""
-    _track_worker_retries()
-
-
-def _track_worker_retries() -> None:
     role = _ray_role()
     if role is None or role[0] != "driver" or role[1] in _TALLIES:
         return
@@ -447,7 +442,7 @@ def storage_failure(exc: BaseException) -> StorageError | None:
     return None
 
 
-# --- pyarrow's S3 client, each request under the retry policy ---------------------------------
+# --- S3 for pyarrow: every request one botocore call under the retry policy --------------------
 
 UPLOAD_PART_BYTES = 16 << 20  # objects up to this size go up in one PUT; larger ones in parts of it
 SPOOL_MEMORY_BYTES = 32 << 20  # an upload's bytes stay in memory up to this, then in a temporary file
@@ -466,7 +461,7 @@ class RetryingS3(pafs.FileSystemHandler):
       upload them on close (``upload``). The object appears whole or not at all.
     - Listings (``FileSelector``) are ListObjectsV2 pages, each retried on its own.
     - Deletes (a page of keys at a time), copies and folder markers are single requests, retried;
-      a delete whose first answer was lost and finds nothing on a retry has succeeded.
+      all of them are idempotent in S3, so a retry after an answer lost to a reset does no harm.
     """
 
     def __init__(self, storage: StorageSection):
@@ -484,13 +479,11 @@ class RetryingS3(pafs.FileSystemHandler):
     def __ne__(self, other: object) -> bool:
         return not self == other
 
-    def call(self, method: str, path: str, gone_ok: bool = False, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """One botocore S3 request under the retry policy (``path`` names it in errors)."""
         client = boto_client(self.storage)
         uri = f"s3://{path}"
-        return with_retries(
-            lambda: _boto_call(getattr(client, method), uri, **kwargs), uri, self.storage, gone_ok=gone_ok
-        )
+        return with_retries(lambda: _boto_call(getattr(client, method), uri, **kwargs), uri, self.storage)
 
     def get_type_name(self) -> str:
         return "s3+retries"
@@ -564,9 +557,18 @@ class RetryingS3(pafs.FileSystemHandler):
             keys = [o["Key"] for o in page.get("Contents", ()) if not (keep_marker and o["Key"] == prefix)]
             found = found or bool(page.get("Contents"))
             if keys:
-                self.call("delete_objects", path, Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys],
-                                                                         "Quiet": True})  # fmt: skip
+                with_retries(lambda k=keys: self._delete_keys(bucket, k, path), f"s3://{path}", self.storage)
         return found
+
+    def _delete_keys(self, bucket: str, keys: list[str], path: str) -> None:
+        """One DeleteObjects; keys S3 did not delete (it answers per key, a ``SlowDown`` or an
+        ``InternalError`` among them) fail the request, so that it is retried, whole (idempotent)."""
+        client = boto_client(self.storage)
+        delete = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
+        answer = _boto_call(client.delete_objects, f"s3://{path}", Bucket=bucket, Delete=delete)
+        if answer.get("Errors"):
+            first = answer["Errors"][0]
+            raise OSError(f"s3://{bucket}/{first.get('Key')}: not deleted: {first.get('Code')}: {first.get('Message')}")
 
     def delete_dir(self, path: str) -> None:
         if not self._delete_under(path, keep_marker=False):
