@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, FAKE_KEY_ID, FAKE_SECRET, FAULT_RATES, ROOT, run_job
 from tests.faulty_s3 import FaultyS3
+from tests.ray_nodes import kill_delay
 from tests.synthetic_features import make_videos, write_feature_table, write_list
 from vtplatform import schema as S
 from vtplatform.config import StorageSection
@@ -283,10 +284,10 @@ def _quiet(proxy: FaultyS3, seconds: float = 3.0) -> int:
     return mark
 
 
-def _kill_after_checkpoint(command: list[str], env: dict, fs: pafs.FileSystem, run: str, first: str, seed: int) -> None:
-    """Runs a training ``command``, SIGKILLs its driver a random moment (0-0.5 s) after Ray Train
-    has recorded the checkpoint ``first`` of ``run`` (its snapshot on S3 names it, so the rerun
-    resumes from there or later), and checks that the run had not finished."""
+def _kill_after_checkpoint(command: list[str], env: dict, fs: pafs.FileSystem, run: str, first: str) -> None:
+    """Runs a training ``command`` and SIGKILLs its driver a moment (``ray_nodes.kill_delay``,
+    0-0.5 s) after Ray Train has recorded the checkpoint ``first`` of ``run``: its snapshot on S3
+    names it, so that the rerun resumes from there or later."""
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     snapshot = f"{run}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
@@ -297,7 +298,7 @@ def _kill_after_checkpoint(command: list[str], env: dict, fs: pafs.FileSystem, r
             assert driver.poll() is None, "the job ended before the moment to kill it"
             assert time.time() < deadline, f"{snapshot} never named {first}"
             time.sleep(0.1)
-        time.sleep(np.random.default_rng(seed).uniform(0.0, 0.5))
+        time.sleep(kill_delay(0.0, 0.5, f"the training driver after {first}"))
     finally:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
@@ -332,7 +333,7 @@ def test_attention_lstm_train_killed_resumed_then_eval_and_predict(
     save = f"s3://{bucket}/runs"
     command = [sys.executable, *_lstm_train_args(features, features["s3"], save, faulty_s3.endpoint)]
     run = f"{bucket}/runs/AttentionLSTM"
-    _kill_after_checkpoint(command, env, clean, run, "epoch_000_step_0000004", seed=1)
+    _kill_after_checkpoint(command, env, clean, run, "epoch_000_step_0000004")
     assert clean.get_file_info(f"{run}/epoch_002_step_0000000").type == pafs.FileType.NotFound  # killed mid-run
     mark = _quiet(faulty_s3)  # the killed job's workers are gone
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -460,7 +461,7 @@ def test_tsn_train_killed_resumed_then_eval_and_predict(
     save, run = f"s3://{bucket}/tsn-runs", f"{bucket}/tsn-runs/TSN"
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), *_tsn_args(tsn_clips, faulty_s3.endpoint)]
     command += ["--save_dir", save]
-    _kill_after_checkpoint(command, env, clean, run, "epoch_000_step_0000001", seed=2)
+    _kill_after_checkpoint(command, env, clean, run, "epoch_000_step_0000001")
     assert clean.get_file_info(f"{run}/epoch_001_step_0000000").type == pafs.FileType.NotFound  # killed mid-run
     mark = _quiet(faulty_s3)
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
