@@ -27,6 +27,7 @@ from tests.conftest import EXAMPLES, FAKE_KEY_ID, FAKE_SECRET, FAULT_RATES, ROOT
 from tests.faulty_s3 import FaultyS3
 from tests.ray_nodes import kill_delay
 from tests.synthetic_features import make_videos, write_feature_table, write_list
+from vtplatform import champions as R
 from vtplatform import schema as S
 from vtplatform.config import StorageSection
 from vtplatform.storage import derive_video_id
@@ -511,7 +512,8 @@ NIGHTLY += ["nightly.pretrain=null"]
 @pytest.mark.slow
 def test_nightly_with_its_registry_on_s3(ray_cluster, moto_endpoint, faulty_s3, bucket, library):
     """``jobs/nightly.py`` over the S3 library with its registry on S3, through the faults: it
-    extracts, fine-tunes, evaluates, promotes and tags, one feature row and one tag row per video,
+    extracts, fine-tunes, evaluates, promotes and tags, one feature row and one tag row (the
+    champion's, where ``REGISTRY/tags/current.json`` points) per video,
     no dead letter. (A library with a missing video is left out: the nightly's fine-tune reads
     REGISTRY/features whole, dead letters included, and refuses it; see the report of issue 22.)"""
     root = library["root"]
@@ -532,10 +534,11 @@ def test_nightly_with_its_registry_on_s3(ray_cluster, moto_endpoint, faulty_s3, 
     fs = _clean(moto_endpoint)
     champion = json.loads(fs.open_input_file(f"{bucket}/registry/champion.json").read())
     assert champion["model_id"]
-    for folder in (f"features/{S.FEATURES_DIR}", f"tags/{S.TAGS_DIR}"):
-        _one_row_per_video(_rows(fs, f"{bucket}/registry/{folder}"), library)
-    for folder in ("features", "tags"):
-        assert fs.get_file_info(f"{bucket}/registry/{folder}/{S.DEAD_LETTERS_DIR}").type == pafs.FileType.NotFound
+    current = R.read_current(f"s3://{bucket}/registry/tags", StorageSection(endpoint_url=moto_endpoint))
+    assert current["model_id"] == champion["model_id"]  # the champion's tags of the whole library
+    for out, table in ((f"{bucket}/registry/features", S.FEATURES_DIR), (current["tags"][5:], S.TAGS_DIR)):
+        _one_row_per_video(_rows(fs, f"{out}/{table}"), library)
+        assert fs.get_file_info(f"{out}/{S.DEAD_LETTERS_DIR}").type == pafs.FileType.NotFound
     assert re.search(r"decision\s+first", res.stdout) and re.search(r"tagged\s+3 videos", res.stdout)
     _no_secrets_under(fs, f"{bucket}/registry")
 
