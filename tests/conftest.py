@@ -96,6 +96,25 @@ def moto_endpoint(tmp_path_factory):
         proc.wait(timeout=10)
 
 
+# S3 as it is at scale (issue 22): what every job must survive with the default retry policy.
+FAULT_RATES = {"slowdown": 0.10, "reset": 0.02, "latency_ms": (20, 200)}
+
+
+@pytest.fixture(scope="session")
+def faulty_s3(moto_endpoint, tmp_path_factory):
+    """A fault-injecting proxy (``tests/faulty_s3.py``) in front of the session's moto server:
+    10% of requests answered ``503 SlowDown``, 2% cut short by a connection reset, 20-200 ms of
+    latency on each, seeded; ``.endpoint``, ``.entries(since=.mark())`` (what it did),
+    ``.control({...})`` (change the rates live)."""
+    from tests.faulty_s3 import FaultyS3
+
+    proxy = FaultyS3.start(moto_endpoint, tmp_path_factory.mktemp("faulty_s3") / "proxy.log", seed=22, **FAULT_RATES)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
 @pytest.fixture
 def s3_bucket(moto_endpoint, request):
     """A fresh bucket per test; returns its name."""

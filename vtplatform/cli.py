@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from vtplatform import faults
+from vtplatform import faults, storage
 from vtplatform.config import ConfigError
 from vtplatform.storage import redact
 
 log = logging.getLogger("vtplatform")
 
-EXIT_OK, EXIT_NOTHING_SUCCEEDED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_NOTHING_SUCCEEDED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 
 
 def parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
@@ -53,9 +53,12 @@ def overrides(args: argparse.Namespace, flags: dict[str, str] | None = None) -> 
 
 
 def setup_logging(level: str) -> None:
+    """Logs to stderr, every line redacted (botocore's DEBUG lines carry the access key id)."""
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(storage.RedactingFilter())
 
 
 def init_ray(**kwargs) -> None:
@@ -70,6 +73,7 @@ def init_ray(**kwargs) -> None:
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address in ("", "local"):
         ray.init(address="local", **kwargs)
+        storage.track_retries()
         return
     check_reachable(address)
     # A GCS that accepts connections but never answers would keep ray.init retrying forever.
@@ -80,6 +84,7 @@ def init_ray(**kwargs) -> None:
         ray.init(address=address, **kwargs)
     finally:
         watchdog.cancel()
+    storage.track_retries()  # the workers' retried storage requests reach this driver's summary
 
 
 JOIN_TIMEOUT_S = float(os.environ.get("VTP_RAY_JOIN_TIMEOUT_S", "60"))
@@ -138,7 +143,9 @@ def use_system_allocator() -> None:
 
 
 def run(main: Callable[[], int]) -> None:
-    """Runs ``main`` and exits: its code, 2 for a configuration error (one clear line), 130 on Ctrl-C."""
+    """Runs ``main`` and exits: its code, 2 for a configuration error (one clear line), 3 for
+    storage that kept failing past ``storage.retry_*`` (one clear line naming the URI and the
+    last error), 130 on Ctrl-C."""
     try:
         faults.check_environment()
         use_system_allocator()
@@ -148,7 +155,16 @@ def run(main: Callable[[], int]) -> None:
         code = EXIT_CONFIG
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:
+        failure = storage.storage_failure(exc)  # also inside the task errors Ray raises
+        if failure is None:
+            raise
+        log.error("storage failed: %s", failure)
+        code = EXIT_STORAGE
     finally:
+        retried = storage.storage_retries()  # the job's own summary has them too, where it has one
+        if any(retried.values()):
+            log.info("storage requests retried: %s", storage.format_retries(retried))
         if "ray" in sys.modules:
             import ray
 

@@ -107,6 +107,25 @@ class StorageSection:
 
     endpoint_url: str | None = None  # S3-compatible stores; AWS_ENDPOINT_URL is used when unset
     region: str | None = None
+    # One retry policy for every S3 request (data, Parquet parts, videos, listings, Ray Train
+    # checkpoints): throttling (503 SlowDown), 5xx, resets and timeouts are retried; a request
+    # that keeps failing fails after retry_attempts tries or retry_deadline_s, whichever comes first.
+    retry_attempts: int = 12  # tries per request, the first included
+    retry_base_s: float = 0.1  # backoff before retry n: a random wait in [0, min(retry_max_s, retry_base_s * 2**n)]
+    retry_max_s: float = 10.0
+    retry_deadline_s: float = 120.0  # a request and its retries give up after this long
+    connect_timeout_s: float = 10.0  # per attempt
+    read_timeout_s: float = 60.0  # per attempt: no byte for this long and the attempt fails (and is retried)
+
+    def __post_init__(self) -> None:
+        _positive("storage", self, "retry_attempts", "retry_deadline_s", "connect_timeout_s", "read_timeout_s")
+        for key in ("retry_base_s", "retry_max_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"storage.{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.retry_max_s < self.retry_base_s:
+            raise ConfigError(
+                f"storage.retry_max_s ({self.retry_max_s}) must be >= storage.retry_base_s ({self.retry_base_s})"
+            )
 
 
 @dataclass(frozen=True)

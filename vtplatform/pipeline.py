@@ -157,6 +157,7 @@ class JobSummary:
     frames_per_video: int = 0
     elapsed_seconds: float = 0.0
     driver_peak_mb: float = 0.0  # the driver process's peak resident memory (VmHWM)
+    storage_retries: dict[str, int] = field(default_factory=dict)  # retried storage requests by reason (driver+workers)
 
     @property
     def failed_total(self) -> int:
@@ -197,6 +198,7 @@ class JobSummary:
             f"  wall time             {self.elapsed_seconds:.1f} s: {self.succeeded / wall:.2f} videos/s, "
             f"{frames / wall:.1f} frames/s",
             f"  driver peak memory    {self.driver_peak_mb:.0f} MB",
+            f"  storage retries       {st.format_retries(self.storage_retries)}",
         ]
         lines += [f"  {name:<21} {self.save_dir.rstrip('/')}/{name}" for name in self.tables]
         lines.append(f"  {'dead letters':<21} {self.save_dir.rstrip('/')}/{S.DEAD_LETTERS_DIR}")
@@ -308,6 +310,8 @@ def prepare_output(config: Config, save_dir: str) -> Config:
 def read_entries(manifest: str, config: Config) -> Manifest:
     try:
         return read_manifest(manifest, config.storage)
+    except st.StorageError:  # the store kept failing past the retry policy: not a configuration error
+        raise
     except OSError as exc:  # the store refused to list or read the manifest
         raise ConfigError(f"cannot read manifest {st.redact(manifest)}: {st.redact(str(exc))}") from exc
 
@@ -315,6 +319,7 @@ def read_entries(manifest: str, config: Config) -> Manifest:
 def run_video_job(config: Config, save_dir: str, job: VideoJob, retry_failed: bool, start: float) -> JobSummary:
     """Runs ``job`` over every entry not yet done in ``save_dir`` (``config`` from
     ``prepare_output``; ``start``: when the job began, for the summary). Needs ``ray.init()``."""
+    retries_before = st.storage_retries()
     fs, root = st.filesystem(save_dir, config.storage)
     outputs = [*job.outputs, DeadLetterOutput()]
     for output in outputs:
@@ -337,5 +342,6 @@ def run_video_job(config: Config, save_dir: str, job: VideoJob, retry_failed: bo
     finalize_outputs(outputs, fs, root, expected=todo.column(S.VIDEO_ID).combine_chunks())
     summary.elapsed_seconds = time.perf_counter() - start
     summary.driver_peak_mb = peak_rss_mb()
+    summary.storage_retries = st.retries_since(retries_before)
     write_run_summary(summary, fs, root)
     return summary

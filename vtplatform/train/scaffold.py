@@ -148,6 +148,7 @@ class TrainSummary:
     metrics: dict[str, Any] = field(default_factory=dict)  # of the last report (Ray Train's result)
     checkpoint: str | None = None
     elapsed_seconds: float = 0.0
+    storage_retries: dict[str, int] = field(default_factory=dict)  # retried storage requests by reason (all processes)
 
     @property
     def best_valid_gap(self) -> float | None:
@@ -174,6 +175,7 @@ class TrainSummary:
             f"  last checkpoint   {self.checkpoint}",
             f"  curves            {self.run}/{S.CURVES_FILE}, TensorBoard: {self.run}/{S.TENSORBOARD_DIR}",
             f"  wall time         {self.elapsed_seconds:.1f} s",
+            f"  storage retries   {st.format_retries(self.storage_retries)}",
         ]
         return "\n".join(lines)
 
@@ -193,6 +195,7 @@ def finish(
         summary.last_metrics = meta.history[-1] if meta.history else {}
         write_curves(meta.history, run, storage, curves)
     summary.elapsed_seconds = time.perf_counter() - started
+    summary.storage_retries = st.storage_retries()  # the driver's and its workers' (checkpoint uploads, data reads)
     return summary
 
 
