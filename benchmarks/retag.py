@@ -3,10 +3,14 @@ in one run on this machine's CPUs (issue: "A better model reaches the whole libr
 
     python benchmarks/retag.py [--videos 400] [--clips 2] [--cache_mb 16]
 
-(a) from a feature table: ``run_tag_stores`` with the full-size AttentionLSTM (1024/512, fc 8192/4096,
+Each figure comes from ``python jobs/tag.py`` as a user runs it (a Ray of its own) and its run
+summary (``SAVE_DIR/runs/*.json``): rates over the pipeline's wall time, memory as the job measured
+it. The weights and tables are written first by a process of their own.
+
+(a) from a feature table: ``jobs/tag.py --features`` with the full-size AttentionLSTM (1024/512, fc 8192/4096,
     3396 classes) over ``--videos`` rows of 300x2048 float16 features, two AttentionLSTM actors of
     half a CPU each (``-o resources.lstm_actors=2 -o resources.lstm_cpus=0.5``): videos/s;
-(b) from the videos: ``run_tag`` with the full-size TSN (ResNet-101, 300 segments, configs/tag.yaml)
+(b) from the videos: ``jobs/tag.py --filelist`` with the full-size TSN (ResNet-101, 300 segments, configs/tag.yaml)
     and the same AttentionLSTM over ``--clips`` bundled clips: videos/s, and the ratio (a)/(b);
 (c) memory while re-tagging tables of 1x and 10x ``data.cache_mb`` (``--cache_mb``): the driver's
     peak and the AttentionLSTM actor's own memory over its loaded model, which must not follow the
@@ -19,10 +23,12 @@ the extraction's, so the tagging checks pass as for a real table.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv", "mmaction2_test.mp4"]
+PER_VIDEO_MB = 300 * 2048 * 2 / 2**20
 ACTORS = ["resources.lstm_actors=2", "resources.lstm_cpus=0.5", "tag.label_file=null"]
 
 
@@ -79,31 +86,49 @@ def full_size_lstm(path: Path) -> Path:
     return path
 
 
+def prepare(work: Path, videos: int, cache_mb: int) -> None:
+    """The weights and the tables, written by a process of their own, so that nothing the
+    benchmark itself allocates counts in a job's memory figures."""
+    from vtplatform.config import load_config
+
+    config = load_config(ROOT / "configs" / "tag.yaml", ACTORS)
+    full_size_lstm(work / "attention_lstm.pdparams")
+    write_table(work / "big", videos, config)
+    for times in (1, 10):
+        write_table(work / f"mem{times}", max(1, int(times * cache_mb / PER_VIDEO_MB)), config)
+
+
+def tag(work: Path, name: str, *args: str, overrides: tuple[str, ...] = ()) -> dict:
+    """``python jobs/tag.py`` as a user runs it, with a Ray of its own; returns its run summary."""
+    cmd = [sys.executable, str(ROOT / "jobs" / "tag.py"), "--config", "configs/tag.yaml", *args]
+    cmd += ["--save_dir", str(work / name), "--lstm_weights", str(work / "attention_lstm.pdparams")]
+    cmd += [a for o in (*ACTORS, *overrides) for a in ("-o", o)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{name}: jobs/tag.py exited {res.returncode}:\n{res.stderr[-3000:]}")
+    return json.loads(sorted((work / name / "runs").glob("*.json"))[-1].read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--videos", type=int, default=400, help="rows of the feature table re-tagged in (a)")
     p.add_argument("--clips", type=int, default=2, help="bundled clips tagged from the videos in (b)")
     p.add_argument("--cache_mb", type=int, default=16, help="data.cache_mb for (c): tables of 1x and 10x it")
+    p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)  # internal: the data-writing process
     args = p.parse_args()
-
-    import ray
-
-    from vtplatform.config import load_config
-    from vtplatform.tag import run_tag, run_tag_stores
-
+    if args.prepare:
+        prepare(Path(args.prepare), args.videos, args.cache_mb)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(tempfile.mkdtemp(prefix="vtp-retag-"))
-    ray.init(address="local", include_dashboard=False)
     try:
-        config = load_config(ROOT / "configs" / "tag.yaml", ACTORS)
-        weights = full_size_lstm(work / "attention_lstm.pdparams")
+        subprocess.run([sys.executable, __file__, "--prepare", str(work), "--videos", str(args.videos),
+                        "--cache_mb", str(args.cache_mb)], check=True)  # fmt: skip
         print(f"(a) re-tagging {args.videos} videos from a feature table (300x2048 float16), full-size AttentionLSTM")
-        write_table(work / "big", args.videos, config)
-        start = time.perf_counter()
-        stored = run_tag_stores(config, str(work / "out_a"), str(weights), features=str(work / "big" / "features"))
-        seconds = time.perf_counter() - start
-        assert stored.succeeded == args.videos, stored.format()
-        rate_a = args.videos / seconds
-        print(f"  {seconds:8.1f} s: {rate_a:6.2f} videos/s (goal >= 10)")
+        stored = tag(work, "out_a", "--features", str(work / "big" / "features"))
+        assert stored["succeeded"] == args.videos, stored
+        rate_a = args.videos / stored["elapsed_seconds"]
+        print(f"  {stored['elapsed_seconds']:8.1f} s: {rate_a:6.2f} videos/s (goal >= 10)")
 
         print(f"(b) tagging {args.clips} bundled clips from the videos, full-size TSN (ResNet-101, 300 segments)")
         library = work / "lib"
@@ -111,29 +136,25 @@ def main() -> None:
         for name in CLIPS[: args.clips]:
             shutil.copy(ROOT / "examples" / "videos" / name, library / name)
         (work / "m.list").write_text("".join(f"{library / n}\n" for n in CLIPS[: args.clips]))
-        start = time.perf_counter()
-        decoded = run_tag(config, str(work / "m.list"), str(work / "out_b"), str(weights))
-        seconds = time.perf_counter() - start
-        assert decoded.succeeded == args.clips, decoded.format()
-        rate_b = args.clips / seconds
-        print(f"  {seconds:8.1f} s: {rate_b:6.4f} videos/s")
+        decoded = tag(work, "out_b", "--filelist", str(work / "m.list"))
+        assert decoded["succeeded"] == args.clips, decoded
+        rate_b = args.clips / decoded["elapsed_seconds"]
+        print(f"  {decoded['elapsed_seconds']:8.1f} s: {rate_b:6.4f} videos/s")
         print(f"  from the stores / from the videos = {rate_a / rate_b:.0f}x (goal >= 100x)")
 
         print(f"(c) memory re-tagging tables of 1x and 10x data.cache_mb={args.cache_mb}")
-        per_video_mb = 300 * 2048 * 2 / 2**20
         for times in (1, 10):
-            n = max(1, int(times * args.cache_mb / per_video_mb))
-            folder = work / f"mem{times}"
-            write_table(folder, n, config)
-            cfg = load_config(ROOT / "configs" / "tag.yaml", [*ACTORS, f"data.cache_mb={args.cache_mb}"])
-            summary = run_tag_stores(cfg, str(work / f"out_c{times}"), str(weights), features=str(folder / "features"))
+            n = max(1, int(times * args.cache_mb / PER_VIDEO_MB))
+            s = tag(work, f"out_c{times}", "--features", str(work / f"mem{times}" / "features"),
+                    overrides=(f"data.cache_mb={args.cache_mb}",))  # fmt: skip
+            assert s["succeeded"] == n, s
+            peaks = s["stage_peak_mb"]
             print(
-                f"  {times:>2}x: {n:5d} videos ({n * per_video_mb:6.0f} MB of features): driver peak "
-                f"{summary.driver_peak_mb:6.0f} MB, AttentionLSTM actor +{summary.stage_peak_mb.get('lstm', 0):5.0f} MB "
-                f"over its loaded model (+{summary.stage_peak_mb.get('lstm call', 0):.0f} MB at most in one call)"
+                f"  {times:>2}x: {n:5d} videos ({n * PER_VIDEO_MB:6.0f} MB of features): driver peak "
+                f"{s['driver_peak_mb']:6.0f} MB, AttentionLSTM actor +{peaks.get('lstm', 0):5.0f} MB "
+                f"over its loaded model (+{peaks.get('lstm call', 0):.0f} MB at most in one call)"
             )
     finally:
-        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 
