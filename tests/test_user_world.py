@@ -54,10 +54,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module", params=["1-cpu", "all-cpus"])
 def world(request, files, tmp_path_factory):
-    """Where the jobs run: RAY_ADDRESS of a `ray start` cluster with 1 CPU, or with this machine's
-    CPUs. (A job without RAY_ADDRESS starts a Ray of its own: see the stale-cluster test.)"""
+    """Where the jobs run: RAY_ADDRESS of a `ray start` cluster with 1 CPU, or of the session's Ray,
+    which has this machine's CPUs. (A job without RAY_ADDRESS starts a Ray of its own: see the
+    stale-cluster test.)"""
     out = tmp_path_factory.mktemp(request.param)
-    cluster = start_cluster(head_cpus=1 if request.param == "1-cpu" else None)
+    if request.param == "all-cpus":
+        yield {"env": {"RAY_ADDRESS": request.getfixturevalue("ray_cluster")}, "out": out, **files}
+        return
+    cluster = start_cluster(head_cpus=1)
     try:
         yield {"env": {"RAY_ADDRESS": cluster.gcs}, "out": out, **files}
     finally:
@@ -116,8 +120,9 @@ def test_tsn_cache_train_eval_predict(world):
     out = job(world, "cache_frames.py", "--config", config, "--filelist", tsn_list, "--save_dir", cache)
     assert "processed now         6 ok, 0 failed" in out
     ckpt = world["out"] / "tsn"
-    job(world, "train.py", "--model_name=TSN", "--config", config, "--save_dir", str(ckpt),
-        *o(*TSN, f"TRAIN.filelist={tsn_list}", f"VALID.filelist={tsn_list}", f"frame_cache.path={cache}"))  # fmt: skip
+    out = job(world, "train.py", "--model_name=TSN", "--config", config, "--save_dir", str(ckpt),
+              *o(*TSN, f"TRAIN.filelist={tsn_list}", f"VALID.filelist={tsn_list}", f"frame_cache.path={cache}"))  # fmt: skip
+    assert "1 x 3 steps per epoch" in out  # tsn-single: TRAIN.num_gpus 1 -> 1 worker x 2 videos per step, 6 videos
     assert (ckpt / "TSN" / "best" / "model.pdparams").exists()
     out = job(world, "eval.py", "--model_name=TSN", "--config", config, "--weights", str(ckpt / "TSN"),
               "--filelist", tsn_list, "--save_dir", str(world["out"] / "tsn_eval"), *o(*TSN))  # fmt: skip
