@@ -14,7 +14,9 @@ it. The weights and tables are written first by a process of their own.
     and the same AttentionLSTM over ``--clips`` bundled clips: videos/s, and the ratio (a)/(b);
 (c) memory while re-tagging tables of 1x and 10x ``data.cache_mb`` (``--cache_mb``): the driver's
     peak and the AttentionLSTM actor's own memory over its loaded model, which must not follow the
-    table's size.
+    table's size;
+(d) the full-size AttentionLSTM in this process alone, one Paddle thread: ms a video, one video a
+    call (as the tagging actors run it) and in batches (``--skip a,b,c`` runs it alone).
 
 The features are random (what is measured does not depend on their values); their provenance is
 the extraction's, so the tagging checks pass as for a real table.
@@ -114,11 +116,15 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=400, help="rows of the feature table re-tagged in (a)")
     p.add_argument("--clips", type=int, default=2, help="bundled clips tagged from the videos in (b)")
     p.add_argument("--cache_mb", type=int, default=16, help="data.cache_mb for (c): tables of 1x and 10x it")
+    p.add_argument("--skip", default="", help="d: skip (d); a,b,c: run (d) alone")
     p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)  # internal: the data-writing process
     args = p.parse_args()
     if args.prepare:
         prepare(Path(args.prepare), args.videos, args.cache_mb)
         return
+    skip = set(args.skip.split(","))
+    if skip >= {"a", "b", "c"}:
+        return one_thread()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(tempfile.mkdtemp(prefix="vtp-retag-"))
     try:
@@ -160,6 +166,34 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if "d" not in skip:
+        one_thread()
+
+
+def one_thread() -> None:
+    """(d) the full-size AttentionLSTM in this process alone, one Paddle thread: ms a video, one
+    video a call (as the tagging actors run it) and batches of 4, 8 and 16 videos."""
+    import time
+
+    import paddle
+
+    from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model
+    from vtplatform.stages.lstm import forward_logits
+
+    print("(d) the full-size AttentionLSTM alone, one Paddle thread, 300x2048 features: ms a video, best of 3")
+    paddle.base.core.set_num_threads(1)
+    model = build_model(AttentionLSTMConfig(2048, 1024, 512, 8192, 4096, 3396), seed=1)
+    model.eval()
+    x = (np.random.default_rng(0).standard_normal((16, 300, 2048)) * 0.3).astype(np.float32)
+    forward_logits(model, x[:1], np.array([300]))  # warm-up
+    for batch in (1, 4, 8, 16):
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(0, 16, batch):
+                forward_logits(model, x[i : i + batch], np.array([300] * batch))
+            best = min(best, (time.perf_counter() - start) / 16 * 1000)
+        print(f"  {batch:2d} video{'s' if batch > 1 else ' '} a call: {best:6.0f} ms a video")
 
 
 if __name__ == "__main__":

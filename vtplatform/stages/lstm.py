@@ -264,12 +264,12 @@ WINDOWS_PER_CALL = 64
 
 
 def tag_stage(ds, config: Config, spec: TagSpec, sizes: R.PipelineSizes):
-    """Adds the AttentionLSTM tagging actors to a dataset of rows with ``features`` bytes. A row a
-    call: each video goes through the model alone anyway."""
+    """Adds the AttentionLSTM tagging actors to a dataset of rows with ``features`` bytes. A block a
+    call, as the stage before made it (each video goes through the model alone anyway)."""
     actors = sizes.models[MODEL_NAME]
     return ds.map_batches(
         TagStage,
-        batch_size=1,
+        batch_size=1 if actors.num_gpus else None,  # Ray Data wants a number with GPUs: 1 gathers no blocks
         batch_format="pyarrow",
         compute=actors.compute(),
         fn_constructor_kwargs={"spec": spec},

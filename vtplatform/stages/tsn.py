@@ -64,8 +64,8 @@ class TSNStage:
     shape, and a video's features must not depend on which rows share its batch (tagging with and
     without segments gives the same tags).
 
-    Ray Data hands the actor one row at a time (``tsn_stage``), out of one decoded block at a
-    time, and the stage reads the row's crops where the block holds them, without a copy. So its
+    Ray Data hands the actor one decoded block at a time (``tsn_stage``), and the stage reads each
+    row's crops where the block holds them, without a copy. So its
     memory is bounded by frames (a block holds at most ``FRAMES_PER_BLOCK`` crops, or one row) and
     ``frames_per_forward``, whatever the rows hold; each row records the actor's memory figures
     (``memory.ActorMemory``: ``TSN_PEAK_MB``, ``TSN_CALL_MB``) for the job summary."""
@@ -140,12 +140,16 @@ def weights_fingerprint(config: Config, weights: str | None) -> tuple[str, int]:
 
 
 def tsn_stage(ds, config: Config, spec: TSNSpec, sizes: R.PipelineSizes):
-    """Adds the TSN actors to a dataset of decoded rows: rows with ``features`` bytes. A row a call:
-    an actor task takes one decoded block, never several gathered to make up a number of rows."""
+    """Adds the TSN actors to a dataset of decoded rows: rows with ``features`` bytes. On CPU a block
+    a call, as the decode task made it (``batch_size=None``: never several gathered to make up a
+    number of rows), so that a call holds at most one block's crops; the stage then takes its rows
+    one at a time. One call a row would cost Ray Data's per-batch overhead for every row, failed
+    ones included (a 2,048-entry task of missing files is 2,048 failure rows). On GPUs, where Ray
+    Data needs a number, a row a call (1 gathers no blocks either)."""
     tsn = sizes.models[MODEL_NAME]
     return ds.map_batches(
         TSNStage,
-        batch_size=1,
+        batch_size=1 if tsn.num_gpus else None,  # Ray Data wants a number with GPUs: 1 gathers no blocks
         batch_format="pyarrow",
         compute=tsn.compute(),  # grows as the cluster makes room
         fn_constructor_kwargs={"spec": spec, "storage": config.storage},
