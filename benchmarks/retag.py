@@ -15,8 +15,9 @@ it. The weights and tables are written first by a process of their own.
 (c) memory while re-tagging tables of 1x and 10x ``data.cache_mb`` (``--cache_mb``): the driver's
     peak and the AttentionLSTM actor's own memory over its loaded model, which must not follow the
     table's size;
-(d) the full-size AttentionLSTM in this process alone, one Paddle thread: ms a video, one video a
-    call (as the tagging actors run it) and in batches (``--skip a,b,c`` runs it alone).
+(d) the full-size AttentionLSTM in this process alone, one thread: ms a video, one video a call (as
+    the tagging actors run it) and in batches, Paddle's dygraph against the numpy engine the CPU
+    stages run (``--skip a,b,c`` runs it alone).
 
 The features are random (what is measured does not depend on their values); their provenance is
 the extraction's, so the tagging checks pass as for a real table.
@@ -116,7 +117,7 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=400, help="rows of the feature table re-tagged in (a)")
     p.add_argument("--clips", type=int, default=2, help="bundled clips tagged from the videos in (b)")
     p.add_argument("--cache_mb", type=int, default=16, help="data.cache_mb for (c): tables of 1x and 10x it")
-    p.add_argument("--skip", default="", help="d: skip (d); a,b,c: run (d) alone")
+    p.add_argument("--skip", default="", help="sections to skip: b, c, d; a,b,c runs (d) alone")
     p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)  # internal: the data-writing process
     args = p.parse_args()
     if args.prepare:
@@ -140,30 +141,32 @@ def main() -> None:
         )
         print(f"  the AttentionLSTM actors once started: {busy:6.1f} s busy each, {args.videos / busy:6.2f} videos/s")
 
-        print(f"(b) tagging {args.clips} bundled clips from the videos, full-size TSN (ResNet-101, 300 segments)")
-        library = work / "lib"
-        library.mkdir()
-        for name in CLIPS[: args.clips]:
-            shutil.copy(ROOT / "examples" / "videos" / name, library / name)
-        (work / "m.list").write_text("".join(f"{library / n}\n" for n in CLIPS[: args.clips]))
-        decoded = tag(work, "out_b", "--filelist", str(work / "m.list"))
-        assert decoded["succeeded"] == args.clips, decoded
-        rate_b = args.clips / decoded["elapsed_seconds"]
-        print(f"  {decoded['elapsed_seconds']:8.1f} s: {rate_b:6.4f} videos/s")
-        print(f"  from the stores / from the videos = {rate_a / rate_b:.0f}x (goal >= 100x)")
+        if "b" not in skip:
+            print(f"(b) tagging {args.clips} bundled clips from the videos, full-size TSN (ResNet-101, 300 segments)")
+            library = work / "lib"
+            library.mkdir()
+            for name in CLIPS[: args.clips]:
+                shutil.copy(ROOT / "examples" / "videos" / name, library / name)
+            (work / "m.list").write_text("".join(f"{library / n}\n" for n in CLIPS[: args.clips]))
+            decoded = tag(work, "out_b", "--filelist", str(work / "m.list"))
+            assert decoded["succeeded"] == args.clips, decoded
+            rate_b = args.clips / decoded["elapsed_seconds"]
+            print(f"  {decoded['elapsed_seconds']:8.1f} s: {rate_b:6.4f} videos/s")
+            print(f"  from the stores / from the videos = {rate_a / rate_b:.0f}x (goal >= 100x)")
 
-        print(f"(c) memory re-tagging tables of 1x and 10x data.cache_mb={args.cache_mb}")
-        for times in (1, 10):
-            n = max(1, int(times * args.cache_mb / PER_VIDEO_MB))
-            s = tag(work, f"out_c{times}", "--features", str(work / f"mem{times}" / "features"),
-                    overrides=(f"data.cache_mb={args.cache_mb}",))  # fmt: skip
-            assert s["succeeded"] == n, s
-            peaks = s["stage_peak_mb"]
-            print(
-                f"  {times:>2}x: {n:5d} videos ({n * PER_VIDEO_MB:6.0f} MB of features): driver peak "
-                f"{s['driver_peak_mb']:6.0f} MB, AttentionLSTM actor +{peaks.get('lstm', 0):5.0f} MB "
-                f"over its loaded model (+{peaks.get('lstm call', 0):.0f} MB at most in one call)"
-            )
+        if "c" not in skip:
+            print(f"(c) memory re-tagging tables of 1x and 10x data.cache_mb={args.cache_mb}")
+            for times in (1, 10):
+                n = max(1, int(times * args.cache_mb / PER_VIDEO_MB))
+                s = tag(work, f"out_c{times}", "--features", str(work / f"mem{times}" / "features"),
+                        overrides=(f"data.cache_mb={args.cache_mb}",))  # fmt: skip
+                assert s["succeeded"] == n, s
+                peaks = s["stage_peak_mb"]
+                print(
+                    f"  {times:>2}x: {n:5d} videos ({n * PER_VIDEO_MB:6.0f} MB of features): driver peak "
+                    f"{s['driver_peak_mb']:6.0f} MB, AttentionLSTM actor +{peaks.get('lstm', 0):5.0f} MB "
+                    f"over its loaded model (+{peaks.get('lstm call', 0):.0f} MB at most in one call)"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if "d" not in skip:
@@ -171,29 +174,43 @@ def main() -> None:
 
 
 def one_thread() -> None:
-    """(d) the full-size AttentionLSTM in this process alone, one Paddle thread: ms a video, one
-    video a call (as the tagging actors run it) and batches of 4, 8 and 16 videos."""
+    """(d) the full-size AttentionLSTM in this process alone, one thread: ms a video, one video a
+    call (as the tagging actors run it) and batches of 4, 8 and 16 videos, in Paddle's dygraph and in
+    the numpy engine that the CPU stages run (``models/lstm_numpy.py``), and how far apart their
+    logits are."""
     import time
 
     import paddle
+    from threadpoolctl import threadpool_limits
 
     from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model
+    from vtplatform.models.lstm_numpy import NumpyAttentionLSTM
     from vtplatform.stages.lstm import forward_logits
 
-    print("(d) the full-size AttentionLSTM alone, one Paddle thread, 300x2048 features: ms a video, best of 3")
+    print("(d) the full-size AttentionLSTM alone, one thread, 300x2048 features: ms a video, best of 3")
     paddle.base.core.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
     model = build_model(AttentionLSTMConfig(2048, 1024, 512, 8192, 4096, 3396), seed=1)
     model.eval()
+    engines = {"Paddle dygraph": lambda x, n: forward_logits(model, x, n)}
+    engines["numpy engine"] = NumpyAttentionLSTM.from_model(model).logits
     x = (np.random.default_rng(0).standard_normal((16, 300, 2048)) * 0.3).astype(np.float32)
-    forward_logits(model, x[:1], np.array([300]))  # warm-up
-    for batch in (1, 4, 8, 16):
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for i in range(0, 16, batch):
-                forward_logits(model, x[i : i + batch], np.array([300] * batch))
-            best = min(best, (time.perf_counter() - start) / 16 * 1000)
-        print(f"  {batch:2d} video{'s' if batch > 1 else ' '} a call: {best:6.0f} ms a video")
+    rates = {}
+    for name, logits in engines.items():
+        logits(x[:1], np.array([300]))  # warm-up
+        for batch in (1, 4, 8, 16):
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for i in range(0, 16, batch):
+                    logits(x[i : i + batch], np.array([300] * batch))
+                best = min(best, (time.perf_counter() - start) / 16 * 1000)
+            rates[name, batch] = best
+            print(f"  {name:14s} {batch:2d} video{'s' if batch > 1 else ' '} a call: {best:6.0f} ms a video")
+    print(f"  numpy / Paddle, one video a call: {rates['Paddle dygraph', 1] / rates['numpy engine', 1]:.2f}x faster")
+    lengths = np.array([300, 200, 37, 1])
+    diff = np.abs(engines["Paddle dygraph"](x[:4], lengths) - engines["numpy engine"](x[:4], lengths)).max()
+    print(f"  largest logit difference between the two (lengths {lengths.tolist()}): {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from vtplatform.train.lstm import run_train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def started():
     c = start_cluster(head_cpus=0)
     try:
         for n in (1, 2):  # one at a time: two raylets starting at once on 2 cores can time out
@@ -37,6 +37,14 @@ def cluster(tmp_path):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def cluster(started):
+    """The module's cluster with two live 1-CPU worker nodes: a test that lost one left its
+    replacement, which must have joined before the next test starts."""
+    started.wait_for_cpus(2)
+    return started
 
 
 def node_running(cluster, title: str) -> Node:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ from vtplatform.labels import top_k_indices
 from vtplatform.lstm_data import collate
 from vtplatform.memory import ActorMemory
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, load_state
+from vtplatform.models.lstm_numpy import NumpyAttentionLSTM
 from vtplatform.models.weights import read_weights
 
 log = logging.getLogger(__name__)
@@ -119,19 +121,12 @@ class LSTMStage:
     """
 
     def __init__(self, spec: ModelSpec, top_k: int | None):
-        import paddle
-
-        paddle.set_device("gpu" if spec.use_gpu else "cpu")
-        if not spec.use_gpu:
-            paddle.base.core.set_num_threads(spec.threads)
-        self.model = build_model(spec.model)
-        self.model.eval()
-        load_state(self.model, read_weights(spec.weights, spec.storage).state, spec.weights)
+        self.logits = inference_model(spec)
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x, lengths, targets = collate(batch)
-        logits = forward_logits(self.model, x, lengths)
+        logits = self.logits(x, lengths)
         probs = 1.0 / (1.0 + np.exp(-logits))
         out = {S.VIDEO_ID: batch[S.VIDEO_ID]}
         if self.top_k is not None:
@@ -144,6 +139,27 @@ class LSTMStage:
                 out[S.TARGETS] = targets.astype(np.uint8)
                 out[S.LOSS] = sigmoid_cross_entropy(logits, targets).sum(axis=1)
         return out
+
+
+def inference_model(spec: ModelSpec) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The loaded model as ``(x (B, T, D), lengths (B,)) -> logits (B, C)`` float64: on CPU the numpy
+    engine (``models/lstm_numpy.py``, a few times Paddle's CPU rate, the same numbers up to float32
+    rounding) on ``spec.threads`` BLAS threads; on GPU, or with ``MODEL.lstm_kernel`` other than
+    auto, the Paddle model."""
+    import paddle
+
+    paddle.set_device("gpu" if spec.use_gpu else "cpu")
+    if not spec.use_gpu:
+        paddle.base.core.set_num_threads(spec.threads)
+    model = build_model(spec.model)
+    model.eval()
+    load_state(model, read_weights(spec.weights, spec.storage).state, spec.weights)
+    if spec.use_gpu or spec.model.lstm_kernel != "auto":
+        return lambda x, lengths: forward_logits(model, x, lengths)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(spec.threads, user_api="blas")  # this actor's share of the CPUs, as Paddle's threads above
+    return NumpyAttentionLSTM.from_model(model).logits
 
 
 def forward_logits(model, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -182,7 +198,7 @@ class TagStage:
 
     def __init__(self, spec: TagSpec):
         self.spec = spec
-        self.model = LSTMStage(spec.lstm, top_k=spec.top_k).model
+        self.logits = inference_model(spec.lstm)
         self.memory = ActorMemory()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -223,7 +239,7 @@ class TagStage:
     def tags(self, x: np.ndarray, lengths: np.ndarray) -> list[tuple[list, list, list, list]]:
         """Padded features (n, T, D) -> per sequence (top-k ids, their probabilities, the classes at
         or above the threshold best first, their probabilities)."""
-        all_probs = 1.0 / (1.0 + np.exp(-forward_logits(self.model, x, lengths)))  # as predict computes them
+        all_probs = 1.0 / (1.0 + np.exp(-self.logits(x, lengths)))  # as predict computes them
         top = top_k_indices(all_probs, self.spec.top_k)
         out = []
         for p, t in zip(all_probs, top, strict=True):

@@ -68,6 +68,8 @@ from vtplatform.train.backend import (
 log = logging.getLogger(__name__)
 
 LOSS_SCALE = 2.0**15  # float16 AMP: the GradScaler's initial loss scaling
+# How often Ray Train's controller polls the workers (its default is 2 s); a user's own setting wins.
+POLL_ENV, POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 # --- in the driver -----------------------------------------------------------------------------
@@ -99,6 +101,9 @@ def fit(trainee: Trainee, loop: LoopSpec, sizes: TrainSizes, config: Config, sav
     from ray.train import ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    # Ray Train's controller polls its workers every 2 s by default, so a run's end and a dead
+    # worker are noticed seconds late on every run; a few polls a second cost it little.
+    os.environ.setdefault(POLL_ENV, POLL_SECONDS)
     run = config.train_run
     trainer = DataParallelTrainer(
         worker or train_worker,
