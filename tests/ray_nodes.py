@@ -240,7 +240,11 @@ class OwnRay:
     log_dirs: tuple[Path, ...]
 
     def worker_logs(self, pid: int) -> list[Path]:
-        return sorted(p for d in self.log_dirs for p in d.glob(f"worker-*-{pid}.*") if p.suffix in (".err", ".out"))
+        """The log files of worker process ``pid`` of this Ray: its core-worker log, which every worker
+        writes from its start, and its stdout and stderr files where they are still there (Ray does
+        not keep them for every worker that has died)."""
+        found = [p for d in self.log_dirs for p in d.glob(f"worker-*-{pid}.*") if p.suffix in (".err", ".out")]
+        return sorted([*found, *(p for d in self.log_dirs for p in d.glob(f"python-core-worker-*_{pid}.log"))])
 
     def logged(self, pattern: re.Pattern) -> dict[int, list[re.Match]]:
         """{worker pid: the matches of ``pattern`` in its log lines}, for the workers that logged a match."""
