@@ -8,15 +8,12 @@ import paddle
 import pytest
 
 from tests.conftest import GOLDEN
+from tests.models.test_attention_lstm import SMALL, _pad
 from vtplatform.config import StorageSection
 from vtplatform.models import weights as W
 from vtplatform.models.attention_lstm import AttentionLSTMConfig, build_model, fluid_name_map, load_weights
 from vtplatform.models.lstm_numpy import NumpyAttentionLSTM, lstm
 from vtplatform.stages.lstm import ModelSpec, forward_logits, inference_model
-
-SMALL = AttentionLSTMConfig(
-    feature_dim=2048, embedding_size=64, lstm_size=32, fc1_size=128, fc2_size=64, num_classes=20
-)
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +27,6 @@ def engine():
     model.eval()
     load_weights(model, GOLDEN / "attention_lstm_small.pdparams")
     return NumpyAttentionLSTM.from_model(model)
-
-
-def _pad(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    out = np.zeros((len(lengths), int(lengths.max()), flat.shape[1]), dtype=np.float32)
-    for i in range(len(lengths)):
-        out[i, : lengths[i]] = flat[offsets[i] : offsets[i + 1]]
-    return out
 
 
 def test_each_sequence_alone_and_a_padded_batch_reproduce_the_original(golden, engine):
