@@ -33,7 +33,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python jobs/extract.py --config configs/demo.yaml --filelist examples/demo.list --save_dir data/demo
 
 test: $(VENV)/.installed $(MOTO_VENV)/.installed browser
-	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -n 2 --dist loadgroup
 
 test-fast: $(VENV)/.installed $(MOTO_VENV)/.installed browser
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m "not slow"

@@ -35,15 +35,50 @@ def pytest_configure(config) -> None:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """``gpu`` tests run only where Paddle sees a CUDA GPU; elsewhere they are deselected (and
-    counted as such), never silently passed."""
+    counted as such), never silently passed. Then the order and grouping for ``pytest -n`` (below)."""
     import paddle
 
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    if not (paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0):
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    _distribute(items)
+
+
+# `make test` runs the suite in two pytest processes (pytest-xdist, `--dist loadgroup`); each has its
+# own session Ray, with the machine's CPUs as a user's has, and its own moto server. A module's tests
+# stay together in one process, so its module fixtures (trained models, extracted tables) are built
+# once. The modules that start a cluster with `ray start --head` (which records itself in
+# /tmp/ray/ray_current_cluster) or rewrite that file to test a stale one share one process, so that
+# neither sees the other's cluster there. The longest modules go first, so that the two processes
+# end together (a plain `pytest tests` ignores all this and runs the modules in their usual order).
+RAY_HEAD_MODULES = ("test_user_world.py", "test_node_loss.py", "test_cluster.py")
+LONGEST_FIRST = (
+    "train/test_tsn.py",
+    "test_s3_faults.py",
+    "test_user_world.py",
+    "test_node_loss.py",
+    "test_cluster.py",
+    "test_nightly.py",
+    "train/test_lstm.py",
+    "test_lstm_jobs.py",
+    "test_extract.py",
+    "test_segments_job.py",
+    "test_tag.py",
+    "test_s3.py",
+)
+
+
+def _distribute(items) -> None:
+    def module(item) -> str:
+        return item.nodeid.split("::", 1)[0].removeprefix("tests/")
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable: a module's own order is kept
+    for item in items:
+        name = module(item)
+        item.add_marker(pytest.mark.xdist_group("ray-head" if name.rsplit("/", 1)[-1] in RAY_HEAD_MODULES else name))
 
 
 @pytest.fixture(scope="session")

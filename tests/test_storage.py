@@ -106,9 +106,19 @@ def test_real_store_errors_are_told_apart(proxy, moto_endpoint, s3_bucket):
         proxy.control({fault: 0.0})
     proxy.control({"short": 1.0})  # a ranged GET answered with half its bytes: pyarrow pads them out
     assert raw.open_input_file(f"{s3_bucket}/a.bin").read_at(3, 0) != b"abc"  # which is why reads are ours
-    with pytest.raises(st.StorageError, match="Truncated: got 1 of 3 bytes"):
-        st.s3_filesystem(_storage(proxy, retry_attempts=2)).open_input_file(f"{s3_bucket}/a.bin").read()
+    ours = st.s3_filesystem(_storage(proxy, retry_attempts=2))
+    with pytest.raises(st.StorageError, match="Truncated: a ranged answer of 1 bytes without its Content-Range"):
+        ours.open_input_file(f"{s3_bucket}/a.bin")  # opening reads the object's last bytes (all 3 here)
     proxy.control({"short": 0.0})
+    big = os.urandom(st.TAIL_BYTES + 4000)
+    _put(_clean(moto_endpoint), f"{s3_bucket}/big.bin", big)
+    opened = ours.open_input_file(f"{s3_bucket}/big.bin")
+    proxy.control({"short": 1.0})  # a read before the last bytes is a request of its own
+    with pytest.raises(st.StorageError, match="Truncated: got 500 of 1000 bytes at offset 10 of"):
+        opened.read_at(1000, 10)
+    assert opened.read_at(st.TAIL_BYTES, 4000) == big[4000:]  # the last bytes: no request, nothing cut
+    proxy.control({"short": 0.0})
+    assert opened.read_at(1000, 10) == big[10:1010]
     missing = _error_of(lambda: raw.open_input_file(f"{s3_bucket}/nope.bin"))
     assert isinstance(missing, FileNotFoundError) and st.transient_reason(missing) is None
     no_bucket = _error_of(lambda: client.put_object(Bucket="no-such-bucket-vtp", Key="k", Body=b"x"))
@@ -267,6 +277,26 @@ def test_the_filesystem_answers_as_pyarrows_does_through_faults(proxy, moto_endp
         fs.delete_dir(f"{s3_bucket}/nope")
     counts = proxy.control()["counts"]
     assert counts["slowdown"] > 0 and counts["reset"] > 0
+
+
+def test_a_parquet_part_is_read_with_its_footer_in_the_opening_request(proxy, s3_bucket):
+    """Opening an object is one GET of its last ``TAIL_BYTES``, which also gives its size and
+    ETag: no HEAD, the footer comes with it, and a small part is read in that one request."""
+    fs = st.s3_filesystem(_storage(proxy))
+    small = pa.table({"video_id": [f"v{i}" for i in range(50)], "x": np.arange(50, dtype=np.float32)})
+    big = pa.table({"video_id": ["a", "b"], "features": [np.random.default_rng(0).random(40_000).tolist()] * 2})
+    for name, table in (("small", small), ("big", big)):
+        pq.write_table(table, f"{s3_bucket}/{name}.parquet", filesystem=fs)
+    for name, table, requests in (("small", small, ["GET"]), ("big", big, ["GET", "GET"])):
+        mark = proxy.mark()
+        with fs.open_input_file(f"{s3_bucket}/{name}.parquet") as f:
+            assert pq.ParquetFile(f).read().equals(table)
+        asked = proxy.entries(mark)
+        assert [e["method"] for e in asked] == requests, [(e["method"], e["range"]) for e in asked]
+        assert asked[0]["range"] == f"bytes=-{st.TAIL_BYTES}"
+        if name == "big":  # the column chunks the tail did not hold, pinned to the version opened
+            assert asked[1]["range"].startswith("bytes=4-")
+    assert fs.open_input_file(f"{s3_bucket}/big.parquet").size() == fs.get_file_info(f"{s3_bucket}/big.parquet").size
 
 
 def test_the_filesystem_travels_to_other_processes_and_threads(proxy, moto_endpoint, s3_bucket):

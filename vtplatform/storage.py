@@ -608,23 +608,52 @@ class RetryingS3(pafs.FileSystemHandler):
         raise NotImplementedError("S3 objects cannot be appended to")
 
 
+TAIL_BYTES = 64 * 1024  # what a reader fetches from an object's end when it opens it (Parquet's footer read size)
+
+
 class RetryingReader:
     """A read-only, seekable file over one S3 object: each read is one ranged GET (botocore) at the
     current offset under the retry policy, which must bring exactly the bytes asked for that the
     object has, of the version opened (``If-Match`` its ETag). pyarrow's own reader is not used
-    here: given fewer bytes than it asked for, it returns them padded to the asked length."""
+    here: given fewer bytes than it asked for, it returns them padded to the asked length.
+
+    Opening is one GET of the object's last ``TAIL_BYTES`` (a suffix range), not a HEAD: its answer
+    gives the size and the ETag, and its bytes serve the reads that fall in them. A Parquet part is
+    then read in one request fewer (its footer is there), and a small object (a JSON, a short part)
+    in one request in all."""
 
     def __init__(self, handler: RetryingS3, path: str):
         self.storage, self.path, self.pos, self.closed = handler.storage, path, 0, False
         self.bucket, _, self.key = path.partition("/")
         self.uri = f"s3://{path}"
         self.client = boto_client(self.storage)
-        head = with_retries(
-            lambda: _boto_call(self.client.head_object, self.uri, Bucket=self.bucket, Key=self.key),
-            self.uri,
-            self.storage,
-        )  # FileNotFoundError here for a missing key
-        self.length, self.etag = int(head["ContentLength"]), head.get("ETag")
+        # FileNotFoundError here for a missing key
+        self.length, self.etag, self.tail = with_retries(self._open, self.uri, self.storage)
+        self.tail_at = self.length - len(self.tail)
+
+    def _open(self) -> tuple[int, str | None, bytes]:
+        try:
+            answer = _boto_call(self.client.get_object, self.uri, Bucket=self.bucket, Key=self.key,
+                                Range=f"bytes=-{TAIL_BYTES}")  # fmt: skip
+        except OSError as exc:  # 416: an empty object has no last bytes to give
+            if getattr(exc.__cause__, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") != 416:
+                raise
+            head = _boto_call(self.client.head_object, self.uri, Bucket=self.bucket, Key=self.key)
+            return int(head["ContentLength"]), head.get("ETag"), b""
+        data = answer["Body"].read()  # botocore raises when fewer bytes come than the answer announced
+        status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 206:
+            match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", answer.get("ContentRange") or "")
+            if match is None:
+                raise Truncated(f"a ranged answer of {len(data)} bytes without its Content-Range")
+            first, last, length = map(int, match.groups())
+            if len(data) != last - first + 1 or last != length - 1:
+                raise Truncated(f"got {len(data)} of {last - first + 1} bytes at offset {first} of {length}")
+        else:  # the whole object (a server that ignores ranges)
+            length = int(answer.get("ContentLength", len(data)))
+            if len(data) != length:
+                raise Truncated(f"got {len(data)} of {length} bytes at offset 0 of {length}")
+        return length, answer.get("ETag"), data
 
     def readable(self) -> bool:
         return True
@@ -649,7 +678,11 @@ class RetryingReader:
         end = self.length if nbytes is None or nbytes < 0 else min(self.length, self.pos + nbytes)
         if end <= self.pos:
             return b""
-        data = with_retries(lambda: self._read_at(self.pos, end - self.pos), self.uri, self.storage)
+        fetch_end = max(self.pos, min(end, self.tail_at))  # what the opening GET did not bring
+        data = b""
+        if fetch_end > self.pos:
+            data = with_retries(lambda: self._read_at(self.pos, fetch_end - self.pos), self.uri, self.storage)
+        data += self.tail[fetch_end - self.tail_at : end - self.tail_at]
         self.pos = end
         return data
 
