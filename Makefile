@@ -36,7 +36,7 @@ test: $(VENV)/.installed $(MOTO_VENV)/.installed browser
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -n 2 --dist loadgroup
 
 test-fast: $(VENV)/.installed $(MOTO_VENV)/.installed browser
-	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m "not slow"
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -n 2 --dist loadgroup -m "not slow"
 
 test-slow: $(VENV)/.installed $(MOTO_VENV)/.installed
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m slow
