@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 # once. The modules that start a cluster with `ray start --head` (which records itself in
 # /tmp/ray/ray_current_cluster) or rewrite that file to test a stale one share one process, so that
 # neither sees the other's cluster there. The longest modules go first, so that the two processes
-# end together (a plain `pytest tests` ignores all this and runs the modules in their usual order).
+# end together (a plain `pytest tests` runs them in that order too, in one process).
 RAY_HEAD_MODULES = ("test_user_world.py", "test_node_loss.py", "test_cluster.py")
 LONGEST_FIRST = (
     "train/test_tsn.py",
