@@ -297,6 +297,11 @@ def test_a_parquet_part_is_read_with_its_footer_in_the_opening_request(proxy, s3
         if name == "big":  # the column chunks the tail did not hold, pinned to the version opened
             assert asked[1]["range"].startswith("bytes=4-")
     assert fs.open_input_file(f"{s3_bucket}/big.parquet").size() == fs.get_file_info(f"{s3_bucket}/big.parquet").size
+    st.write_bytes(b"", fs, f"{s3_bucket}/empty.bin")  # no last bytes: the whole (empty) object, or 416 and a HEAD
+    mark = proxy.mark()
+    with fs.open_input_file(f"{s3_bucket}/empty.bin") as f:
+        assert (f.size(), f.read()) == (0, b"")
+    assert [(e["method"], e["status"]) for e in proxy.entries(mark)] in ([("GET", 200)], [("GET", 416), ("HEAD", 200)])
 
 
 def test_the_filesystem_travels_to_other_processes_and_threads(proxy, moto_endpoint, s3_bucket):
