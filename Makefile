@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 MOTO_VENV := .venv-moto
 export RAY_AUTH_MODE ?= disabled
+# two pytest processes, each module in one of them (tests/conftest.py)
+PROCESSES := -n 2 --dist loadgroup
 
 .PHONY: demo test test-fast test-slow bench lint clean browser
 
@@ -33,10 +35,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python jobs/extract.py --config configs/demo.yaml --filelist examples/demo.list --save_dir data/demo
 
 test: $(VENV)/.installed $(MOTO_VENV)/.installed browser
-	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -n 2 --dist loadgroup
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests $(PROCESSES)
 
 test-fast: $(VENV)/.installed $(MOTO_VENV)/.installed browser
-	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -n 2 --dist loadgroup -m "not slow"
+	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests $(PROCESSES) -m "not slow"
 
 test-slow: $(VENV)/.installed $(MOTO_VENV)/.installed
 	VTP_MOTO_SERVER=$(abspath $(MOTO_VENV))/bin/moto_server $(VENV)/bin/python -m pytest tests -m slow

@@ -294,7 +294,7 @@ def test_a_parquet_part_is_read_with_its_footer_in_the_opening_request(proxy, s3
         asked = proxy.entries(mark)
         assert [e["method"] for e in asked] == requests, [(e["method"], e["range"]) for e in asked]
         assert asked[0]["range"] == f"bytes=-{st.TAIL_BYTES}"
-        if name == "big":  # the column chunks the tail did not hold, pinned to the version opened
+        if name == "big":  # the column chunks the tail did not hold
             assert asked[1]["range"].startswith("bytes=4-")
     assert fs.open_input_file(f"{s3_bucket}/big.parquet").size() == fs.get_file_info(f"{s3_bucket}/big.parquet").size
     st.write_bytes(b"", fs, f"{s3_bucket}/empty.bin")  # no last bytes: the whole (empty) object, or 416 and a HEAD
