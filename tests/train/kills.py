@@ -34,14 +34,23 @@ def on_disk(run: Path) -> list[str]:
     return sorted(p.parent.name for p in run.glob("epoch_*/meta.json"))
 
 
-def registered(run: Path) -> list[str]:
+def registered(run: Path, patience: float = 2.0) -> list[str]:
     """The run's checkpoints that Ray Train has registered, oldest first (their names sort by
-    epoch, then step); none while the snapshot is missing or caught mid-write."""
-    try:
-        state = json.loads((run / SNAPSHOT).read_text())
-    except (OSError, ValueError):
-        return []
-    return sorted(result["checkpoint_dir_name"] for result in state["checkpoint_results"])
+    epoch, then step); none while the snapshot is missing. Ray Train rewrites the snapshot in
+    place, so a read can catch it mid-write (empty or cut short): it is read again for up to
+    ``patience`` seconds before it counts as none (a job killed mid-write leaves it so)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            state = json.loads((run / SNAPSHOT).read_text())
+        except OSError:
+            return []
+        except ValueError:
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.01)
+            continue
+        return sorted(result["checkpoint_dir_name"] for result in state["checkpoint_results"])
 
 
 def registered_after(run: Path, name: str):
