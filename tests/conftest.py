@@ -104,13 +104,16 @@ def ray_cluster():
 
     from vtplatform import cli
 
-    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit. Its
-    # workers know its address, as those of every local Ray a job starts (cli.start_local_ray): Ray
-    # Train's placement group cleaner, an actor of every training run, otherwise looks up the Ray
-    # that `/tmp/ray/ray_current_cluster` names, which here is often another one (a `ray start`
-    # cluster of the other pytest process), is told that the run's controller does not exist there,
-    # and removes the live run's placement group: its workers' data tasks then wait forever.
-    ctx = cli.start_local_ray(include_dashboard=False, object_store_memory=2 * 1024**3)
+    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit. A
+    # dashboard, as `ray start` and a job's own Ray have (Ray Train's placement group cleaner asks
+    # it whether a run's controller lives: without one it retries for 40 s), and workers that know
+    # their cluster, as every local Ray a job starts (cli.start_local_ray).
+    ctx = cli.start_local_ray(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(),
+        object_store_memory=2 * 1024**3,
+    )
     try:
         yield ctx.address_info["gcs_address"]
     finally:
