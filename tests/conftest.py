@@ -102,18 +102,8 @@ def ray_cluster():
     """One local Ray for the whole session; its GCS address lets job subprocesses join it."""
     import ray
 
-    from vtplatform import cli
-
-    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit. A
-    # dashboard, as `ray start` and a job's own Ray have (Ray Train's placement group cleaner asks
-    # it whether a run's controller lives: without one it retries for 40 s), and workers that know
-    # their cluster, as every local Ray a job starts (cli.start_local_ray).
-    ctx = cli.start_local_ray(
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(),
-        object_store_memory=2 * 1024**3,
-    )
+    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit.
+    ctx = ray.init(address="local", include_dashboard=False, object_store_memory=2 * 1024**3)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

@@ -72,7 +72,7 @@ def init_ray(**kwargs) -> None:
         return
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address in ("", "local"):
-        start_local_ray(**kwargs)
+        ray.init(address="local", **kwargs)
         storage.track_retries()
         return
     check_reachable(address)
@@ -85,39 +85,6 @@ def init_ray(**kwargs) -> None:
     finally:
         watchdog.cancel()
     storage.track_retries()  # the workers' retried storage requests reach this driver's summary
-
-
-def start_local_ray(**kwargs):
-    """Starts a fresh local Ray (``ray.init(address="local", **kwargs)``) whose own processes know
-    its address. Ray's helpers that look their cluster up from inside a worker otherwise take the one
-    ``/tmp/ray/ray_current_cluster`` names, or any Ray running on the machine: Ray Train's placement
-    group cleaner (an actor of every training run) then asks that other cluster whether the run's
-    controller lives, blocks on a stale one, and ends every training run with a 12 s wait for it.
-    Returns ``ray.init``'s context."""
-    import ray
-
-    port = _free_port()
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}  # the raylet's, hence every worker's
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        context = ray.init(address="local", **kwargs)  # "local" never reads RAY_ADDRESS
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    if context.address_info["gcs_address"] != address:  # a port taken meanwhile is Ray's error, not this
-        log.warning("the local Ray's address is %s, not %s", context.address_info["gcs_address"], address)
-    return context
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 JOIN_TIMEOUT_S = float(os.environ.get("VTP_RAY_JOIN_TIMEOUT_S", "60"))
