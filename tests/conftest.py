@@ -53,6 +53,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 # /tmp/ray/ray_current_cluster) or rewrite that file to test a stale one share one process, so that
 # neither sees the other's cluster there. The longest modules go first, so that the two processes
 # end together (a plain `pytest tests` runs them in that order too, in one process).
+# KNOWN: under pytest 9 these groups do not take effect. pytest-xdist 3.8 writes a test's group into
+# `item._nodeid`, which pytest 9 no longer reads, so modules (and their fixtures) are split across the
+# two processes. Pinning pytest below 9 restores the groups, but then other faults show (see issue 19's notes).
 RAY_HEAD_MODULES = ("test_user_world.py", "test_node_loss.py", "test_cluster.py")
 LONGEST_FIRST = (
     "train/test_tsn.py",
