@@ -64,10 +64,18 @@ def ray_env() -> dict[str, str]:
 class Node:
     proc: subprocess.Popen
 
+    def freeze(self) -> list[int]:
+        """SIGSTOP of every process of the node (``freeze_tree``): from here on nothing on it runs."""
+        return freeze_tree(self.proc.pid) if self.proc.poll() is None else []
+
     def kill(self) -> None:
-        """SIGKILL of the node's whole process group: its raylet and every worker on it."""
+        """SIGKILL of every process of the node: its raylet, agents and workers. Ray gives each
+        worker a process group of its own, so the node's group alone would leave the workers
+        running (a training worker wrote and reported a checkpoint after its raylet was dead)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_tree(self.proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -207,9 +215,23 @@ def survivors(pids: list[int], timeout: float = 15.0) -> list[int]:
     return left
 
 
+def freeze_tree(pid: int) -> list[int]:
+    """SIGSTOP of ``pid`` and everything below it, again for any process started meanwhile,
+    until none is new: the whole tree stops at one moment, as a machine that dies does, and
+    stays as it was for a test to look at. Returns the pids stopped."""
+    frozen: list[int] = []
+    while new := [p for p in [pid, *descendants(pid)] if p not in frozen]:
+        for p in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+        frozen += new
+    return frozen
+
+
 def kill_tree(pid: int) -> None:
-    """SIGKILL of ``pid`` and everything it started (a driver and the local Ray it runs)."""
-    for p in [pid, *descendants(pid)]:
+    """SIGKILL of ``pid`` and everything it started (a driver and the local Ray it runs), all
+    stopped first so that none of them goes on working while the others die."""
+    for p in freeze_tree(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
 

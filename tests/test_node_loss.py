@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import EXAMPLES, ROOT
-from tests.ray_nodes import Node, descendants, kill_later, pids_named, start_cluster
+from tests.ray_nodes import Node, kill_later, pids_named, start_cluster, survivors
 from tests.synthetic_features import make_videos, write_feature_table, write_list
 from tests.train.kills import assert_resumed, on_disk, registered, registered_after, resumed_in
 from vtplatform import schema as S
@@ -56,14 +56,17 @@ def node_running(cluster, title: str) -> Node:
 
 
 def lose_a_node(cluster, title: str, progress):
-    """A kill: the node hosting ``title`` dies with everything on it (its processes, counted),
-    ``progress()`` says how far the job was at that moment, and a replacement node is added."""
+    """A kill: the node hosting ``title`` stops at once with everything on it (its processes,
+    counted), ``progress()`` says how far the job was at that moment, the node dies, and a
+    replacement node is added."""
 
     def kill() -> tuple[int, object]:
         node = node_running(cluster, title)
-        lost = len(descendants(node.proc.pid))
+        frozen = node.freeze()
         at_kill = progress()
         node.kill()
+        assert not survivors(frozen), f"processes of the lost node live on: {survivors(frozen)}"
+        lost = len(frozen) - 1  # its processes below `ray start`
         cluster.add_worker(num_cpus=1)  # the autoscaler's replacement
         return lost, at_kill
 
