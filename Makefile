@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 MOTO_VENV := .venv-moto
 export RAY_AUTH_MODE ?= disabled
-# two pytest processes; the per-module groups do not take effect under pytest 9 (tests/conftest.py)
+# two pytest processes, each module in one of them (tests/conftest.py)
 PROCESSES := -n 2 --dist loadgroup
 
 .PHONY: demo test test-fast test-slow bench lint clean browser

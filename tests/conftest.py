@@ -31,8 +31,10 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     os.environ.pop("AWS_ENDPOINT_URL", None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    config.pluginmanager.register(_GroupsTookEffect(), "vtp-groups-took-effect")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items) -> None:
     """``gpu`` tests run only where Paddle sees a CUDA GPU; elsewhere they are deselected (and
     counted as such), never silently passed. Then the order and grouping for ``pytest -n`` (below)."""
@@ -46,6 +48,20 @@ def pytest_collection_modifyitems(config, items) -> None:
     _distribute(items)
 
 
+class _GroupsTookEffect:
+    """Fails a ``--dist loadgroup`` run whose tests would not be grouped: pytest-xdist (3.8) marks
+    a test's group in its id, which pytest 9 no longer reads, so modules were silently split across
+    the processes and their fixtures built in each (pyproject pins pytest below 9 for this)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        if not config.getoption("loadgroup", False):  # set in pytest-xdist's worker processes
+            return
+        ungrouped = [item.nodeid for item in items if "@" not in item.nodeid]
+        if ungrouped:
+            raise pytest.UsageError(f"pytest-xdist did not group {len(ungrouped)} tests, e.g. {ungrouped[0]}")
+
+
 # `make test` runs the suite in two pytest processes (pytest-xdist, `--dist loadgroup`); each has its
 # own session Ray, with the machine's CPUs as a user's has, and its own moto server. A module's tests
 # stay together in one process, so its module fixtures (trained models, extracted tables) are built
@@ -53,9 +69,6 @@ def pytest_collection_modifyitems(config, items) -> None:
 # /tmp/ray/ray_current_cluster) or rewrite that file to test a stale one share one process, so that
 # neither sees the other's cluster there. The longest modules go first, so that the two processes
 # end together (a plain `pytest tests` runs them in that order too, in one process).
-# KNOWN: under pytest 9 these groups do not take effect. pytest-xdist 3.8 writes a test's group into
-# `item._nodeid`, which pytest 9 no longer reads, so modules (and their fixtures) are split across the
-# two processes. Pinning pytest below 9 restores the groups, but then other faults show (see issue 19's notes).
 RAY_HEAD_MODULES = ("test_user_world.py", "test_node_loss.py", "test_cluster.py")
 LONGEST_FIRST = (
     "train/test_tsn.py",
@@ -89,8 +102,12 @@ def ray_cluster():
     """One local Ray for the whole session; its GCS address lets job subprocesses join it."""
     import ray
 
-    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit.
-    ctx = ray.init(address="local", include_dashboard=False, object_store_memory=2 * 1024**3)
+    from vtplatform import cli
+
+    # The machine's own CPUs, as a user's laptop has them: jobs must size their stages to fit. Started
+    # as a job starts its own Ray: with a dashboard that its workers know (cli.start_local_ray), so
+    # that Ray Train's placement group cleaner asks this Ray, not the other pytest process's.
+    ctx = cli.start_local_ray(object_store_memory=2 * 1024**3)
     try:
         yield ctx.address_info["gcs_address"]
     finally:

@@ -52,11 +52,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_env() -> dict[str, str]:
-    """The nodes' `python` is this environment's, as on a node built from the project's image."""
+def ray_env(dashboard: str | None = None) -> dict[str, str]:
+    """The nodes' `python` is this environment's, as on a node built from the project's image. Given
+    its cluster's ``dashboard``, a node's processes ask that one for the cluster's state (Ray Train's
+    placement group cleaner does, each second) rather than whichever Ray on this machine started
+    last, as on a cluster's own machines, which run one Ray each."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", **FAST_HEALTH_CHECKS}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    if dashboard:
+        env["RAY_API_SERVER_ADDRESS"] = dashboard
     return env
 
 
@@ -104,7 +110,7 @@ class LocalCluster:
             f"--num-cpus={num_cpus}",
         ]
         cmd += [f"--{flag}-port={free_port()}" for flag in AGENT_PORT_FLAGS]
-        node = Node(_spawn(cmd, f"{self.temp_dir}/worker-{len(self.workers)}.log"))
+        node = Node(_spawn(cmd, f"{self.temp_dir}/worker-{len(self.workers)}.log", self.dashboard))
         self.workers.append(node)
         return node
 
@@ -152,8 +158,8 @@ def start_cluster(head_cpus: int | None = None) -> LocalCluster:
     cmd += [f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
     cmd += [f"--{flag}-port={free_port()}" for flag in (*AGENT_PORT_FLAGS, "ray-client-server")]
     cmd += [f"--temp-dir={temp_dir}"] + ([f"--num-cpus={head_cpus}"] if head_cpus is not None else [])
-    head = Node(_spawn(cmd, f"{temp_dir}/head.log"))
     url = f"http://127.0.0.1:{dashboard}"
+    head = Node(_spawn(cmd, f"{temp_dir}/head.log", url))
     deadline = time.time() + 120
     while True:
         try:
@@ -168,9 +174,11 @@ def start_cluster(head_cpus: int | None = None) -> LocalCluster:
     return LocalCluster(f"127.0.0.1:{port}", url, head, temp_dir=temp_dir)
 
 
-def _spawn(cmd: list[str], log: str) -> subprocess.Popen:
+def _spawn(cmd: list[str], log: str, dashboard: str) -> subprocess.Popen:
     with open(log, "ab") as out:  # `ray start`'s own messages, for a test that fails
-        return subprocess.Popen(cmd, env=ray_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=ray_env(dashboard), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 # --- processes --------------------------------------------------------------------------------

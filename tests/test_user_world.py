@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import EXAMPLES, run_job
+from tests.conftest import EXAMPLES, ROOT, run_job
 from tests.ray_nodes import free_port, start_cluster
 from tests.tsn_clips import write_class_clips
 from vtplatform import schema as S
@@ -175,6 +177,50 @@ def test_a_stale_local_cluster_is_ignored_without_ray_address(stale_cluster_file
                   "--save_dir", str(tmp_path / "out"), *o(*EXTRACT), env={"RAY_ADDRESS": ""}, timeout=JOB_TIMEOUT)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Failed to get cluster ID" not in res.stderr
+
+
+# What Ray Train's placement group cleaner (an actor of every training run) does each second: from
+# inside its worker it asks the State API of the cluster it looks up whether the run's controller
+# lives, and removes the run's placement group when that cluster says no such actor is alive.
+LOOKUP_FROM_A_WORKER = """
+import os, sys, time
+from pathlib import Path
+from vtplatform import cli
+context = cli.start_local_ray(num_cpus=1)
+import ray
+from ray.util.state import get_actor
+assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's own environment is as it was
+Path("/tmp/ray/ray_current_cluster").write_text(sys.argv[1])  # another Ray on this machine, started later
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def ping(self):
+        return 1
+
+@ray.remote(num_cpus=0)
+def lookup(actor_id):
+    start = time.monotonic()
+    state = get_actor(actor_id, timeout=10)
+    return os.environ.get("RAY_API_SERVER_ADDRESS"), state.state if state else None, time.monotonic() - start
+
+controller = Controller.remote()
+ray.get(controller.ping.remote())
+print("http://" + context.dashboard_url, *ray.get(lookup.remote(controller._actor_id.hex())))
+ray.shutdown()
+"""
+
+
+def test_the_workers_of_a_jobs_own_ray_look_up_their_own_cluster(stale_cluster_file, ray_cluster):
+    """A job without RAY_ADDRESS starts its own Ray (cli.start_local_ray); its workers must ask that
+    Ray about its actors even when `/tmp/ray/ray_current_cluster` names another live one (here the
+    session's). Before, Ray Train's placement group cleaner asked the other Ray, which knew no such
+    controller, and removed the placement group of a running training: it then waited forever."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    res = subprocess.run([sys.executable, "-c", LOOKUP_FROM_A_WORKER, ray_cluster], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    dashboard, seen, state, seconds = res.stdout.split()[-4:]
+    assert seen == dashboard and state == "ALIVE" and float(seconds) < 5, res.stdout
 
 
 @pytest.mark.parametrize("address", ["auto", "127.0.0.1:{port}"])

@@ -72,7 +72,7 @@ def init_ray(**kwargs) -> None:
         return
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address in ("", "local"):
-        ray.init(address="local", **kwargs)
+        start_local_ray(**kwargs)
         storage.track_retries()
         return
     check_reachable(address)
@@ -85,6 +85,43 @@ def init_ray(**kwargs) -> None:
     finally:
         watchdog.cancel()
     storage.track_retries()  # the workers' retried storage requests reach this driver's summary
+
+
+def start_local_ray(**kwargs):
+    """Starts a fresh local Ray (``ray.init(address="local", **kwargs)``), with a dashboard on
+    loopback that its own processes know. Ray's helpers that look their cluster up from inside a
+    worker otherwise take the one ``/tmp/ray/ray_current_cluster`` names, or any Ray running on the
+    machine: Ray Train's placement group cleaner (an actor of every training run) asks that
+    cluster's State API each second whether the run's controller lives. A stale one made every
+    training run end with a 12 s wait for the cleaner; another live one, which knows no such
+    controller, made it remove the running job's placement group, and training waited forever
+    for resources. Returns ``ray.init``'s context."""
+    import ray
+
+    port = _free_port()
+    kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port, **kwargs}
+    # Read before RAY_ADDRESS by the State API; the raylet, hence every worker, inherits it.
+    api = {"RAY_API_SERVER_ADDRESS": f"http://{kwargs['dashboard_host']}:{kwargs['dashboard_port']}"}
+    saved = {name: os.environ.get(name) for name in api}
+    os.environ.update(api)
+    try:
+        context = ray.init(address="local", **kwargs)  # "local" never reads RAY_ADDRESS
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if f"http://{context.dashboard_url}" != api["RAY_API_SERVER_ADDRESS"]:  # the port was taken meanwhile
+        log.warning("the local Ray's dashboard is at %s, not %s: Ray Train's placement group cleaner "
+                    "will not reach it", context.dashboard_url, api["RAY_API_SERVER_ADDRESS"])  # fmt: skip
+    return context
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 JOIN_TIMEOUT_S = float(os.environ.get("VTP_RAY_JOIN_TIMEOUT_S", "60"))
