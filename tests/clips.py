@@ -6,6 +6,8 @@ read back which frames a decoder returned: ``frame_ordinal(rgb)`` inverts it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def write_clip(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     container_options = {"movflags": "faststart"} if path.suffix in (".mp4", ".mov") else {}
-    with av.open(str(path), "w", options=container_options) as container:
+    with scheduling_kept(), av.open(str(path), "w", options=container_options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.options = options or {}
@@ -75,6 +77,21 @@ def write_clip(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+@contextlib.contextmanager
+def scheduling_kept():
+    """Puts the calling thread's scheduling back as it was. SVT-AV1 (``libsvtav1``), run as root,
+    switches the thread that opens the encoder to real-time scheduling (SCHED_FIFO, priority 99),
+    and every process started from it afterwards inherits that: a test session's Ray, its job
+    subprocesses. Busy real-time workers then starve the rest (the GCS stopped answering and
+    training waited forever for data tasks)."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
 
 
 def write_noise_clip(

@@ -97,6 +97,19 @@ def _distribute(items) -> None:
         item.add_marker(pytest.mark.xdist_group("ray-head" if name.rsplit("/", 1)[-1] in RAY_HEAD_MODULES else name))
 
 
+@pytest.fixture(autouse=True)
+def _scheduling_unchanged():
+    """A test that leaves this process under real-time scheduling fails, and the process is put back:
+    every process started from it afterwards (the session's Ray, job subprocesses) would inherit it,
+    and busy real-time workers starve the rest of the machine into hangs (SVT-AV1 does it, run as root:
+    ``tests/clips.scheduling_kept``)."""
+    yield
+    policy = os.sched_getscheduler(0)
+    if policy != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail(f"the test left the test process under scheduling policy {policy}, not SCHED_OTHER")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session; its GCS address lets job subprocesses join it."""
