@@ -133,9 +133,15 @@ class LocalCluster:
             )
         return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    def wait_for_cpus(self, cpus: float, timeout: float = 120) -> None:
+    def wait_for_cpus(self, cpus: float, timeout: float = 120, relaunch: int = 0) -> None:
+        """Waits until the alive nodes have ``cpus`` CPUs. With ``relaunch`` > 0, a 1-CPU worker node
+        whose `ray start` exited (a raylet that timed out starting on a loaded machine) is launched
+        again, at most that many times, as an autoscaler launches another for a node that failed."""
         deadline = time.time() + timeout
         while (seen := self.alive_cpus()) != cpus:
+            if relaunch > 0 and seen < cpus and not any(n.proc.poll() is None for n in self.workers[-1:]):
+                relaunch -= 1
+                self.add_worker(num_cpus=1)
             if time.time() > deadline:
                 logs = "".join(Path(self.temp_dir, f"worker-{i}.log").read_text(errors="replace")[-2000:]
                                for i in range(len(self.workers)))  # fmt: skip

@@ -42,8 +42,9 @@ def started():
 @pytest.fixture
 def cluster(started):
     """The module's cluster with two live 1-CPU worker nodes: a test that lost one left its
-    replacement, which must have joined before the next test starts."""
-    started.wait_for_cpus(2)
+    replacement, which must have joined before the next test starts (launched again if it failed to
+    start: on 2 busy cores, its raylet can time out while the cluster recovers)."""
+    started.wait_for_cpus(2, timeout=240, relaunch=2)
     return started
 
 
