@@ -139,7 +139,7 @@ class LocalCluster:
         again, at most that many times, as an autoscaler launches another for a node that failed."""
         deadline = time.time() + timeout
         while (seen := self.alive_cpus()) != cpus:
-            if relaunch > 0 and seen < cpus and not any(n.proc.poll() is None for n in self.workers[-1:]):
+            if relaunch > 0 and seen < cpus and self.workers and self.workers[-1].proc.poll() is not None:
                 relaunch -= 1
                 self.add_worker(num_cpus=1)
             if time.time() > deadline:
