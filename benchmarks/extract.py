@@ -8,9 +8,9 @@
     frames, so every frame is converted to RGB and resized), generated one-minute H.264 clips
     (1800 frames, 300 sampled) and generated clips in other codecs and containers (MPEG-4 Part 2
     with B-frames in AVI, MJPEG, MPEG-2 in TS, 1080p H.264, HEVC, VP9). For each clip: the path
-    the reader takes (decoder auto), then decord seek and PyAV's one pass forced where they can
-    read the clip, decord's sequential read of every frame (the frame cache's, `iter_all_frames`),
-    the timeline path (`--segments`: the 300 samples and a 1 frame/s timeline from one decode)
+    the reader takes (decoder auto: PyAV's one pass), then decord forced (its seeking, and its
+    sequential read of every frame) where it can read the clip, the reader's read of every frame
+    (the frame cache's, `iter_all_frames`, every frame converted and cropped), the timeline path (`--segments`: the 300 samples and a 1 frame/s timeline from one decode)
     against the samples alone, and the reader's path with Pillow's full resize then the crop (the
     preprocessing before the compiled crop-only resize, `scale_and_crop(backend="pillow")`: the
     same bytes).
@@ -174,7 +174,6 @@ def bench_decode(clips: list[Path]) -> None:
     paths = {
         "auto": ReadOptions(threads=1),
         "decord": ReadOptions(decoder="decord", threads=1),
-        "pyav-1": ReadOptions(threads=1, decord_max_frames=0),  # PyAV's one pass, forced by the length guard
     }
 
     def sampled(clip: Path, options: ReadOptions, plan=plan):
@@ -186,8 +185,8 @@ def bench_decode(clips: list[Path]) -> None:
             pass
         assert info.sampled is not None
 
-    def every_frame(clip: Path) -> None:
-        _, frames = iter_all_frames(str(clip), plan[1], paths["decord"])
+    def every_frame(clip: Path, options: ReadOptions) -> None:
+        _, frames = iter_all_frames(str(clip), plan[1], options)
         for _ in frames:
             pass
 
@@ -196,7 +195,7 @@ def bench_decode(clips: list[Path]) -> None:
     print(f"    ffmpeg: {ffmpeg}")
     print(
         f"    {'clip':<40} {'frames':>6} {'path':<12} {'ours':>7} {'ffmpeg':>7} {'ratio':>6}"
-        f" | {'decord':>6} {'pyav-1':>6} {'seq':>6} | {'+timeline':>9} {'ratio':>6} {'vs alone':>8}"
+        f" | {'decord':>6} {'dec-seq':>7} {'all':>6} | {'+timeline':>9} {'ratio':>6} {'vs alone':>8}"
         f" | {'pillow':>6} {'ratio':>6}"
     )
     ratios, timeline_ratios, pillow_ratios, worst = [], [], [], ("", 0.0)
@@ -205,15 +204,16 @@ def bench_decode(clips: list[Path]) -> None:
         first = sampled(clip, paths["auto"])
         ours = cpu_of(lambda c=clip: sampled(c, paths["auto"]))
         forced = {}
-        for name in ("decord", "pyav-1"):
-            try:
-                forced[name] = f"{cpu_of(lambda c=clip, o=paths[name]: sampled(c, o)) / theirs:5.2f}x"
-            except BadVideo:
-                forced[name] = "   -  "
         try:
-            forced["seq"] = f"{cpu_of(lambda c=clip: every_frame(c), repeats=1) / theirs:5.2f}x"
+            forced["decord"] = f"{cpu_of(lambda c=clip: sampled(c, paths['decord'])) / theirs:5.2f}x"
         except BadVideo:
-            forced["seq"] = "   -  "
+            forced["decord"] = "   -  "
+        for name in ("decord", "auto"):
+            try:
+                seconds = cpu_of(lambda c=clip, o=paths[name]: every_frame(c, o), repeats=1)
+                forced[f"all-{name}"] = f"{seconds / theirs:5.2f}x"
+            except BadVideo:
+                forced[f"all-{name}"] = "   -  "
         with_timeline = cpu_of(lambda c=clip: timeline(c))
         with_pillow = cpu_of(lambda c=clip: sampled(c, paths["auto"], pillow_plan))
         ratios.append(ours / theirs)
@@ -222,7 +222,7 @@ def bench_decode(clips: list[Path]) -> None:
         worst = max(worst, (clip.name, ours / theirs), key=lambda x: x[1])
         print(
             f"    {clip.name:<40} {first.num_frames:>6} {first.decoder:<12} {ours:>7.3f} {theirs:>7.3f}"
-            f" {ours / theirs:>5.2f}x | {forced['decord']:>6} {forced['pyav-1']:>6} {forced['seq']:>6}"
+            f" {ours / theirs:>5.2f}x | {forced['decord']:>6} {forced['all-decord']:>7} {forced['all-auto']:>6}"
             f" | {with_timeline:>9.3f} {with_timeline / theirs:>5.2f}x {with_timeline / ours:>7.2f}x"
             f" | {with_pillow:>6.3f} {with_pillow / theirs:>5.2f}x"
         )

@@ -171,10 +171,10 @@ class ResourcesSection:
 
 @dataclass(frozen=True)
 class ExtractSection:
-    decoder: str = "auto"  # auto (decord, then PyAV) | decord | pyav
+    decoder: str = "auto"  # auto (PyAV one pass; see decord_max_frames) | decord | pyav
     decode_threads: int = 1
     chunk_frames: int = 8  # full-size frames held at once while decoding
-    decord_max_frames: int = 1200  # longer videos stream through PyAV in one pass (decoder auto)
+    decord_max_frames: int = 0  # decoder auto: decord for files it seeks exactly up to this long (0: none)
     decode_timeout_s: float | None = 1800.0  # reading + decoding one video; past it the worker is killed
     precision: str = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16
     seed: int = 0  # random-init seed when no weights are given
@@ -182,7 +182,9 @@ class ExtractSection:
     def __post_init__(self) -> None:
         _choice("extract", "decoder", self.decoder, ("auto", "decord", "pyav"))
         _choice("extract", "precision", self.precision, ("auto", "float32", "float16"))
-        _positive("extract", self, "decode_threads", "chunk_frames", "decord_max_frames")
+        _positive("extract", self, "decode_threads", "chunk_frames")
+        if self.decord_max_frames < 0:
+            raise ConfigError(f"extract.decord_max_frames must be >= 0, got {self.decord_max_frames!r}")
         if self.decode_timeout_s is not None and not self.decode_timeout_s > 0:
             raise ConfigError(f"extract.decode_timeout_s must be > 0 or null, got {self.decode_timeout_s!r}")
 

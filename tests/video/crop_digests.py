@@ -37,7 +37,7 @@ READS = {
     "read-auto": ReadOptions(),
     "read-decord": ReadOptions(decoder="decord"),
     "read-pyav": ReadOptions(decoder="pyav"),
-    "read-pyav-stream": ReadOptions(decord_max_frames=0),  # the long-video guard: PyAV's one pass
+    "read-pyav-stream": ReadOptions(decord_max_frames=0),  # PyAV's one pass (since 2026-12: also read-auto's)
 }
 ALL = {"all-decord": ReadOptions(decoder="decord"), "all-pyav": ReadOptions(decoder="pyav")}
 TIMELINE_FPS = (1.0, 7.0)

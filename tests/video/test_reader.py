@@ -267,17 +267,21 @@ def test_read_frames_rejects_indices_outside_the_video(clip):
         read_frames(str(clip), lambda n: np.array([n]), lambda f: f, ReadOptions())
 
 
-@pytest.mark.parametrize("decoder", ["auto", "pyav"])
+@pytest.mark.parametrize("decoder", ["auto", "auto-decord", "pyav"])
 def test_iter_all_frames_streams_every_frame_in_order(clip, decoder):
-    info, frames = iter_all_frames(str(clip), lambda f: f[:8, :8].copy(), ReadOptions(decoder=decoder, chunk_frames=4))
+    """``auto`` streams through PyAV; with ``decord_max_frames`` above the clip's length, through decord."""
+    options = ReadOptions(decoder="auto", chunk_frames=4, decord_max_frames=100 if decoder == "auto-decord" else 0)
+    if decoder == "pyav":
+        options = ReadOptions(decoder="pyav", chunk_frames=4)
+    info, frames = iter_all_frames(str(clip), lambda f: f[:8, :8].copy(), options)
     ordinals = []
     for f in frames:
         assert f.shape == (8, 8, 3)  # the top-left corner: 4 * (i % 64) grey
         ordinals.append(round(float(f.mean()) / 4))
     assert len(ordinals) == 90
     assert ordinals == [i % 64 for i in range(90)]
-    assert info.decoder == ("decord" if decoder == "auto" else "pyav")
-    assert info.num_frames == (90 if decoder == "auto" else -1)
+    assert info.decoder == ("decord" if decoder == "auto-decord" else "pyav")
+    assert info.num_frames == (90 if decoder == "auto-decord" else -1)
 
 
 def test_bad_files_raise_bad_video(tmp_path, clip):
@@ -296,8 +300,11 @@ def test_bad_files_raise_bad_video(tmp_path, clip):
 
 
 def test_real_clip_streams_as_many_frames_as_decord_counts():
-    info, frames = iter_all_frames(str(EXAMPLES / "mmaction2_part_0.mp4"), lambda f: f[:2, :2].copy(), ReadOptions())
+    path = str(EXAMPLES / "mmaction2_part_0.mp4")
+    info, frames = iter_all_frames(path, lambda f: f[:2, :2].copy(), ReadOptions(decoder="decord"))
     assert sum(1 for _ in frames) == info.num_frames == 32
+    info, frames = iter_all_frames(path, lambda f: f[:2, :2].copy(), ReadOptions())
+    assert (sum(1 for _ in frames), info.decoder) == (32, "pyav")
 
 
 def test_read_frames_gets_exact_frames_where_decord_seeks_wrongly(tmp_path):

@@ -11,17 +11,21 @@ scale, or a scale and a crop), so one full-size frame is held at a time.
 ``infer_plan`` is VideoTag's inference plan, the one extraction and tagging use.
 
 One decoder choice serves both readers (``ReadOptions.decoder``: ``auto``, or ``decord`` or
-``pyav`` forced). With ``auto``, decord decodes the files it decodes exactly: H.264, HEVC, VP8/9,
-MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in MP4/MOV, Matroska/WebM, AVI and FLV,
-up to ``decord_max_frames`` frames. It seeks and decodes only what the plan needs.
+``pyav`` forced). With ``auto``, PyAV decodes every file in one streaming pass that converts only
+the chosen frames (decoder ``pyav-stream``; the frame count comes from demuxing alone). It is the
+cheapest exact path: PyAV's FFmpeg decodes at 0.4-0.9x the CPU seconds of ``ffmpeg -threads 1``,
+decord's bundled FFmpeg at 1.3-2.4x (``benchmarks/extract.py``), and seeking saves nothing on
+the videos decord may seek (every frame up to the last sample is decoded either way, as the
+samples are spread over the whole video). The stream holds one frame at a time, so memory does
+not grow with a video's length.
 
-PyAV takes everything else, in one streaming pass that converts only the chosen frames
-(decoder ``pyav-stream``; the frame count comes from demuxing alone):
-* long videos: decord's demuxer thread reads ahead into an unbounded packet queue and its index
-  grows with the file, so its memory grows with length; the stream holds one frame at a time and
-  runs at ffmpeg's own decoding speed;
-* MPEG-1/2/4 Part 2 with B-frames, MPEG-PS/TS, ASF/WMV and other containers: there decord's
-  seeking returns the wrong frames (a neighbour, or frames out of order), silently.
+``decord_max_frames`` > 0 gives decord, under ``auto``, the files it decodes exactly: H.264,
+HEVC, VP8/9, MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in MP4/MOV, Matroska/WebM,
+AVI and FLV, up to that many frames (decord's demuxer thread reads ahead into an unbounded packet
+queue and its index grows with the file). Elsewhere its seeking returns the wrong frames (a
+neighbour, or frames out of order), silently: MPEG-1/2/4 Part 2 with B-frames, MPEG-PS/TS,
+ASF/WMV. decord and PyAV give the same bytes on every file both read exactly (the tests' crop
+digests).
 Files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks), and files where fewer
 frames decode than packets were counted, go through PyAV in two passes, counting the decodable
 frames first (decoder ``pyav``): PyAV skips packets it cannot decode, the way VideoTag's OpenCV
@@ -72,7 +76,7 @@ class ReadOptions:
     decoder: str = "auto"  # auto | decord | pyav
     threads: int = 1
     chunk_frames: int = 8  # full-size frames held at once, at most (the readers hold one)
-    decord_max_frames: int = 1200  # longer videos stream through PyAV (decoder "auto")
+    decord_max_frames: int = 0  # decoder "auto": decord for files it seeks exactly up to this long (0: none)
 
 
 def read_options(config: Config) -> ReadOptions:
@@ -411,6 +415,8 @@ def _decode(
     if options.decoder == "pyav":
         return on_pyav()
     if options.decoder == "auto":
+        if options.decord_max_frames < 1:
+            return on_stream()
         info = probe(path)
         if info is not None and (not info.decord_exact or info.frames > options.decord_max_frames):
             return on_stream()

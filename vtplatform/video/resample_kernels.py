@@ -14,7 +14,8 @@ import numpy as np
 from vtplatform.video.resample import PRECISION_BITS
 
 HALF = 1 << (PRECISION_BITS - 1)  # Pillow's rounding: every sum starts at one half
-BLOCK_ROWS = 32  # source rows transposed at a time in the horizontal pass
+BLOCK_ROWS = 32  # source rows transposed at a time in the horizontal pass: 4 rows a 32-bit word, 8 words a channel
+LANES = BLOCK_ROWS * 3
 _INDEX, _WEIGHTS = numba.types.Array(numba.int32, 1, "C"), numba.types.Array(numba.int32, 2, "C")
 _OUT = numba.types.Array(numba.uint8, 2, "C")
 # a source frame may be read-only (numpy's view of a decord frame is): one signature for each
@@ -30,33 +31,51 @@ def hpass(src, r0, r1, x0, x1, first, count, weights, out):
     output columns that ``first``/``count``/``weights`` describe, reading source columns ``x0..x1``;
     into ``out`` (rows ``r0..r1``, 3 bytes per output column).
 
-    A block of rows is transposed into ``buf[x, row * 3 + channel]``, so that each (output column,
-    tap) is one multiply-add over a contiguous vector; every sum is Pillow's, term for term."""
+    A block of 32 rows is transposed into ``buf[x, channel * 32 + row]``, so that each (output
+    column, tap) is one multiply-add over a contiguous vector of 96 lanes; every sum is Pillow's,
+    term for term (the lanes are independent, so their order does not matter). The transpose
+    writes a 32-bit word of 4 rows at a time (``words``, whose bytes ``buf`` is), a quarter of the
+    scattered stores of one byte at a time. The sums of a block go to ``tile[column, lane]`` and
+    then into ``out``'s rows."""
     n_out = first.shape[0]
     nx = x1 - x0
-    buf = np.zeros((nx, BLOCK_ROWS * 3), np.uint8)
-    acc = np.empty(BLOCK_ROWS * 3, np.int32)
+    last = src.shape[0] - 1
+    words = np.zeros((nx, LANES // 4), np.uint32)  # [x, c * 8 + g]: byte q is channel c of row 4 * g + q
+    buf = words.view(np.uint8)  # [x, c * 32 + row]
+    acc = np.empty(LANES, np.int32)
+    tile = np.empty((n_out, LANES), np.uint8)
     for yb in range(r0, r1, BLOCK_ROWS):
         nb = min(BLOCK_ROWS, r1 - yb)
-        for b in range(nb):
-            row = src[yb + b, x0 * 3 : x1 * 3]  # a view, so that no index needs a negative-index check
-            o = b * 3
+        for g in range(BLOCK_ROWS // 4):
+            y = yb + 4 * g  # rows past r1 repeat the last row: read, never written out
+            a = src[min(y, last), x0 * 3 : x1 * 3]  # views, so that no index needs a negative-index check
+            b = src[min(y + 1, last), x0 * 3 : x1 * 3]
+            c = src[min(y + 2, last), x0 * 3 : x1 * 3]
+            d = src[min(y + 3, last), x0 * 3 : x1 * 3]
             for x in range(nx):
-                buf[x, o] = row[3 * x]
-                buf[x, o + 1] = row[3 * x + 1]
-                buf[x, o + 2] = row[3 * x + 2]
+                for ch in range(3):
+                    k = 3 * x + ch
+                    words[x, ch * 8 + g] = (
+                        np.uint32(a[k]) | (np.uint32(b[k]) << 8) | (np.uint32(c[k]) << 16) | (np.uint32(d[k]) << 24)
+                    )
         for j in range(n_out):
-            for m in range(BLOCK_ROWS * 3):
+            for m in range(LANES):
                 acc[m] = HALF
             p = first[j] - x0
             for t in range(count[j]):
                 w = weights[j, t]
                 column = buf[p + t]  # a row of buf: its values for source column x0 + p + t
-                for m in range(BLOCK_ROWS * 3):
+                for m in range(LANES):
                     acc[m] += np.int32(column[m]) * w
-            for b in range(nb):
-                for c in range(3):
-                    out[yb + b - r0, j * 3 + c] = min(max(acc[b * 3 + c] >> PRECISION_BITS, 0), 255)
+            sums = tile[j]
+            for m in range(LANES):
+                sums[m] = min(max(acc[m] >> PRECISION_BITS, 0), 255)
+        for row in range(nb):
+            o = out[yb + row - r0]
+            for j in range(n_out):
+                o[j * 3] = tile[j, row]
+                o[j * 3 + 1] = tile[j, BLOCK_ROWS + row]
+                o[j * 3 + 2] = tile[j, 2 * BLOCK_ROWS + row]
 
 
 @numba.njit([numba.void(src, _I, _I, _INDEX, _INDEX, _WEIGHTS, _OUT) for src in _SOURCES], cache=True, nogil=True)
