@@ -171,10 +171,10 @@ class ResourcesSection:
 
 @dataclass(frozen=True)
 class ExtractSection:
-    decoder: str = "auto"  # auto (PyAV one pass; see decord_max_frames) | decord | pyav
+    decoder: str = "auto"  # auto (PyAV's one pass; decord's seeking for sparse reads) | decord | pyav
     decode_threads: int = 1
     chunk_frames: int = 8  # full-size frames held at once while decoding
-    decord_max_frames: int = 0  # decoder auto: decord for files it seeks exactly up to this long (0: none)
+    decord_max_frames: int = 1200  # decoder auto: decord may seek in files it reads exactly up to this long (0: never)
     decode_timeout_s: float | None = 1800.0  # reading + decoding one video; past it the worker is killed
     precision: str = "auto"  # auto (float16 on GPU, float32 on CPU) | float32 | float16
     seed: int = 0  # random-init seed when no weights are given

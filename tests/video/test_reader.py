@@ -47,16 +47,47 @@ def test_reproduces_golden_preprocessing(name, clip, decoder):
     )
 
 
-def test_decoded_frames_match_golden_checksums():
-    """The decoded RGB frames before resizing are bit-identical to VideoTag's (same FFmpeg 5.1 swscale)."""
-    import decord
-
+@pytest.mark.parametrize("decoder", ["decord", "auto"])
+def test_decoded_frames_match_golden_checksums(decoder):
+    """The decoded RGB frames before resizing, whole, are bit-identical to VideoTag's (FFmpeg 5.1's
+    swscale, through OpenCV), from decord's FFmpeg 4.1 and from PyAV's (the reader's default)."""
     g = np.load(GOLDEN / "preprocess_data_example.npz")
-    reader = decord.VideoReader(str(EXAMPLES / "paddlevideo_example.avi"))
-    frames = reader.get_batch(sorted(set(g["frame_indices"].tolist()))).asnumpy()
-    by_index = dict(zip(sorted(set(g["frame_indices"].tolist())), frames, strict=True))
-    crcs = [zlib.crc32(np.ascontiguousarray(by_index[i]).tobytes()) for i in g["frame_indices"]]
-    np.testing.assert_array_equal(crcs, g["decoded_rgb_crc32"])
+    info, frames = iter_all_frames(str(EXAMPLES / "paddlevideo_example.avi"), lambda f: f.copy(), ReadOptions(decoder))
+    assert info.decoder == ("decord" if decoder == "decord" else "pyav")
+    crcs = [zlib.crc32(np.ascontiguousarray(f).tobytes()) for f in frames]
+    np.testing.assert_array_equal([crcs[i] for i in g["frame_indices"]], g["decoded_rgb_crc32"])
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "pix_fmt", "size"),
+    [
+        ("h264.mp4", "libx264", "yuv420p", (426, 240)),
+        ("h264_odd.mkv", "libx264", "yuv420p", (322, 182)),
+        ("h264_444.mp4", "libx264", "yuv444p", (340, 256)),
+        ("mjpeg.avi", "mjpeg", "yuvj420p", (330, 250)),
+        ("vp9.webm", "libvpx-vp9", "yuv420p", (648, 360)),
+        ("hevc.mp4", "libx265", "yuv420p", (1282, 720)),
+    ],
+)
+def test_decord_and_pyav_decode_to_the_same_rgb_bytes(tmp_path, name, codec, pix_fmt, size):
+    """Every whole RGB frame of files decord decodes exactly is the same bytes from decord (its own
+    FFmpeg 4.1) and from PyAV (FFmpeg 8), at frame widths that are and are not multiples of 8 or 16
+    and with noise that exercises every rounding: the reader's default moved from decord to PyAV
+    on these files, and the crops (and features) must not change with it."""
+    from tests.clips import write_clip
+
+    rng = np.random.default_rng(7)
+    width, height = size
+    frames = (rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(6))
+    options = {"x265-params": "log-level=none"} if codec == "libx265" else {}
+    clip = write_clip(tmp_path / name, frames, width, height, 25, codec, pix_fmt, options)
+    whole = lambda f: f.copy()  # noqa: E731
+    by_decord = list(iter_all_frames(str(clip), whole, ReadOptions("decord"))[1])
+    by_pyav = list(iter_all_frames(str(clip), whole, ReadOptions())[1])
+    assert len(by_decord) == len(by_pyav) == 6
+    assert by_pyav[0].shape == (size[1], size[0], 3)
+    for a, b in zip(by_decord, by_pyav, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
@@ -113,6 +144,45 @@ def test_codecs_and_containers_give_the_sampled_frames(tmp_path, name, codec, op
     out = read_as_extraction(str(clip), num_segments=20)
     assert out.num_frames == 60
     assert [frame_ordinal(f) for f in out.frames] == out.indices.tolist() == list(range(1, 60, 3)), out.decoder
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "options", "decoder"),
+    [
+        ("gop5.mp4", "libx264", {"g": "5", "bf": "2"}, "decord"),  # keyframes closer than the picks: decord seeks
+        ("gop5.mkv", "libx264", {"g": "5"}, "decord"),
+        ("gop250.mp4", "libx264", {"bf": "2"}, "pyav-stream"),  # one keyframe: seeking decodes as much
+        ("gop5_bframes.avi", "mpeg4", {"g": "5", "bf": "2"}, "pyav-stream"),  # decord's seeking is wrong here
+    ],
+)
+def test_sparse_reads_seek_with_decord_where_it_pays(tmp_path, name, codec, options, decoder):
+    """A sparse plan (training's: 3 frames of 120) goes to decord's seeking on files it seeks
+    exactly when that decodes under a third of what PyAV's pass decodes; a dense one (extraction's
+    300 samples) never does. Either way the frames are exactly the picks."""
+    clip = write_indexed_clip(tmp_path / name, 120, 160, 128, codec=codec, **options)
+    picks = np.array([17, 58, 101])
+    sparse = read_frames(str(clip), lambda n: picks, lambda f: f, ReadOptions())
+    assert sparse.decoder == decoder
+    assert [frame_ordinal(f) for f in sparse.frames] == picks.tolist()
+    never = read_frames(str(clip), lambda n: picks, lambda f: f, ReadOptions(decord_max_frames=0))
+    assert never.decoder == "pyav-stream"
+    np.testing.assert_array_equal(never.frames, sparse.frames)
+    dense = read_as_extraction(str(clip), num_segments=60)
+    assert dense.decoder == "pyav-stream"
+    assert [frame_ordinal(f) for f in dense.frames] == dense.indices.tolist()
+
+
+def test_seeking_pays_counts_the_frames_decord_decodes():
+    from vtplatform.video.reader import _seeking_pays
+
+    every_10 = np.arange(0, 100, 10)
+    # decord decodes 0..5, 50..55 and 90..95: 18 frames, 3 x 18 = 54 < 96 that PyAV decodes (0..95)
+    assert _seeking_pays(np.array([5, 55, 95]), every_10)
+    # one keyframe: decord decodes 0..95 too
+    assert not _seeking_pays(np.array([5, 55, 95]), np.array([0]))
+    # picks closer than the keyframes: decord goes on from where it is (0..9, then 10..33): 34 x 3 > 34
+    assert not _seeking_pays(np.array([9, 12, 33]), every_10)
+    assert not _seeking_pays(np.array([3]), np.zeros(0, np.int64))
 
 
 def test_short_clip_wraps_and_segments_option(tmp_path):
@@ -241,7 +311,8 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory):
-    return write_indexed_clip(tmp_path_factory.mktemp("frames") / "long.mp4", 150, bf="3")
+    # a keyframe every 5 frames: training's sparse picks seek with decord when it may take the file
+    return write_indexed_clip(tmp_path_factory.mktemp("frames") / "long.mp4", 150, bf="3", g="5")
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
@@ -267,21 +338,18 @@ def test_read_frames_rejects_indices_outside_the_video(clip):
         read_frames(str(clip), lambda n: np.array([n]), lambda f: f, ReadOptions())
 
 
-@pytest.mark.parametrize("decoder", ["auto", "auto-decord", "pyav"])
+@pytest.mark.parametrize("decoder", ["auto", "decord", "pyav"])
 def test_iter_all_frames_streams_every_frame_in_order(clip, decoder):
-    """``auto`` streams through PyAV; with ``decord_max_frames`` above the clip's length, through decord."""
-    options = ReadOptions(decoder="auto", chunk_frames=4, decord_max_frames=100 if decoder == "auto-decord" else 0)
-    if decoder == "pyav":
-        options = ReadOptions(decoder="pyav", chunk_frames=4)
-    info, frames = iter_all_frames(str(clip), lambda f: f[:8, :8].copy(), options)
+    """``auto`` streams every frame through PyAV (decord would decode the same frames at a higher cost)."""
+    info, frames = iter_all_frames(str(clip), lambda f: f[:8, :8].copy(), ReadOptions(decoder=decoder, chunk_frames=4))
     ordinals = []
     for f in frames:
         assert f.shape == (8, 8, 3)  # the top-left corner: 4 * (i % 64) grey
         ordinals.append(round(float(f.mean()) / 4))
     assert len(ordinals) == 90
     assert ordinals == [i % 64 for i in range(90)]
-    assert info.decoder == ("decord" if decoder == "auto-decord" else "pyav")
-    assert info.num_frames == (90 if decoder == "auto-decord" else -1)
+    assert info.decoder == ("decord" if decoder == "decord" else "pyav")
+    assert info.num_frames == (90 if decoder == "decord" else -1)
 
 
 def test_bad_files_raise_bad_video(tmp_path, clip):

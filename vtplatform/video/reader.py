@@ -11,21 +11,20 @@ scale, or a scale and a crop), so one full-size frame is held at a time.
 ``infer_plan`` is VideoTag's inference plan, the one extraction and tagging use.
 
 One decoder choice serves both readers (``ReadOptions.decoder``: ``auto``, or ``decord`` or
-``pyav`` forced). With ``auto``, PyAV decodes every file in one streaming pass that converts only
-the chosen frames (decoder ``pyav-stream``; the frame count comes from demuxing alone). It is the
-cheapest exact path: PyAV's FFmpeg decodes at 0.4-0.9x the CPU seconds of ``ffmpeg -threads 1``,
-decord's bundled FFmpeg at 1.3-2.4x (``benchmarks/extract.py``), and seeking saves nothing on
-the videos decord may seek (every frame up to the last sample is decoded either way, as the
-samples are spread over the whole video). The stream holds one frame at a time, so memory does
-not grow with a video's length.
-
-``decord_max_frames`` > 0 gives decord, under ``auto``, the files it decodes exactly: H.264,
-HEVC, VP8/9, MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in MP4/MOV, Matroska/WebM,
-AVI and FLV, up to that many frames (decord's demuxer thread reads ahead into an unbounded packet
-queue and its index grows with the file). Elsewhere its seeking returns the wrong frames (a
-neighbour, or frames out of order), silently: MPEG-1/2/4 Part 2 with B-frames, MPEG-PS/TS,
-ASF/WMV. decord and PyAV give the same bytes on every file both read exactly (the tests' crop
-digests).
+``pyav`` forced). With ``auto``, PyAV decodes a file once, up to the last frame a plan picks,
+converting only the picks (decoder ``pyav-stream``; the frame count and the keyframes come from
+demuxing alone). PyAV's FFmpeg decodes at ffmpeg's own pace; decord's bundled FFmpeg 4.1 costs
+2.0-3.0x as much a frame (``DECORD_FRAME_COST``). So decord takes only what its seeking makes
+cheaper: sparse plans (training's 3 frames a clip) in files whose keyframes are closer than the
+picks, where seeking decodes under a third of the frames (``_seeking_pays``), and only files it
+seeks exactly: H.264, HEVC, VP8/9, MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in
+MP4/MOV, Matroska/WebM, AVI and FLV, up to ``decord_max_frames`` frames (its demuxer thread reads
+ahead into an unbounded packet queue and its index grows with the file; 0: never). Elsewhere its
+seeking returns the wrong frames (a neighbour, or frames out of order), silently: MPEG-1/2/4 Part
+2 with B-frames, MPEG-PS/TS, ASF/WMV. Reads of every frame or of a timeline always take PyAV's
+pass. decord and PyAV give the same bytes on the files both read exactly (the tests compare their
+whole RGB frames, and the crop digests). The stream holds one frame at a time, so memory does not
+grow with a video's length.
 Files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks), and files where fewer
 frames decode than packets were counted, go through PyAV in two passes, counting the decodable
 frames first (decoder ``pyav``): PyAV skips packets it cannot decode, the way VideoTag's OpenCV
@@ -76,7 +75,7 @@ class ReadOptions:
     decoder: str = "auto"  # auto | decord | pyav
     threads: int = 1
     chunk_frames: int = 8  # full-size frames held at once, at most (the readers hold one)
-    decord_max_frames: int = 0  # decoder "auto": decord for files it seeks exactly up to this long (0: none)
+    decord_max_frames: int = 1200  # decoder "auto": decord may seek in files it reads exactly up to this long
 
 
 def read_options(config: Config) -> ReadOptions:
@@ -109,14 +108,15 @@ def read_frames(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOp
     Raises ``BadVideo`` for anything wrong with the file; ``ValueError`` for indices outside the
     video; other exceptions are our bugs.
     """
+    if options.decoder == "auto":
+        _check_readable(path)
+        return _read_auto(path, choose, per_frame, options)
     return _decode(
         path,
         options,
         on_decord=lambda reader: _read_decord(reader, choose, per_frame, options),
         on_pyav=lambda: _read_pyav(path, choose, per_frame, options),
-        on_stream=lambda: (
-            _stream_pyav(path, choose, per_frame, options) or _read_pyav(path, choose, per_frame, options)
-        ),
+        on_stream=lambda: _read_auto(path, choose, per_frame, options),
     )
 
 
@@ -217,14 +217,14 @@ def read_frames_and_timeline(
 
     The iterator yields what ``iter_timeline(path, fps, per_frame, options)`` yields; once it is
     exhausted, ``info.sampled`` holds what ``read_frames(path, choose, per_frame, options)``
-    returns, from the same decoder choice, so the sampled frames are byte for byte
-    ``read_frames``'s. A frame that is both sampled and on the timeline is converted and
-    transformed once.
+    returns, byte for byte (``read_frames`` may seek with decord for a sparse plan; decord and
+    PyAV give the same bytes on the files decord seeks). A frame that is both sampled and on the
+    timeline is converted and transformed once.
 
-    * PyAV's one pass (long videos, files decord seeks wrongly): the pass that picks the samples
-      goes on to the end for the timeline. When fewer frames decode than packets were counted, a
-      second pass picks the samples among the frames that decode, as ``read_frames`` does.
-    * decord: the timeline's frames are picked by the same tick rule from the presentation
+    * PyAV's one pass (``auto``): the pass that picks the samples goes on to the end for the
+      timeline. When fewer frames decode than packets were counted, a second pass picks the
+      samples among the frames that decode, as ``read_frames`` does.
+    * decord (forced): the timeline's frames are picked by the same tick rule from the presentation
       timestamps of the file's packets (demuxed by PyAV, nothing decoded), and decord decodes the
       samples and those frames in one sequential pass. This needs presentation timestamps
       (MP4/MOV, Matroska/WebM, or a codec without B-frames) on every packet, no two alike, none
@@ -408,25 +408,19 @@ def _both_pyav(
 def _decode(
     path: str, options: ReadOptions, on_decord: Callable, on_pyav: Callable[[], T], on_stream: Callable[[], T]
 ) -> T:
-    """The decoder choice: ``on_decord(reader)`` decodes with decord; ``on_stream()`` with PyAV for
-    the files ``auto`` keeps from decord (long, or where its seeking is wrong); ``on_pyav()`` with
-    PyAV when it is forced or decord rejects the file."""
+    """The decoder choice for reads of every frame (or of a timeline): ``on_stream()``, PyAV's one
+    pass, with ``auto`` (decord would decode the same frames at a higher cost); ``on_decord(reader)``
+    with decord forced; ``on_pyav()`` with PyAV forced, or when forced decord rejects the file.
+    (``read_frames`` decides ``auto`` itself: ``_read_auto``.)"""
     _check_readable(path)
     if options.decoder == "pyav":
         return on_pyav()
     if options.decoder == "auto":
-        if options.decord_max_frames < 1:
-            return on_stream()
-        info = probe(path)
-        if info is not None and (not info.decord_exact or info.frames > options.decord_max_frames):
-            return on_stream()
+        return on_stream()
     try:
         import decord
 
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=options.threads)
-        if options.decoder == "auto" and len(reader) > options.decord_max_frames:  # a header that said less
-            del reader
-            return on_stream()
         return on_decord(reader)
     except BadVideo:
         raise
@@ -585,21 +579,71 @@ def _decord_frame(reader, ordinal: int) -> np.ndarray:
     return np.from_dlpack(_DLPack(reader.get_batch([ordinal])))[0]
 
 
-def _stream_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames | None:
-    """One PyAV pass, converting only the chosen frames; the frame count comes from demuxing
-    alone. None when fewer frames decode than packets were counted (a damaged file): the caller
-    then counts decodable frames first."""
-    num_frames = _count_packets(path)
+# decord's CPU seconds to decode a frame against PyAV's (its bundled FFmpeg 4.1, its RGB filter
+# graph): 2.0-3.0x on H.264, HEVC and MJPEG (benchmarks/extract.py, columns decord and path)
+DECORD_FRAME_COST = 3.0
+
+
+def _read_auto(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames:
+    """``read_frames`` with decoder ``auto``. The frame count and the keyframes come from demuxing
+    alone, then ``choose`` picks. decord seeks to the picks when that decodes under a third of
+    the frames PyAV's one pass decodes (``_seeking_pays``: a sparse plan, as training's 3 frames a
+    clip, in a file with keyframes closer than the picks) and the file is one it seeks exactly, up
+    to ``decord_max_frames`` long; otherwise (extraction's 300 samples, every clip up to 1200
+    frames) PyAV decodes the file once, up to the last pick, converting only the picks. When fewer
+    frames decode than packets were counted (a damaged file), PyAV's two passes."""
+    num_frames, keyframes = _demux_index(path)
     if num_frames < 1:
-        return None
+        return _read_pyav(path, choose, per_frame, options)
     indices = _check_indices(choose(num_frames), num_frames)
     unique = np.unique(indices)
+    if num_frames <= options.decord_max_frames and _seeking_pays(unique, keyframes):
+        frames = _seek_decord(path, indices, num_frames, per_frame, options)
+        if frames is not None:
+            return frames
     prep = _Prep(per_frame)
     out = _pick_pyav(path, unique, prep, options.threads)
     if len(out) != len(unique):
         log.info("%s: only some of its %d packets decode; counting decodable frames", path, num_frames)
-        return None
+        return _read_pyav(path, choose, per_frame, options)
     return _frames(out, unique, indices, num_frames, _pyav_fps(path), prep.size, "pyav-stream", prep.seconds)
+
+
+def _seeking_pays(unique: np.ndarray, keyframes: np.ndarray) -> bool:
+    """Whether decord, seeking to the keyframe before each pick unless it is already past that
+    keyframe (its ``SeekAccurate``), decodes fewer than ``1 / DECORD_FRAME_COST`` of the frames
+    PyAV's pass decodes (every frame up to the last pick). Keyframes are packet ordinals (decode
+    order): an estimate where B-frames reorder a few frames around them."""
+    if keyframes.size == 0:
+        return False
+    starts = keyframes[np.maximum(np.searchsorted(keyframes, unique, side="right") - 1, 0)]
+    decoded, position = 0, 0
+    for pick, key in zip(unique.tolist(), starts.tolist(), strict=True):
+        decoded += pick + 1 - max(key, position)
+        position = pick + 1
+    return decoded * DECORD_FRAME_COST < unique[-1] + 1
+
+
+def _seek_decord(
+    path: str, indices: np.ndarray, num_frames: int, per_frame: FrameFn, options: ReadOptions
+) -> Frames | None:
+    """decord's read of ``indices``, or None where decord is not exact for the file, counts its
+    frames otherwise, or rejects it (then PyAV reads it)."""
+    info = probe(path)
+    if info is None or not info.decord_exact:
+        return None
+    try:
+        import decord
+
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=options.threads)
+        if len(reader) != num_frames:
+            return None
+        return _read_decord(reader, lambda n: indices, per_frame, options)
+    except Exception as exc:  # decord raises RuntimeError or DECORDError (an Exception subclass)
+        if not _is_decord_error(exc):
+            raise
+        log.info("decord rejected %s (%s); reading it with PyAV", path, _first_line(exc))
+        return None
 
 
 def _read_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames:
@@ -745,16 +789,27 @@ def probe(path: str) -> Probe | None:
 
 
 def _count_packets(path: str) -> int:
-    """Video packets in the file, by demuxing alone (no decoding): a long video's frame count."""
+    """Video packets in the file, by demuxing alone (no decoding): its frame count."""
+    return _demux_index(path)[0]
+
+
+def _demux_index(path: str) -> tuple[int, np.ndarray]:
+    """The video packets in the file and the ordinals of its keyframe packets, by demuxing alone."""
     import av
 
     container = _open_pyav(path)
+    count, keyframes = 0, []
     try:
-        return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+        for packet in container.demux(container.streams.video[0]):
+            if packet.size:
+                if packet.is_keyframe:
+                    keyframes.append(count)
+                count += 1
     except av.error.FFmpegError as exc:
         raise BadVideo("decode", "DecodeError", f"PyAV cannot demux the file: {exc}") from exc
     finally:
         container.close()
+    return count, np.array(keyframes, np.int64)
 
 
 def _pyav_count(path: str, threads: int) -> int:
