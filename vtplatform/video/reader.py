@@ -13,9 +13,9 @@ scale, or a scale and a crop), so one full-size frame is held at a time.
 One decoder choice serves both readers (``ReadOptions.decoder``: ``auto``, or ``decord`` or
 ``pyav`` forced). With ``auto``, PyAV decodes a file once, up to the last frame a plan picks,
 converting only the picks (decoder ``pyav-stream``; the frame count and the keyframes come from
-demuxing alone). PyAV's FFmpeg decodes at ffmpeg's own pace; decord's bundled FFmpeg 4.1 costs
-2.0-3.0x as much a frame (``DECORD_FRAME_COST``). So decord takes only what its seeking makes
-cheaper: sparse plans (training's 3 frames a clip) in files whose keyframes are closer than the
+demuxing alone). PyAV's FFmpeg decodes at about ffmpeg's own pace; decord's bundled FFmpeg 4.1
+costs more a frame (1.2-1.9x the reader's PyAV pass for extraction's samples, in
+``benchmarks/extract.py``). So decord takes only what its seeking makes much cheaper: sparse plans (training's 3 frames a clip) in files whose keyframes are closer than the
 picks, where seeking decodes under a third of the frames (``_seeking_pays``), and only files it
 seeks exactly: H.264, HEVC, VP8/9, MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in
 MP4/MOV, Matroska/WebM, AVI and FLV, up to ``decord_max_frames`` frames (its demuxer thread reads
@@ -579,8 +579,9 @@ def _decord_frame(reader, ordinal: int) -> np.ndarray:
     return np.from_dlpack(_DLPack(reader.get_batch([ordinal])))[0]
 
 
-# decord's CPU seconds to decode a frame against PyAV's (its bundled FFmpeg 4.1, its RGB filter
-# graph): 2.0-3.0x on H.264, HEVC and MJPEG (benchmarks/extract.py, columns decord and path)
+# decord's CPU seconds a decoded frame against PyAV's, rounded up: its bundled FFmpeg 4.1 and RGB
+# filter graph cost 1.2-1.9x the reader's PyAV pass for the same samples (benchmarks/extract.py,
+# column decord against the path's), so decord seeks only where it decodes under a third of the frames
 DECORD_FRAME_COST = 3.0
 
 
