@@ -47,14 +47,25 @@ def test_reproduces_golden_preprocessing(name, clip, decoder):
     )
 
 
-@pytest.mark.parametrize("decoder", ["decord", "auto"])
-def test_decoded_frames_match_golden_checksums(decoder):
-    """The decoded RGB frames before resizing, whole, are bit-identical to VideoTag's (FFmpeg 5.1's
-    swscale, through OpenCV), from decord's FFmpeg 4.1 and from PyAV's (the reader's default)."""
+def test_decoded_frames_match_golden_checksums():
+    """The decoded RGB frames before resizing are bit-identical to VideoTag's (same FFmpeg 5.1 swscale)."""
+    import decord
+
     g = np.load(GOLDEN / "preprocess_data_example.npz")
-    info, frames = iter_all_frames(str(EXAMPLES / "paddlevideo_example.avi"), lambda f: f.copy(), ReadOptions(decoder))
-    assert info.decoder == ("decord" if decoder == "decord" else "pyav")
+    reader = decord.VideoReader(str(EXAMPLES / "paddlevideo_example.avi"))
+    frames = reader.get_batch(sorted(set(g["frame_indices"].tolist()))).asnumpy()
+    by_index = dict(zip(sorted(set(g["frame_indices"].tolist())), frames, strict=True))
+    crcs = [zlib.crc32(np.ascontiguousarray(by_index[i]).tobytes()) for i in g["frame_indices"]]
+    np.testing.assert_array_equal(crcs, g["decoded_rgb_crc32"])
+
+
+def test_pyav_frames_match_golden_checksums():
+    """The reader's default path (PyAV's FFmpeg 8, one converter per stream) gives VideoTag's decoded
+    RGB frames (FFmpeg 5.1's swscale, through OpenCV) whole and bit for bit, as decord's FFmpeg 4.1 does."""
+    g = np.load(GOLDEN / "preprocess_data_example.npz")
+    info, frames = iter_all_frames(str(EXAMPLES / "paddlevideo_example.avi"), lambda f: f.copy(), ReadOptions())
     crcs = [zlib.crc32(np.ascontiguousarray(f).tobytes()) for f in frames]
+    assert info.decoder == "pyav" and len(crcs) == 131
     np.testing.assert_array_equal([crcs[i] for i in g["frame_indices"]], g["decoded_rgb_crc32"])
 
 
@@ -176,13 +187,31 @@ def test_seeking_pays_counts_the_frames_decord_decodes():
     from vtplatform.video.reader import _seeking_pays
 
     every_10 = np.arange(0, 100, 10)
-    # decord decodes 0..5, 50..55 and 90..95: 18 frames, 3 x 18 = 54 < 96 that PyAV decodes (0..95)
+    # decord decodes 0..5, 50..55 and 90..95: 18 frames, 3 x 18 = 54 < the 96 PyAV decodes (0..95)
     assert _seeking_pays(np.array([5, 55, 95]), every_10)
     # one keyframe: decord decodes 0..95 too
     assert not _seeking_pays(np.array([5, 55, 95]), np.array([0]))
     # picks closer than the keyframes: decord goes on from where it is (0..9, then 10..33): 34 x 3 > 34
     assert not _seeking_pays(np.array([9, 12, 33]), every_10)
     assert not _seeking_pays(np.array([3]), np.zeros(0, np.int64))
+
+
+def test_a_packet_that_fails_before_the_last_pick_makes_the_stream_count_first():
+    """decord_corrupted.mp4: 50 packets, packet 30 fails to decode, 49 frames decode. With 4
+    segments the last pick (41) comes after the failure, where PyAV's frame ordinals are one off
+    the packets': the one pass must not return those frames but count the frames that decode and
+    pick among them, as VideoTag did (and as forced PyAV does), with or without a timeline."""
+    from vtplatform.video.reader import read_frames_and_timeline
+
+    path = str(EXAMPLES / "decord_corrupted.mp4")
+    auto = read_as_extraction(path, num_segments=4)
+    forced = read_as_extraction(path, num_segments=4, decoder="pyav")
+    assert (auto.decoder, auto.num_frames, auto.indices.tolist()) == ("pyav", 49, [5, 17, 29, 41])
+    np.testing.assert_array_equal(auto.frames, forced.frames)
+    info, timeline = read_frames_and_timeline(path, *infer_plan(4), 1.0, ReadOptions())
+    assert len(list(timeline)) >= 1
+    assert (info.sampled.decoder, info.sampled.num_frames) == ("pyav", 49)
+    np.testing.assert_array_equal(info.sampled.frames, auto.frames)
 
 
 def test_short_clip_wraps_and_segments_option(tmp_path):

@@ -15,20 +15,20 @@ One decoder choice serves both readers (``ReadOptions.decoder``: ``auto``, or ``
 converting only the picks (decoder ``pyav-stream``; the frame count and the keyframes come from
 demuxing alone). PyAV's FFmpeg decodes at about ffmpeg's own pace; decord's bundled FFmpeg 4.1
 costs more a frame (1.2-1.9x the reader's PyAV pass for extraction's samples, in
-``benchmarks/extract.py``). So decord takes only what its seeking makes much cheaper: sparse plans (training's 3 frames a clip) in files whose keyframes are closer than the
-picks, where seeking decodes under a third of the frames (``_seeking_pays``), and only files it
-seeks exactly: H.264, HEVC, VP8/9, MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in
-MP4/MOV, Matroska/WebM, AVI and FLV, up to ``decord_max_frames`` frames (its demuxer thread reads
-ahead into an unbounded packet queue and its index grows with the file; 0: never). Elsewhere its
-seeking returns the wrong frames (a neighbour, or frames out of order), silently: MPEG-1/2/4 Part
-2 with B-frames, MPEG-PS/TS, ASF/WMV. Reads of every frame or of a timeline always take PyAV's
-pass. decord and PyAV give the same bytes on the files both read exactly (the tests compare their
-whole RGB frames, and the crop digests). The stream holds one frame at a time, so memory does not
-grow with a video's length.
-Files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks), and files where fewer
-frames decode than packets were counted, go through PyAV in two passes, counting the decodable
-frames first (decoder ``pyav``): PyAV skips packets it cannot decode, the way VideoTag's OpenCV
-loop skipped failed reads.
+``benchmarks/extract.py``). So decord takes only what its seeking makes much cheaper: sparse plans
+(training's 3 frames a clip) in files whose keyframes are closer than the picks, where seeking
+decodes under a third of the frames (``_seeking_pays``), and only files it seeks exactly: H.264,
+HEVC, VP8/9, MJPEG and FFV1 (and MPEG-1/2/4 Part 2 without B-frames) in MP4/MOV, Matroska/WebM,
+AVI and FLV, up to ``decord_max_frames`` frames (its demuxer thread reads ahead into an unbounded
+packet queue and its index grows with the file; 0: never). Elsewhere its seeking returns the wrong
+frames (a neighbour, or frames out of order), silently: MPEG-1/2/4 Part 2 with B-frames,
+MPEG-PS/TS, ASF/WMV. Reads of every frame or of a timeline always take PyAV's pass. decord and
+PyAV give the same bytes on the files both read exactly (the tests compare their whole RGB frames,
+and the crop digests). The stream holds one frame at a time, so memory does not grow with a
+video's length. Files decord rejects (truncated, damaged, codecs its bundled FFmpeg lacks), and
+files where fewer frames decode than packets were counted, go through PyAV in two passes, counting
+the decodable frames first (decoder ``pyav``): PyAV skips packets it cannot decode, the way
+VideoTag's OpenCV loop skipped failed reads.
 
 PyAV's frames go to RGB through one converter per stream (``_Prep``), and only the frames a plan
 or a timeline picks are converted. The time spent converting and in ``per_frame`` is reported
@@ -365,10 +365,12 @@ def _both_pyav(
     prep = _Prep(per_frame)
 
     def frames() -> Iterator[tuple[float, np.ndarray]]:
-        out, decoded = {}, 0
+        out, decoded, failed, failed_by_last_pick = {}, 0, [], None
         try:
-            for ordinal, frame in enumerate(_pyav_frames(path, options.threads)):
+            for ordinal, frame in enumerate(_pyav_frames(path, options.threads, failed)):
                 decoded += 1
+                if ordinal == (unique[-1] if unique.size else -1):  # where read_frames' pass stops
+                    failed_by_last_pick = len(failed)
                 t = ticks.take(frame.pts, frame.duration, frame.time_base)
                 info.end_s = ticks.end_s
                 if t is None and ordinal not in wanted:
@@ -383,7 +385,7 @@ def _both_pyav(
             raise BadVideo("decode", "DecodeError", f"PyAV: {exc}") from exc
         if not decoded:
             raise BadVideo("decode", "NoFrames", "no frame of the video stream could be decoded")
-        if indices is not None and len(out) == len(unique):
+        if indices is not None and len(out) == len(unique) and not failed_by_last_pick:
             size = prep.size
             crops = [out[i] for i in unique.tolist()]
             info.sampled = _frames(crops, unique, indices, num_frames, info.fps, size, "pyav-stream", prep.seconds)
@@ -587,13 +589,19 @@ DECORD_FRAME_COST = 3.0
 
 def _read_auto(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOptions) -> Frames:
     """``read_frames`` with decoder ``auto``. The frame count and the keyframes come from demuxing
-    alone, then ``choose`` picks. decord seeks to the picks when that decodes under a third of
-    the frames PyAV's one pass decodes (``_seeking_pays``: a sparse plan, as training's 3 frames a
-    clip, in a file with keyframes closer than the picks) and the file is one it seeks exactly, up
-    to ``decord_max_frames`` long; otherwise (extraction's 300 samples, every clip up to 1200
-    frames) PyAV decodes the file once, up to the last pick, converting only the picks. When fewer
-    frames decode than packets were counted (a damaged file), PyAV's two passes."""
-    num_frames, keyframes = _demux_index(path)
+    alone, then ``choose`` picks. decord seeks to the picks when that decodes under a third of the
+    frames PyAV's pass decodes (``_seeking_pays``: a sparse plan, as training's 3 frames a clip, in
+    a file with keyframes closer than the picks) and the file is one it seeks exactly, up to
+    ``decord_max_frames`` long. Otherwise (extraction's 300 samples, every clip up to 1200 frames)
+    PyAV decodes the file once, up to the last pick, converting only the picks. When a packet up to
+    the last pick fails to decode (a damaged file: the frames after it would be one ordinal off),
+    when fewer frames than picks decode, or when demuxing fails part-way, PyAV's two passes, which
+    count the frames that decode first, as VideoTag did (they decode up to where demuxing stops).
+    Damage after the last pick goes unseen: the count is then the packets'."""
+    try:
+        num_frames, keyframes = _demux_index(path)
+    except BadVideo:
+        return _read_pyav(path, choose, per_frame, options)
     if num_frames < 1:
         return _read_pyav(path, choose, per_frame, options)
     indices = _check_indices(choose(num_frames), num_frames)
@@ -602,10 +610,10 @@ def _read_auto(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOpt
         frames = _seek_decord(path, indices, num_frames, per_frame, options)
         if frames is not None:
             return frames
-    prep = _Prep(per_frame)
-    out = _pick_pyav(path, unique, prep, options.threads)
-    if len(out) != len(unique):
-        log.info("%s: only some of its %d packets decode; counting decodable frames", path, num_frames)
+    prep, failed = _Prep(per_frame), []
+    out = _pick_pyav(path, unique, prep, options.threads, failed)
+    if failed or len(out) != len(unique):
+        log.info("%s: not every packet up to the last pick decodes; counting decodable frames", path)
         return _read_pyav(path, choose, per_frame, options)
     return _frames(out, unique, indices, num_frames, _pyav_fps(path), prep.size, "pyav-stream", prep.seconds)
 
@@ -660,11 +668,14 @@ def _read_pyav(path: str, choose: ChooseFn, per_frame: FrameFn, options: ReadOpt
     return _frames(out, unique, indices, num_frames, _pyav_fps(path), prep.size, "pyav", prep.seconds)
 
 
-def _pick_pyav(path: str, unique: np.ndarray, prep: _Prep, threads: int) -> list[np.ndarray]:
-    """``prep`` of the frames whose ordinals are in ``unique`` (sorted), in one decoding pass."""
+def _pick_pyav(
+    path: str, unique: np.ndarray, prep: _Prep, threads: int, failed: list | None = None
+) -> list[np.ndarray]:
+    """``prep`` of the frames whose ordinals are in ``unique`` (sorted), in one decoding pass
+    (``failed``: see ``_pyav_frames``)."""
     wanted = set(unique.tolist())
     out = []
-    for ordinal, frame in enumerate(_pyav_frames(path, threads)):
+    for ordinal, frame in enumerate(_pyav_frames(path, threads, failed)):
         if ordinal in wanted:
             out.append(prep.pyav(frame))
         if ordinal >= unique[-1]:
@@ -722,9 +733,10 @@ def _open_pyav(path: str):
     return container
 
 
-def _pyav_frames(path: str, threads: int) -> Iterator:
+def _pyav_frames(path: str, threads: int, failed: list | None = None) -> Iterator:
     """Yields every frame PyAV can decode: a packet that fails to decode is skipped (as VideoTag
-    skipped failed reads), and a demuxing error ends the stream there."""
+    skipped failed reads; its ordinal among the packets goes into ``failed``), and a demuxing error
+    ends the stream there."""
     import av
 
     container = _open_pyav(path)
@@ -732,6 +744,7 @@ def _pyav_frames(path: str, threads: int) -> Iterator:
         stream = container.streams.video[0]
         stream.thread_count = threads
         packets = container.demux(stream)
+        ordinal = 0
         while True:
             try:
                 packet = next(packets)
@@ -740,9 +753,14 @@ def _pyav_frames(path: str, threads: int) -> Iterator:
             except av.error.FFmpegError as exc:
                 log.info("%s: demuxing stopped early: %s", path, exc)
                 break
+            index = ordinal
+            if packet.size:
+                ordinal += 1
             try:
                 yield from packet.decode()
             except av.error.FFmpegError:
+                if failed is not None:
+                    failed.append(index)
                 continue
     finally:
         container.close()
