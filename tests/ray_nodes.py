@@ -46,10 +46,21 @@ FAST_HEALTH_CHECKS = {
 }
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are drawn, since a port closed
+    at once can come back from the next draw (Ray refuses a node given one port for two components)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def ray_env(dashboard: str | None = None) -> dict[str, str]:
@@ -109,7 +120,9 @@ class LocalCluster:
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}",
         ]
-        cmd += [f"--{flag}-port={free_port()}" for flag in AGENT_PORT_FLAGS]
+        cmd += [
+            f"--{flag}-port={p}" for flag, p in zip(AGENT_PORT_FLAGS, free_ports(len(AGENT_PORT_FLAGS)), strict=True)
+        ]
         node = Node(_spawn(cmd, f"{self.temp_dir}/worker-{len(self.workers)}.log", self.dashboard))
         self.workers.append(node)
         return node
@@ -159,25 +172,35 @@ def start_cluster(head_cpus: int | None = None) -> LocalCluster:
     """A head node with ports and a temp dir of its own; ``head_cpus`` None gives it the machine's
     CPUs. (The temp dir is short: Ray's socket paths must fit in 107 bytes.)"""
     temp_dir = tempfile.mkdtemp(prefix="vtp-ray-", dir="/tmp")
-    port, dashboard = free_port(), free_port()
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
-    cmd += [f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
-    cmd += [f"--{flag}-port={free_port()}" for flag in (*AGENT_PORT_FLAGS, "ray-client-server")]
-    cmd += [f"--temp-dir={temp_dir}"] + ([f"--num-cpus={head_cpus}"] if head_cpus is not None else [])
-    url = f"http://127.0.0.1:{dashboard}"
-    head = Node(_spawn(cmd, f"{temp_dir}/head.log", url))
-    deadline = time.time() + 120
+    for attempt in range(3):  # a port drawn free can be taken by another process before Ray binds it
+        flags = (*AGENT_PORT_FLAGS, "ray-client-server")
+        port, dashboard, *ports = free_ports(2 + len(flags))
+        cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
+        cmd += [f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
+        cmd += [f"--{flag}-port={p}" for flag, p in zip(flags, ports, strict=True)]
+        cmd += [f"--temp-dir={temp_dir}"] + ([f"--num-cpus={head_cpus}"] if head_cpus is not None else [])
+        url = f"http://127.0.0.1:{dashboard}"
+        head = Node(_spawn(cmd, f"{temp_dir}/head.log", url))
+        if _wait_for_dashboard(head, url, deadline=time.time() + 120):
+            break
+        head.kill()
+        log = Path(temp_dir, "head.log").read_text(errors="replace")[-3000:]
+        exited = head.proc.poll() is not None
+        if attempt == 2 or not (exited and "port" in log.lower()):
+            raise RuntimeError(f"the Ray head node did not start:\n{log}")
+    return LocalCluster(f"127.0.0.1:{port}", url, head, temp_dir=temp_dir)
+
+
+def _wait_for_dashboard(head: Node, url: str, deadline: float) -> bool:
+    """True once the head's dashboard answers; False if its `ray start` exits or the deadline passes."""
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
+            return True
         except Exception:
             if head.proc.poll() is not None or time.time() > deadline:
-                head.kill()
-                log = Path(temp_dir, "head.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the Ray head node did not start:\n{log}") from None
+                return False
             time.sleep(1)
-    return LocalCluster(f"127.0.0.1:{port}", url, head, temp_dir=temp_dir)
 
 
 def _spawn(cmd: list[str], log: str, dashboard: str) -> subprocess.Popen:
