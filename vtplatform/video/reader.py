@@ -356,12 +356,13 @@ def _both_pyav(
 
     _check_readable(path)
     info, ticks = _timeline_start(path, fps)
-    num_frames = _count_packets(path) if stream else 0
+    num_frames = _demux_index(path)[0] if stream else 0
     unique, indices = np.zeros(0, np.int64), None
     if num_frames >= 1:  # PyAV's one pass: the samples are known before decoding
         indices = _check_indices(choose(num_frames), num_frames)
         unique = np.unique(indices)
     wanted = set(unique.tolist())
+    last_pick = int(unique[-1]) if unique.size else -1  # where read_frames' pass stops
     prep = _Prep(per_frame)
 
     def frames() -> Iterator[tuple[float, np.ndarray]]:
@@ -369,7 +370,7 @@ def _both_pyav(
         try:
             for ordinal, frame in enumerate(_pyav_frames(path, options.threads, failed)):
                 decoded += 1
-                if ordinal == (unique[-1] if unique.size else -1):  # where read_frames' pass stops
+                if ordinal == last_pick:
                     failed_by_last_pick = len(failed)
                 t = ticks.take(frame.pts, frame.duration, frame.time_base)
                 info.end_s = ticks.end_s
@@ -805,11 +806,6 @@ def probe(path: str) -> Probe | None:
             return Probe(container.format.name, ctx.name, bool(ctx.has_b_frames), frames)
     except av.error.FFmpegError:
         return None
-
-
-def _count_packets(path: str) -> int:
-    """Video packets in the file, by demuxing alone (no decoding): its frame count."""
-    return _demux_index(path)[0]
 
 
 def _demux_index(path: str) -> tuple[int, np.ndarray]:
