@@ -415,7 +415,7 @@ TSN += ["TRAIN.epoch=1", "resources.train_workers=1", "resources.train_cpus=1", 
 TSN += ["resources.tsn_threads=1", "resources.use_gpu=false", "train_run.checkpoint_every_steps=1"]
 TSN += ["train_run.keep_checkpoints=10", "INFER.seg_num=3", "TEST.seg_num=3"]
 TSN += [
-    f"{phase}.{key}" for phase in ("TRAIN", "VALID", "TEST", "INFER") for key in ("short_size=64", "target_size=56")
+    f"{phase}.{key}" for phase in ("TRAIN", "VALID", "TEST", "INFER") for key in ("short_size=36", "target_size=32")
 ]
 
 

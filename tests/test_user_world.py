@@ -27,12 +27,16 @@ from vtplatform import schema as S
 
 CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv", "mmaction2_test.mp4"]
 NAMES = ["alpha", "beta", "gamma"]
-# Sizes only: ResNet-18 (512-dim features), 4 segments, a tiny AttentionLSTM over 3 classes, one epoch.
+# Sizes only: ResNet-18 (512-dim features), 4 segments, a tiny AttentionLSTM over 3 classes, one epoch;
+# TSN trains on 32 px crops.
 EXTRACT = ["MODEL.num_layers=18", "INFER.seg_num=4"]
 LSTM = ["MODEL.embedding_size=8", "MODEL.lstm_size=8", "MODEL.fc1_size=16", "MODEL.fc2_size=8", "MODEL.num_classes=3"]
 LSTM += ["MODEL.feature_dims=[512]", "TRAIN.epoch=1", "TRAIN.batch_size=2", "VALID.batch_size=2", "TEST.batch_size=2"]
 TSN = ["MODEL.num_layers=18", "MODEL.num_classes=3", "TRAIN.epoch=1", "TRAIN.batch_size=2", "VALID.batch_size=2"]
 TSN += ["TEST.batch_size=2", "TEST.seg_num=2", "INFER.seg_num=2"]
+TSN += [
+    f"{phase}.{size}" for phase in ("TRAIN", "VALID", "TEST", "INFER") for size in ("short_size=36", "target_size=32")
+]
 JOB_TIMEOUT = 420  # far longer than any of these takes; a hang fails the test instead of the suite
 
 
@@ -125,7 +129,7 @@ def test_tag(world):
 
 def test_tsn_cache_train_eval_predict(world):
     config, tsn_list, cache = "configs/tsn-single.yaml", str(world["root"] / "tsn.list"), str(world["out"] / "cache")
-    out = job(world, "cache_frames.py", "--config", config, "--filelist", tsn_list, "--save_dir", cache)
+    out = job(world, "cache_frames.py", "--config", config, "--filelist", tsn_list, "--save_dir", cache, *o(*TSN))
     assert "processed now         6 ok, 0 failed" in out
     ckpt = world["out"] / "tsn"
     out = job(world, "train.py", "--model_name=TSN", "--config", config, "--save_dir", str(ckpt),

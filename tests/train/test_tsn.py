@@ -42,7 +42,7 @@ SMALL = [
     "resources.tsn_threads=1",
 ]
 for _phase in ("TRAIN", "VALID", "TEST", "INFER"):
-    SMALL += [f"{_phase}.short_size=64", f"{_phase}.target_size=56"]
+    SMALL += [f"{_phase}.short_size=36", f"{_phase}.target_size=32"]  # 32 px: a step costs 0.3x of 56 px's
 SMALL += ["INFER.seg_num=5"]
 
 
@@ -178,7 +178,8 @@ def test_two_workers_learn_the_classes_in_sync_and_dead_letter_bad_videos(ray_cl
     summary, probe, config, tmp_path = learned["summary"], learned["probe"], learned["config"], learned["root"]
     m = summary.metrics
     assert m["epoch"] == 4 and m["valid_videos"] == 12
-    # chance is 1/3: the colour classes were learned (over 20 augmentation seeds this recipe scored 0.83-1.0)
+    # chance is 1/3: the colour classes were learned (this recipe scored 0.83-1.0 over 20 augmentation seeds on
+    # 56-pixel crops, and 0.83-1.0 over train_run.seed 1-6 on the 32-pixel crops used here)
     assert m["valid_top1"] >= 0.75, m
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["trainable"] == ranks[1]["trainable"]  # gradients were averaged: identical parameters
