@@ -97,6 +97,17 @@ def _distribute(items) -> None:
         item.add_marker(pytest.mark.xdist_group("ray-head" if name.rsplit("/", 1)[-1] in RAY_HEAD_MODULES else name))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``VTP_TEST_SPANS=FILE``, each test's pytest process, start and end go to FILE, a line each
+    (``benchmarks/suite_cpu.py`` charges the CPU time of the processes below it to the test)."""
+    start = time.time()
+    yield
+    if os.environ.get("VTP_TEST_SPANS"):
+        with open(os.environ["VTP_TEST_SPANS"], "a") as out:
+            out.write(f"{os.getpid()} {start:.3f} {time.time():.3f} {item.nodeid}\n")
+
+
 @pytest.fixture(autouse=True)
 def _scheduling_unchanged():
     """A test that leaves this process under real-time scheduling fails, and the process is put back:
