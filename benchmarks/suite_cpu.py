@@ -8,8 +8,9 @@ and per kind of process: job drivers (`jobs/*.py`), Ray workers by the actor or 
 (`ray::RayTrainWorker`, `ray::MapWorker`, ...), a Ray worker starting up (before it takes a name),
 Ray's own daemons, moto, the pytest processes themselves. Each test's start and end come from
 `tests/conftest.py` (`VTP_TEST_SPANS=FILE`); a sample's CPU goes to the test that its pytest process
-(found by walking parent pids) was running then. A process that lives less than half a second is
-never sampled, so the totals are a lower bound. Run it on an otherwise idle machine.
+(found by walking parent pids) was running then. A process started during the run counts from its
+start (its start-up is much of what the suite spends); one that lives less than half a second is never
+sampled, so the totals are a lower bound. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Sampler(threading.Thread):
         self.deltas: list[tuple[float, str, float, str]] = []  # (time, process key, CPU seconds, its kind)
 
     def run(self) -> None:
+        first_pass = True
         while not self.stop.is_set():
             now = time.time()
             for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -71,8 +73,8 @@ class Sampler(threading.Thread):
                     key = f"{pid}:{fields[19]}"
                     if key not in self.last:
                         self.parent[key], self.latest[int(pid)] = int(fields[1]), key
-                        self.last[key] = cpu  # what it used before it was first seen is not this run's
-                        continue
+                        # what a process running before the run used is not the run's; a new one's all is
+                        self.last[key] = cpu if first_pass else 0.0
                     if cpu > self.last[key]:
                         with open(f"/proc/{pid}/cmdline", "rb") as f:
                             cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -80,6 +82,7 @@ class Sampler(threading.Thread):
                         self.last[key] = cpu
                 except (OSError, ValueError, IndexError):  # gone meanwhile
                     continue
+            first_pass = False
             self.stop.wait(INTERVAL_S)
 
 
@@ -102,6 +105,7 @@ def main() -> int:
         spans[int(pid)].append((float(begin), float(end), node.split("@")[0]))
     for runs in spans.values():
         runs.sort()
+    starts = {pid: [begin for begin, _, _ in runs] for pid, runs in spans.items()}
     owner: dict[str, int | None] = {}
 
     def pytest_process(key: str) -> int | None:  # the pytest process a process descends from
@@ -123,7 +127,7 @@ def main() -> int:
         runs = spans.get(owner[key]) if owner[key] else None
         if not runs:
             continue
-        i = bisect_right([begin for begin, _, _ in runs], at) - 1
+        i = bisect_right(starts[owner[key]], at) - 1
         if i >= 0 and at <= runs[i][1] + INTERVAL_S:
             by_test[runs[i][2]] += cpu
             by_module[runs[i][2].split("::")[0]] += cpu
@@ -133,9 +137,9 @@ def main() -> int:
     cores = os.cpu_count() or 1
     print(f"\npytest exited {res.returncode}; wall {wall:.1f} s; CPU {total:.1f} s sampled on {cores} cores")
     print(f"busy: {total / (wall * cores):.2f} of the cores (a lower bound: short-lived processes are missed)")
-    for title, counter, n in (("module", by_module, 25), ("test", by_test, 25), ("kind of process", by_kind, 25)):
+    for title, counter in (("module", by_module), ("test", by_test), ("kind of process", by_kind)):
         print(f"\nCPU seconds by {title} (share of the sampled total)")
-        for name, cpu in counter.most_common(n):
+        for name, cpu in counter.most_common(25):
             print(f"{cpu:8.1f}  {cpu / total:5.1%}  {name}")
     return res.returncode
 

@@ -27,6 +27,7 @@ from tests.conftest import EXAMPLES, FAKE_KEY_ID, FAKE_SECRET, FAULT_RATES, ROOT
 from tests.faulty_s3 import FaultyS3
 from tests.ray_nodes import kill_delay
 from tests.synthetic_features import make_videos, write_feature_table, write_list
+from tests.tsn_clips import SMALL_FRAMES
 from vtplatform import champions as R
 from vtplatform import schema as S
 from vtplatform.config import StorageSection
@@ -414,9 +415,7 @@ TSN = ["MODEL.num_classes=3", "MODEL.num_layers=18", "TRAIN.batch_size=6", "TRAI
 TSN += ["TRAIN.epoch=1", "resources.train_workers=1", "resources.train_cpus=1", "resources.train_threads=1"]
 TSN += ["resources.tsn_threads=1", "resources.use_gpu=false", "train_run.checkpoint_every_steps=1"]
 TSN += ["train_run.keep_checkpoints=10", "INFER.seg_num=3", "TEST.seg_num=3"]
-TSN += [
-    f"{phase}.{key}" for phase in ("TRAIN", "VALID", "TEST", "INFER") for key in ("short_size=36", "target_size=32")
-]
+TSN += SMALL_FRAMES
 
 
 @pytest.fixture(scope="module")

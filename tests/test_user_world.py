@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import EXAMPLES, ROOT, run_job
 from tests.ray_nodes import free_port, start_cluster
-from tests.tsn_clips import write_class_clips
+from tests.tsn_clips import SMALL_FRAMES, write_class_clips
 from vtplatform import schema as S
 
 CLIPS = ["mmaction2_demo.mp4", "paddlevideo_example.avi", "decord_flipping_a_pancake.mkv", "mmaction2_test.mp4"]
@@ -34,9 +34,7 @@ LSTM = ["MODEL.embedding_size=8", "MODEL.lstm_size=8", "MODEL.fc1_size=16", "MOD
 LSTM += ["MODEL.feature_dims=[512]", "TRAIN.epoch=1", "TRAIN.batch_size=2", "VALID.batch_size=2", "TEST.batch_size=2"]
 TSN = ["MODEL.num_layers=18", "MODEL.num_classes=3", "TRAIN.epoch=1", "TRAIN.batch_size=2", "VALID.batch_size=2"]
 TSN += ["TEST.batch_size=2", "TEST.seg_num=2", "INFER.seg_num=2"]
-TSN += [
-    f"{phase}.{size}" for phase in ("TRAIN", "VALID", "TEST", "INFER") for size in ("short_size=36", "target_size=32")
-]
+TSN += SMALL_FRAMES
 JOB_TIMEOUT = 420  # far longer than any of these takes; a hang fails the test instead of the suite
 
 

@@ -23,7 +23,7 @@ from tests.train.kills import (
     resumed_in,
 )
 from tests.train.run_files import META_KEYS, run_files
-from tests.tsn_clips import write_class_clips, write_list
+from tests.tsn_clips import SMALL_FRAMES, write_class_clips, write_list
 from vtplatform import schema as S
 from vtplatform.config import ConfigError, StorageSection, load_config
 from vtplatform.models import weights as W
@@ -41,9 +41,7 @@ SMALL = [
     "train_run.log_interval=3",
     "resources.tsn_threads=1",
 ]
-for _phase in ("TRAIN", "VALID", "TEST", "INFER"):
-    SMALL += [f"{_phase}.short_size=36", f"{_phase}.target_size=32"]  # 32 px: a step costs 0.3x of 56 px's
-SMALL += ["INFER.seg_num=5"]
+SMALL += [*SMALL_FRAMES, "INFER.seg_num=5"]
 
 
 @pytest.fixture(scope="module")
